@@ -1,0 +1,36 @@
+# geoprime: two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# DeepSpeed JIT-builds its CPU ops on first use (~2 min); keep the build cached between runs.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
+export DS_ACCELERATOR ?= cpu
+export TRITON_CACHE_DIR ?= $(HOME)/.cache/triton
+export TORCHINDUCTOR_CACHE_DIR ?= $(HOME)/.cache/torchinductor
+export MPLBACKEND ?= Agg
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo bench clean-demo
+
+setup: $(STAMP)
+
+# Re-installs only when pyproject.toml changed since the last install (idempotent, fast otherwise).
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow and not dist" $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m launch demo
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+clean-demo:
+	rm -rf outputs/demo
