@@ -1,0 +1,173 @@
+"""The sample schema: every key a shard may hold, its encoding, dtype, units and invalid value.
+
+This module is the contract between the dataset converters (``sources/``), the shard
+writer, the stream reader and every training task. It imports nothing from ``trainer``.
+
+A *sample* is one target frame ``t`` with everything a task may need about it. In a
+tar shard each key is one member ``<__key__>.<key>``; e.g. ``seq0003_f000012.rgb.png``.
+
+Keys (``E`` = encoding in the shard, ``D`` = decoded type returned by :func:`decode_sample`)
+-------------------------------------------------------------------------------------------
+``__key__``        str. Unique within a split, deterministic: ``<sequence>_f<frame:06d>``
+                   (real datasets use their own ids, made tar-safe: only ``[A-Za-z0-9_-]``).
+``rgb.png``        E: 8-bit RGB PNG.  D: uint8 tensor (3, H, W), left/only camera at time t.
+``rgb_prev.png``   Same, frame t-1 (same camera). Present only in video datasets.
+``rgb_next.png``   Same, frame t+1 (same camera). Present only in video datasets.
+``rgb_right.png``  Same, the right stereo camera at time t. Present only in stereo datasets.
+``depth.png``      E: 16-bit grayscale PNG, value = round(depth_m * 256) (the KITTI convention),
+                   0 = invalid (sky, no LiDAR return, beyond 255.99 m).
+                   D: float32 tensor (1, H, W) in metres, 0.0 where invalid. Depth is z-depth
+                   along the optical axis, not ray length.
+``seg.png``        E: 8-bit grayscale PNG of Cityscapes *train ids* (0..18), 255 = ignore.
+                   D: uint8 tensor (H, W).
+``flow.npy``       E: .npy float32 array (H, W, 3) (``allow_pickle=False``): forward optical
+                   flow t -> t+1 in pixels (u right, v down) and a validity channel (1 valid,
+                   0 occluded / leaves the image). D: float32 tensor (3, H, W).
+``json``           E: UTF-8 JSON object ("meta"). D: dict. Fields:
+                   ``K``: 3x3 intrinsics (pixels) at this sample's resolution, row-major.
+                   ``baseline_m``: stereo baseline in metres (right camera sits at +baseline
+                   along the left camera's x axis), present with ``rgb_right.png``.
+                   ``T_wc``: 4x4 camera-to-world pose at t (OpenCV camera axes: x right,
+                   y down, z forward), optional; ``T_wc_prev`` / ``T_wc_next`` likewise.
+                   ``source``: provenance (dataset, path / drive / frame), always present.
+                   ``classes``: sorted list of train ids present in ``seg.png`` (optional).
+
+Any key may be absent from a dataset; ``manifest.json`` lists the keys every sample of a
+split has. Nothing is ever pickled: PNG, .npy (no pickle) and JSON only.
+"""
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+SCHEMA_VERSION = 1
+
+#: Cityscapes' 19 training classes, in train-id order.
+CITYSCAPES_CLASSES: tuple[str, ...] = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+    "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
+    "truck", "bus", "train", "motorcycle", "bicycle",
+)
+NUM_CLASSES = len(CITYSCAPES_CLASSES)
+IGNORE_INDEX = 255
+DEPTH_PNG_SCALE = 256.0
+
+IMAGE_KEYS = ("rgb.png", "rgb_prev.png", "rgb_next.png", "rgb_right.png")
+ALL_KEYS = IMAGE_KEYS + ("depth.png", "seg.png", "flow.npy", "json")
+
+
+class SchemaError(ValueError):
+    """A sample does not follow the schema; the message names the sample key and field."""
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def encode_depth(depth_m: np.ndarray) -> bytes:
+    """Metric depth (H, W) float -> 16-bit PNG bytes; non-finite, <=0 or too far -> 0."""
+    d = np.asarray(depth_m, dtype=np.float64)
+    scaled = np.where(np.isfinite(d) & (d > 0), np.round(d * DEPTH_PNG_SCALE), 0.0)
+    scaled = np.where(scaled > 65535, 0.0, scaled)
+    return _png_bytes(scaled.astype(np.uint16))
+
+
+def encode_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """Turn a sample of numpy arrays / dicts into the bytes stored in the tar.
+
+    Accepts ``rgb*`` as uint8 (H, W, 3), ``depth`` as float metres (H, W), ``seg`` as
+    uint8 (H, W), ``flow`` as float32 (H, W, 3), ``meta`` as dict. Returns a dict with
+    ``__key__`` and schema keys mapped to bytes, ready for ``webdataset.TarWriter``.
+    """
+    key = sample.get("__key__")
+    if not isinstance(key, str) or not key or any(c in key for c in "./\\ "):
+        raise SchemaError(f"sample key {key!r}: must be a non-empty string without '.', '/', spaces")
+    out: dict[str, Any] = {"__key__": key}
+    for name in ("rgb", "rgb_prev", "rgb_next", "rgb_right"):
+        if name in sample:
+            img = np.asarray(sample[name])
+            if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+                raise SchemaError(f"sample {key}: {name} must be uint8 (H, W, 3), got {img.dtype} {img.shape}")
+            out[f"{name}.png"] = _png_bytes(img)
+    if "depth" in sample:
+        out["depth.png"] = encode_depth(sample["depth"])
+    if "seg" in sample:
+        seg = np.asarray(sample["seg"])
+        if seg.dtype != np.uint8 or seg.ndim != 2:
+            raise SchemaError(f"sample {key}: seg must be uint8 (H, W), got {seg.dtype} {seg.shape}")
+        out["seg.png"] = _png_bytes(seg)
+    if "flow" in sample:
+        flow = np.asarray(sample["flow"], dtype=np.float32)
+        if flow.ndim != 3 or flow.shape[2] != 3:
+            raise SchemaError(f"sample {key}: flow must be (H, W, 3), got {flow.shape}")
+        buf = io.BytesIO()
+        np.save(buf, flow, allow_pickle=False)
+        out["flow.npy"] = buf.getvalue()
+    meta = sample.get("meta")
+    if meta is None or "source" not in meta:
+        raise SchemaError(f"sample {key}: meta with a 'source' (provenance) field is required")
+    out["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
+    return out
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> numpy array keeping the bit depth (webdataset's decoder would drop 16 bits)."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        if im.mode == "I;16" or im.mode == "I;16B":
+            return np.asarray(im, dtype=np.uint16)
+        if im.mode == "I":
+            return np.asarray(im).astype(np.uint16)
+        return np.asarray(im)
+
+
+def decode_sample(raw: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Raw tar members (bytes) -> tensors of the documented dtypes.
+
+    ``where`` names the shard for error messages. Unknown keys are an error (never dropped
+    silently). Returns ``__key__``, the schema keys without extension (``rgb``, ``depth``,
+    ``seg``, ``flow``, ...), and ``meta``.
+    """
+    import torch
+
+    key = raw.get("__key__", "?")
+    out: dict[str, Any] = {"__key__": key}
+    for name, data in raw.items():
+        if name.startswith("__"):
+            continue
+        try:
+            if name in IMAGE_KEYS:
+                arr = decode_png(data)
+                if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+                    raise SchemaError(f"expected 8-bit RGB, got {arr.dtype} {arr.shape}")
+                out[name[:-4]] = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+            elif name == "depth.png":
+                arr = decode_png(data)
+                if arr.dtype != np.uint16 or arr.ndim != 2:
+                    raise SchemaError(f"expected 16-bit grayscale, got {arr.dtype} {arr.shape}")
+                out["depth"] = torch.from_numpy(arr.astype(np.float32) / DEPTH_PNG_SCALE)[None]
+            elif name == "seg.png":
+                arr = decode_png(data)
+                if arr.dtype != np.uint8 or arr.ndim != 2:
+                    raise SchemaError(f"expected 8-bit grayscale, got {arr.dtype} {arr.shape}")
+                out["seg"] = torch.from_numpy(np.ascontiguousarray(arr))
+            elif name == "flow.npy":
+                arr = np.load(io.BytesIO(data), allow_pickle=False)
+                if arr.dtype != np.float32 or arr.ndim != 3 or arr.shape[2] != 3:
+                    raise SchemaError(f"expected float32 (H, W, 3), got {arr.dtype} {arr.shape}")
+                out["flow"] = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+            elif name == "json":
+                out["meta"] = json.loads(data.decode("utf-8"))
+            else:
+                raise SchemaError(f"unknown key (schema v{SCHEMA_VERSION} keys: {', '.join(ALL_KEYS)})")
+        except SchemaError as e:
+            raise SchemaError(f"{where}: sample {key}, member {key}.{name}: {e}") from None
+        except Exception as e:  # corrupt bytes: PIL / numpy / json errors
+            raise SchemaError(f"{where}: sample {key}, member {key}.{name}: cannot decode ({e})") from e
+    return out

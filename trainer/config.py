@@ -1,0 +1,179 @@
+"""Structured run configuration: typed dataclasses that Hydra validates before anything runs.
+
+Every field has a one-line docstring-comment and is used by the code (no ignored options).
+Config groups (``configs/<group>/<option>.yaml``) fill these in: ``task``, ``model``,
+``data``, ``parallel``, ``tracking``, ``experiment``. Each task's own config dataclass lives
+beside the task (``trainer/tasks/<name>.py``) and is registered here under ``task/<name>_schema``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "resnet18"
+    """Encoder architecture: resnet18 | resnet34 | resnet50."""
+    init: str = "random"
+    """Encoder initialisation: random | imagenet (torchvision weights from a local file)."""
+    imagenet_weights: Optional[str] = None
+    """Local path of torchvision ImageNet weights; None -> look in the torch hub cache, offline."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    """Data set name, as written in the shards' manifest.json ``source`` field."""
+    root: str = "data/synthetic"
+    """Folder or URL prefix (http(s)://, s3://) holding ``<split>/manifest.json`` and shards."""
+    train_split: str = "train"
+    """Split used for training."""
+    val_split: str = "val"
+    """Split used for validation during training."""
+    test_split: str = "test"
+    """Split used for the final evaluation."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+    shuffle_buffer: int = 64
+    """Samples held in the seeded shuffle buffer (after the per-epoch shard shuffle)."""
+    tail_policy: str = "drop"
+    """Training tail that cannot be split evenly over ranks: drop (<= world-1 samples per epoch) | pad."""
+    resampled: bool = False
+    """Infinite resampled streaming instead of exactly-once epochs (for very large data)."""
+    on_corrupt: str = "raise"
+    """Corrupt shard/sample: raise (naming shard and member) | skip (count and report)."""
+    subset: int = 0
+    """If > 0, train on a deterministic seeded subset of this many samples (N-shot)."""
+    subset_seed: int = 0
+    """Seed choosing the N-shot subset."""
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "single"
+    """single | ddp | fsdp | deepspeed."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (1, 2, 3) when strategy=deepspeed."""
+    offload: bool = False
+    """DeepSpeed: offload optimizer state (and parameters in stage 3) to CPU."""
+    precision: str = "fp32"
+    """fp32 | bf16 | fp16 (fp16 uses loss scaling; bf16/fp16 need a GPU)."""
+    channels_last: bool = False
+    """Convert the model and image batches to channels_last memory format."""
+    compile: bool = False
+    """Wrap the model with torch.compile."""
+    backend: str = "auto"
+    """Process-group backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """adamw | adam | sgd."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) or L2 (SGD, Adam) weight decay."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam(W) betas."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    clip_grad_norm: float = 0.0
+    """Clip the global gradient norm to this value (0 = off)."""
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    """constant | cosine | poly | step."""
+    warmup_steps: int = 0
+    """Linear warm-up steps from 0 to the peak lr."""
+    min_lr_ratio: float = 0.0
+    """cosine: final lr as a fraction of the peak."""
+    poly_power: float = 0.9
+    """poly: lr = peak * (1 - t/T) ** power."""
+    step_size: int = 1000
+    """step: decay every this many steps."""
+    gamma: float = 0.1
+    """step: multiply the lr by this at each decay."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps to train for."""
+    batch_size: int = 8
+    """Per-rank micro-batch size (global batch = batch_size * world_size * grad_accum)."""
+    eval_every: int = 0
+    """Validate every this many steps (0 = only at the end)."""
+    eval_max_batches: int = 0
+    """Cap on validation batches per rank (0 = the whole split, exactly once)."""
+    log_every: int = 10
+    """Log training metrics every this many steps."""
+    ckpt_every: int = 0
+    """Checkpoint every this many steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept on disk (older ones are deleted)."""
+    resume: str = "auto"
+    """auto (latest whole checkpoint in out_dir, if any) | never | <checkpoint path>."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms and fixed seeds everywhere (exact resume on CPU)."""
+    export: bool = True
+    """Write plain model weights (``weights.pt``) at the end, for fine-tuning."""
+    progress: bool = True
+    """Progress bar on the logging rank."""
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    """Log to MLflow from the logging rank."""
+    uri: Optional[str] = None
+    """Tracking URI; None -> $MLFLOW_TRACKING_URI, else sqlite under ``<out_root>/mlflow``."""
+    experiment: str = "geoprime"
+    """MLflow experiment name."""
+    run_name: Optional[str] = None
+    """MLflow run name (default: task + strategy + seed)."""
+    parent_run_id: Optional[str] = None
+    """Nest this run under a parent (set by the study launcher)."""
+    system_metrics_every: float = 10.0
+    """Seconds between CPU / memory / GPU (NVML) samples; 0 = off."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """Extra tags on the run (the study sets grid coordinates here)."""
+
+
+@dataclass
+class RunConfig:
+    task: Any = MISSING
+    """The task's own config (task group: depth | flow | classification | segmentation)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0
+    """Global seed; each rank derives its own from it."""
+    out_dir: str = "outputs/run"
+    """Run folder: checkpoints, exported weights, qualitative PNGs, resolved config."""
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (called by the entry points)."""
+    from trainer.tasks import TASK_CONFIGS
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="parallel", name="parallel_schema", node=ParallelConfig)
+    cs.store(group="tracking", name="tracking_schema", node=TrackingConfig)
+    for name, cfg_cls in TASK_CONFIGS().items():
+        cs.store(group="task", name=f"{name}_schema", node=cfg_cls)

@@ -1,0 +1,86 @@
+"""The contract between a training objective (a *task*) and the loop / engine.
+
+A task owns model construction, per-sample transforms, the loss and the metrics. It
+knows nothing of DDP / FSDP / DeepSpeed: the engine wraps whatever ``build_model``
+returns, and the loop calls only the methods below.
+"""
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Metric(abc.ABC):
+    """Accumulates evaluation statistics as one summable float64 vector.
+
+    Distributed evaluation all-reduces (sums) :meth:`state` over ranks, then calls
+    :meth:`compute` on the sum, so every sample counts exactly once whatever the world size.
+    """
+
+    @abc.abstractmethod
+    def update(self, batch: dict[str, Any], outputs: Any) -> None:
+        """Add one batch. Samples with ``batch['__valid__'] == False`` (padding) must be ignored."""
+
+    @abc.abstractmethod
+    def state(self) -> torch.Tensor:
+        """1-D float64 CPU tensor of sums (e.g. a flattened confusion matrix, metric sums + count)."""
+
+    @abc.abstractmethod
+    def compute(self, state: torch.Tensor) -> dict[str, float]:
+        """Final metrics from a (possibly all-reduced) state vector."""
+
+
+class Task(abc.ABC):
+    """A training objective: model + transforms + loss + metrics.
+
+    ``cfg`` is the task's own config dataclass (see each task module), ``run_cfg`` the whole
+    resolved run config (for model / data settings).
+    """
+
+    #: sample keys (schema names without extension, e.g. "rgb", "rgb_prev", "depth", "seg")
+    #: that the task reads; the stream fails early, naming the split, if one is missing.
+    required_keys: tuple[str, ...] = ()
+
+    def __init__(self, cfg: Any, run_cfg: Any) -> None:
+        self.cfg = cfg
+        self.run_cfg = run_cfg
+
+    @abc.abstractmethod
+    def build_model(self) -> nn.ModuleDict:
+        """The plain model; each top-level entry is a part the engine may shard on its own."""
+
+    def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; frozen parameters must not appear. Default: all trainable."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def train_transform(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        """Per-sample augmentation, run in a loader worker. Must draw randomness only from
+        ``generator`` (seeded from run seed, epoch and sample key) so that resume is exact."""
+        return sample
+
+    def eval_transform(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """Deterministic per-sample preprocessing for evaluation."""
+        return sample
+
+    @abc.abstractmethod
+    def training_step(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss (scalar, graph attached) and detached scalar tensors to log (loss terms...)."""
+
+    @abc.abstractmethod
+    def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> Any:
+        """Forward pass for evaluation (called under ``torch.no_grad`` and eval mode)."""
+
+    @abc.abstractmethod
+    def new_metric(self) -> Metric:
+        """A fresh accumulator for one evaluation pass."""
+
+    def visualize(self, model: nn.Module, batch: dict[str, Any], outputs: Any, out_dir: Path) -> list[Path]:
+        """Write qualitative PNGs for a few samples of ``batch``; returns the files written."""
+        return []
+
+    def on_train_mode(self, model: nn.Module) -> None:
+        """Called after ``model.train()``: e.g. to keep a frozen encoder's BatchNorm in eval mode."""
