@@ -132,7 +132,8 @@ def decode_sample(raw: dict[str, Any], where: str = "") -> dict[str, Any]:
 
     ``where`` names the shard for error messages. Unknown keys are an error (never dropped
     silently). Returns ``__key__``, the schema keys without extension (``rgb``, ``depth``,
-    ``seg``, ``flow``, ...), and ``meta``.
+    ``seg``, ``flow``, ...), ``meta``, and from it ``K`` (float32 (3, 3)) and ``baseline``
+    (float32 scalar, metres) when the meta has them.
     """
     import torch
 
@@ -163,7 +164,12 @@ def decode_sample(raw: dict[str, Any], where: str = "") -> dict[str, Any]:
                     raise SchemaError(f"expected float32 (H, W, 3), got {arr.dtype} {arr.shape}")
                 out["flow"] = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
             elif name == "json":
-                out["meta"] = json.loads(data.decode("utf-8"))
+                meta = json.loads(data.decode("utf-8"))
+                out["meta"] = meta
+                if "K" in meta:
+                    out["K"] = torch.tensor(meta["K"], dtype=torch.float32).reshape(3, 3)
+                if "baseline_m" in meta:
+                    out["baseline"] = torch.tensor(float(meta["baseline_m"]), dtype=torch.float32)
             else:
                 raise SchemaError(f"unknown key (schema v{SCHEMA_VERSION} keys: {', '.join(ALL_KEYS)})")
         except SchemaError as e:
