@@ -1,0 +1,1 @@
+"""Evaluation metrics: summable accumulators (see trainer.tasks.base.Metric)."""
