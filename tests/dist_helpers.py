@@ -1,0 +1,100 @@
+"""Shared helpers for multi-process tests: run torchrun (one or several "nodes") on 127.0.0.1.
+
+Every launch has a hard timeout (an error on one rank hangs the others) and a free port, so
+tests can run side by side. Other test files reuse :func:`run_torchrun`
+(import as ``from dist_helpers import run_torchrun``; pytest puts ``tests/`` on the path).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """Environment for child processes: CPU only, one thread per rank, repo on the path."""
+    env = dict(os.environ)
+    env.update({
+        "DS_ACCELERATOR": "cpu",
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    if extra:
+        env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def torchrun_cmd(args: Sequence[str], nproc: int, *, nnodes: int = 1, node_rank: int = 0,
+                 port: Optional[int] = None, rdzv: bool = False, max_restarts: int = 0,
+                 run_id: str = "geoprime-test") -> list[str]:
+    """The torchrun command line for ``args`` (``-m module ...`` or ``script.py ...``)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--nnodes={nnodes}", f"--max-restarts={max_restarts}"]
+    port = port or free_port()
+    if rdzv or nnodes > 1 or max_restarts > 0:
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}"]
+        if nnodes > 1 and node_rank == 0:
+            cmd += ["--rdzv-conf=is_host=1"]
+        elif nnodes > 1:
+            cmd += ["--rdzv-conf=is_host=0"]
+    else:
+        cmd += ["--master-addr=127.0.0.1", f"--master-port={port}", f"--node-rank={node_rank}"]
+    return cmd + list(args)
+
+
+def run_torchrun(args: Sequence[str], nproc: int = 2, timeout: float = 120, env: Optional[dict] = None,
+                 cwd: Optional[str] = None, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Run torchrun with ``nproc`` local ranks and a hard timeout; on failure raise with the output.
+
+    ``args``: e.g. ``["-m", "trainer", "parallel=ddp"]`` or ``["path/to/script.py", "x"]``.
+    Extra keywords (``nnodes``, ``max_restarts``, ``rdzv``...) go to :func:`torchrun_cmd`.
+    """
+    cmd = torchrun_cmd(args, nproc, **kw)
+    proc = subprocess.run(cmd, env=child_env(env), cwd=cwd or str(REPO_ROOT), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun failed (rc={proc.returncode}): {' '.join(cmd)}\n"
+                             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_multinode(args: Sequence[str], nnodes: int = 2, nproc: int = 1, timeout: float = 180,
+                  env: Optional[dict] = None, cwd: Optional[str] = None,
+                  **kw) -> list[subprocess.CompletedProcess]:
+    """Simulate ``nnodes`` nodes: one torchrun process per node, c10d rendezvous on 127.0.0.1."""
+    port = free_port()
+    procs = []
+    for node in range(nnodes):
+        cmd = torchrun_cmd(args, nproc, nnodes=nnodes, node_rank=node, port=port, rdzv=True, **kw)
+        procs.append(subprocess.Popen(cmd, env=child_env(env), cwd=cwd or str(REPO_ROOT),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for r in results:
+        if r.returncode != 0:
+            raise AssertionError(f"node failed (rc={r.returncode}): {' '.join(r.args)}\n"
+                                 f"--- stdout ---\n{r.stdout[-6000:]}\n--- stderr ---\n{r.stderr[-6000:]}")
+    return results
