@@ -1,0 +1,142 @@
+"""`python -m launch run`: build the torchrun command for one or many nodes, print it, run it.
+
+The same command line, run on every node, joins one c10d rendezvous: the run id defaults to
+a hash of the job's arguments, so nodes agree on it without talking. ``--sbatch`` prints a
+SLURM batch script instead (one srun task per node, each running torchrun).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+DEFAULT_RDZV_PORT = 29400
+
+
+@dataclass
+class TorchrunJob:
+    """One training job as torchrun sees it: topology, rendezvous, restarts, Hydra overrides."""
+
+    overrides: list[str] = field(default_factory=list)
+    nodes: int = 1
+    procs_per_node: int = 1
+    rdzv: str | None = None
+    run_id: str | None = None
+    max_restarts: int = 0
+    module: str = "trainer"
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ValueError(f"--nodes={self.nodes}: must be >= 1")
+        if self.procs_per_node < 1:
+            raise ValueError(f"--gpus-per-node={self.procs_per_node}: must be >= 1 (processes per node)")
+        if self.max_restarts < 0:
+            raise ValueError(f"--max-restarts={self.max_restarts}: must be >= 0")
+        if self.nodes > 1 and not self.rdzv:
+            raise ValueError(f"--nodes={self.nodes} needs --rdzv host:port (the rendezvous endpoint every node can reach)")
+        if self.rdzv:
+            host, _, port = self.rdzv.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"--rdzv={self.rdzv!r}: expected host:port, e.g. node0.cluster:{DEFAULT_RDZV_PORT}")
+        bad = [o for o in self.overrides if o.startswith("-")]
+        if bad:
+            raise ValueError(f"unknown option(s) {bad}: Hydra overrides look like key=value")
+
+    @property
+    def resolved_run_id(self) -> str:
+        """The rendezvous id: given, or a stable hash of the job (identical on every node)."""
+        if self.run_id:
+            return self.run_id
+        digest = hashlib.sha256(" ".join([str(self.nodes), str(self.procs_per_node), *self.overrides]).encode())
+        return f"geoprime-{digest.hexdigest()[:12]}"
+
+    def torchrun_args(self, rdzv_endpoint: str | None = None, nnodes: str | None = None) -> list[str]:
+        """torchrun's arguments (without the program name)."""
+        args = [f"--nproc_per_node={self.procs_per_node}"]
+        endpoint = rdzv_endpoint or self.rdzv
+        if self.nodes == 1 and endpoint is None:
+            args.append("--standalone")
+        else:
+            args += [
+                f"--nnodes={nnodes or self.nodes}",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint={endpoint}",
+                f"--rdzv_id={self.resolved_run_id}",
+            ]
+        args.append(f"--max_restarts={self.max_restarts}")
+        return args + ["-m", self.module, *self.overrides]
+
+    def command(self) -> list[str]:
+        """The command to run here, with this interpreter's torchrun."""
+        return [sys.executable, "-m", "torch.distributed.run", *self.torchrun_args()]
+
+    def display_command(self) -> str:
+        """The command as a user would type it on each node."""
+        return shlex.join(["torchrun", *self.torchrun_args()])
+
+    def sbatch_script(self, *, job_name: str = "geoprime", time_limit: str = "24:00:00",
+                      cpus_per_task: int = 16, partition: str | None = None) -> str:
+        """A SLURM batch script: one task per node, torchrun in each, rendezvous on the first node."""
+        port = self.rdzv.rpartition(":")[2] if self.rdzv else str(DEFAULT_RDZV_PORT)
+        lines = [
+            "#!/bin/bash",
+            f"#SBATCH --job-name={job_name}",
+            f"#SBATCH --nodes={self.nodes}",
+            "#SBATCH --ntasks-per-node=1",
+            f"#SBATCH --gpus-per-node={self.procs_per_node}",
+            f"#SBATCH --cpus-per-task={cpus_per_task}",
+            f"#SBATCH --time={time_limit}",
+        ]
+        if partition:
+            lines.append(f"#SBATCH --partition={partition}")
+        lines += [
+            "set -euo pipefail",
+            'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+            "srun torchrun " + shlex.join(self.torchrun_args(rdzv_endpoint="__HEAD__", nnodes="__NNODES__"))
+            .replace("--rdzv_endpoint=__HEAD__", f"--rdzv_endpoint=${{head_node}}:{port}")
+            .replace("--nnodes=__NNODES__", "--nnodes=$SLURM_NNODES")
+            .replace(f"--rdzv_id={self.resolved_run_id}", "--rdzv_id=$SLURM_JOB_ID"),
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m launch run",
+        description="Run `python -m trainer <overrides>` under torchrun on one or many nodes.",
+    )
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for the trainer, e.g. task=depth parallel=ddp")
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes (run the same command on each)")
+    p.add_argument("--gpus-per-node", "--nproc-per-node", dest="procs_per_node", type=int, default=1,
+                   help="processes per node (one per GPU; on CPU, one per process you want)")
+    p.add_argument("--rdzv", default=None, help="c10d rendezvous endpoint host:port (required for --nodes > 1)")
+    p.add_argument("--run-id", default=None, help="rendezvous id (default: a hash of this job's arguments)")
+    p.add_argument("--max-restarts", type=int, default=3, help="elastic restarts before the job fails")
+    p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    p.add_argument("--sbatch", action="store_true", help="print a SLURM sbatch script instead of running")
+    p.add_argument("--partition", default=None, help="SLURM partition (with --sbatch)")
+    p.add_argument("--time", default="24:00:00", help="SLURM time limit (with --sbatch)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        job = TorchrunJob(overrides=args.overrides, nodes=args.nodes, procs_per_node=args.procs_per_node,
+                          rdzv=args.rdzv, run_id=args.run_id, max_restarts=args.max_restarts)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.sbatch:
+        sys.stdout.write(job.sbatch_script(partition=args.partition, time_limit=args.time))
+        return 0
+    print(f"[launch] {job.display_command()}", flush=True)
+    if job.nodes > 1:
+        print(f"[launch] run the same command on each of the {job.nodes} nodes", flush=True)
+    if args.dry_run:
+        return 0
+    return subprocess.call(job.command(), env=os.environ.copy())
