@@ -1,0 +1,49 @@
+# geoprime training image: CUDA-enabled PyTorch matching pyproject's torch pin, our pinned
+# dependencies, the package, a non-root user. Build: docker build -t geoprime:0.1.0 .
+# (editable install: Hydra finds configs/ beside the package)
+# Run:  docker run --gpus all geoprime:0.1.0 task=depth parallel=ddp          (python -m trainer)
+#       docker run --gpus all geoprime:0.1.0 torchrun --nproc_per_node=8 -m trainer task=depth
+ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TORCH_EXTENSIONS_DIR=/home/geoprime/.cache/torch_extensions \
+    MPLBACKEND=Agg
+
+WORKDIR /opt/geoprime
+
+# Dependencies first (their own layer, rebuilt only when the pins change). Keep this list
+# equal to pyproject.toml's [project.dependencies]: tests/test_dockerfile.py checks it.
+RUN python -m pip install \
+    "torch==2.14.1" \
+    "torchvision==0.29.1" \
+    "deepspeed==0.19.8" \
+    "webdataset==1.0.2" \
+    "hydra-core==1.3.8" \
+    "mlflow==3.17.2" \
+    "nvidia-ml-py==13.615.71" \
+    "numpy==2.4.6" \
+    "pillow==13.0.0" \
+    "tqdm==4.70.1" \
+    "torchmetrics==1.9.0" \
+    "matplotlib==3.11.2" \
+    "boto3==1.44.8" \
+    "h5py==3.16.0" \
+    "pyyaml==6.0.4" \
+    "requests==2.34.2"
+
+COPY pyproject.toml README.md ./
+COPY trainer ./trainer
+COPY data_shards ./data_shards
+COPY launch ./launch
+COPY configs ./configs
+COPY docker/entrypoint.sh /usr/local/bin/geoprime-entrypoint
+RUN python -m pip install --no-deps --editable . \
+    && useradd --create-home --uid 1000 --user-group geoprime \
+    && chmod 0755 /usr/local/bin/geoprime-entrypoint
+
+USER 1000:1000
+ENTRYPOINT ["/usr/local/bin/geoprime-entrypoint"]
+CMD ["--help"]
