@@ -1,0 +1,144 @@
+"""Dispatch for the min-reprojection photometric loss: fused Triton kernels or the reference.
+
+``fused_reprojection_loss`` is the one entry point the depth task calls. ``impl`` is the config
+switch: ``"auto"`` uses the Triton kernels for CUDA tensors and the reference
+(``trainer.losses.photometric``) otherwise; ``"triton"`` forces the kernels (on CPU tensors only
+under ``TRITON_INTERPRET=1``, set before the kernel module is imported); ``"reference"`` forces
+plain PyTorch. The Triton path is a ``torch.autograd.Function`` whose backward is fused too.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from trainer.losses import photometric as reference
+
+IMPLS = ("auto", "triton", "reference")
+"""Accepted values of ``impl`` (the depth task's ``photometric_impl`` config field)."""
+
+KERNEL_MODULE = "trainer.kernels.photometric_triton"
+"""Imported lazily, so that the reference path needs neither Triton nor a GPU."""
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+"""Input dtypes the kernels accept (bf16/fp16/fp32 accumulate in fp32; fp64 computes in fp64)."""
+
+
+def _kernels():
+    """The Triton kernel module (imported on first use)."""
+    return importlib.import_module(KERNEL_MODULE)
+
+
+def triton_available() -> bool:
+    """True when Triton can be imported (the kernel module itself imports it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class FusedReprojectionLoss(torch.autograd.Function):
+    """Autograd wrapper of the fused kernels: forward returns (loss, argmin uint8 (B,H,W)); only
+    the argmin is saved for backward (plus the inputs, which the caller holds anyway)."""
+
+    @staticmethod
+    def forward(ctx, ssim_weight: float, target: Tensor, *sources: Tensor):
+        loss, argmin = _kernels().forward(target, sources, ssim_weight)
+        ctx.ssim_weight = ssim_weight
+        ctx.save_for_backward(target, argmin, *sources)
+        ctx.mark_non_differentiable(argmin)
+        return loss, argmin
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_argmin):
+        target, argmin, *sources = ctx.saved_tensors
+        need_target = ctx.needs_input_grad[1]
+        need_sources = list(ctx.needs_input_grad[2:])
+        if grad_loss is None or not (need_target or any(need_sources)):
+            return (None, None, *([None] * len(sources)))
+        g_target, g_sources = _kernels().backward(grad_loss, target, sources, argmin,
+                                                  ctx.ssim_weight, need_target, need_sources)
+        return (None, g_target, *g_sources)
+
+
+def _validate(target: Tensor, warped: Sequence[Tensor], identity: Sequence[Tensor],
+              impl: str) -> None:
+    """Clear errors for a bad impl name, shapes, dtypes or devices (naming the argument)."""
+    if impl not in IMPLS:
+        raise ValueError(f"photometric impl {impl!r} is not one of {', '.join(IMPLS)}")
+    if not isinstance(target, Tensor) or target.dim() != 4:
+        raise ValueError(f"target: expected a (B, C, H, W) tensor, got "
+                         f"{getattr(target, 'shape', type(target))}")
+    if len(warped) == 0:
+        raise ValueError("warped: need at least one warped source frame")
+    if target.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"target: dtype {target.dtype} is not a floating image dtype "
+                         f"({', '.join(map(str, FLOAT_DTYPES))})")
+    if target.shape[2] < 2 or target.shape[3] < 2:
+        raise ValueError(f"target: SSIM's reflection padding needs H, W >= 2, got "
+                         f"{tuple(target.shape)}")
+    for name, group in (("identity", identity), ("warped", warped)):
+        for i, t in enumerate(group):
+            if not isinstance(t, Tensor) or t.shape != target.shape:
+                raise ValueError(f"{name}[{i}]: expected shape {tuple(target.shape)} like the "
+                                 f"target, got {getattr(t, 'shape', type(t))}")
+            if t.dtype != target.dtype or t.device != target.device:
+                raise ValueError(f"{name}[{i}]: dtype/device {t.dtype}/{t.device} differs from "
+                                 f"the target's {target.dtype}/{target.device}")
+
+
+def resolve_impl(impl: str, target: Tensor) -> str:
+    """``"triton"`` or ``"reference"``: what ``impl`` means for tensors on ``target``'s device."""
+    if impl == "reference":
+        return "reference"
+    if impl == "auto":
+        return "triton" if target.is_cuda and triton_available() else "reference"
+    if not triton_available():
+        raise RuntimeError("photometric impl 'triton' needs the triton package; install it or "
+                           "use impl='reference'")
+    if not target.is_cuda and not _kernels().INTERPRETED:
+        raise RuntimeError(
+            "photometric impl 'triton' got CPU tensors, but the Triton kernels were compiled for "
+            f"the GPU: set TRITON_INTERPRET=1 before {KERNEL_MODULE} is imported to run them on "
+            "the CPU (slow; for tests), or use impl='auto'/'reference'")
+    return "triton"
+
+
+@torch.compiler.disable
+def _fused(target: Tensor, sources: list[Tensor], ssim_weight: float) -> tuple[Tensor, Tensor]:
+    """Apply the autograd Function outside torch.compile graphs (the kernels are opaque to it)."""
+    return FusedReprojectionLoss.apply(float(ssim_weight), target.contiguous(),
+                                       *(s.contiguous() for s in sources))
+
+
+def fused_reprojection_loss(target: Tensor, warped: Sequence[Tensor],
+                            identity: Sequence[Tensor] | None = None, ssim_weight: float = 0.85,
+                            impl: str = "auto", return_argmin: bool = False
+                            ) -> Tensor | tuple[Tensor, Tensor]:
+    """Mean over all pixels of the per-pixel min over [identity..., warped...] photometric errors
+    (same semantics as ``trainer.losses.photometric.reprojection_loss``).
+
+    Returns the scalar loss in float32 (float64 for float64 inputs), and with ``return_argmin``
+    also the argmin (B, 1, H, W) int64 over [identity..., warped...] (``argmin >= len(identity)``
+    is Monodepth2's auto-mask).
+    """
+    identity = list(identity) if identity is not None else []
+    warped = list(warped)
+    _validate(target, warped, identity, impl)
+    n_sources = len(identity) + len(warped)
+    out_dtype = torch.promote_types(target.dtype, torch.float32)
+    if resolve_impl(impl, target) == "reference":
+        best, index, _ = reference.min_reprojection(target, warped, identity or None, ssim_weight)
+        loss = best.mean().to(out_dtype)
+        return (loss, index) if return_argmin else loss
+    if n_sources > _kernels().MAX_SOURCES:
+        raise ValueError(f"fused photometric loss: {n_sources} sources exceed the kernel's "
+                         f"maximum of {_kernels().MAX_SOURCES}; use impl='reference'")
+    loss, argmin = _fused(target, identity + warped, ssim_weight)
+    loss = loss.to(out_dtype)
+    if return_argmin:
+        return loss, argmin.to(torch.int64).unsqueeze(1)
+    return loss
