@@ -1,0 +1,156 @@
+"""Standard monocular depth metrics (Eigen et al.; Monodepth2's ``evaluate_depth``) as a summable Metric.
+
+Per image: keep ground-truth pixels in (min_depth, max_depth) (and inside the Garg / Eigen
+crop for KITTI), scale the prediction (median ratio for scale-ambiguous monocular models, a
+fixed factor otherwise), clamp it to [min_depth, max_depth], then compute abs_rel, sq_rel,
+rmse, rmse_log, a1, a2, a3. The split's value is the mean over images.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainer.tasks.base import Metric
+
+METRIC_NAMES = ("abs_rel", "sq_rel", "rmse", "rmse_log", "a1", "a2", "a3")
+#: crop boxes as fractions (top, bottom, left, right) of the ground truth's height / width
+CROPS = {
+    "garg": (0.40810811, 0.99189189, 0.03594771, 0.96405229),
+    "eigen": (0.3324324, 0.91351351, 0.0359477, 0.96405229),
+}
+
+
+def crop_mask(height: int, width: int, crop: str) -> Tensor:
+    """(H, W) bool: the evaluation region (all True for crop="none"; KITTI's garg / eigen boxes)."""
+    if crop == "none":
+        return torch.ones(height, width, dtype=torch.bool)
+    if crop not in CROPS:
+        raise ValueError(f"depth eval crop={crop!r}: expected none, {', '.join(CROPS)}")
+    t, b, l, r = CROPS[crop]
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    mask[int(t * height):int(b * height), int(l * width):int(r * width)] = True
+    return mask
+
+
+def median(x: Tensor) -> Tensor:
+    """numpy-style median of a 1-D tensor (mean of the two middle values for even sizes)."""
+    s = x.sort().values
+    n = s.numel()
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def depth_errors(pred: Tensor, gt: Tensor) -> Tensor:
+    """The 7 metrics (METRIC_NAMES order) of matching 1-D positive depth vectors, float64."""
+    pred, gt = pred.double(), gt.double()
+    thresh = torch.maximum(gt / pred, pred / gt)
+    a1 = (thresh < 1.25).double().mean()
+    a2 = (thresh < 1.25 ** 2).double().mean()
+    a3 = (thresh < 1.25 ** 3).double().mean()
+    rmse = ((gt - pred) ** 2).mean().sqrt()
+    rmse_log = ((gt.log() - pred.log()) ** 2).mean().sqrt()
+    abs_rel = ((gt - pred).abs() / gt).mean()
+    sq_rel = ((gt - pred) ** 2 / gt).mean()
+    return torch.stack([abs_rel, sq_rel, rmse, rmse_log, a1, a2, a3])
+
+
+class DepthMetric(Metric):
+    """Sums of the per-image metrics + image count (+ count of images with no valid ground
+    truth, reported rather than dropped silently, + sum of median ratios)."""
+
+    def __init__(self, min_depth: float = 1e-3, max_depth: float = 80.0, scaling: str = "median",
+                 fixed_scale: float = 1.0, crop: str = "none") -> None:
+        if scaling not in ("median", "fixed"):
+            raise ValueError(f"depth eval scaling={scaling!r}: expected median or fixed")
+        if not 0 < min_depth < max_depth:
+            raise ValueError(f"depth eval: need 0 < min_depth < max_depth, got {min_depth}, {max_depth}")
+        if fixed_scale <= 0:
+            raise ValueError(f"depth eval fixed_scale={fixed_scale} must be > 0")
+        crop_mask(1, 1, crop)  # validates the name
+        self.min_depth, self.max_depth = min_depth, max_depth
+        self.scaling, self.fixed_scale, self.crop = scaling, fixed_scale, crop
+        self._sums = torch.zeros(len(METRIC_NAMES) + 3, dtype=torch.float64)
+
+    def update_image(self, pred: Tensor, gt: Tensor) -> None:
+        """Add one image: ``pred`` (H', W') predicted depth, ``gt`` (H, W) metres, 0 = invalid.
+        The prediction is bilinearly resized to the ground truth's resolution if needed."""
+        if pred.shape != gt.shape:
+            pred = F.interpolate(pred[None, None].double(), size=gt.shape, mode="bilinear",
+                                 align_corners=False)[0, 0]
+        mask = (gt > self.min_depth) & (gt < self.max_depth) & crop_mask(*gt.shape, self.crop).to(gt.device)
+        if not mask.any():
+            self._sums[-2] += 1
+            return
+        p, g = pred[mask].double().cpu(), gt[mask].double().cpu()
+        ratio = median(g) / median(p).clamp(min=1e-12) if self.scaling == "median" else torch.tensor(
+            self.fixed_scale, dtype=torch.float64)
+        p = (p * ratio).clamp(self.min_depth, self.max_depth)
+        self._sums[:len(METRIC_NAMES)] += depth_errors(p, g)
+        self._sums[-3] += 1
+        self._sums[-1] += float(ratio)
+
+    def update(self, batch: dict[str, Any], outputs: Any) -> None:
+        """``outputs``: predicted depth (B, 1, H, W) (or a dict with key "depth"); ground truth
+        from ``batch["depth"]``; samples with ``batch["__valid__"] == False`` are skipped."""
+        pred = outputs["depth"] if isinstance(outputs, dict) else outputs
+        if "depth" not in batch:
+            raise KeyError("depth metric: the evaluation batch has no 'depth' ground truth "
+                           f"(keys: {', '.join(sorted(batch))})")
+        gt = batch["depth"]
+        valid = batch.get("__valid__")
+        for i in range(gt.shape[0]):
+            if valid is not None and not bool(valid[i]):
+                continue
+            self.update_image(pred[i, 0].detach(), gt[i, 0])
+
+    def state(self) -> Tensor:
+        return self._sums.clone()
+
+    def compute(self, state: Tensor) -> dict[str, float]:
+        n = float(state[-3])
+        out = {"images": n, "images_without_gt": float(state[-2])}
+        if n == 0:
+            return out
+        for i, name in enumerate(METRIC_NAMES):
+            out[name] = float(state[i]) / n
+        if self.scaling == "median":
+            out["median_ratio"] = float(state[-1]) / n
+        return out
+
+
+def colorize_inverse_depth(depth: Tensor, valid: Tensor | None = None, vmax: float | None = None):
+    """(H, W) depth -> uint8 (H, W, 3) magma colour map of inverse depth (near = bright),
+    normalised by the 95th percentile (Monodepth2's display); ``valid`` False -> black."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    inv = 1.0 / depth.double().clamp(min=1e-6)
+    if valid is None:
+        valid = torch.ones_like(inv, dtype=torch.bool)
+    if vmax is None:
+        vmax = float(torch.quantile(inv[valid], 0.95)) if valid.any() else 1.0
+    norm = (inv / max(vmax, 1e-12)).clamp(0, 1).numpy()
+    rgb = (colormaps["magma"](norm)[..., :3] * 255).round().astype(np.uint8)
+    rgb[~valid.numpy()] = 0
+    return rgb
+
+
+def depth_panel(image: Tensor, pred: Tensor, gt: Tensor | None = None):
+    """PIL image: input (3, H, W) uint8 | predicted depth | ground truth (if given, on the same
+    colour scale as the prediction), side by side; the prediction is resized to the input."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = image.shape[-2:]
+    if pred.shape != (h, w):
+        pred = F.interpolate(pred[None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    inv = 1.0 / pred.double().clamp(min=1e-6)
+    vmax = float(torch.quantile(inv.flatten(), 0.95))
+    rgb = image if image.dtype == torch.uint8 else (image.clamp(0, 1) * 255).round().to(torch.uint8)
+    tiles = [rgb.permute(1, 2, 0).cpu().numpy(), colorize_inverse_depth(pred.cpu(), vmax=vmax)]
+    if gt is not None:
+        gt = gt.cpu()
+        tiles.append(colorize_inverse_depth(gt, gt > 0, vmax=vmax))
+    return Image.fromarray(np.concatenate(tiles, axis=1))

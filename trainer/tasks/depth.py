@@ -1,0 +1,273 @@
+"""Monocular depth pre-training task: self-supervised (video, stereo, both) or supervised depth.
+
+One switch, ``task.supervision``, picks the signal:
+
+* ``mono``: frames t-1 and t+1 warped into t with the predicted depth and a predicted pose;
+* ``stereo``: the right image warped into the left with the known baseline;
+* ``mono_stereo``: all three sources;
+* ``supervised``: masked L1 or scale-invariant log loss on the valid ground-truth depth.
+
+Self-supervised losses follow Monodepth2: per-pixel minimum reprojection (SSIM 0.85 + L1)
+with auto-masking, each scale's disparity upsampled to the input resolution, edge-aware
+smoothness on mean-normalised disparity weighted by 1/2^scale, averaged over scales. The
+networks see augmented frames (``aug_*`` keys added by :meth:`DepthTask.train_transform`);
+the loss compares unaugmented frames.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainer.augment import hflip_sample, jitter_frames, sample_jitter
+from trainer.geometry import stereo_pose, warp_frame
+from trainer.losses.depth_supervised import masked_l1, scale_invariant_log, valid_depth_mask
+from trainer.losses.photometric import min_reprojection
+from trainer.losses.smoothness import edge_aware_smoothness, normalize_disp
+from trainer.metrics.depth import DepthMetric, depth_panel
+from trainer.models.depth import build_depth_net, upsampled_depths
+from trainer.models.pose import build_pose_net, predict_pose
+from trainer.tasks.base import Metric, Task
+
+SUPERVISION_MODES = ("mono", "stereo", "mono_stereo", "supervised")
+_FRAME_KEYS = {
+    "mono": ("rgb", "rgb_prev", "rgb_next"),
+    "stereo": ("rgb", "rgb_right"),
+    "mono_stereo": ("rgb", "rgb_prev", "rgb_next", "rgb_right"),
+    "supervised": ("rgb",),
+}
+
+
+@dataclass
+class DepthTaskConfig:
+    name: str = "depth"
+    """Task name (selects trainer.tasks.depth)."""
+    supervision: str = "mono"
+    """Training signal: mono (video, predicted pose) | stereo (known baseline) | mono_stereo | supervised."""
+    pose_encoder: str = "separate"
+    """Pose net layout (mono / mono_stereo): separate (own 6-channel ResNet) | shared (depth encoder features)."""
+    scales: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    """Decoder output scales (s = 1/2^s resolution) used in the loss; each upsampled to the input size."""
+    min_depth: float = 0.1
+    """Smallest depth the network can output (metres); disparity sigmoid maps to [1/max, 1/min]."""
+    max_depth: float = 100.0
+    """Largest depth the network can output (metres)."""
+    ssim_weight: float = 0.85
+    """Weight of (1 - SSIM) / 2 in the photometric error; 1 - ssim_weight goes to L1."""
+    smoothness_weight: float = 1e-3
+    """Edge-aware smoothness weight (divided by 2^scale); 0 disables it (self-supervised modes)."""
+    automask: bool = True
+    """Auto-masking: ignore pixels where an unwarped source already matches better (static scenes)."""
+    supervised_loss: str = "l1"
+    """supervised mode: l1 (masked L1 in metres) | silog (scale-invariant log loss)."""
+    silog_variance_focus: float = 0.85
+    """silog: weight of the mean term (1 = fully scale invariant, 0 = log L2)."""
+    flip_prob: float = 0.5
+    """Probability of a horizontal flip of a training sample (all frames, K, baseline)."""
+    jitter_prob: float = 0.5
+    """Probability of colour jitter (same factors on all frames; networks only, not the loss)."""
+    jitter_brightness: float = 0.2
+    """Colour jitter brightness range: factor in [1 - x, 1 + x]."""
+    jitter_contrast: float = 0.2
+    """Colour jitter contrast range: factor in [1 - x, 1 + x]."""
+    jitter_saturation: float = 0.2
+    """Colour jitter saturation range: factor in [1 - x, 1 + x]."""
+    jitter_hue: float = 0.1
+    """Colour jitter hue range: shift in [-x, x]."""
+    eval_scaling: str = "auto"
+    """Prediction scaling at evaluation: auto (median for mono, fixed otherwise) | median | fixed."""
+    eval_fixed_scale: float = 1.0
+    """Scale applied to predictions when eval scaling is fixed (1 = metric, e.g. stereo on the synthetic world)."""
+    eval_min_depth: float = 1e-3
+    """Evaluation cap: ground truth below is ignored, predictions are clamped up to it (metres)."""
+    eval_max_depth: float = 80.0
+    """Evaluation cap: ground truth above is ignored, predictions are clamped down to it (metres)."""
+    eval_crop: str = "none"
+    """Evaluation region: none | garg | eigen (KITTI crops)."""
+    vis_samples: int = 4
+    """Validation images written as depth colour-map PNGs by visualize()."""
+
+
+def _float(images: Tensor) -> Tensor:
+    """uint8 (B, 3, H, W) -> float in [0, 1]; float input is returned as is."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+
+
+class DepthTask(Task):
+    """Depth pre-training; the model is an ``nn.ModuleDict`` with ``encoder`` and
+    ``depth_decoder`` (+ ``pose_encoder`` / ``pose_decoder`` when a pose is predicted)."""
+
+    def __init__(self, cfg: DepthTaskConfig, run_cfg: Any) -> None:
+        super().__init__(cfg, run_cfg)
+        if cfg.supervision not in SUPERVISION_MODES:
+            raise ValueError(f"task.supervision={cfg.supervision!r}: expected one of {', '.join(SUPERVISION_MODES)}")
+        if cfg.pose_encoder not in ("separate", "shared"):
+            raise ValueError(f"task.pose_encoder={cfg.pose_encoder!r}: expected separate or shared")
+        if cfg.supervised_loss not in ("l1", "silog"):
+            raise ValueError(f"task.supervised_loss={cfg.supervised_loss!r}: expected l1 or silog")
+        if cfg.eval_scaling not in ("auto", "median", "fixed"):
+            raise ValueError(f"task.eval_scaling={cfg.eval_scaling!r}: expected auto, median or fixed")
+        if not cfg.scales or any(s not in range(4) for s in cfg.scales) or 0 not in cfg.scales:
+            raise ValueError(f"task.scales={list(cfg.scales)}: must include 0, each in 0..3")
+        if not 0 < cfg.min_depth < cfg.max_depth:
+            raise ValueError(f"task.min_depth={cfg.min_depth}, task.max_depth={cfg.max_depth}: need 0 < min < max")
+        for name in ("flip_prob", "jitter_prob", "ssim_weight"):
+            if not 0.0 <= getattr(cfg, name) <= 1.0:
+                raise ValueError(f"task.{name}={getattr(cfg, name)}: must be in [0, 1]")
+        self.mode = cfg.supervision
+        self.uses_pose = self.mode in ("mono", "mono_stereo")
+        self.frame_keys = _FRAME_KEYS[self.mode]
+        keys = list(self.frame_keys)
+        if self.mode != "supervised":
+            keys.append("K")
+        if self.mode in ("stereo", "mono_stereo"):
+            keys.append("baseline")
+        if self.mode == "supervised":
+            keys.append("depth")
+        self.required_keys = tuple(keys)
+
+    # ----------------------------------------------------------------- model
+    def build_model(self) -> nn.ModuleDict:
+        parts = build_depth_net(self.run_cfg.model, tuple(self.cfg.scales))
+        if self.uses_pose:
+            parts.update(build_pose_net(self.run_cfg.model, self.cfg.pose_encoder, parts["encoder"].num_ch))
+        return nn.ModuleDict(parts)
+
+    # ------------------------------------------------------------ transforms
+    def train_transform(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        """Flip (whole sample, geometry consistent) then colour jitter into ``aug_*`` copies of the
+        frames the networks see. Always adds the ``aug_*`` keys, so samples collate alike."""
+        cfg = self.cfg
+        flip = float(torch.rand(1, generator=generator)) < cfg.flip_prob
+        jitter = float(torch.rand(1, generator=generator)) < cfg.jitter_prob
+        params = sample_jitter(generator, cfg.jitter_brightness, cfg.jitter_contrast,
+                               cfg.jitter_saturation, cfg.jitter_hue)  # drawn always: fixed stream use
+        if flip:
+            sample = hflip_sample(sample)
+        if jitter:
+            return jitter_frames(sample, self.frame_keys, params)
+        out = dict(sample)
+        for key in self.frame_keys:
+            out["aug_" + key] = sample[key]
+        return out
+
+    # ------------------------------------------------------------------ loss
+    def _net_input(self, batch: dict[str, Any], key: str) -> Tensor:
+        return _float(batch.get("aug_" + key, batch[key]))
+
+    def _source_poses(self, model: nn.ModuleDict, batch: dict[str, Any],
+                      feats_t: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """[(unaugmented source image, T_src_from_t)] for the mode's source frames."""
+        sources = []
+        if self.uses_pose:
+            net_t = self._net_input(batch, "rgb")
+            shared = "pose_encoder" not in model
+            for key, invert in (("rgb_prev", True), ("rgb_next", False)):
+                net_s = self._net_input(batch, key)
+                deep_s = model["encoder"](net_s)[-1] if shared else None
+                deep_t = feats_t[-1] if shared else None
+                if invert:  # temporal order (prev, t); inverted so it maps t -> prev
+                    T = predict_pose(model, net_s, net_t, True, deep_s, deep_t)
+                else:
+                    T = predict_pose(model, net_t, net_s, False, deep_t, deep_s)
+                sources.append((_float(batch[key]), T))
+        if self.mode in ("stereo", "mono_stereo"):
+            sources.append((_float(batch["rgb_right"]), stereo_pose(batch["baseline"].float())))
+        return sources
+
+    def training_step(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.cfg
+        feats = model["encoder"](self._net_input(batch, "rgb"))
+        disps = model["depth_decoder"](feats)
+        size = tuple(batch["rgb"].shape[-2:])
+        depths = upsampled_depths(disps, size, cfg.min_depth, cfg.max_depth)
+        if self.mode == "supervised":
+            gt = batch["depth"].float()
+            valid = valid_depth_mask(gt, cfg.min_depth, cfg.max_depth)
+            terms = []
+            for s in cfg.scales:
+                pred = depths[s][1]
+                if cfg.supervised_loss == "l1":
+                    terms.append(masked_l1(pred, gt, valid))
+                else:
+                    terms.append(scale_invariant_log(pred, gt, valid, cfg.silog_variance_focus))
+            loss = torch.stack(terms).mean()
+            return loss, {"loss": loss.detach(), "depth_loss": loss.detach(),
+                          "valid_fraction": valid.float().mean().detach()}
+
+        target = _float(batch["rgb"])
+        K = batch["K"].float()
+        sources = self._source_poses(model, batch, feats)
+        identity = [img for img, _ in sources] if cfg.automask else None
+        reproj_terms, smooth_terms, masked = [], [], []
+        for s in cfg.scales:
+            depth = depths[s][1]
+            warped = [warp_frame(img, depth, T, K)[0] for img, T in sources]
+            err, _, automask = min_reprojection(target, warped, identity, cfg.ssim_weight)
+            reproj_terms.append(err.mean())
+            masked.append(automask.float().mean())
+            if cfg.smoothness_weight > 0:
+                disp_s = disps[s]
+                image_s = target if disp_s.shape[-2:] == target.shape[-2:] else F.interpolate(
+                    target, size=disp_s.shape[-2:], mode="area")
+                smooth_terms.append(edge_aware_smoothness(normalize_disp(disp_s), image_s) / (2 ** s))
+        reproj = torch.stack(reproj_terms).mean()
+        smooth = torch.stack(smooth_terms).mean() if smooth_terms else reproj.new_zeros(())
+        loss = reproj + cfg.smoothness_weight * smooth
+        logs = {"loss": loss.detach(), "reprojection": reproj.detach(), "smoothness": smooth.detach(),
+                "automask_fraction": torch.stack(masked).mean().detach()}
+        return loss, logs
+
+    # ------------------------------------------------------------ evaluation
+    def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
+        """Full-resolution predicted depth (B, 1, H, W) in metres from the unaugmented frame."""
+        images = _float(batch["rgb"])
+        disps = model["depth_decoder"](model["encoder"](images))
+        return upsampled_depths({0: disps[0]}, tuple(images.shape[-2:]), self.cfg.min_depth,
+                                self.cfg.max_depth)[0][1]
+
+    def eval_scaling(self) -> str:
+        """median for monocular training (scale ambiguous), fixed otherwise, unless configured."""
+        if self.cfg.eval_scaling != "auto":
+            return self.cfg.eval_scaling
+        return "median" if self.mode == "mono" else "fixed"
+
+    def new_metric(self) -> Metric:
+        cfg = self.cfg
+        return DepthMetric(cfg.eval_min_depth, cfg.eval_max_depth, self.eval_scaling(),
+                           cfg.eval_fixed_scale, cfg.eval_crop)
+
+    def visualize(self, model: nn.Module, batch: dict[str, Any], outputs: Any, out_dir: Path) -> list[Path]:
+        """``<key>.png``: input | predicted depth | ground truth (if any), as magma colour maps of
+        inverse depth (near = bright); invalid ground truth is black."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        keys = batch.get("__key__", [str(i) for i in range(batch["rgb"].shape[0])])
+        valid = batch.get("__valid__")
+        written = []
+        for i in range(min(self.cfg.vis_samples, batch["rgb"].shape[0])):
+            if valid is not None and not bool(valid[i]):
+                continue
+            gt = batch["depth"][i, 0] if "depth" in batch else None
+            panel = depth_panel(batch["rgb"][i], outputs[i, 0], gt)
+            path = out_dir / f"depth_{keys[i]}.png"
+            fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".png.tmp")
+            os.close(fd)
+            try:
+                panel.save(tmp, format="PNG")
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            written.append(path)
+        return written
+
+
+CONFIG = DepthTaskConfig
+TASK = DepthTask
