@@ -68,6 +68,8 @@ class ParallelConfig:
     """Wrap the model with torch.compile."""
     backend: str = "auto"
     """Process-group backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo."""
+    find_unused_parameters: bool = False
+    """DDP: tolerate parameters that get no gradient in a step (slower; only if a task needs it)."""
 
 
 @dataclass
