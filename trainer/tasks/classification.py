@@ -1,0 +1,165 @@
+"""Classification pre-training (``task=classification``): the built-in "ImageNet-like" baseline.
+
+Image-level multi-label classification of which classes appear in an image: targets are the
+multi-hot set of train ids present in the sample's ``seg`` (after augmentation, so they
+describe the pixels the network sees), loss is binary cross-entropy. The model is
+``ModuleDict({"encoder", "classifier"})``: encoder + global average pool + linear.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data_shards.schema import CITYSCAPES_CLASSES, IGNORE_INDEX
+from trainer.models.classifier import PooledLinear
+from trainer.models.encoders import build_encoder
+from trainer.tasks.base import Metric, Task
+from trainer.tasks.segmentation import keep_keys, random_scale_crop_flip, to_unit_float
+
+
+@dataclass
+class ClassificationConfig:
+    name: str = "classification"
+    """Task name (selects this module)."""
+    num_classes: int = 19
+    """Classes (train ids 0..num_classes-1 of ``seg``; 255 = ignore, never a target)."""
+    min_pixels: int = 1
+    """A class is a positive target when it covers at least this many pixels of the (cropped) label."""
+    threshold: float = 0.5
+    """Sigmoid probability above which a class is predicted present (F1 metrics)."""
+    ap_bins: int = 200
+    """Score histogram bins per class for the rank-exact binned average precision."""
+    crop: list[int] = field(default_factory=lambda: [0, 0])
+    """Training crop (height, width) after scaling; 0 = the input's own size."""
+    scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    """Random training rescale factor range [min, max]."""
+    hflip: bool = True
+    """Random horizontal flip (p = 0.5) in training."""
+
+
+def multi_hot(seg: torch.Tensor, num_classes: int, min_pixels: int = 1,
+              ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """(H, W) train ids -> (num_classes,) float32 0/1: classes with >= ``min_pixels`` pixels."""
+    ids = seg.reshape(-1).long()
+    ids = ids[ids != ignore_index]
+    if ids.numel() and (ids.min() < 0 or ids.max() >= num_classes):
+        raise ValueError(f"seg label {int(ids.max())} outside 0..{num_classes - 1} (and not {ignore_index})")
+    counts = torch.bincount(ids, minlength=num_classes)
+    return (counts >= max(1, min_pixels)).float()
+
+
+class MultiLabelMetric(Metric):
+    """Per-class TP / FP / FN at a threshold, and per-class score histograms of positives and
+    negatives. Both sum exactly over ranks; AP from the histograms treats scores within a bin as
+    tied (exact for any world size, approximates sklearn's AP to the bin width)."""
+
+    def __init__(self, num_classes: int, threshold: float = 0.5, bins: int = 200,
+                 class_names: list[str] | None = None) -> None:
+        self.c, self.threshold, self.bins = num_classes, threshold, bins
+        self.names = class_names or [str(i) for i in range(num_classes)]
+        self.counts = torch.zeros(3, num_classes, dtype=torch.float64)  # tp, fp, fn
+        self.hist = torch.zeros(2, num_classes, bins, dtype=torch.float64)  # positives, negatives
+
+    def update(self, batch: dict[str, Any], outputs: Any) -> None:
+        prob = (outputs["prob"] if isinstance(outputs, dict) else outputs).detach().double().cpu()
+        target = batch["labels"].detach().cpu() > 0.5
+        valid = batch.get("__valid__")
+        if valid is not None:
+            keep = torch.as_tensor(valid, dtype=torch.bool).cpu()
+            prob, target = prob[keep], target[keep]
+        pred = prob > self.threshold
+        self.counts[0] += (pred & target).sum(0).double()
+        self.counts[1] += (pred & ~target).sum(0).double()
+        self.counts[2] += (~pred & target).sum(0).double()
+        b = (prob * self.bins).long().clamp(0, self.bins - 1)
+        for k in range(self.c):
+            self.hist[0, k] += torch.bincount(b[target[:, k], k], minlength=self.bins).double()
+            self.hist[1, k] += torch.bincount(b[~target[:, k], k], minlength=self.bins).double()
+
+    def state(self) -> torch.Tensor:
+        return torch.cat([self.counts.reshape(-1), self.hist.reshape(-1)])
+
+    def compute(self, state: torch.Tensor) -> dict[str, float]:
+        n = 3 * self.c
+        if state.numel() != n + 2 * self.c * self.bins:
+            raise ValueError(f"multi-label metric state has {state.numel()} values")
+        tp, fp, fn = state[:n].reshape(3, self.c)
+        hist = state[n:].reshape(2, self.c, self.bins)
+        denom = 2 * tp + fp + fn
+        seen = denom > 0
+        out = {
+            "f1_macro": float((2 * tp[seen] / denom[seen]).mean()) if seen.any() else float("nan"),
+            "f1_micro": (float(2 * tp.sum() / denom.sum()) if denom.sum() > 0 else float("nan")),
+        }
+        aps = []
+        for k in range(self.c):
+            pos, neg = hist[0, k].flip(0), hist[1, k].flip(0)  # highest scores first
+            if pos.sum() == 0:
+                continue
+            tp_cum, fp_cum = pos.cumsum(0), neg.cumsum(0)
+            precision = tp_cum / (tp_cum + fp_cum).clamp(min=1)
+            ap = float((precision * pos).sum() / pos.sum())
+            aps.append(ap)
+            out[f"ap/{self.names[k]}"] = ap
+        out["map"] = sum(aps) / len(aps) if aps else float("nan")
+        return out
+
+
+class ClassificationTask(Task):
+    """Multi-label image classification from segmentation labels; see the module docstring."""
+
+    required_keys = ("rgb", "seg")
+
+    def __init__(self, cfg: ClassificationConfig, run_cfg: Any) -> None:
+        super().__init__(cfg, run_cfg)
+        if cfg.num_classes < 1 or cfg.ap_bins < 1 or not 0 < cfg.threshold < 1:
+            raise ValueError(f"task: num_classes={cfg.num_classes}, ap_bins={cfg.ap_bins}, "
+                             f"threshold={cfg.threshold}: need >= 1, >= 1 and in (0, 1)")
+        if len(cfg.crop) != 2 or len(cfg.scale_range) != 2 or not 0 < cfg.scale_range[0] <= cfg.scale_range[1]:
+            raise ValueError(f"task.crop={list(cfg.crop)} / task.scale_range={list(cfg.scale_range)}: "
+                             "expected [h, w] and [min, max] with 0 < min <= max")
+        names = CITYSCAPES_CLASSES if cfg.num_classes == len(CITYSCAPES_CLASSES) else None
+        self.class_names = list(names) if names else [str(i) for i in range(cfg.num_classes)]
+
+    def build_model(self) -> nn.ModuleDict:
+        encoder = build_encoder(self.run_cfg.model)
+        return nn.ModuleDict({"encoder": encoder,
+                              "classifier": PooledLinear(encoder.num_ch[-1], self.cfg.num_classes)})
+
+    def _with_labels(self, out: dict[str, Any], seg: torch.Tensor) -> dict[str, Any]:
+        out["labels"] = multi_hot(seg, self.cfg.num_classes, self.cfg.min_pixels)
+        return out
+
+    def train_transform(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        out = keep_keys(sample, ("rgb",))
+        out["rgb"], (seg,) = random_scale_crop_flip(sample["rgb"], [sample["seg"]], generator,
+                                                    self.cfg.scale_range, self.cfg.crop, self.cfg.hflip)
+        return self._with_labels(out, seg)
+
+    def eval_transform(self, sample: dict[str, Any]) -> dict[str, Any]:
+        return self._with_labels(keep_keys(sample, ("rgb",)), sample["seg"])
+
+    def _logits(self, model: nn.Module, rgb: torch.Tensor) -> torch.Tensor:
+        return model["classifier"](model["encoder"](to_unit_float(rgb, model["classifier"])))
+
+    def training_step(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = self._logits(model, batch["rgb"])
+        target = batch["labels"].to(logits.device, logits.dtype)
+        loss = F.binary_cross_entropy_with_logits(logits, target)
+        with torch.no_grad():
+            acc = ((logits > 0) == (target > 0.5)).float().mean()
+        return loss, {"bce": loss.detach(), "label_acc": acc}
+
+    def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> Any:
+        return {"prob": torch.sigmoid(self._logits(model, batch["rgb"]).float())}
+
+    def new_metric(self) -> MultiLabelMetric:
+        return MultiLabelMetric(self.cfg.num_classes, self.cfg.threshold, self.cfg.ap_bins, self.class_names)
+
+
+CONFIG = ClassificationConfig
+TASK = ClassificationTask

@@ -1,0 +1,155 @@
+"""Optical-flow pre-training (``task=flow``): the reference study's control experiment.
+
+A siamese encoder (one ResNet, shared weights, both frames in one batched call) feeds the
+flow decoder, which predicts flow t -> t+1 at 4 scales. Loss per scale, at the input
+resolution: the same photometric error as depth (SSIM + L1, ``photometric_error``) between
+frame t and frame t+1 warped back by the flow (``bilinear_warp``), over pixels whose flow
+stays inside the image, plus edge-aware smoothness of the flow. No flow labels are used in
+training; end-point error against ground truth is the evaluation metric where it exists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.colors import hsv_to_rgb
+from torch import nn
+
+from trainer.augment import hflip_sample, jitter_frames, sample_jitter
+from trainer.geometry import bilinear_warp, in_bounds
+from trainer.losses.photometric import photometric_error
+from trainer.losses.smoothness import edge_aware_smoothness
+from trainer.metrics.flow import FlowMetric
+from trainer.models.encoders import build_encoder
+from trainer.models.flow_net import FlowDecoder, flow_to_pixel_coords
+from trainer.tasks.base import Task
+from trainer.tasks.segmentation import keep_keys, to_unit_float, write_png_atomic
+
+FRAME_KEYS = ("rgb", "rgb_next")
+
+
+@dataclass
+class FlowConfig:
+    name: str = "flow"
+    """Task name (selects this module)."""
+    scales: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    """Decoder output scales (s = 1/2^s of the input), each upsampled to full size for the loss."""
+    ssim_weight: float = 0.85
+    """Weight of SSIM vs L1 in the photometric error (Monodepth2: 0.85)."""
+    smoothness_weight: float = 1e-3
+    """Edge-aware smoothness weight on flow in units of the image size, divided by 2^scale."""
+    flip_prob: float = 0.5
+    """Probability of a horizontal flip of both frames (flow u negated)."""
+    jitter_prob: float = 0.5
+    """Probability of colour jitter (same factors on both frames; the loss sees the originals)."""
+    visualize_max: int = 4
+    """Qualitative flow images written per ``visualize`` call."""
+
+
+def flow_to_color(flow: np.ndarray, max_mag: float | None = None) -> np.ndarray:
+    """(2, H, W) flow -> (H, W, 3) uint8: hue = direction, value = magnitude / max."""
+    u, v = flow[0], flow[1]
+    mag = np.hypot(u, v)
+    top = max_mag if max_mag else max(float(mag.max()), 1e-6)
+    hsv = np.stack([(np.arctan2(-v, -u) / np.pi + 1) / 2, np.ones_like(u), np.clip(mag / top, 0, 1)], -1)
+    return (hsv_to_rgb(hsv) * 255).round().astype(np.uint8)
+
+
+def warp_by_flow(image: torch.Tensor, flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frame t+1 (B, C, H, W) sampled at p + flow(p): frame t's view; and the in-image mask."""
+    coords = flow_to_pixel_coords(flow)
+    h, w = image.shape[-2:]
+    return bilinear_warp(image, coords), in_bounds(coords, h, w)
+
+
+class FlowTask(Task):
+    """Self-supervised optical flow; see the module docstring."""
+
+    required_keys = FRAME_KEYS
+
+    def __init__(self, cfg: FlowConfig, run_cfg: Any) -> None:
+        super().__init__(cfg, run_cfg)
+        if not cfg.scales or any(s not in range(4) for s in cfg.scales):
+            raise ValueError(f"task.scales={list(cfg.scales)}: need a non-empty subset of 0..3")
+        if not 0 <= cfg.ssim_weight <= 1 or cfg.smoothness_weight < 0:
+            raise ValueError(f"task.ssim_weight={cfg.ssim_weight} must be in [0, 1] and "
+                             f"task.smoothness_weight={cfg.smoothness_weight} >= 0")
+
+    def build_model(self) -> nn.ModuleDict:
+        encoder = build_encoder(self.run_cfg.model)
+        return nn.ModuleDict({"encoder": encoder, "flow_decoder": FlowDecoder(encoder.num_ch, self.cfg.scales)})
+
+    def train_transform(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        """Flip both frames (and GT flow) together, then jitter into ``aug_*`` copies; always
+        draws the same randomness and always adds the ``aug_*`` keys (samples collate alike)."""
+        cfg = self.cfg
+        sample = keep_keys(sample, FRAME_KEYS + ("flow",))
+        flip = float(torch.rand(1, generator=generator)) < cfg.flip_prob
+        jitter = float(torch.rand(1, generator=generator)) < cfg.jitter_prob
+        params = sample_jitter(generator)
+        if flip:
+            sample = hflip_sample(sample)
+        if jitter:
+            return jitter_frames(sample, FRAME_KEYS, params)
+        return {**sample, **{"aug_" + k: sample[k] for k in FRAME_KEYS}}
+
+    def eval_transform(self, sample: dict[str, Any]) -> dict[str, Any]:
+        return keep_keys(sample, FRAME_KEYS + ("flow",))
+
+    def predict(self, model: nn.Module, frame_a: torch.Tensor, frame_b: torch.Tensor) -> dict[int, torch.Tensor]:
+        """{scale: flow (B, 2, H, W) pixels} from two float [0, 1] frames; one encoder call on
+        both frames (shared weights; a single call keeps DDP's once-per-step gradient hooks)."""
+        b = frame_a.shape[0]
+        feats = model["encoder"](torch.cat([frame_a, frame_b], 0))
+        return model["flow_decoder"]([f[:b] for f in feats], [f[b:] for f in feats],
+                                     tuple(frame_a.shape[-2:]))
+
+    def training_step(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ref = model["flow_decoder"]
+        a = to_unit_float(batch.get("aug_rgb", batch["rgb"]), ref)
+        b = to_unit_float(batch.get("aug_rgb_next", batch["rgb_next"]), ref)
+        target, source = to_unit_float(batch["rgb"], ref), to_unit_float(batch["rgb_next"], ref)
+        h, w = target.shape[-2:]
+        size = torch.tensor([w, h], dtype=target.dtype, device=target.device).view(1, 2, 1, 1)
+        flows = self.predict(model, a, b)
+        photo_total, smooth_total = target.new_zeros(()), target.new_zeros(())
+        for s, flow in flows.items():
+            warped, mask = warp_by_flow(source, flow)
+            err = photometric_error(warped, target, self.cfg.ssim_weight)
+            photo_total = photo_total + (err * mask).sum() / mask.sum().clamp(min=1)
+            smooth_total = smooth_total + edge_aware_smoothness(flow / size, target) / (2 ** s)
+        n = len(flows)
+        photo, smooth = photo_total / n, smooth_total / n
+        loss = photo + self.cfg.smoothness_weight * smooth
+        return loss, {"photometric": photo.detach(), "smoothness": smooth.detach()}
+
+    def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> Any:
+        ref = model["flow_decoder"]
+        flows = self.predict(model, to_unit_float(batch["rgb"], ref), to_unit_float(batch["rgb_next"], ref))
+        return {"flow": flows[min(flows)].float()}
+
+    def new_metric(self) -> FlowMetric:
+        return FlowMetric()
+
+    def visualize(self, model: nn.Module, batch: dict[str, Any], outputs: Any, out_dir: Path) -> list[Path]:
+        """Frame t | predicted flow | ground-truth flow (if any), one PNG per sample."""
+        pred = outputs["flow"].cpu().numpy()
+        rgb = batch["rgb"].cpu()
+        rgb = (rgb if rgb.dtype == torch.uint8 else (rgb * 255).round().clamp(0, 255).byte()).permute(0, 2, 3, 1).numpy()
+        gt = batch["flow"].cpu().numpy() if "flow" in batch else None
+        keys = batch.get("__key__", [str(i) for i in range(len(pred))])
+        written = []
+        for i in range(min(len(pred), self.cfg.visualize_max)):
+            top = float(np.hypot(gt[i][0], gt[i][1]).max()) if gt is not None else None
+            panels = [rgb[i], flow_to_color(pred[i], top)]
+            if gt is not None:
+                panels.append(flow_to_color(gt[i][:2] * (gt[i][2:3] > 0.5), top))
+            written.append(write_png_atomic(np.concatenate(panels, 1), Path(out_dir) / f"flow_{keys[i]}.png"))
+        return written
+
+
+CONFIG = FlowConfig
+TASK = FlowTask

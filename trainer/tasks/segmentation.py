@@ -1,0 +1,366 @@
+"""Semantic segmentation fine-tuning (``task=segmentation``): the study's transfer measurement.
+
+One config value picks the initialisation (random, ImageNet, our depth / classification / flow
+pre-trainings, the depth encoder + decoder, or any exported checkpoint), one the head (U-Net or
+DeepLabV3) and one the protocol (full fine-tuning, frozen encoder, linear probe). Loss:
+cross-entropy with ignore index 255 and optional class weights. Augmentation: random scale,
+crop and horizontal flip applied to image and label together.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from data_shards.schema import CITYSCAPES_CLASSES, IGNORE_INDEX
+from trainer.metrics.segmentation import SegmentationMetric
+from trainer.models.encoders import ResNetEncoder
+from trainer.models.pretrained import load_pretrained, read_state_dict
+from trainer.models.seg_heads import HEADS, build_seg_head, dilate_encoder
+from trainer.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+INITS = ("random", "imagenet", "depth", "depth_full", "classification", "flow", "checkpoint")
+PROTOCOLS = ("full", "frozen", "linear")
+#: The part each of our pre-trainings exports beside ``encoder.``: proof the file is what init says.
+PRETRAINING_MARKERS = {"depth": "depth_decoder.", "depth_full": "depth_decoder.",
+                       "classification": "classifier.", "flow": "flow_decoder."}
+
+#: Cityscapes colours per train id (for overlays); 255 (ignore) is drawn black.
+CITYSCAPES_PALETTE = np.array([
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+    (0, 80, 100), (0, 0, 230), (119, 11, 32)], dtype=np.uint8)
+
+
+@dataclass
+class SegmentationConfig:
+    name: str = "segmentation"
+    """Task name (selects this module)."""
+    num_classes: int = 19
+    """Classes trained (train ids 0..num_classes-1; 255 = ignore)."""
+    head: str = "unet"
+    """unet (Monodepth2-style decoder) | deeplabv3 (ASPP); protocol=linear uses a 1x1 probe instead."""
+    output_stride: int = 32
+    """Encoder output stride: 32 (plain) | 16 | 8 (last strides replaced by dilation; DeepLab uses 16)."""
+    atrous_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
+    """DeepLabV3 ASPP dilation rates."""
+    init: str = "random"
+    """random | imagenet | depth | depth_full (encoder + U-Net decoder) | classification | flow | checkpoint."""
+    weights: Optional[str] = None
+    """Exported weights.pt of the pre-training (init depth / depth_full / classification / flow / checkpoint)."""
+    drop_prefixes: list[str] = field(default_factory=list)
+    """File key prefixes to drop on purpose (otherwise any unmatched key is an error)."""
+    keep_init_prefixes: list[str] = field(default_factory=list)
+    """init=checkpoint: model key prefixes deliberately left at initialisation (e.g. decoder.)."""
+    protocol: str = "full"
+    """full (fine-tune everything) | frozen (encoder and its BN statistics frozen) | linear (frozen + 1x1 probe)."""
+    ignore_index: int = IGNORE_INDEX
+    """Label value excluded from loss and metrics."""
+    class_weights: Optional[list[float]] = None
+    """Per-class cross-entropy weights (length num_classes), or None for uniform."""
+    crop: list[int] = field(default_factory=lambda: [0, 0])
+    """Training crop (height, width) after scaling; 0 = the input's own size."""
+    scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    """Random training rescale factor range [min, max] (1, 1 = no rescale)."""
+    hflip: bool = True
+    """Random horizontal flip (p = 0.5) in training."""
+    eval_subset: list[int] = field(default_factory=list)
+    """Train ids also scored as a subset (miou_subset, miou_subset_per_image); empty = none."""
+    export_predictions: Optional[str] = None
+    """Folder to write evaluation predictions to (None = off), in ``export_format``."""
+    export_format: str = "cityscapes"
+    """cityscapes (label-id PNGs, the benchmark's format) | trainid (train-id PNGs)."""
+    visualize_max: int = 4
+    """Qualitative overlays written per ``visualize`` call."""
+
+
+def random_scale_crop_flip(rgb: torch.Tensor, labels: list[torch.Tensor], generator: torch.Generator,
+                           scale_range=(1.0, 1.0), crop=(0, 0), hflip: bool = True,
+                           label_fill: int = IGNORE_INDEX) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Rescale (bilinear image, nearest labels), pad (image 0, labels ``label_fill``), crop and
+    flip an uint8 (3, H, W) image and its (H, W) label maps the same way. Always draws the same
+    number of values from ``generator`` (scale, y, x, flip), whatever the sizes."""
+    _, h, w = rgb.shape
+    ch, cw = (crop[0] or h), (crop[1] or w)
+    lo, hi = float(scale_range[0]), float(scale_range[1])
+    u = torch.rand(4, generator=generator, dtype=torch.float64)
+    s = lo + (hi - lo) * float(u[0])
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    if (nh, nw) != (h, w):
+        img = F.interpolate(rgb[None].float(), size=(nh, nw), mode="bilinear", align_corners=False,
+                            antialias=s < 1)
+        rgb = img[0].round().clamp(0, 255).to(torch.uint8)
+        labels = [F.interpolate(l[None, None].float(), size=(nh, nw), mode="nearest-exact")[0, 0].to(l.dtype)
+                  for l in labels]
+    ph, pw = max(ch - nh, 0), max(cw - nw, 0)
+    if ph or pw:
+        rgb = F.pad(rgb, (0, pw, 0, ph), value=0)
+        labels = [F.pad(l, (0, pw, 0, ph), value=label_fill) for l in labels]
+    y0 = int(float(u[1]) * (rgb.shape[1] - ch + 1))
+    x0 = int(float(u[2]) * (rgb.shape[2] - cw + 1))
+    rgb = rgb[:, y0:y0 + ch, x0:x0 + cw]
+    labels = [l[y0:y0 + ch, x0:x0 + cw] for l in labels]
+    if hflip and float(u[3]) < 0.5:
+        rgb = rgb.flip(-1)
+        labels = [l.flip(-1) for l in labels]
+    return rgb.contiguous(), [l.contiguous() for l in labels]
+
+
+def sample_name(sample: dict[str, Any]) -> str:
+    """File stem for exported predictions: the source image's stem when the meta names a file,
+    else the sample key."""
+    src = (sample.get("meta") or {}).get("source")
+    for cand in ([src.get(k) for k in ("path", "file", "image")] if isinstance(src, dict) else [src]):
+        if isinstance(cand, str) and cand.lower().endswith((".png", ".jpg", ".jpeg")):
+            return Path(cand).stem
+    return str(sample["__key__"])
+
+
+def keep_keys(sample: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The keys a task uses plus the stream's bookkeeping keys (``__key__``, ``__valid__`` ...)."""
+    out = {k: v for k, v in sample.items() if k.startswith("__")}
+    for k in keys:
+        if k in sample:
+            out[k] = sample[k]
+    return out
+
+
+def to_unit_float(x: torch.Tensor, like: nn.Module) -> torch.Tensor:
+    """uint8 images -> float [0, 1] on the model's device."""
+    dev = next(like.parameters()).device
+    x = x.to(dev, non_blocking=True)
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+def write_png_atomic(array: np.ndarray, path: Path) -> Path:
+    """Write a PNG under a temporary name in the same folder, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(array).save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def trainid_to_labelid_lut() -> np.ndarray:
+    """(256,) uint8 lookup table Cityscapes train id -> label id, from the Cityscapes converter."""
+    try:
+        from data_shards.sources import cityscapes
+    except ImportError as e:
+        raise RuntimeError("export_format=cityscapes needs data_shards.sources.cityscapes "
+                           f"(the train-id -> label-id table): {e}") from e
+    for name in ("TRAINID_TO_LABELID", "TRAIN_ID_TO_LABEL_ID", "TRAINID_TO_ID", "TRAIN_TO_LABEL_ID"):
+        table = getattr(cityscapes, name, None)
+        if table is not None:
+            break
+    else:
+        raise RuntimeError("data_shards.sources.cityscapes has no train-id -> label-id table "
+                           "(expected TRAINID_TO_LABELID)")
+    lut = np.zeros(256, dtype=np.uint8)  # everything unknown (incl. 255) -> 0 'unlabeled'
+    items = table.items() if isinstance(table, dict) else enumerate(table)
+    for train_id, label_id in items:
+        lut[int(train_id)] = int(label_id)
+    return lut
+
+
+def colorize(labels: np.ndarray) -> np.ndarray:
+    """(H, W) train ids -> (H, W, 3) uint8 colours (ignore and unknown ids black)."""
+    pal = np.zeros((256, 3), dtype=np.uint8)
+    pal[: len(CITYSCAPES_PALETTE)] = CITYSCAPES_PALETTE
+    extra = np.arange(len(CITYSCAPES_PALETTE), 255)
+    pal[extra] = np.stack([(extra * 53) % 256, (extra * 97) % 256, (extra * 151) % 256], 1)
+    return pal[labels.astype(np.int64)]
+
+
+class SegmentationTask(Task):
+    """Encoder + segmentation head trained with cross-entropy; see the module docstring."""
+
+    required_keys = ("rgb", "seg")
+
+    def __init__(self, cfg: SegmentationConfig, run_cfg: Any) -> None:
+        super().__init__(cfg, run_cfg)
+        self._validate()
+        self.frozen = cfg.protocol in ("frozen", "linear")
+        names = CITYSCAPES_CLASSES if cfg.num_classes == len(CITYSCAPES_CLASSES) else None
+        self.class_names = list(names) if names else [str(i) for i in range(cfg.num_classes)]
+        self._lut: Optional[np.ndarray] = None
+
+    def _validate(self) -> None:
+        c = self.cfg
+        if c.init not in INITS:
+            raise ValueError(f"task.init={c.init!r}: expected one of {', '.join(INITS)}")
+        if c.protocol not in PROTOCOLS:
+            raise ValueError(f"task.protocol={c.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+        if c.head not in HEADS[:2]:
+            raise ValueError(f"task.head={c.head!r}: expected unet or deeplabv3")
+        if c.init in PRETRAINING_MARKERS or c.init == "checkpoint":
+            if not c.weights:
+                raise ValueError(f"task.init={c.init} needs task.weights=<path to an exported weights.pt>")
+        elif c.weights:
+            raise ValueError(f"task.weights={c.weights!r} given but task.init={c.init} loads no file")
+        if c.init == "depth_full" and (c.head != "unet" or c.protocol == "linear"):
+            raise ValueError("task.init=depth_full initialises the U-Net decoder: needs task.head=unet "
+                             "and protocol full or frozen")
+        if c.head == "unet" and c.output_stride != 32:
+            raise ValueError("task.head=unet uses the whole pyramid: task.output_stride must be 32")
+        model_init = getattr(getattr(self.run_cfg, "model", None), "init", "random")
+        if model_init != "random" and c.init != model_init:
+            raise ValueError(f"model.init={model_init} conflicts with task.init={c.init}: "
+                             f"segmentation initialises from task.init (set task.init={model_init})")
+        if c.class_weights is not None and len(c.class_weights) != c.num_classes:
+            raise ValueError(f"task.class_weights has {len(c.class_weights)} values for {c.num_classes} classes")
+        if len(c.crop) != 2 or len(c.scale_range) != 2 or not 0 < c.scale_range[0] <= c.scale_range[1]:
+            raise ValueError(f"task.crop={list(c.crop)} / task.scale_range={list(c.scale_range)}: "
+                             "expected [h, w] and [min, max] with 0 < min <= max")
+        if c.export_format not in ("cityscapes", "trainid"):
+            raise ValueError(f"task.export_format={c.export_format!r}: expected cityscapes or trainid")
+
+    # ---- model -------------------------------------------------------------------------------
+    def build_model(self) -> nn.ModuleDict:
+        c, m = self.cfg, self.run_cfg.model
+        encoder = ResNetEncoder(m.encoder, "imagenet" if c.init == "imagenet" else "random",
+                                m.imagenet_weights)
+        if c.output_stride != 32:
+            dilate_encoder(encoder, c.output_stride)
+        head = "linear" if c.protocol == "linear" else c.head
+        model = nn.ModuleDict({"encoder": encoder,
+                               "decoder": build_seg_head(head, encoder.num_ch, c.num_classes, c.atrous_rates)})
+        self._initialise(model)
+        if self.frozen:
+            for p in model["encoder"].parameters():
+                p.requires_grad_(False)
+        return model
+
+    def _initialise(self, model: nn.ModuleDict) -> None:
+        c = self.cfg
+        if c.init in ("random", "imagenet"):
+            return
+        state = read_state_dict(c.weights)
+        if c.init == "checkpoint":
+            load_pretrained(model, state, drop=c.drop_prefixes, keep_init=c.keep_init_prefixes,
+                            source=str(c.weights))
+            return
+        marker = PRETRAINING_MARKERS[c.init]
+        if not any(k.startswith(marker) for k in state) and not any(p.startswith(marker) for p in c.drop_prefixes):
+            raise ValueError(f"task.init={c.init}: {c.weights} has no {marker}* tensors, so it is not a "
+                             f"{c.init.split('_')[0]} pre-training export (prefixes: "
+                             f"{sorted({k.split('.')[0] for k in state})})")
+        load_pretrained(model["encoder"], state, take="encoder.", drop=c.drop_prefixes, source=str(c.weights))
+        if c.init == "depth_full":
+            # same decoder, every output head dropped; the class output stays freshly initialised.
+            load_pretrained(model["decoder"], state, take="depth_decoder.", rename={"": "unet."},
+                            drop=list(c.drop_prefixes) + ["depth_decoder.heads."],
+                            keep_init=["unet.heads."], source=str(c.weights))
+
+    def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        params = [p for name, p in model.named_parameters() if p.requires_grad
+                  and not (self.frozen and name.split(".")[0] == "encoder")]
+        return [{"params": params}]
+
+    def on_train_mode(self, model: nn.Module) -> None:
+        if self.frozen:
+            model["encoder"].eval()  # BatchNorm running statistics stay exactly as loaded
+
+    # ---- data --------------------------------------------------------------------------------
+    def train_transform(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        out = keep_keys(sample, ("rgb", "seg"))
+        out["rgb"], (out["seg"],) = random_scale_crop_flip(
+            sample["rgb"], [sample["seg"]], generator, self.cfg.scale_range, self.cfg.crop,
+            self.cfg.hflip, self.cfg.ignore_index)
+        return out
+
+    def eval_transform(self, sample: dict[str, Any]) -> dict[str, Any]:
+        out = keep_keys(sample, ("rgb", "seg"))
+        out["name"] = sample_name(sample)
+        return out
+
+    # ---- steps -------------------------------------------------------------------------------
+    def logits(self, model: nn.Module, rgb: torch.Tensor) -> torch.Tensor:
+        """(B, num_classes, H, W) logits; the input is padded to a multiple of 32 and cropped back."""
+        x = to_unit_float(rgb, model["decoder"])
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % 32, (-w) % 32
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        if self.frozen:
+            with torch.no_grad():
+                feats = model["encoder"](x)
+        else:
+            feats = model["encoder"](x)
+        return model["decoder"](feats, size=tuple(x.shape[-2:]))[..., :h, :w]
+
+    def _class_weights(self, device: torch.device) -> Optional[torch.Tensor]:
+        w = self.cfg.class_weights
+        return None if w is None else torch.tensor(w, dtype=torch.float32, device=device)
+
+    def training_step(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = self.logits(model, batch["rgb"])
+        target = batch["seg"].to(logits.device).long()
+        loss = F.cross_entropy(logits, target, weight=self._class_weights(logits.device),
+                               ignore_index=self.cfg.ignore_index)
+        with torch.no_grad():
+            labelled = target != self.cfg.ignore_index
+            acc = (logits.argmax(1) == target)[labelled].float().mean() if labelled.any() else loss.new_zeros(())
+        return loss, {"ce": loss.detach(), "pixel_acc": acc.detach()}
+
+    def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> Any:
+        pred = self.logits(model, batch["rgb"]).argmax(1)
+        if self.cfg.export_predictions:
+            self.export_predictions(batch, pred, Path(self.cfg.export_predictions))
+        return {"pred": pred}
+
+    def new_metric(self) -> SegmentationMetric:
+        return SegmentationMetric(self.cfg.num_classes, self.cfg.ignore_index, self.class_names,
+                                  self.cfg.eval_subset)
+
+    # ---- outputs -----------------------------------------------------------------------------
+    def export_predictions(self, batch: dict[str, Any], pred: torch.Tensor, out_dir: Path) -> list[Path]:
+        """One PNG per valid sample, named like its input: Cityscapes label ids or train ids."""
+        if self.cfg.export_format == "cityscapes" and self._lut is None:
+            self._lut = trainid_to_labelid_lut()
+        valid = batch.get("__valid__")
+        names = batch.get("name") or batch["__key__"]
+        written = []
+        for i, p in enumerate(pred.cpu().numpy().astype(np.uint8)):
+            if valid is not None and not bool(valid[i]):
+                continue
+            arr = self._lut[p] if self.cfg.export_format == "cityscapes" else p
+            written.append(write_png_atomic(arr, out_dir / f"{names[i]}.png"))
+        return written
+
+    def visualize(self, model: nn.Module, batch: dict[str, Any], outputs: Any, out_dir: Path) -> list[Path]:
+        """Image | prediction overlay | ground-truth overlay, one PNG per sample."""
+        pred = outputs["pred"].cpu().numpy()
+        rgb = batch["rgb"].cpu()
+        rgb = (rgb.float() if rgb.dtype == torch.uint8 else rgb.float() * 255).permute(0, 2, 3, 1).numpy()
+        gt = batch["seg"].cpu().numpy()
+        keys = batch.get("__key__", [str(i) for i in range(len(pred))])
+        written = []
+        for i in range(min(len(pred), self.cfg.visualize_max)):
+            img = rgb[i]
+            over_p = 0.5 * img + 0.5 * colorize(pred[i])
+            over_g = np.where((gt[i] == self.cfg.ignore_index)[..., None], img, 0.5 * img + 0.5 * colorize(gt[i]))
+            panel = np.concatenate([img, over_p, over_g], axis=1).round().clip(0, 255).astype(np.uint8)
+            written.append(write_png_atomic(panel, Path(out_dir) / f"seg_{keys[i]}.png"))
+        return written
+
+
+CONFIG = SegmentationConfig
+TASK = SegmentationTask
