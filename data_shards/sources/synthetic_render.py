@@ -1,0 +1,332 @@
+"""Vectorised numpy ray caster for synthetic street scenes: RGB, z-depth, train ids, object ids.
+
+Rays go through integer pixel coordinates ``(u, v)`` (``u = fx * X / Z + cx``) with camera
+directions of unit z, so the ray parameter of a hit *is* its z-depth. Each primitive is
+intersected only with the pixel rectangle its (near-clipped) bounding box projects to, and
+only if it is in front of the camera and nearer than ``far``. Appearance is a function of the
+3D hit point and the object (surface-anchored value noise, facade / marking patterns) times
+a view-independent Lambert term (fixed sun + ambient), so the same point has the same colour
+from every camera: photometric consistency holds exactly up to sampling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .synthetic_scene import (
+    K_BUILDING, K_CAR_BODY, K_CAR_CABIN, K_CAR_WHEEL, K_CROWN, K_GROUND, K_POLE, K_SIDEWALK,
+    K_TRUNK, KIND_TRAIN_ID, P_BOX, P_CYL, P_SPHERE, ROAD, SKY, TERRAIN, Scene,
+)
+
+NEAR = 0.05
+_EDGES = np.array([(0, 1), (2, 3), (4, 5), (6, 7), (0, 2), (1, 3), (4, 6), (5, 7),
+                   (0, 4), (1, 5), (2, 6), (3, 7)])
+_CORNER_SEL = np.array([[(i >> 0) & 1, (i >> 1) & 1, (i >> 2) & 1] for i in range(8)])
+
+
+@dataclass
+class Frame:
+    """One rendered view."""
+
+    rgb: np.ndarray
+    """uint8 (H, W, 3)."""
+    depth: np.ndarray
+    """float32 (H, W) z-depth in metres, 0 for sky and for hits beyond ``far``."""
+    seg: np.ndarray
+    """uint8 (H, W) Cityscapes train ids, 255 beyond ``far``."""
+    oid: np.ndarray
+    """int32 (H, W) object id (0 = sky)."""
+
+
+def camera_rays(K: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(H, W, 3) camera-frame ray directions with z = 1 through integer pixel coordinates."""
+    u = (np.arange(width, dtype=np.float64) - K[0, 2]) / K[0, 0]
+    v = (np.arange(height, dtype=np.float64) - K[1, 2]) / K[1, 1]
+    d = np.empty((height, width, 3))
+    d[..., 0] = u[None, :]
+    d[..., 1] = v[:, None]
+    d[..., 2] = 1.0
+    return d
+
+
+# ----------------------------------------------------------------------------- noise
+_N = 64  # lattice period of the value noise (cells); objects are decorrelated by seed offsets
+_TABLE = np.random.default_rng(1234567).random(_N ** 3).astype(np.float32)
+
+
+def value_noise(p: np.ndarray, scale: float, seed: np.ndarray | int) -> np.ndarray:
+    """Smooth 3D value noise in [0, 1] at points ``p`` (n, 3), per-point integer ``seed``."""
+    q = p * scale
+    i = np.floor(q)
+    f = (q - i).astype(np.float32)
+    f = f * f * (3.0 - 2.0 * f)
+    s = np.asarray(seed, dtype=np.int64)
+    i = i.astype(np.int64) + np.stack([s * 7, s * 13, s * 29], -1) % _N
+    m = _N - 1
+    ax = ((i[:, 0] & m) * _N * _N, ((i[:, 0] + 1) & m) * _N * _N)
+    ay = ((i[:, 1] & m) * _N, ((i[:, 1] + 1) & m) * _N)
+    az = (i[:, 2] & m, (i[:, 2] + 1) & m)
+    fx, fy, fz = f[:, 0], f[:, 1], f[:, 2]
+    out = None
+    for dx in (0, 1):
+        acc_y = None
+        for dy in (0, 1):
+            base = ax[dx] + ay[dy]
+            lo, hi = _TABLE[base + az[0]], _TABLE[base + az[1]]
+            vz = lo + (hi - lo) * fz
+            acc_y = vz if acc_y is None else acc_y + (vz - acc_y) * fy
+        out = acc_y if out is None else out + (acc_y - out) * fx
+    return out
+
+
+# ----------------------------------------------------------------------------- culling
+def screen_rects(aabbs: np.ndarray, R: np.ndarray, o: np.ndarray, K: np.ndarray, height: int,
+                 width: int, far: float) -> np.ndarray:
+    """Pixel rectangles (n, 4) = r0, r1, c0, c1 (half-open) covering each AABB; empty if culled.
+
+    The AABB is clipped against the near plane (edge crossings added as vertices), so the
+    rectangle is a conservative bound of the primitive's image even when it extends behind
+    the camera.
+    """
+    n = len(aabbs)
+    corners = np.where(_CORNER_SEL[None] == 0, aabbs[:, None, :3], aabbs[:, None, 3:])  # (n, 8, 3)
+    pc = (corners - o) @ R  # camera frame: R^T (p - o)
+    z = pc[..., 2]
+    a, b = pc[:, _EDGES[:, 0]], pc[:, _EDGES[:, 1]]
+    za, zb = a[..., 2], b[..., 2]
+    cross = (za - NEAR) * (zb - NEAR) < 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.where(cross, (NEAR - za) / (zb - za), 0.0)
+    xp = a + s[..., None] * (b - a)
+    pts = np.concatenate([pc, xp], axis=1)
+    ok = np.concatenate([z >= NEAR, cross], axis=1)
+    zz = np.where(ok, pts[..., 2], 1.0)
+    u = K[0, 0] * pts[..., 0] / zz + K[0, 2]
+    v = K[1, 1] * pts[..., 1] / zz + K[1, 2]
+    inf = np.inf
+    umin, umax = np.where(ok, u, inf).min(1), np.where(ok, u, -inf).max(1)
+    vmin, vmax = np.where(ok, v, inf).min(1), np.where(ok, v, -inf).max(1)
+    rect = np.zeros((n, 4), dtype=np.int64)
+    live = ok.any(1) & (z.min(1) < far)
+    rect[:, 0] = np.clip(np.floor(np.where(live, vmin, 0)), 0, height)
+    rect[:, 1] = np.clip(np.ceil(np.where(live, vmax, 0)) + 1, 0, height)
+    rect[:, 2] = np.clip(np.floor(np.where(live, umin, 0)), 0, width)
+    rect[:, 3] = np.clip(np.ceil(np.where(live, umax, 0)) + 1, 0, width)
+    rect[~live] = 0
+    return rect
+
+
+# ----------------------------------------------------------------------------- intersection
+def _hit_box(d, inv, o, box, zb):
+    t1 = (box[:3] - o) * inv
+    t2 = (box[3:] - o) * inv
+    tn = np.minimum(t1, t2)
+    tmin = tn.max(-1)
+    tmax = np.maximum(t1, t2).min(-1)
+    hit = (tmax >= tmin) & (tmin > NEAR) & (tmin < zb)
+    return hit, tmin, tn
+
+
+def _hit_cyl(d, o, cyl, zb):
+    cx, cz, r, y0, y1 = cyl
+    ox, oz = o[0] - cx, o[2] - cz
+    dx, dz = d[..., 0], d[..., 2]
+    a = dx * dx + dz * dz
+    bb = ox * dx + oz * dz
+    c = ox * ox + oz * oz - r * r
+    disc = bb * bb - a * c
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = (-bb - np.sqrt(disc)) / a
+    y = o[1] + t * d[..., 1]
+    hit = (disc >= 0) & (t > NEAR) & (t < zb) & (y >= y0) & (y <= y1)
+    return hit, t
+
+
+def _hit_sphere(d, o, sph, zb):
+    oc = o - sph[:3]
+    a = (d * d).sum(-1)
+    bb = d @ oc
+    c = oc @ oc - sph[3] ** 2
+    disc = bb * bb - a * c
+    with np.errstate(invalid="ignore"):
+        t = (-bb - np.sqrt(disc)) / a
+    hit = (disc >= 0) & (t > NEAR) & (t < zb)
+    return hit, t
+
+
+def cast(scene: Scene, rays_c: np.ndarray, T_wc: np.ndarray, K: np.ndarray, far: float):
+    """Nearest hit per pixel: z-depth (inf = none), object id, box face axis, world directions."""
+    H, W, _ = rays_c.shape
+    R, o = T_wc[:3, :3], T_wc[:3, 3]
+    d = rays_c @ R.T
+    with np.errstate(divide="ignore"):
+        inv = 1.0 / d
+    zbuf = np.full((H, W), np.inf)
+    oid = np.zeros((H, W), np.int32)
+    face = np.zeros((H, W), np.int8)
+    dy = d[..., 1]
+    ground = dy > 1e-9
+    zbuf[ground] = -o[1] / dy[ground]
+    oid[ground] = 1
+    aabbs, ids = scene.aabbs()
+    rects = screen_rects(aabbs, R, o, K, H, W, far)
+    for (r0, r1, c0, c1), obj in zip(rects, ids):
+        if r1 <= r0 or c1 <= c0:
+            continue
+        zb = zbuf[r0:r1, c0:c1]
+        db = d[r0:r1, c0:c1]
+        ptype, pi = scene.prim_type[obj], scene.prim_index[obj]
+        if ptype == P_BOX:
+            with np.errstate(invalid="ignore"):
+                hit, t, tn = _hit_box(db, inv[r0:r1, c0:c1], o, scene.boxes[pi], zb)
+            if hit.any():
+                face[r0:r1, c0:c1][hit] = tn[hit].argmax(-1)
+        elif ptype == P_CYL:
+            hit, t = _hit_cyl(db, o, scene.cyls[pi], zb)
+        else:
+            hit, t = _hit_sphere(db, o, scene.spheres[pi], zb)
+        zb[hit] = t[hit]
+        oid[r0:r1, c0:c1][hit] = obj
+    return zbuf, oid, face, d
+
+
+# ----------------------------------------------------------------------------- appearance
+def _normals(scene: Scene, p: np.ndarray, d: np.ndarray, obj: np.ndarray, face: np.ndarray) -> np.ndarray:
+    """World normals (n, 3) at hit points ``p`` of objects ``obj``."""
+    n = np.zeros_like(p)
+    pt = scene.prim_type[obj]
+    pi = scene.prim_index[obj]
+    m = pt == P_BOX
+    if m.any():
+        ax = face[m].astype(np.int64)
+        rows = np.nonzero(m)[0]
+        n[rows, ax] = -np.sign(d[rows, ax])
+    m = pt == P_CYL
+    if m.any():
+        c = scene.cyls[pi[m]]
+        v = np.stack([p[m, 0] - c[:, 0], np.zeros(m.sum()), p[m, 2] - c[:, 1]], 1)
+        n[m] = v / np.linalg.norm(v, axis=1, keepdims=True)
+    m = pt == P_SPHERE
+    if m.any():
+        c = scene.spheres[pi[m]]
+        v = p[m] - c[:, :3]
+        n[m] = v / c[:, 3:4]
+    n[pt < P_BOX] = (0.0, -1.0, 0.0)
+    return n
+
+
+def _stripes(x: np.ndarray, period: float, width: float) -> np.ndarray:
+    return np.mod(x, period) < width
+
+
+def _albedo(scene: Scene, p: np.ndarray, n: np.ndarray, face: np.ndarray, obj: np.ndarray,
+            cls: np.ndarray) -> np.ndarray:
+    """Surface colour (n, 3) of each hit: base colour x surface-anchored noise and patterns."""
+    kind = scene.kind[obj]
+    seed = scene.tex_seed[obj]
+    base = scene.colour[obj].copy()
+    alt = scene.colour2[obj]
+    coarse = value_noise(p, 0.7, seed)
+    fine = value_noise(p, 3.1, seed + 17)
+    mod = 0.7 + 0.35 * coarse + 0.25 * fine
+    # Ground: road (markings) or terrain.
+    g = kind == K_GROUND
+    if g.any():
+        terr = cls[g] == TERRAIN
+        col = np.where(terr[:, None], alt[g], base[g])
+        x, z = p[g, 0], p[g, 2]
+        rh = scene.road_half
+        dash = scene.param[1, 1]
+        mark = (~terr) & (((np.abs(x) < 0.09) & _stripes(z, dash, dash * 0.45))
+                          | (np.abs(np.abs(x) - (rh - 0.35)) < 0.08))
+        col = np.where(mark[:, None], scene.param[1, 0], col)
+        tm = np.where(terr, 0.55 + 0.7 * coarse[g] * fine[g] + 0.2 * fine[g], mod[g])
+        mod[g] = np.where(mark, 0.95 + 0.1 * fine[g], tm)
+        base[g] = col
+    m = kind == K_SIDEWALK
+    if m.any():
+        top = face[m] == 1
+        tile = _stripes(p[m, 0] + 0.02, 0.6, 0.05) | _stripes(p[m, 2], 0.6, 0.05)
+        col = np.where(top[:, None], base[m], alt[m] * 1.1)
+        col = np.where((top & tile)[:, None], col * 0.7, col)
+        base[m] = col
+    m = kind == K_BUILDING
+    if m.any():
+        spacing, floor = scene.param[obj[m], 0], scene.param[obj[m], 1]
+        ax = face[m]
+        h = np.where(ax == 0, p[m, 2], p[m, 0])
+        up = -p[m, 1]
+        win = ((np.mod(h, spacing) > 0.3 * spacing) & (np.mod(h, spacing) < 0.8 * spacing)
+               & (np.mod(up, floor) > 0.9) & (np.mod(up, floor) < floor - 0.5) & (up > floor))
+        ledge = np.mod(up, floor) < 0.18
+        col = np.where(win[:, None], alt[m], base[m])
+        col = np.where((ledge & ~win)[:, None], col * 0.8, col)
+        base[m] = col
+    m = kind == K_CAR_BODY
+    if m.any():
+        low = p[m, 1] > -0.5
+        base[m] = np.where(low[:, None], base[m] * 0.55, base[m])
+        mod[m] = 0.9 + 0.1 * fine[m] + 0.1 * coarse[m]
+    m = kind == K_CAR_CABIN
+    if m.any():
+        glass = p[m, 1] > scene.boxes[scene.prim_index[obj[m]], 1] + 0.09
+        base[m] = np.where(glass[:, None], alt[m], base[m])
+    m = kind == K_CAR_WHEEL
+    if m.any():
+        mod[m] = 0.8 + 0.4 * fine[m]
+    m = kind == K_TRUNK
+    if m.any():
+        bark = value_noise(p[m] * np.array([4.0, 0.4, 4.0]), 2.0, seed[m] + 5)
+        mod[m] = 0.6 + 0.7 * bark
+    m = kind == K_CROWN
+    if m.any():
+        leaf = value_noise(p[m], 6.0, seed[m] + 9)
+        base[m] = base[m] * (1 - leaf[:, None] * 0.5) + alt[m] * (leaf[:, None] * 0.5)
+        mod[m] = 0.55 + 0.5 * coarse[m] + 0.45 * leaf
+    m = kind == K_POLE
+    if m.any():
+        mod[m] = 0.85 + 0.2 * coarse[m] + 0.1 * fine[m]
+    return base * mod[:, None]
+
+
+def sky_colour(scene: Scene, d: np.ndarray) -> np.ndarray:
+    """Sky colour (n, 3) as a function of the world direction only (consistent under rotation)."""
+    dn = d / np.linalg.norm(d, axis=-1, keepdims=True)
+    up = np.clip(-dn[:, 1], 0.0, 1.0)
+    w = np.sqrt(np.clip(up * 2.5, 0.0, 1.0))[:, None]
+    col = scene.sky_horizon * (1 - w) + scene.sky_zenith * w
+    cloud = value_noise(dn * 6.0, 1.0, 3) * value_noise(dn * 13.0, 1.0, 5)
+    c = np.clip((cloud - 0.2) * 2.0, 0.0, 0.6)[:, None] * np.sqrt(np.clip(up * 8, 0, 1))[:, None]
+    return col * (1 - c) + 0.92 * c
+
+
+def render(scene: Scene, rays_c: np.ndarray, T_wc: np.ndarray, K: np.ndarray, far: float,
+           haze_start: float) -> Frame:
+    """Render one view: RGB, z-depth (0 = sky / beyond far), train ids (255 beyond far), object ids."""
+    H, W, _ = rays_c.shape
+    zbuf, oid, face, d = cast(scene, rays_c, T_wc, K, far)
+    o = T_wc[:3, 3]
+    zf, of, ff, df = zbuf.ravel(), oid.ravel(), face.ravel(), d.reshape(-1, 3)
+    sky = sky_colour(scene, df)
+    rgb = sky.copy()
+    seg = np.full(H * W, SKY, np.uint8)
+    hit = np.nonzero(of > 0)[0]
+    p = o + zf[hit, None] * df[hit]
+    obj = of[hit]
+    cls = KIND_TRAIN_ID[scene.kind[obj]].copy()
+    ground = scene.kind[obj] == K_GROUND
+    cls[ground] = np.where(np.abs(p[ground, 0]) < scene.road_half, ROAD, TERRAIN)
+    n = _normals(scene, p, df[hit], obj, ff[hit])
+    col = _albedo(scene, p, n, ff[hit], obj, cls)
+    lam = scene.ambient + (1.0 - scene.ambient) * np.clip(n @ scene.sun, 0.0, None)
+    col = col * lam[:, None].astype(np.float32)
+    haze = np.clip((zf[hit] - haze_start) / (far - haze_start), 0.0, 1.0)[:, None]
+    rgb[hit] = col * (1 - haze) + sky[hit] * haze
+    beyond = zf[hit] >= far
+    cls[beyond] = 255
+    seg[hit] = cls
+    depth = np.zeros(H * W, np.float32)
+    depth[hit] = np.where(beyond, 0.0, zf[hit])
+    img = np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8).reshape(H, W, 3)
+    return Frame(rgb=img, depth=depth.reshape(H, W), seg=seg.reshape(H, W), oid=oid)
