@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from trainer.augment import hflip_sample, jitter_frames, sample_jitter
 from trainer.geometry import stereo_pose, warp_frame
 from trainer.losses.depth_supervised import masked_l1, scale_invariant_log, valid_depth_mask
-from trainer.losses.photometric import min_reprojection
+from trainer.kernels.dispatch import IMPLS, fused_reprojection_loss
 from trainer.losses.smoothness import edge_aware_smoothness, normalize_disp
 from trainer.metrics.depth import DepthMetric, depth_panel
 from trainer.models.depth import build_depth_net, upsampled_depths
@@ -60,6 +60,8 @@ class DepthTaskConfig:
     """Largest depth the network can output (metres)."""
     ssim_weight: float = 0.85
     """Weight of (1 - SSIM) / 2 in the photometric error; 1 - ssim_weight goes to L1."""
+    photometric_impl: str = "auto"
+    """Reprojection loss implementation: auto (fused Triton on CUDA, reference on CPU) | triton | reference."""
     smoothness_weight: float = 1e-3
     """Edge-aware smoothness weight (divided by 2^scale); 0 disables it (self-supervised modes)."""
     automask: bool = True
@@ -111,6 +113,8 @@ class DepthTask(Task):
             raise ValueError(f"task.pose_encoder={cfg.pose_encoder!r}: expected separate or shared")
         if cfg.supervised_loss not in ("l1", "silog"):
             raise ValueError(f"task.supervised_loss={cfg.supervised_loss!r}: expected l1 or silog")
+        if cfg.photometric_impl not in IMPLS:
+            raise ValueError(f"task.photometric_impl={cfg.photometric_impl!r}: expected one of {', '.join(IMPLS)}")
         if cfg.eval_scaling not in ("auto", "median", "fixed"):
             raise ValueError(f"task.eval_scaling={cfg.eval_scaling!r}: expected auto, median or fixed")
         if not cfg.scales or any(s not in range(4) for s in cfg.scales) or 0 not in cfg.scales:
@@ -209,9 +213,10 @@ class DepthTask(Task):
         for s in cfg.scales:
             depth = depths[s][1]
             warped = [warp_frame(img, depth, T, K)[0] for img, T in sources]
-            err, _, automask = min_reprojection(target, warped, identity, cfg.ssim_weight)
-            reproj_terms.append(err.mean())
-            masked.append(automask.float().mean())
+            err, argmin = fused_reprojection_loss(target, warped, identity, cfg.ssim_weight,
+                                                  cfg.photometric_impl, return_argmin=True)
+            reproj_terms.append(err)
+            masked.append((argmin >= len(identity or ())).float().mean())
             if cfg.smoothness_weight > 0:
                 disp_s = disps[s]
                 image_s = target if disp_s.shape[-2:] == target.shape[-2:] else F.interpolate(
