@@ -1,0 +1,108 @@
+"""``manifest.json``: the per-split index of shards that writers produce and readers trust.
+
+A split folder ``<root>/<split>/`` holds ``<split>-NNNNNN.tar`` shards and a
+``manifest.json`` written last (atomically), so a manifest only ever describes whole shards.
+Readers take the shard list, per-shard sample counts and common keys from it; ``verify``
+checks the byte sizes and sha256 digests.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from data_shards import schema
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "geoprime-shards/1"
+
+
+class ManifestError(ValueError):
+    """A manifest is missing, unreadable or inconsistent; the message names the file/URL."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard: its file name (relative to the split folder), sample count, size and digest."""
+
+    name: str
+    count: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    """Everything a reader needs about a split, and the identity of what produced it."""
+
+    split: str
+    shards: list[ShardInfo]
+    keys: list[str]
+    """Schema members (with extension, e.g. ``rgb.png``) that every sample of the split has."""
+    meta_fields: list[str]
+    """Top-level ``json`` meta fields that every sample has (e.g. ``K``, ``baseline_m``)."""
+    source: dict[str, Any]
+    """Provenance and build configuration (dataset, its config, resolution, resize policy)."""
+    schema_version: int = schema.SCHEMA_VERSION
+    format: str = MANIFEST_FORMAT
+    writer: dict[str, Any] = field(default_factory=dict)
+    """Writer settings that shaped the shards (max_count, max_size, chunking)."""
+
+    @property
+    def num_samples(self) -> int:
+        """Total samples in the split."""
+        return sum(s.count for s in self.shards)
+
+    def to_json(self) -> str:
+        """Canonical JSON text (sorted keys) so identical builds give identical manifests."""
+        d = asdict(self)
+        d["num_samples"] = self.num_samples
+        return json.dumps(d, indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str) -> "Manifest":
+        """Parse and validate a manifest; ``where`` (path or URL) is named in every error."""
+        try:
+            d = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ManifestError(f"{where}: not valid JSON ({e})") from None
+        if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT:
+            raise ManifestError(f"{where}: not a geoprime manifest (format {d.get('format') if isinstance(d, dict) else None!r}, "
+                                f"expected {MANIFEST_FORMAT!r})")
+        if d.get("schema_version") != schema.SCHEMA_VERSION:
+            raise ManifestError(f"{where}: schema version {d.get('schema_version')} but this code reads "
+                                f"version {schema.SCHEMA_VERSION}; rebuild the shards")
+        try:
+            shards = [ShardInfo(name=str(s["name"]), count=int(s["count"]), bytes=int(s["bytes"]),
+                                sha256=str(s["sha256"])) for s in d["shards"]]
+            m = cls(split=str(d["split"]), shards=shards, keys=list(d["keys"]), meta_fields=list(d["meta_fields"]),
+                    source=dict(d["source"]), schema_version=int(d["schema_version"]), format=d["format"],
+                    writer=dict(d.get("writer", {})))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+        for s in m.shards:
+            if "/" in s.name or "\\" in s.name or s.name.startswith(".") or not s.name.endswith(".tar"):
+                raise ManifestError(f"{where}: shard name {s.name!r} is not a plain .tar file name")
+            if s.count < 0:
+                raise ManifestError(f"{where}: shard {s.name} has a negative count")
+        if "num_samples" in d and int(d["num_samples"]) != m.num_samples:
+            raise ManifestError(f"{where}: num_samples {d['num_samples']} != sum of shard counts {m.num_samples}")
+        return m
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, then rename."""
+    tmp = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_manifest(split_dir: str, manifest: Manifest) -> str:
+    """Atomically write ``<split_dir>/manifest.json``; returns its path."""
+    path = os.path.join(split_dir, MANIFEST_NAME)
+    atomic_write_bytes(path, manifest.to_json().encode("utf-8"))
+    return path

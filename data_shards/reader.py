@@ -1,0 +1,98 @@
+"""Read the raw members of chosen samples of a shard, naming shard and member on any error.
+
+Raw samples are ``{"__key__", "__url__", "<ext>": bytes}`` dicts, grouped by webdataset's
+``base_plus_ext`` rule. Samples that are not wanted are skipped without reading their bytes
+(seeking for local files), so resuming mid-epoch and reading a slice of a shard are cheap.
+Nothing is extracted to disk; member names must be plain ``<key>.<ext>`` (no folders).
+"""
+from __future__ import annotations
+
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from webdataset.tariterators import base_plus_ext
+
+from data_shards import schema
+from data_shards.openers import OpenError, is_remote, open_stream
+
+
+class ShardError(RuntimeError):
+    """A shard is unreadable, truncated or holds a bad member; names the shard URL and member."""
+
+
+@dataclass
+class Corrupt:
+    """Stands in for a sample that could not be read (``on_corrupt="skip"``)."""
+
+    url: str
+    member: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.url}: member {self.member}: {self.reason}"
+
+
+def _check_name(url: str, name: str) -> tuple[str, str]:
+    key, ext = base_plus_ext(name)
+    if key is None or "/" in name or "\\" in name or name.startswith(".") or ".." in name:
+        raise ShardError(f"{url}: member {name!r}: not a tar-safe '<key>.<ext>' name")
+    return key, ext
+
+
+def iter_members(url: str, members: Sequence[int], expected: int,
+                 exts: frozenset[str] | None = None) -> Iterator[tuple[int, dict]]:
+    """Yield ``(index, raw)`` for the shard's samples at the ascending indices ``members``.
+
+    ``expected`` is the manifest's sample count (a shorter shard is reported as truncated);
+    ``exts`` limits which members are read (None: all). Raises :class:`ShardError`.
+    """
+    if not members:
+        return
+    wanted = set(members)
+    last_wanted = members[-1]
+    idx, cur_key, cur, last_member = -1, None, None, "(start of shard)"
+    try:
+        f = open_stream(url)
+    except OpenError as e:
+        raise ShardError(str(e)) from None
+    try:
+        tar = tarfile.open(fileobj=f, mode="r|" if is_remote(url) else "r:")
+        for info in tar:
+            if not info.isreg():
+                continue
+            key, ext = _check_name(url, info.name)
+            if key != cur_key:
+                if cur is not None:
+                    yield idx, cur
+                    cur = None
+                idx += 1
+                cur_key = key
+                if idx > last_wanted:
+                    return
+                if idx in wanted:
+                    cur = {"__key__": key, "__url__": url}
+            last_member = info.name
+            if cur is not None:
+                if ext not in schema.ALL_KEYS:
+                    raise ShardError(f"{url}: member {info.name}: unknown key {ext!r} "
+                                     f"(schema v{schema.SCHEMA_VERSION} keys: {', '.join(schema.ALL_KEYS)})")
+                if ext in cur:
+                    raise ShardError(f"{url}: member {info.name}: duplicate member in sample {key}")
+                if exts is None or ext in exts:
+                    data = tar.extractfile(info).read()
+                    if len(data) != info.size:
+                        raise ShardError(f"{url}: member {info.name}: truncated ({len(data)} of {info.size} bytes)")
+                    cur[ext] = data
+        if cur is not None:
+            yield idx, cur
+            cur = None
+        if idx + 1 < expected and last_wanted > idx:
+            raise ShardError(f"{url}: truncated: ends after member {last_member} with {idx + 1} samples, "
+                             f"manifest says {expected}")
+    except ShardError:
+        raise
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        raise ShardError(f"{url}: member after {last_member}: unreadable tar ({type(e).__name__}: {e})") from None
+    finally:
+        f.close()

@@ -1,0 +1,158 @@
+"""Shard writer: exact round trip, manifest contents, byte-identical rebuilds, idempotence,
+and that interrupted writes are never taken for whole shards."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+from data_shards.manifest import ManifestError
+from data_shards.schema import SchemaError
+from data_shards.stream import ShardStream
+from data_shards.writer import WriteError, write_split, write_split_parallel
+from shard_fixtures import make_sample, samples
+
+SRC = {"dataset": "test", "config": {"seed": 1}}
+
+
+def _files(d):
+    return sorted(f for f in os.listdir(d))
+
+
+def test_round_trip_exact_values(tmp_path):
+    m = write_split(samples(7), str(tmp_path), "train", source=SRC, max_count=3, progress=False)
+    assert [s.count for s in m.shards] == [3, 3, 1]
+    got = {s["__key__"]: s for s in ShardStream(str(tmp_path), "train", shuffle=False)}
+    assert len(got) == 7
+    for i in range(7):
+        ref = make_sample(i)
+        s = got[ref["__key__"]]
+        assert s["rgb"].dtype == torch.uint8 and s["rgb"].shape == (3, 8, 12)
+        assert torch.equal(s["rgb"], torch.from_numpy(ref["rgb"]).permute(2, 0, 1))
+        assert torch.equal(s["rgb_right"], torch.from_numpy(ref["rgb_right"]).permute(2, 0, 1))
+        assert s["depth"].dtype == torch.float32 and s["depth"].shape == (1, 8, 12)
+        assert torch.equal(s["depth"][0], torch.from_numpy(ref["depth"]).float())  # all 16 bits kept
+        assert s["depth"].max() > 200  # values above 255/256 m survive (no 8-bit decode)
+        assert torch.equal(s["seg"], torch.from_numpy(ref["seg"]))
+        assert torch.equal(s["flow"], torch.from_numpy(ref["flow"]).permute(2, 0, 1))
+        assert s["meta"] == ref["meta"]
+        assert torch.equal(s["K"], torch.tensor(ref["meta"]["K"]))
+        assert float(s["baseline"]) == pytest.approx(0.54)
+        assert s["__valid__"] is True
+
+
+def test_manifest_describes_shards(tmp_path):
+    m = write_split(samples(5), str(tmp_path), "val", source=SRC, max_count=2, progress=False)
+    d = tmp_path / "val"
+    assert _files(d) == ["manifest.json", "val-000000.tar", "val-000001.tar", "val-000002.tar"]
+    j = json.loads((d / "manifest.json").read_text())
+    assert j["num_samples"] == 5 and j["split"] == "val" and j["source"] == SRC and j["schema_version"] == 1
+    assert j["keys"] == ["depth.png", "flow.npy", "json", "rgb.png", "rgb_right.png", "seg.png"]
+    assert j["meta_fields"] == ["K", "baseline_m", "source"]
+    for s in j["shards"]:
+        data = (d / s["name"]).read_bytes()
+        assert s["bytes"] == len(data) and s["sha256"] == hashlib.sha256(data).hexdigest()
+    assert [s["count"] for s in j["shards"]] == [2, 2, 1] == [s.count for s in m.shards]
+
+
+def test_max_size_splits_shards(tmp_path):
+    one = len(make_sample(0)["rgb"].tobytes())
+    m = write_split(samples(6), str(tmp_path), "train", source=SRC, max_count=100, max_size=3 * one,
+                    progress=False)
+    assert len(m.shards) > 1 and m.num_samples == 6
+
+
+def test_same_input_gives_byte_identical_shards(tmp_path):
+    for d in ("a", "b"):
+        write_split(samples(5), str(tmp_path / d), "train", source=SRC, max_count=2, progress=False)
+    for name in _files(tmp_path / "a" / "train"):
+        assert (tmp_path / "a" / "train" / name).read_bytes() == (tmp_path / "b" / "train" / name).read_bytes()
+
+
+def _must_not_run():
+    raise AssertionError("an identical complete build must not read its input again")
+    yield
+
+
+def test_rebuild_is_idempotent(tmp_path):
+    m1 = write_split(samples(5), str(tmp_path), "train", source=SRC, max_count=2, progress=False)
+    mtimes = {f: os.stat(tmp_path / "train" / f).st_mtime_ns for f in _files(tmp_path / "train")}
+    m2 = write_split(_must_not_run(), str(tmp_path), "train", source=SRC, max_count=2, progress=False)
+    assert m2.to_json() == m1.to_json()
+    assert mtimes == {f: os.stat(tmp_path / "train" / f).st_mtime_ns for f in _files(tmp_path / "train")}
+    # a damaged shard makes the build run again and repair it
+    (tmp_path / "train" / "train-000001.tar").write_bytes(b"garbage")
+    m3 = write_split(samples(5), str(tmp_path), "train", source=SRC, max_count=2, progress=False)
+    assert m3.to_json() == m1.to_json()
+    # another source rebuilds; fewer shards -> stale shards are removed
+    m4 = write_split(samples(3), str(tmp_path), "train", source={"dataset": "other"}, max_count=2, progress=False)
+    assert m4.num_samples == 3 and _files(tmp_path / "train") == ["manifest.json", "train-000000.tar", "train-000001.tar"]
+
+
+def _crashing(n_ok):
+    for i in range(n_ok):
+        yield make_sample(i)
+    raise KeyboardInterrupt("killed mid-build")
+
+
+def test_interrupted_build_is_never_taken_for_whole(tmp_path):
+    write_split(samples(4), str(tmp_path), "train", source=SRC, max_count=2, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        write_split(_crashing(3), str(tmp_path), "train", source={"dataset": "new"}, max_count=2, progress=False)
+    d = tmp_path / "train"
+    # the old manifest is gone (it no longer describes the files), the partial shard was dropped
+    assert "manifest.json" not in _files(d) and not [f for f in _files(d) if ".tmp-" in f]
+    with pytest.raises(ManifestError, match="split 'train'.*build the shards"):
+        ShardStream(str(tmp_path), "train")
+    # a leftover of a killed process (temporary name) is removed by the next build
+    (d / ".train-000000.tar.tmp-99999").write_bytes(b"half a shard")
+    m = write_split(samples(3), str(tmp_path), "train", source={"dataset": "new"}, max_count=2, progress=False)
+    assert m.num_samples == 3 and not [f for f in _files(d) if ".tmp-" in f]
+
+
+def test_bad_input_is_named(tmp_path):
+    dup = [make_sample(0), make_sample(1), make_sample(0)]
+    with pytest.raises(WriteError, match="seq000_f000000.*twice"):
+        write_split(dup, str(tmp_path), "train", source=SRC, progress=False)
+    bad = make_sample(2)
+    bad["seg"] = bad["seg"].astype(np.int32)
+    with pytest.raises(SchemaError, match="seq000_f000002: seg"):
+        write_split([bad], str(tmp_path), "t2", source=SRC, progress=False)
+    with pytest.raises(WriteError, match="no samples"):
+        write_split([], str(tmp_path), "t3", source=SRC, progress=False)
+
+
+CALLS: list[int] = []
+
+
+def _chunk(i: int, fail: bool = False):
+    CALLS.append(i)
+    if fail and i == 2:
+        raise RuntimeError("converter crashed on chunk 2")
+    return [make_sample(k) for k in range(3 * i, 3 * i + 3)]
+
+
+def test_parallel_writer_resumes_and_matches(tmp_path):
+    CALLS.clear()
+    with pytest.raises(RuntimeError, match="chunk 2"):
+        write_split_parallel([partial(_chunk, i, True) for i in range(4)], str(tmp_path / "a"), "train",
+                             source=SRC, progress=False)
+    assert CALLS == [0, 1, 2]
+    CALLS.clear()
+    m = write_split_parallel([partial(_chunk, i) for i in range(4)], str(tmp_path / "a"), "train",
+                             source=SRC, progress=False)
+    assert CALLS == [2, 3]  # finished chunks 0 and 1 were kept, not recomputed
+    assert [s.count for s in m.shards] == [3, 3, 3, 3] and not (tmp_path / "a" / "train" / ".progress").exists()
+    # two worker processes give byte-identical shards and the same manifest
+    m2 = write_split_parallel([partial(_chunk, i) for i in range(4)], str(tmp_path / "b"), "train",
+                              source=SRC, workers=2, progress=False)
+    assert m2.to_json() == m.to_json()
+    for s in m.shards:
+        assert (tmp_path / "a" / "train" / s.name).read_bytes() == (tmp_path / "b" / "train" / s.name).read_bytes()
+    keys = [s["__key__"] for s in ShardStream(str(tmp_path / "b"), "train", shuffle=False)]
+    assert keys == [make_sample(k, 1, 1)["__key__"] for k in range(12)]
