@@ -35,7 +35,7 @@ def _save(path: Path, arr: np.ndarray) -> None:
 def kitti_pixel(drive_idx: int, frame: int, side: str, hw: tuple[int, int]) -> np.ndarray:
     """The image a fixture writes for (drive, frame, side): R = frame, G = drive, B = 2|3."""
     img = np.zeros(hw + (3,), dtype=np.uint8)
-    img[..., 0] = frame
+    img[..., 0] = frame % 256
     img[..., 1] = drive_idx
     img[..., 2] = 2 if side == "l" else 3
     img[0, 0] = (200, 100, 50)  # a corner marker: checks the orientation survives
@@ -123,9 +123,9 @@ CITYSCAPES_CAMERA = {"extrinsic": {"baseline": 0.209313, "pitch": 0.038, "roll":
 
 
 def cityscapes_image(city_idx: int, seq: int, frame: int, right: bool, hw: tuple[int, int]) -> np.ndarray:
-    """Fixture image of one Cityscapes frame: R = frame, G = seq, B = city * 10 + right."""
+    """Fixture image of one Cityscapes frame: R = frame % 256, G = seq, B = city * 10 + right."""
     img = np.zeros(hw + (3,), dtype=np.uint8)
-    img[..., 0] = frame
+    img[..., 0] = frame % 256
     img[..., 1] = seq
     img[..., 2] = city_idx * 10 + int(right)
     return img
