@@ -61,10 +61,11 @@ def project(points: Tensor, K: Tensor, height: int, width: int, eps: float = 1e-
     return uv.reshape(points.shape[0], 2, height, width).permute(0, 2, 3, 1)
 
 
-def in_bounds(pix: Tensor, height: int, width: int) -> Tensor:
-    """(B, 1, H, W) bool: the pixel coordinates (B, H, W, 2) fall inside the source image."""
+def in_bounds(pix: Tensor, height: int, width: int, tol: float = 1e-3) -> Tensor:
+    """(B, 1, H, W) bool: the pixel coordinates (B, H, W, 2) fall inside the source image
+    (within ``tol`` pixels, so float round-off on the border pixels does not count as outside)."""
     u, v = pix[..., 0], pix[..., 1]
-    ok = (u >= 0) & (u <= width - 1) & (v >= 0) & (v <= height - 1)
+    ok = (u >= -tol) & (u <= width - 1 + tol) & (v >= -tol) & (v <= height - 1 + tol)
     return ok.unsqueeze(1)
 
 
@@ -81,7 +82,7 @@ def bilinear_warp(image: Tensor, pix_coords: Tensor, padding: str = "border") ->
 def rot_from_axisangle(axisangle: Tensor) -> Tensor:
     """Axis-angle vectors (B, 3) -> rotation matrices (B, 3, 3) (Rodrigues' formula)."""
     angle = axisangle.norm(dim=-1, keepdim=True)
-    axis = axisangle / (angle + 1e-7)
+    axis = axisangle / angle.clamp(min=1e-12)  # a zero vector gives axis 0 and R = I exactly
     c, s = torch.cos(angle), torch.sin(angle)
     C = 1 - c
     x, y, z = axis[:, 0:1], axis[:, 1:2], axis[:, 2:3]
