@@ -1,0 +1,294 @@
+"""ShardStream / ResumableLoader: exactly-once over ranks and workers, equal batch counts,
+exact mid-epoch resume, seeded shuffling, N-shot subsets, resampling and corrupt shards."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+
+import pytest
+import torch
+
+from data_shards import split as layout
+from data_shards.reader import ShardError
+from data_shards.stream import ShardStream, build_loader
+from shard_fixtures import all_keys, build
+
+UNEVEN = [5, 1, 3]  # 9 samples in 3 shards: fewer shards than 2 ranks x 2 workers
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return build(str(tmp_path_factory.mktemp("shards")), "train", UNEVEN)
+
+
+def _epoch(loader):
+    return [b["__key__"] for b in loader]
+
+
+def _rank_batches(root, world, tail, batch, workers, drop_last=False, **kw):
+    out = []
+    for r in range(world):
+        s = ShardStream(root, "train", rank=r, world_size=world, tail=tail, shuffle_buffer=3, **kw)
+        loader = build_loader(s, batch, num_workers=workers, drop_last=drop_last)
+        batches = list(loader)
+        assert len(batches) == loader.batches_per_epoch
+        out.append(batches)
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exactly_once_two_ranks_two_workers(root, workers):
+    keys = all_keys(UNEVEN)
+    # pad: every real sample exactly once, the padding marked invalid
+    ranks = _rank_batches(root, 2, "pad", 2, workers)
+    assert [len(b) for b in ranks] == [3, 3]
+    valid = [k for bs in ranks for b in bs for k, v in zip(b["__key__"], b["__valid__"].tolist()) if v]
+    invalid = [k for bs in ranks for b in bs for k, v in zip(b["__key__"], b["__valid__"].tolist()) if not v]
+    assert sorted(valid) == sorted(keys) and len(invalid) == 1
+    # drop: each rank floor(9/2) = 4 samples, no sample twice, one left out
+    ranks = _rank_batches(root, 2, "drop", 2, workers)
+    seen = [k for bs in ranks for b in bs for k in b["__key__"]]
+    assert len(seen) == 8 and len(set(seen)) == 8 and set(seen) < set(keys)
+    assert all(b["__valid__"].all() for bs in ranks for b in bs)
+
+
+def test_batches_are_stacked_with_documented_dtypes(root):
+    s = ShardStream(root, "train", keys=("rgb", "rgb_right", "depth", "seg", "flow", "K", "baseline"))
+    b = next(iter(build_loader(s, 4)))
+    assert b["rgb"].shape == (4, 3, 8, 12) and b["rgb"].dtype == torch.uint8
+    assert b["rgb_right"].shape == (4, 3, 8, 12)
+    assert b["depth"].shape == (4, 1, 8, 12) and b["depth"].dtype == torch.float32
+    assert b["seg"].shape == (4, 8, 12) and b["seg"].dtype == torch.uint8
+    assert b["flow"].shape == (4, 3, 8, 12) and b["flow"].dtype == torch.float32
+    assert b["K"].shape == (4, 3, 3) and b["baseline"].shape == (4,)
+    assert b["__valid__"].dtype == torch.bool and len(b["meta"]) == len(b["__key__"]) == 4
+
+
+def test_keys_select_members_and_missing_key_is_named(root):
+    s = ShardStream(root, "train", keys=("rgb", "seg"))
+    sample = next(iter(s))
+    assert "rgb" in sample and "seg" in sample and "depth" not in sample and "flow" not in sample
+    with pytest.raises(KeyError, match="split 'train'.*'rgb_prev'"):
+        ShardStream(root, "train", keys=("rgb", "rgb_prev"))
+    with pytest.raises(KeyError, match="'normals' is not a schema key"):
+        ShardStream(root, "train", keys=("normals",))
+
+
+@pytest.mark.parametrize("n,world,batch,workers,drop_last", [
+    (9, 2, 2, 2, False), (9, 4, 2, 3, False), (10, 3, 4, 2, True), (7, 2, 3, 0, True), (13, 3, 1, 4, False),
+])
+def test_same_batch_count_on_every_rank(n, world, batch, workers, drop_last):
+    for tail in ("drop", "pad"):
+        per_rank = layout.per_rank_count(n, world, tail)
+        chunks = layout.worker_chunks(per_rank, batch, drop_last, workers)
+        # every rank has the same count; the worker chunks tile the used part of the slice
+        assert sum(len(c.batches) for c in chunks) == layout.num_batches(per_rank, batch, drop_last)
+        assert [c.offset for c in chunks] == [sum(c.count for c in chunks[:w]) for w in range(len(chunks))]
+        counts = [4, 1, 0, n - 5]
+        pieces = layout.epoch_pieces(counts, seed=3, epoch=1, shuffle=True)
+        got = [(p.shard, m, p.valid) for r in range(world)
+               for p in layout.take(pieces, r * per_rank, (r + 1) * per_rank) for m in p.members]
+        assert len(got) == per_rank * world
+        real = [(s, m) for s, m, v in got if v]
+        assert len(real) == len(set(real)) == min(n, per_rank * world)
+
+
+def test_real_batch_counts_for_awkward_sizes(tmp_path):
+    root = build(str(tmp_path), "train", [4, 3])  # 7 samples
+    for world, batch, workers in [(3, 2, 2), (2, 3, 0), (4, 2, 1)]:
+        counts = [len(b) for b in _rank_batches(root, world, "pad", batch, workers)]
+        assert len(set(counts)) == 1, (world, batch, workers, counts)
+
+
+def test_shuffle_is_seeded_and_changes_per_epoch(root):
+    def epoch_keys(seed, epoch, shuffle=True):
+        s = ShardStream(root, "train", seed=seed, shuffle=shuffle, shuffle_buffer=4)
+        s.set_epoch(epoch)
+        return [x["__key__"] for x in s]
+
+    e0, e1 = epoch_keys(0, 0), epoch_keys(0, 1)
+    assert e0 == epoch_keys(0, 0) and sorted(e0) == sorted(e1) == all_keys(UNEVEN)
+    assert e0 != e1 and e0 != epoch_keys(1, 0)
+    assert epoch_keys(0, 0, shuffle=False) == all_keys(UNEVEN) == epoch_keys(0, 5, shuffle=False)
+
+
+def _noise(sample, g):
+    sample["noise"] = torch.rand(2, generator=g)
+    return sample
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mid_epoch_resume_is_exact(root, workers):
+    def loader():
+        return build_loader(ShardStream(root, "train", rank=1, world_size=2, tail="pad", seed=7,
+                                        shuffle_buffer=3, transform=_noise), 1, num_workers=workers)
+
+    ref = loader()
+    full = [(b["__key__"], b["noise"]) for b in ref] + [(b["__key__"], b["noise"]) for b in ref]  # epochs 0, 1
+    nb = ref.batches_per_epoch
+    assert nb == 5 and ref.state_dict() == {"epoch": 2, "batches": 0}
+    for stop in (1, 2, 3, nb):
+        a = loader()
+        seen = []
+        for b in a:
+            seen.append((b["__key__"], b["noise"]))
+            if len(seen) == stop:
+                break
+        state = json.loads(json.dumps(a.state_dict()))  # JSON-able, tiny
+        assert state == {"epoch": 0, "batches": stop}
+        b = loader()
+        b.load_state_dict(state)
+        rest = [(x["__key__"], x["noise"]) for x in b] + [(x["__key__"], x["noise"]) for x in b]
+        resumed = seen + rest
+        assert [k for k, _ in resumed] == [k for k, _ in full]
+        assert all(torch.equal(x, y) for (_, x), (_, y) in zip(resumed, full))  # transforms too
+
+
+def test_resume_with_larger_batches_and_workers(root):
+    def loader():
+        return build_loader(ShardStream(root, "train", seed=2, shuffle_buffer=5), 2, num_workers=3)
+
+    full = _epoch(loader())
+    for k in range(len(full) + 1):
+        b = loader()
+        b.load_state_dict({"epoch": 0, "batches": k})
+        assert _epoch(b) == full[k:]
+    with pytest.raises(ValueError, match="batches must be in"):
+        loader().load_state_dict({"epoch": 0, "batches": 99})
+
+
+def test_plain_dataloader_over_stream_is_exactly_once(root):
+    s = ShardStream(root, "train", shuffle_buffer=2)
+    got = [x["__key__"] for x in torch.utils.data.DataLoader(s, batch_size=None, num_workers=2)]
+    assert sorted(got) == all_keys(UNEVEN)
+
+
+def test_subset_is_deterministic(root):
+    def keys(subset_seed, epoch):
+        s = ShardStream(root, "train", subset=4, subset_seed=subset_seed)
+        s.set_epoch(epoch)
+        return [x["__key__"] for x in s]
+
+    a0, a1, b0 = keys(0, 0), keys(0, 1), keys(1, 0)
+    assert len(a0) == 4 and sorted(a0) == sorted(a1) and sorted(a0) == sorted(keys(0, 3))
+    assert sorted(a0) != sorted(b0)
+    with pytest.raises(ValueError, match="subset=10 is larger than the split"):
+        ShardStream(root, "train", subset=10)
+
+
+def test_resampled_is_seeded_and_sized(root):
+    def epoch(seed):
+        loader = build_loader(ShardStream(root, "train", rank=0, world_size=2, resampled=True, seed=seed), 2)
+        return _epoch(loader), loader
+
+    keys, loader = epoch(4)
+    assert len(keys) == loader.batches_per_epoch == 2 and keys == epoch(4)[0]
+    many = [k for s in range(6) for b in epoch(s)[0] for k in b]
+    assert set(many) <= set(all_keys(UNEVEN)) and max(Counter(many).values()) > 1  # with replacement
+
+
+def test_too_few_samples_for_world_is_clear(root):
+    with pytest.raises(ValueError, match="tail='pad'"):
+        ShardStream(root, "train", rank=0, world_size=16)
+    assert ShardStream(root, "train", rank=15, world_size=16, tail="pad").num_samples() == 1
+
+
+# ------------------------------------------------------------------------------ corrupt shards
+def _rewrite_member(path, member, data):
+    with tarfile.open(path) as t:
+        items = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as t:
+        for m, d in items:
+            d = data if m.name == member else d
+            m.size = len(d)
+            t.addfile(m, io.BytesIO(d))
+
+
+@pytest.fixture()
+def broken(tmp_path):
+    root = build(str(tmp_path), "train", [3, 3, 3])
+    _rewrite_member(os.path.join(root, "train", "train-000001.tar"), "seq000_f000004.depth.png", b"not a png")
+    return root
+
+
+def test_corrupt_member_raises_naming_shard_and_member(broken):
+    with pytest.raises(Exception, match=r"train-000001\.tar.*seq000_f000004\.depth\.png"):
+        list(build_loader(ShardStream(broken, "train", shuffle=False), 2))
+
+
+def test_truncated_shard_raises_naming_shard(broken):
+    path = os.path.join(broken, "train", "train-000002.tar")
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2 + 100])
+    with pytest.raises(ShardError, match=r"train-000002\.tar.*(member|truncated)"):
+        list(ShardStream(broken, "train", shuffle=False, keys=("rgb",)))
+
+
+def test_skip_policy_counts_and_keeps_batch_count(broken):
+    path = os.path.join(broken, "train", "train-000002.tar")
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:1024 + 600])  # the first sample's first member is cut
+    for workers in (0, 2):
+        s = ShardStream(broken, "train", shuffle=False, on_corrupt="skip")
+        loader = build_loader(s, 2, num_workers=workers)
+        batches = list(loader)
+        assert len(batches) == loader.batches_per_epoch == 5
+        valid = [k for b in batches for k, v in zip(b["__key__"], b["__valid__"].tolist()) if v]
+        assert len(valid) == 5  # 9 - 1 corrupt member - 3 samples of the truncated shard
+        assert loader.corrupt_count == s.corrupt_count == 4
+        assert any("seq000_f000004" in m and "depth.png" in m for m in loader.skipped)
+        assert sum("train-000002.tar" in m for m in loader.skipped) == 3
+
+
+# ------------------------------------------------------------------------------ real torchrun
+_DIST_SCRIPT = """
+import json, sys
+import torch.distributed as dist
+from data_shards.stream import ShardStream, build_loader
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+root, out = sys.argv[1], sys.argv[2]
+result = {}
+for tail in ("pad", "drop"):
+    stream = ShardStream(root, "train", rank=rank, world_size=world, tail=tail, seed=5, shuffle_buffer=3)
+    loader = build_loader(stream, batch_size=2, num_workers=2)
+    keys, n = [], 0
+    for epoch in range(2):
+        for batch in loader:
+            n += 1
+            keys += [[epoch, k, v] for k, v in zip(batch["__key__"], batch["__valid__"].tolist())]
+            dist.barrier()  # a rank with fewer batches would hang here (caught by the timeout)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, {"keys": keys, "batches": n, "per_epoch": loader.batches_per_epoch})
+    result[tail] = gathered
+if rank == 0:
+    json.dump(result, open(out, "w"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(150)
+def test_torchrun_two_ranks_exactly_once(root, tmp_path):
+    from dist_helpers import run_torchrun
+
+    script, out = tmp_path / "stream_dist.py", tmp_path / "out.json"
+    script.write_text(_DIST_SCRIPT)
+    run_torchrun([str(script), root, str(out)], nproc=2, timeout=120)
+    result = json.loads(out.read_text())
+    keys = all_keys(UNEVEN)
+    for tail, ranks in result.items():
+        assert [r["batches"] for r in ranks] == [2 * ranks[0]["per_epoch"]] * 2
+        for epoch in (0, 1):
+            got = [(k, v) for r in ranks for e, k, v in r["keys"] if e == epoch]
+            valid = [k for k, v in got if v]
+            if tail == "pad":
+                assert sorted(valid) == keys and len(got) == 10
+            else:
+                assert len(valid) == len(set(valid)) == 8 and set(valid) < set(keys)
