@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -42,6 +43,14 @@ DS_TAG = "deepspeed"
 DCP_DIR = "dcp"
 #: small replicated training state (scheduler, scaler) written by rank 0
 ENGINE_STATE_FILE = "engine_state.pt"
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns that it assumes one process when no group exists: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 class TaskModule(nn.Module):
@@ -359,7 +368,8 @@ class Engine:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         msd, osd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(directory / DCP_DIR))
+        with _quiet_single_process():
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(directory / DCP_DIR))
         if self.is_logging_rank:
             extra = {"scheduler": self.scheduler.state_dict(),
                      "scaler": self.scaler.state_dict() if self.scaler is not None else None}
@@ -378,7 +388,8 @@ class Engine:
 
         msd, osd = get_state_dict(self.model, self.optimizer)
         state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         extra = torch.load(directory / ENGINE_STATE_FILE, map_location="cpu", weights_only=True)
         self.scheduler.load_state_dict(extra["scheduler"])

@@ -1,0 +1,314 @@
+"""The training loop, written only in engine verbs, identical for every parallel strategy.
+
+``train(cfg)`` builds what it is not given (task, engine, tracker, data loaders), resumes from
+the latest whole checkpoint, trains ``train.steps`` optimizer steps with gradient accumulation,
+logs / evaluates / checkpoints periodically, then evaluates on the test split, exports plain
+weights (``<out_dir>/weights.pt``) and writes ``<out_dir>/metrics.json`` atomically.
+
+Test hook (documented, for fault-tolerance tests only): with ``GEOPRIME_TEST_KILL_AT_STEP=k``
+the process whose rank is ``GEOPRIME_TEST_KILL_RANK`` (default 0) SIGKILLs itself right after
+step ``k`` on its first attempt (``TORCHELASTIC_RESTART_COUNT`` 0), to exercise elastic restarts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.checkpoint import Checkpointer
+from trainer.distributed import rank_seed, rng_state, seed_everything, set_rng_state, setup_logging
+from trainer.engine import Engine
+
+log = logging.getLogger("geoprime.loop")
+
+#: ``make_loader(split, train) -> loader`` with ``__iter__``, ``batches_per_epoch``, ``epoch``,
+#: ``state_dict()`` / ``load_state_dict()`` (a ``data_shards.stream.ResumableLoader``).
+LoaderFactory = Callable[[str, bool], Any]
+
+
+def shard_loader_factory(cfg: Any, task: Any, engine: Engine) -> LoaderFactory:
+    """Loaders over ``data_shards`` streams: training shuffled with ``data.tail_policy``;
+    evaluation in order with ``tail="pad"`` so every sample counts exactly once."""
+    from data_shards.stream import ShardStream, build_loader
+
+    d = cfg.data
+
+    def make(split: str, train: bool):
+        if train:
+            transform = task.train_transform
+        else:
+            def transform(sample: dict, generator: torch.Generator) -> dict:
+                return task.eval_transform(sample)
+        stream = ShardStream(d.root, split, rank=engine.rank, world_size=engine.world_size, seed=int(cfg.seed),
+                             shuffle=train, shuffle_buffer=d.shuffle_buffer,
+                             tail=d.tail_policy if train else "pad", resampled=bool(d.resampled) and train,
+                             on_corrupt=d.on_corrupt, keys=task.required_keys,
+                             subset=d.subset if train else 0, subset_seed=d.subset_seed, transform=transform)
+        return build_loader(stream, int(cfg.train.batch_size), num_workers=int(d.num_workers), drop_last=train)
+
+    return make
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _config_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True) if isinstance(cfg, DictConfig) else str(cfg)
+
+
+class _Batches:
+    """Endless batches from a resumable loader, crossing epochs; times the wait for data."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self._it: Optional[Iterator] = None
+        self.wait_s = 0.0
+
+    def next(self) -> dict:
+        t0 = time.perf_counter()
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.loader)
+            try:
+                batch = next(self._it)
+                self.wait_s += time.perf_counter() - t0
+                return batch
+            except StopIteration:
+                self._it = None  # the loader moved on to the next epoch
+        raise RuntimeError("the training loader yielded no batch in a whole epoch")
+
+
+def evaluate(engine: Engine, task: Any, loader: Any, max_batches: int = 0) -> dict[str, float]:
+    """Evaluate on every rank's part of a split; the Metric state is summed over ranks, so
+    every sample counts once. Leaves the model in train mode."""
+    engine.train(False)
+    metric = task.new_metric()
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            if max_batches and i >= max_batches:
+                break
+            batch = engine.to_device(batch)
+            outputs = engine.forward(task.eval_step, batch)
+            metric.update(batch, outputs)
+    state = engine.all_reduce_sum(metric.state().to(torch.float64))
+    engine.train(True)
+    task.on_train_mode(engine.parts)
+    return {k: float(v) for k, v in metric.compute(state).items()}
+
+
+def _maybe_kill(step: int, rank: int) -> None:
+    """The documented fault-injection test hook (see the module docstring)."""
+    at = os.environ.get("GEOPRIME_TEST_KILL_AT_STEP")
+    if not at or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) != 0:
+        return
+    if step == int(at) and rank == int(os.environ.get("GEOPRIME_TEST_KILL_RANK", "0")):
+        log.warning("test hook: killing rank %d at step %d", rank, step)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _system_metrics(engine: Engine) -> dict[str, float]:
+    """Each node's local-rank-0 system metrics, gathered and tagged ``sys/node<N>/...``."""
+    from trainer.tracking import sample_system_metrics
+
+    mine = (engine.env.node_rank, sample_system_metrics()) if engine.env.is_local_leader else None
+    out: dict[str, float] = {}
+    for item in engine.all_gather_object(mine):
+        if item is not None:
+            node, metrics = item
+            out.update({f"sys/node{node}/{k}": float(v) for k, v in metrics.items()})
+    return out
+
+
+def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[LoaderFactory] = None,
+          engine: Optional[Engine] = None) -> dict[str, Any]:
+    """Train as ``cfg`` (a resolved :class:`trainer.config.RunConfig`) says; returns the final metrics.
+
+    Anything not given is built: ``task`` from ``cfg.task``, ``engine`` from the torchrun
+    environment, ``tracker`` via ``trainer.tracking.create_tracker``, ``loaders`` over the
+    shards in ``cfg.data``. Things built here are closed here (the tracker with FAILED on error).
+    """
+    tc = cfg.train
+    out_dir = Path(cfg.out_dir)
+    own_engine = engine is None
+    if engine is None:
+        engine = Engine(cfg.parallel, cfg.optim, cfg.schedule, int(tc.steps), micro_batch_size=int(tc.batch_size))
+    env = engine.env
+    setup_logging(env, str(out_dir / "logs"))
+    own_tracker = tracker is None
+    try:
+        if engine.is_logging_rank:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        if tc.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        seed_everything(int(cfg.seed))  # identical initial weights on every rank (FSDP2 / ZeRO-3 need it)
+        if task is None:
+            from trainer.tasks import build_task
+            task = build_task(cfg.task, cfg)
+        engine.setup(task.build_model(), task.parameter_groups)
+        engine.train(True)
+        task.on_train_mode(engine.parts)
+        seed_everything(rank_seed(int(cfg.seed), engine.rank))
+        make_loader = loaders or shard_loader_factory(cfg, task, engine)
+        train_loader = make_loader(cfg.data.train_split, True)
+
+        ckpt = Checkpointer(out_dir / "checkpoints", engine, keep_last=int(tc.keep_last))
+        start_step, run_id = 0, None
+        resume_from = ckpt.resolve(str(tc.resume))
+        if resume_from is not None:
+            tstate, rstate = ckpt.load(resume_from)
+            start_step, run_id = int(tstate["step"]), tstate.get("run_id")
+            if rstate is not None:
+                train_loader.load_state_dict(rstate["data"])
+                set_rng_state(rstate["rng"])
+            else:
+                _reposition(train_loader, tstate, engine, cfg)
+                seed_everything(rank_seed(int(cfg.seed) + start_step, engine.rank))
+        if tracker is None:
+            from trainer.tracking import create_tracker
+            tracker = create_tracker(cfg, is_logging_rank=engine.is_logging_rank, run_id=run_id)
+        run_id = engine.broadcast_object(getattr(tracker, "run_id", None))
+        if engine.is_logging_rank:
+            yaml_text = _config_yaml(cfg)
+            (out_dir / "config.yaml").write_text(yaml_text)
+            if resume_from is None:
+                tracker.log_config(yaml_text)
+                tracker.log_params({f"engine.{k}": v for k, v in engine.describe().items()})
+        result = _run(cfg, engine, task, tracker, train_loader, make_loader, ckpt, start_step, run_id)
+    except BaseException:
+        if own_tracker and tracker is not None:
+            tracker.close("FAILED")
+        if own_engine:
+            engine._owns_group = False  # a failed rank cannot rely on its peers reaching a barrier
+        raise
+    if own_tracker:
+        tracker.close("FINISHED")
+    if own_engine:
+        engine.close()
+    return result
+
+
+def _reposition(loader: Any, tstate: dict, engine: Engine, cfg: Any) -> None:
+    """Data position after a world-size change: keep the epoch, skip as many batches as cover the
+    samples already consumed (the order inside that epoch differs from the original run's)."""
+    data = tstate.get("data")
+    if not data:
+        return
+    consumed = int(data["batches"]) * int(tstate["batch_size"]) * int(tstate["world_size"])
+    per_batch = int(cfg.train.batch_size) * engine.world_size
+    batches = min(loader.batches_per_epoch, consumed // per_batch)
+    log.warning("world size changed %d -> %d: resuming epoch %d at batch %d (the sample order within "
+                "this epoch is not the original run's)", tstate["world_size"], engine.world_size,
+                data["epoch"], batches)
+    loader.load_state_dict({"epoch": int(data["epoch"]), "batches": batches})
+
+
+def _run(cfg: Any, engine: Engine, task: Any, tracker: Any, train_loader: Any, make_loader: LoaderFactory,
+         ckpt: Checkpointer, start_step: int, run_id: Optional[str]) -> dict[str, Any]:
+    """The step loop proper (see :func:`train`)."""
+    from tqdm import tqdm
+
+    tc = cfg.train
+    total = int(tc.steps)
+    out_dir = Path(cfg.out_dir)
+    batches = _Batches(train_loader)
+    samples_per_step = int(tc.batch_size) * engine.world_size * engine.grad_accum
+    sys_every = float(getattr(cfg.tracking, "system_metrics_every", 0.0) or 0.0)
+    last_sys = 0.0
+    val_loader = None
+    val_metrics: dict[str, float] = {}
+    sums: dict[str, float] = {}
+    n_logged, window_start, wait_start = 0, time.perf_counter(), batches.wait_s
+    last_saved = start_step if start_step else -1
+    train_logs: dict[str, float] = {}
+    bar = tqdm(total=total, initial=start_step, disable=not (engine.is_logging_rank and tc.progress),
+               desc="train", dynamic_ncols=True, unit="step")
+
+    def save(step: int) -> None:
+        rank_state = {"rng": rng_state(), "data": train_loader.state_dict()}
+        train_state = {"run_id": run_id, "config": _config_yaml(cfg), "data": train_loader.state_dict(),
+                       "batch_size": int(tc.batch_size), "epoch": int(train_loader.state_dict()["epoch"])}
+        ckpt.save(step, train_state, rank_state)
+
+    step = start_step
+    while step < total:
+        for micro in range(engine.grad_accum):
+            batch = engine.to_device(batches.next())
+            with engine.accumulate(micro):
+                loss, terms = engine.forward(task.training_step, batch)
+                engine.backward(loss)
+            for k, v in {"loss": loss.detach(), **terms}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / engine.grad_accum
+        grad_norm = engine.step()
+        step += 1
+        n_logged += 1
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+        bar.update(1)
+
+        if step % max(1, int(tc.log_every)) == 0 or step == total:
+            keys = sorted(sums)
+            now = time.perf_counter()
+            due_sys = engine.is_logging_rank and sys_every > 0 and now - last_sys >= sys_every
+            vec = torch.tensor([sums[k] / n_logged for k in keys] + [float(due_sys)], dtype=torch.float64)
+            vec = engine.all_reduce_sum(vec)
+            train_logs = {f"train/{k}": float(vec[i]) / engine.world_size for i, k in enumerate(keys)}
+            elapsed = max(now - window_start, 1e-9)
+            train_logs.update({"train/lr": engine.lr, "train/samples_per_s": n_logged * samples_per_step / elapsed,
+                               "train/data_wait_s": (batches.wait_s - wait_start) / n_logged,
+                               "train/epoch": float(train_loader.epoch)})
+            metrics = dict(train_logs)
+            if vec[-1] > 0:
+                metrics.update(_system_metrics(engine))
+                last_sys = now
+            tracker.log_metrics(metrics, step=step)
+            bar.set_postfix(loss=f"{train_logs['train/loss']:.4f}",
+                            sps=f"{train_logs['train/samples_per_s']:.1f}")
+            log.info("step %d/%d loss %.5f lr %.3g %.1f samples/s", step, total, train_logs["train/loss"],
+                     engine.lr, train_logs["train/samples_per_s"])
+            sums, n_logged, window_start, wait_start = {}, 0, time.perf_counter(), batches.wait_s
+
+        if int(tc.eval_every) and step % int(tc.eval_every) == 0 and step < total and cfg.data.val_split:
+            val_loader = val_loader or make_loader(cfg.data.val_split, False)
+            val_metrics = evaluate(engine, task, val_loader, int(tc.eval_max_batches))
+            tracker.log_metrics({f"val/{k}": v for k, v in val_metrics.items()}, step=step)
+
+        if int(tc.ckpt_every) and step % int(tc.ckpt_every) == 0 and step < total:
+            save(step)
+            last_saved = step
+        _maybe_kill(step, engine.rank)
+    bar.close()
+
+    if last_saved != total:
+        save(total)
+    if cfg.data.val_split:
+        val_loader = val_loader or make_loader(cfg.data.val_split, False)
+        val_metrics = evaluate(engine, task, val_loader, int(tc.eval_max_batches))
+        tracker.log_metrics({f"val/{k}": v for k, v in val_metrics.items()}, step=total)
+    test_metrics: dict[str, float] = {}
+    if cfg.data.test_split:
+        test_metrics = evaluate(engine, task, make_loader(cfg.data.test_split, False), 0)
+        tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}, step=total)
+    weights = None
+    if tc.export:
+        weights = engine.export_weights(out_dir / "weights.pt")
+    result = {"step": total, "run_id": run_id, "train": train_logs, "val": val_metrics, "test": test_metrics,
+              "world_size": engine.world_size, "strategy": engine.strategy,
+              "weights": str(weights) if weights else None}
+    if engine.is_logging_rank:
+        _atomic_write_json(out_dir / "metrics.json", result)
+        tracker.log_artifact(str(out_dir / "metrics.json"))
+        tracker.log_artifact(str(out_dir / "config.yaml"))
+    engine.barrier()
+    return result
