@@ -118,50 +118,64 @@ def screen_rects(aabbs: np.ndarray, R: np.ndarray, o: np.ndarray, K: np.ndarray,
 
 
 # ----------------------------------------------------------------------------- intersection
-def _hit_box(d, inv, o, box, zb):
-    t1 = (box[:3] - o) * inv
-    t2 = (box[3:] - o) * inv
+def _t_box(o, d, box):
+    """Entry distance (inf if missed) and entry-face axis of rays ``o + t d`` with boxes (n, 6)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = 1.0 / d
+        t1 = (box[:, :3] - o) * inv
+        t2 = (box[:, 3:] - o) * inv
     tn = np.minimum(t1, t2)
-    tmin = tn.max(-1)
+    axis = tn.argmax(-1)
+    tmin = np.take_along_axis(tn, axis[:, None], 1)[:, 0]
     tmax = np.maximum(t1, t2).min(-1)
-    hit = (tmax >= tmin) & (tmin > NEAR) & (tmin < zb)
-    return hit, tmin, tn
+    return np.where((tmax >= tmin) & (tmin > NEAR), tmin, np.inf), axis
 
 
-def _hit_cyl(d, o, cyl, zb):
-    cx, cz, r, y0, y1 = cyl
-    ox, oz = o[0] - cx, o[2] - cz
-    dx, dz = d[..., 0], d[..., 2]
+def _t_cyl(o, d, cyl):
+    """Entry distance (inf if missed) of rays with vertical cylinders (n, 5), side surface only."""
+    ox, oz = o[0] - cyl[:, 0], o[2] - cyl[:, 1]
+    dx, dz = d[:, 0], d[:, 2]
     a = dx * dx + dz * dz
     bb = ox * dx + oz * dz
-    c = ox * ox + oz * oz - r * r
-    disc = bb * bb - a * c
+    disc = bb * bb - a * (ox * ox + oz * oz - cyl[:, 2] ** 2)
     with np.errstate(invalid="ignore", divide="ignore"):
         t = (-bb - np.sqrt(disc)) / a
-    y = o[1] + t * d[..., 1]
-    hit = (disc >= 0) & (t > NEAR) & (t < zb) & (y >= y0) & (y <= y1)
-    return hit, t
+    y = o[1] + t * d[:, 1]
+    return np.where((disc >= 0) & (t > NEAR) & (y >= cyl[:, 3]) & (y <= cyl[:, 4]), t, np.inf)
 
 
-def _hit_sphere(d, o, sph, zb):
-    oc = o - sph[:3]
+def _t_sphere(o, d, sph):
+    """Entry distance (inf if missed) of rays with spheres (n, 4)."""
+    oc = o - sph[:, :3]
     a = (d * d).sum(-1)
-    bb = d @ oc
-    c = oc @ oc - sph[3] ** 2
-    disc = bb * bb - a * c
+    bb = (d * oc).sum(-1)
+    disc = bb * bb - a * ((oc * oc).sum(-1) - sph[:, 3] ** 2)
     with np.errstate(invalid="ignore"):
         t = (-bb - np.sqrt(disc)) / a
-    hit = (disc >= 0) & (t > NEAR) & (t < zb)
-    return hit, t
+    return np.where((disc >= 0) & (t > NEAR), t, np.inf)
+
+
+_SMALL = 600  # primitives covering fewer screen pixels than this are intersected in one batch
+
+
+def _intersect(kind: int, o: np.ndarray, d: np.ndarray, rows: np.ndarray):
+    """Entry distances (inf = miss) and box face axes of rays ``d`` (n, 3) with primitive rows."""
+    if kind == P_BOX:
+        return _t_box(o, d, rows)
+    fn = _t_cyl if kind == P_CYL else _t_sphere
+    return fn(o, d, rows), None
 
 
 def cast(scene: Scene, rays_c: np.ndarray, T_wc: np.ndarray, K: np.ndarray, far: float):
-    """Nearest hit per pixel: z-depth (inf = none), object id, box face axis, world directions."""
+    """Nearest hit per pixel: z-depth (inf = none), object id, box face axis, world directions.
+
+    Large primitives are intersected with their screen rectangle (a view of the ray array);
+    the many small ones are batched: every (pixel, primitive) pair in one vectorised pass
+    per primitive type, then a scatter-min keeps the nearest hit per pixel.
+    """
     H, W, _ = rays_c.shape
     R, o = T_wc[:3, :3], T_wc[:3, 3]
     d = rays_c @ R.T
-    with np.errstate(divide="ignore"):
-        inv = 1.0 / d
     zbuf = np.full((H, W), np.inf)
     oid = np.zeros((H, W), np.int32)
     face = np.zeros((H, W), np.int8)
@@ -169,25 +183,45 @@ def cast(scene: Scene, rays_c: np.ndarray, T_wc: np.ndarray, K: np.ndarray, far:
     ground = dy > 1e-9
     zbuf[ground] = -o[1] / dy[ground]
     oid[ground] = 1
-    aabbs, ids = scene.aabbs()
+    aabbs, ids = scene.aabb_table
     rects = screen_rects(aabbs, R, o, K, H, W, far)
-    for (r0, r1, c0, c1), obj in zip(rects, ids):
-        if r1 <= r0 or c1 <= c0:
-            continue
+    hh = rects[:, 1] - rects[:, 0]
+    ww = rects[:, 3] - rects[:, 2]
+    sizes = np.where((hh > 0) & (ww > 0), hh * ww, 0)
+    ptype = scene.prim_type[ids]
+    pidx = scene.prim_index[ids]
+    tables = {P_BOX: scene.boxes, P_CYL: scene.cyls, P_SPHERE: scene.spheres}
+    for j in np.nonzero(sizes >= _SMALL)[0]:
+        r0, r1, c0, c1 = rects[j]
         zb = zbuf[r0:r1, c0:c1]
-        db = d[r0:r1, c0:c1]
-        ptype, pi = scene.prim_type[obj], scene.prim_index[obj]
-        if ptype == P_BOX:
-            with np.errstate(invalid="ignore"):
-                hit, t, tn = _hit_box(db, inv[r0:r1, c0:c1], o, scene.boxes[pi], zb)
-            if hit.any():
-                face[r0:r1, c0:c1][hit] = tn[hit].argmax(-1)
-        elif ptype == P_CYL:
-            hit, t = _hit_cyl(db, o, scene.cyls[pi], zb)
-        else:
-            hit, t = _hit_sphere(db, o, scene.spheres[pi], zb)
-        zb[hit] = t[hit]
-        oid[r0:r1, c0:c1][hit] = obj
+        t, axis = _intersect(ptype[j], o, d[r0:r1, c0:c1].reshape(-1, 3), tables[ptype[j]][pidx[j]][None])
+        hit = (t < zb.reshape(-1)).reshape(zb.shape)
+        zb[hit] = t.reshape(zb.shape)[hit]
+        oid[r0:r1, c0:c1][hit] = ids[j]
+        if axis is not None:
+            face[r0:r1, c0:c1][hit] = axis.reshape(zb.shape)[hit]
+    small = np.nonzero((sizes > 0) & (sizes < _SMALL))[0]
+    if len(small):
+        sz = sizes[small]
+        prim = np.repeat(small, sz)
+        local = np.arange(len(prim)) - np.repeat(np.cumsum(sz) - sz, sz)
+        w_p = ww[prim]
+        pix = (rects[prim, 0] + local // w_p) * W + rects[prim, 2] + local % w_p
+        df = d.reshape(-1, 3)
+        t = np.full(len(prim), np.inf)
+        axis = np.zeros(len(prim), np.int8)
+        for kind, table in tables.items():
+            m = np.nonzero(ptype[prim] == kind)[0]
+            if len(m):
+                tk, ak = _intersect(kind, o, df[pix[m]], table[pidx[prim[m]]])
+                t[m] = tk
+                if ak is not None:
+                    axis[m] = ak
+        zf = zbuf.reshape(-1)
+        np.minimum.at(zf, pix, t)
+        win = np.isfinite(t) & (t == zf[pix])
+        oid.reshape(-1)[pix[win]] = ids[prim[win]]
+        face.reshape(-1)[pix[win]] = axis[win]
     return zbuf, oid, face, d
 
 
@@ -308,10 +342,12 @@ def render(scene: Scene, rays_c: np.ndarray, T_wc: np.ndarray, K: np.ndarray, fa
     zbuf, oid, face, d = cast(scene, rays_c, T_wc, K, far)
     o = T_wc[:3, 3]
     zf, of, ff, df = zbuf.ravel(), oid.ravel(), face.ravel(), d.reshape(-1, 3)
-    sky = sky_colour(scene, df)
+    hit = np.nonzero(of > 0)[0]
+    hazy = zf > haze_start  # sky (inf) and hazed hits: the only pixels that need the sky colour
+    sky = np.zeros((H * W, 3), np.float32)
+    sky[hazy] = sky_colour(scene, df[hazy])
     rgb = sky.copy()
     seg = np.full(H * W, SKY, np.uint8)
-    hit = np.nonzero(of > 0)[0]
     p = o + zf[hit, None] * df[hit]
     obj = of[hit]
     cls = KIND_TRAIN_ID[scene.kind[obj]].copy()

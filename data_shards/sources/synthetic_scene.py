@@ -10,6 +10,7 @@ seed. Colour families are shared between classes on purpose: colour alone cannot
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -87,8 +88,9 @@ class Scene:
     sky_horizon: np.ndarray
     """(3,) float32: sky (and haze) colour at the horizon."""
 
-    def aabbs(self) -> tuple[np.ndarray, np.ndarray]:
-        """World AABBs (n, 6) of every primitive and the object id of each row."""
+    @cached_property
+    def aabb_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """World AABBs (n, 6) of every primitive and the object id of each row (computed once)."""
         ids = np.nonzero(self.prim_type >= P_BOX)[0]
         out = np.empty((len(ids), 6))
         for row, oid in enumerate(ids):
