@@ -196,7 +196,13 @@ def write_nyu_labeled(path: Path, n: int = 6, hw: tuple[int, int] = (4, 5)) -> d
         f.create_dataset("rawDepths", data=raw_depths.transpose(0, 2, 1))
         f.create_dataset("labels", data=labels.transpose(0, 2, 1))
         f.create_dataset("instances", data=np.zeros((n, w, h), np.uint8))
-        f.create_dataset("sceneTypes", data=np.zeros((1, n), np.uint64))
+        refs = []
+        for i in range(n):  # cell array of char arrays: object references into #refs#
+            name = f"bedroom_{i // 2 + 1:04d}"
+            ds = f.create_dataset(f"#refs#/s{i}", data=np.array([[ord(c) for c in name]], np.uint16).T)
+            refs.append(ds.ref)
+        scenes = f.create_dataset("scenes", shape=(1, n), dtype=h5py.ref_dtype)
+        scenes[0, :] = refs
     with open(path, "r+b") as fh:  # MATLAB's 128-byte text header in the user block
         fh.write(b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Jun 11 2012 HDF5 schema 1.00 .".ljust(116))
     return {"images": images, "depths": depths, "rawDepths": raw_depths, "labels": labels}

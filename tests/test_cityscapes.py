@@ -125,3 +125,22 @@ def test_write_predictions_official_names(tmp_path):
     big = cityscapes.write_cityscapes_predictions(pred, "frankfurt_000000_000294", tmp_path / "r2", size=(4, 6))
     np.testing.assert_array_equal(np.asarray(Image.open(big)), np.repeat(np.repeat(back, 2, 0), 2, 1))
     assert not list((tmp_path / "results").rglob(".tmp-*"))
+
+
+def test_build_two_workers_and_read_back(cs):
+    root, arrays = cs
+    from data_shards.stream import ShardStream
+    ms = cityscapes.build(_args(root, "--workers", "2", "--max-samples-per-shard", "1", "--no-progress",
+                                "--crop", "0", "0", "4", "4", "--resize", "2", "2"))
+    assert ms["train"].num_samples == 2 and len(ms["train"].shards) == 2 and ms["val"].num_samples == 1
+    assert set(ms["train"].keys) == {"rgb.png", "rgb_prev.png", "rgb_next.png", "rgb_right.png", "depth.png",
+                                     "seg.png", "json"}
+    assert ms["train"].source["parts"] == ["video", "right", "depth", "seg"]
+    s = next(iter(ShardStream(str(root / "out"), "val", shuffle=False)))
+    assert s["__key__"] == "frankfurt_000000_000294" and tuple(s["rgb"].shape) == (3, 2, 2)
+    K = s["K"].numpy()
+    cam = CITYSCAPES_CAMERA["intrinsic"]
+    assert K[0, 0] == pytest.approx(cam["fx"] / 2, rel=1e-6) and K[1, 1] == pytest.approx(cam["fy"] / 2, rel=1e-6)
+    assert K[0, 2] == pytest.approx((cam["u0"] + 0.5) / 2 - 0.5, rel=1e-6)
+    seg = LABELID_TO_TRAINID[arrays["frankfurt_000000_000294"][:4, :4]]
+    np.testing.assert_array_equal(s["seg"].numpy(), seg[[1, 3]][:, [1, 3]])  # nearest: floor((i + 0.5) * 2)

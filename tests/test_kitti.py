@@ -188,3 +188,43 @@ def test_kitti_semantics_nshot_first_and_seeded(tmp_path):
     (root / "training" / "semantic" / "000004_10.png").unlink()
     with pytest.raises(SourceError, match=r"semantic/000004_10.png: missing"):
         kitti_semantics.plan(a)
+
+
+def test_build_stops_on_a_bad_file_then_resumes(raw, tmp_path):
+    root, index = raw
+    out = tmp_path / "shards"
+    bad = root / KITTI_DATE / D2 / "image_02" / "data" / "0000000001.png"
+    good_bytes = bad.read_bytes()
+    bad.write_bytes(good_bytes[:40])  # truncated PNG
+    args = _args(kitti.add_arguments, root, out, "--max-samples-per-shard", "1", "--no-progress")
+    with pytest.raises(SourceError, match=r"drive_0002_sync/image_02/data/0000000001.png: cannot read"):
+        kitti.build(args)
+    split_dir = out / "train"
+    assert not (split_dir / "manifest.json").exists()
+    assert sorted(p.name for p in split_dir.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
+    assert not list(split_dir.glob(".*.tmp-*"))
+    first = [(split_dir / n).stat().st_mtime_ns for n in ("train-000000.tar", "train-000001.tar")]
+    bad.write_bytes(good_bytes)
+    m = kitti.build(args)["train"]
+    assert [(split_dir / n).stat().st_mtime_ns for n in ("train-000000.tar", "train-000001.tar")] == first
+    assert m.num_samples == 3 and [s.name for s in m.shards] == [f"train-00000{i}.tar" for i in range(3)]
+    assert set(m.keys) == {"rgb.png", "rgb_prev.png", "rgb_next.png", "rgb_right.png", "json"}
+    assert m.source["dataset"] == "kitti" and m.source["skipped"] == {"train": {"static": 0, "no_neighbours": 4}}
+    from data_shards.stream import ShardStream
+    got = {s["__key__"]: s for s in ShardStream(str(out), "train", shuffle=False)}
+    s = got[f"{D2}_0000000001_l"]
+    np.testing.assert_array_equal(s["rgb_next"].permute(1, 2, 0).numpy(), kitti_pixel(index[D2], 2, "l", (6, 10)))
+    assert s["meta"]["source"]["drive"] == f"{KITTI_DATE}/{D2}"
+    assert float(s["baseline"]) == pytest.approx(0.5327, abs=1e-4)
+
+
+def test_kitti_semantics_build(tmp_path):
+    root = tmp_path / "data_semantics"
+    write_kitti_semantics(root, n=6)
+    ms = kitti_semantics.build(_args(kitti_semantics.add_arguments, root, tmp_path / "o", "--shots", "2",
+                                     "--no-progress", "--resize", "3", "4"))
+    assert ms["train"].num_samples == 2 and ms["test"].num_samples == 4
+    assert ms["train"].source["geometry"] == {"crop_tlhw": None, "resize_hw": [3, 4]}
+    from data_shards.stream import ShardStream
+    got = [s["__key__"] for s in ShardStream(str(tmp_path / "o"), "train", shuffle=False)]
+    assert got == ["000000_10", "000001_10"]

@@ -9,11 +9,12 @@ into the shard writer, so that the four converters differ only in what they read
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -194,6 +195,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     _add_if_missing(parser, "--resize", type=int, nargs=2, metavar=("H", "W"), default=None,
                     help="resize every image to HxW (RGB bilinear, labels nearest, depth z-buffer); K scaled")
     _add_if_missing(parser, "--max-samples-per-shard", type=int, default=256, help="samples per shard tar")
+    _add_if_missing(parser, "--no-progress", action="store_true", help="no progress bar")
 
 
 def geometry_from_args(args: argparse.Namespace) -> Geometry:
@@ -206,36 +208,37 @@ def geometry_from_args(args: argparse.Namespace) -> Geometry:
     return Geometry(tuple(crop) if crop else None, tuple(size) if size else None)
 
 
+def _convert_chunk(make_sample: Callable[[Any], dict[str, Any]], items: Sequence[Any]) -> Iterator[dict[str, Any]]:
+    """Samples of one chunk of work items (runs in a writer process)."""
+    for item in items:
+        yield make_sample(item)
+
+
 def write_splits(args: argparse.Namespace, dataset: str, splits: dict[str, Sequence[Any]],
                  make_sample: Callable[[Any], dict[str, Any]], extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Convert each split's work items with ``make_sample`` (picklable) through the shard writer.
 
-    Uses the writer's resumable parallel variant (finished shards kept, worker processes,
-    progress bar); ``extra`` (conversion settings) is recorded in each split's manifest.
-    Returns the writer's result per split.
+    Items are cut, in their deterministic order, into chunks of ``--max-samples-per-shard``;
+    each chunk becomes one shard written by ``writer.write_split_parallel`` (worker
+    processes, progress bar, finished shards kept and skipped on a re-run). The manifest's
+    ``source`` records the dataset, its absolute root and ``extra`` (conversion settings).
+    Returns the manifest of each split.
     """
     from data_shards import writer
 
+    per_shard = int(getattr(args, "max_samples_per_shard", 256))
+    if per_shard < 1:
+        raise SourceError(f"--max-samples-per-shard {per_shard}: must be >= 1")
+    source = {"dataset": dataset, "root": str(Path(args.root).resolve()), **(extra or {})}
     results: dict[str, Any] = {}
     for split, items in splits.items():
+        items = list(items)
         if not items:
             raise SourceError(f"{args.root}: no samples found for split {split!r}")
         log.info("%s: converting %d samples of split %s", dataset, len(items), split)
-        results[split] = writer.convert_split(
-            list(items), make_sample, Path(args.out), split, source=dataset,
-            workers=int(getattr(args, "workers", 1) or 1),
-            max_samples=int(getattr(args, "max_samples_per_shard", 256)),
-            extra=extra or {},
-        )
+        chunks = [functools.partial(_convert_chunk, make_sample, items[i:i + per_shard])
+                  for i in range(0, len(items), per_shard)]
+        results[split] = writer.write_split_parallel(
+            chunks, str(args.out), split, source=source, workers=int(getattr(args, "workers", 1) or 1),
+            progress=not getattr(args, "no_progress", False))
     return results
-
-
-def check_same_keys(samples: Iterable[dict[str, Any]]) -> None:
-    """Debug helper for tests: every sample of a split must carry the same keys."""
-    first: Optional[set[str]] = None
-    for s in samples:
-        keys = set(s) - {"__key__"}
-        if first is None:
-            first = keys
-        elif keys != first:
-            raise SourceError(f"sample {s.get('__key__')}: keys {sorted(keys)} differ from {sorted(first)}")
