@@ -1,0 +1,173 @@
+"""Look at a split: counts, keys, sizes, and a PNG contact sheet of a few samples.
+
+The sheet has one row per sample: the RGB frame, depth through a colour map (black where
+invalid), and the segmentation in the Cityscapes colours (black = ignore). Also ``verify``:
+checksums plus a full decode of every sample, naming the first bad shard and member.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from data_shards import schema
+from data_shards.manifest import Manifest
+from data_shards.openers import OpenError, is_remote, join, open_stream
+from data_shards.reader import ShardError, iter_members
+from data_shards.stream import load_manifest
+
+#: Cityscapes' official colours for the 19 train ids (ignore = black).
+CITYSCAPES_COLORS = np.array([
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+], dtype=np.uint8)
+
+
+def split_location(path: str) -> tuple[str, str]:
+    """``DIR/SPLIT`` (or ``URL/SPLIT``) -> (root, split)."""
+    p = path.rstrip("/")
+    if "/" not in p:
+        raise ValueError(f"{path!r}: expected DIR/SPLIT, e.g. data/synthetic/train")
+    root, split = p.rsplit("/", 1)
+    return root or "/", split
+
+
+def colorize_depth(depth: np.ndarray) -> np.ndarray:
+    """(H, W) metres -> uint8 RGB with the magma map on inverse depth; invalid (0) is black."""
+    from matplotlib import colormaps
+
+    valid = depth > 0
+    inv = np.zeros_like(depth, dtype=np.float64)
+    inv[valid] = 1.0 / depth[valid]
+    if valid.any():
+        lo, hi = np.percentile(inv[valid], [1, 99])
+        inv = np.clip((inv - lo) / max(hi - lo, 1e-9), 0, 1)
+    rgb = (colormaps["magma"](inv)[..., :3] * 255).astype(np.uint8)
+    rgb[~valid] = 0
+    return rgb
+
+
+def colorize_seg(seg: np.ndarray) -> np.ndarray:
+    """(H, W) train ids -> uint8 RGB in the Cityscapes colours; ignore (255) and unknown ids black."""
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[: len(CITYSCAPES_COLORS)] = CITYSCAPES_COLORS
+    return lut[seg]
+
+
+def contact_sheet(samples: list[dict[str, Any]]) -> np.ndarray:
+    """One row per decoded sample: rgb | depth | seg (the panels it has), uint8 (H', W', 3)."""
+    rows = []
+    for s in samples:
+        panels = [s["rgb"].permute(1, 2, 0).numpy()]
+        if "depth" in s:
+            panels.append(colorize_depth(s["depth"][0].numpy()))
+        if "seg" in s:
+            panels.append(colorize_seg(s["seg"].numpy()))
+        h = panels[0].shape[0]
+        sep = np.full((h, 4, 3), 255, np.uint8)
+        row = np.concatenate([x for p in panels for x in (p, sep)][:-1], axis=1)
+        rows.append(row)
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    return np.concatenate(rows, axis=0)
+
+
+def summarize(m: Manifest) -> dict[str, Any]:
+    """Counts, keys and sizes of a split, from its manifest."""
+    return {"split": m.split, "samples": m.num_samples, "shards": len(m.shards),
+            "bytes": sum(s.bytes for s in m.shards), "keys": m.keys, "meta_fields": m.meta_fields,
+            "min_shard": min(s.count for s in m.shards), "max_shard": max(s.count for s in m.shards),
+            "source": m.source}
+
+
+def inspect_split(path: str, out_png: str | None, n: int = 4) -> dict[str, Any]:
+    """Summary of ``DIR/SPLIT``; with ``out_png``, also write a contact sheet of ``n`` samples."""
+    from data_shards.stream import ShardStream
+
+    root, split = split_location(path)
+    m = load_manifest(root, split)
+    info = summarize(m)
+    if out_png and n > 0:
+        stream = ShardStream(root, split, shuffle=False, keys=[k for k in ("rgb", "depth", "seg")
+                                                                 if f"{k}.png" in m.keys])
+        picked = []
+        for s in stream:
+            picked.append(s)
+            if len(picked) == n:
+                break
+        Image.fromarray(contact_sheet(picked)).save(out_png)
+        info["contact_sheet"] = out_png
+    return info
+
+
+@dataclass
+class VerifyReport:
+    """Result of :func:`verify_split`: counts and one line per problem found."""
+
+    shards: int = 0
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _digest(url: str) -> tuple[int, str]:
+    h, size = hashlib.sha256(), 0
+    f = open_stream(url)
+    try:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    finally:
+        f.close()
+    return size, h.hexdigest()
+
+
+def verify_split(path: str) -> VerifyReport:
+    """Check every shard's size and sha256 against the manifest and decode every sample."""
+    root, split = split_location(path)
+    m = load_manifest(root, split)
+    rep = VerifyReport()
+    for s in m.shards:
+        url = join(root, split, s.name)
+        rep.shards += 1
+        try:
+            size, digest = _digest(url)
+        except (OpenError, OSError) as e:
+            rep.problems.append(f"{url}: cannot read ({e})")
+            continue
+        if size != s.bytes or digest != s.sha256:
+            rep.problems.append(f"{url}: checksum mismatch (size {size}, manifest {s.bytes}; "
+                                f"sha256 {digest[:12]}..., manifest {s.sha256[:12]}...)")
+        try:
+            for _, raw in iter_members(url, range(s.count), s.count):
+                missing = sorted(set(m.keys) - raw.keys())
+                try:
+                    if missing:
+                        raise schema.SchemaError(f"{url}: sample {raw['__key__']}: members {missing} missing")
+                    schema.decode_sample({k: v for k, v in raw.items() if k != "__url__"}, where=url)
+                    rep.samples += 1
+                except schema.SchemaError as e:  # a bad sample: report it and go on with the shard
+                    rep.problems.append(str(e))
+        except ShardError as e:  # the tar itself is broken: the rest of the shard is unreadable
+            rep.problems.append(str(e))
+    extra = _unlisted_shards(root, split, m)
+    rep.problems += [f"{p}: shard not listed in the manifest (left over from another build?)" for p in extra]
+    return rep
+
+
+def _unlisted_shards(root: str, split: str, m: Manifest) -> list[str]:
+    """Local ``.tar`` files in the split folder that the manifest does not list."""
+    if is_remote(root):
+        return []
+    d = os.path.join(root, split)
+    listed = {s.name for s in m.shards}
+    return sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".tar") and f not in listed)
+

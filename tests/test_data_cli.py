@@ -1,0 +1,86 @@
+"""`python -m data_shards build | inspect | verify` on the synthetic world and on damaged shards."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+from PIL import Image
+
+from data_shards.__main__ import SOURCES, main
+
+TINY = ["--height", "16", "--width", "40", "--sequences", "train=2", "val=1", "--frames-per-sequence", "5",
+        "--splits", "train", "val", "--workers", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cli") / "synthetic")
+    assert main(["build", "synthetic", "--out", out] + TINY) == 0
+    return out
+
+
+def test_build_synthetic_writes_manifests_and_is_idempotent(built, capsys):
+    m = json.loads(open(os.path.join(built, "train", "manifest.json")).read())
+    assert m["num_samples"] == 6 and len(m["shards"]) == 2  # one shard per sequence, 3 samples each
+    assert m["source"]["dataset"] == "synthetic" and m["source"]["resolution"] == [16, 40]
+    assert {"rgb.png", "rgb_prev.png", "rgb_next.png", "rgb_right.png", "depth.png", "seg.png", "flow.npy",
+            "json"} == set(m["keys"])
+    before = {f: os.stat(os.path.join(built, "train", f)).st_mtime_ns for f in os.listdir(os.path.join(built, "train"))}
+    assert main(["build", "synthetic", "--out", built] + TINY) == 0
+    after = {f: os.stat(os.path.join(built, "train", f)).st_mtime_ns for f in os.listdir(os.path.join(built, "train"))}
+    assert before == after
+    assert "train: 6 samples in 2 shards" in capsys.readouterr().out
+
+
+def test_inspect_prints_summary_and_writes_sheet(built, tmp_path, capsys):
+    sheet = tmp_path / "sheet.png"
+    assert main(["inspect", os.path.join(built, "train"), "--sheet", str(sheet), "-n", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "6 samples in 2 shards" in out and "depth.png" in out
+    with Image.open(sheet) as im:
+        assert im.size == (3 * 40 + 2 * 4, 3 * (16 + 4)) and im.mode == "RGB"
+
+
+def test_verify_ok_then_names_corrupt_member(built, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(built, root)
+    assert main(["verify", str(root / "train")]) == 0
+    shard = root / "train" / "train-000001.tar"
+    with tarfile.open(shard) as t:
+        member = next(m for m in t.getmembers() if m.name.endswith(".depth.png"))
+    with open(shard, "r+b") as f:  # damage the PNG data in place (the tar structure stays valid)
+        f.seek(member.offset_data + 40)
+        f.write(b"\0" * 16)
+    capsys.readouterr()
+    assert main(["verify", str(root / "train")]) == 1
+    err = capsys.readouterr().err
+    assert "train-000001.tar: checksum mismatch" in err
+    assert f"member {member.name}" in err
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 3])
+    assert main(["verify", str(root / "train")]) == 1
+    err = capsys.readouterr().err
+    assert "train-000001.tar" in err and ("truncated" in err or "unreadable" in err)
+
+
+def test_build_dispatch_errors_are_clear(monkeypatch, capsys):
+    assert main(["build", "imagenet"]) == 2
+    assert "unknown source 'imagenet'" in capsys.readouterr().err
+    monkeypatch.setitem(SOURCES, "nosuch", "a source whose module is missing")
+    assert main(["build", "nosuch", "--root", "x"]) == 2
+    assert "module data_shards.sources.nosuch does not exist" in capsys.readouterr().err
+    assert main(["inspect", "/nonexistent/train"]) == 1
+    assert "split 'train'" in capsys.readouterr().err
+
+
+def test_cli_subprocess_exit_code(built):
+    proc = subprocess.run([sys.executable, "-m", "data_shards", "verify", os.path.join(built, "val")],
+                          capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr
+    assert "1 shards, 3 samples decoded, OK" in proc.stdout
