@@ -228,3 +228,16 @@ def test_kitti_semantics_build(tmp_path):
     from data_shards.stream import ShardStream
     got = [s["__key__"] for s in ShardStream(str(tmp_path / "o"), "train", shuffle=False)]
     assert got == ["000000_10", "000001_10"]
+
+
+def test_real_data_configs_validate_against_dataconfig():
+    import os
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from trainer.config import DataConfig, register_configs
+    register_configs()
+    conf = os.path.join(os.path.dirname(__file__), "..", "configs")
+    with initialize_config_dir(config_dir=os.path.abspath(conf), version_base=None):
+        for name in ("kitti", "kitti_semantics", "cityscapes", "nyuv2"):
+            data = OmegaConf.to_object(compose(overrides=[f"+data={name}"]).data)
+            assert isinstance(data, DataConfig) and data.name == name and data.root == f"data/{name}"
