@@ -16,7 +16,10 @@ Three kernels, each one pass over memory on (B, C, H, W) contiguous images:
   needs one.
 
 Import this module with ``TRITON_INTERPRET=1`` already set to run the kernels on CPU tensors
-(Triton decides interpreted vs compiled when the ``@triton.jit`` decorators run).
+(Triton decides interpreted vs compiled when the ``@triton.jit`` decorators run). The kernels
+call only triton.language builtins (``tl.full``, ``tl.reduce`` with our own combine function,
+never ``tl.zeros``/``tl.sum``, which are themselves ``@jit`` functions fixed when ``triton`` is
+first imported), so the interpreter works even if ``triton`` was imported earlier without it.
 """
 from __future__ import annotations
 
@@ -56,13 +59,13 @@ def _reflect(i, n):
 def _window_stats(x_ptr, y_ptr, r0, r1, r2, c0, c1, c2, mask, CDT: tl.constexpr):
     """Sums over the 3x3 window (rows r0..r2, columns c0..c2 are element offsets) of x, y, x^2,
     y^2 and x*y, plus the centre values x and y, all in the compute dtype CDT."""
-    sx = tl.zeros(mask.shape, CDT)
-    sy = tl.zeros(mask.shape, CDT)
-    sxx = tl.zeros(mask.shape, CDT)
-    syy = tl.zeros(mask.shape, CDT)
-    sxy = tl.zeros(mask.shape, CDT)
-    xc = tl.zeros(mask.shape, CDT)
-    yc = tl.zeros(mask.shape, CDT)
+    sx = tl.full(mask.shape, 0, CDT)
+    sy = tl.full(mask.shape, 0, CDT)
+    sxx = tl.full(mask.shape, 0, CDT)
+    syy = tl.full(mask.shape, 0, CDT)
+    sxy = tl.full(mask.shape, 0, CDT)
+    xc = tl.full(mask.shape, 0, CDT)
+    yc = tl.full(mask.shape, 0, CDT)
     for i in tl.static_range(3):
         if i == 0:
             r = r0
@@ -92,6 +95,13 @@ def _window_stats(x_ptr, y_ptr, r0, r1, r2, c0, c1, c2, mask, CDT: tl.constexpr)
 
 
 @triton.jit
+def _add(a, b):
+    """Sum combine function for tl.reduce (ours, not tl.sum: triton.language's own @jit helpers
+    are fixed as compiled or interpreted when triton is imported, ours when this module is)."""
+    return a + b
+
+
+@triton.jit
 def _tile_offsets(pid_h, pid_w, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     """Row/column indices of a tile, its in-image mask and the element offsets of the
     reflection-padded rows (h-1, h, h+1) and columns (w-1, w, w+1) of every pixel's window."""
@@ -118,11 +128,11 @@ def _fwd_kernel(tgt_ptr, src_ptrs, argmin_ptr, partial_ptr, H, W, ssim_weight,
     b = tl.program_id(2).to(tl.int64)
     h, w, mask, r0, r1, r2, c0, c1, c2 = _tile_offsets(pid_h, pid_w, H, W, BLOCK_H, BLOCK_W)
     plane = H * W
-    best = tl.zeros((BLOCK_H, BLOCK_W), CDT)
-    best_idx = tl.zeros((BLOCK_H, BLOCK_W), tl.int32)
+    best = tl.full((BLOCK_H, BLOCK_W), 0, CDT)
+    best_idx = tl.full((BLOCK_H, BLOCK_W), 0, tl.int32)
     for s in tl.static_range(N_SRC):
-        ssim_acc = tl.zeros((BLOCK_H, BLOCK_W), CDT)
-        l1_acc = tl.zeros((BLOCK_H, BLOCK_W), CDT)
+        ssim_acc = tl.full((BLOCK_H, BLOCK_W), 0, CDT)
+        l1_acc = tl.full((BLOCK_H, BLOCK_W), 0, CDT)
         for c in tl.static_range(C):
             base = (b * C + c) * plane
             sx, sy, sxx, syy, sxy, xc, yc = _window_stats(
@@ -146,7 +156,7 @@ def _fwd_kernel(tgt_ptr, src_ptrs, argmin_ptr, partial_ptr, H, W, ssim_weight,
             best_idx = tl.where(better, s, best_idx)
     pix = b * plane + h * W + w
     tl.store(argmin_ptr + pix, best_idx.to(tl.uint8), mask=mask)
-    tile_sum = tl.sum(tl.sum(tl.where(mask, best, 0.0), axis=1), axis=0)
+    tile_sum = tl.reduce(tl.reduce(tl.where(mask, best, 0.0), 1, _add), 0, _add)
     tile_id = (b * tl.num_programs(1) + pid_h) * tl.num_programs(0) + pid_w
     tl.store(partial_ptr + tile_id, tile_sum)
 
@@ -170,11 +180,11 @@ def _bwd_coef_kernel(tgt_ptr, src_ptrs, argmin_ptr, coef_ptr, gscale_ptr, H, W, 
     g_s = -g * ssim_weight / (2.0 * C)
     for c in tl.static_range(C):
         base = (b * C + c) * plane
-        sx = tl.zeros((BLOCK_H, BLOCK_W), CDT)
-        sy = tl.zeros((BLOCK_H, BLOCK_W), CDT)
-        sxx = tl.zeros((BLOCK_H, BLOCK_W), CDT)
-        syy = tl.zeros((BLOCK_H, BLOCK_W), CDT)
-        sxy = tl.zeros((BLOCK_H, BLOCK_W), CDT)
+        sx = tl.full((BLOCK_H, BLOCK_W), 0, CDT)
+        sy = tl.full((BLOCK_H, BLOCK_W), 0, CDT)
+        sxx = tl.full((BLOCK_H, BLOCK_W), 0, CDT)
+        syy = tl.full((BLOCK_H, BLOCK_W), 0, CDT)
+        sxy = tl.full((BLOCK_H, BLOCK_W), 0, CDT)
         for s in tl.static_range(N_SRC):
             sel = mask & (k == s)
             s_sx, s_sy, s_sxx, s_syy, s_sxy, _xc, _yc = _window_stats(
@@ -238,11 +248,11 @@ def _bwd_grad_kernel(tgt_ptr, src_ptrs, argmin_ptr, coef_ptr, gscale_ptr, gtgt_p
         base = (b * C + c) * plane
         cbase = ((b * C + c) * 4) * plane
         y = tl.load(tgt_ptr + base + pix, mask=mask, other=0.0).to(CDT)
-        g_y = tl.zeros((BLOCK_H, BLOCK_W), CDT)
+        g_y = tl.full((BLOCK_H, BLOCK_W), 0, CDT)
         if GRAD_TGT:
             # Target terms that do not depend on which source a neighbour selected.
-            sum_mu_y = tl.zeros((BLOCK_H, BLOCK_W), CDT)
-            sum_sq = tl.zeros((BLOCK_H, BLOCK_W), CDT)
+            sum_mu_y = tl.full((BLOCK_H, BLOCK_W), 0, CDT)
+            sum_sq = tl.full((BLOCK_H, BLOCK_W), 0, CDT)
             for di in tl.static_range(3):
                 for dj in tl.static_range(3):
                     ph = h + (di - 1)
@@ -256,9 +266,9 @@ def _bwd_grad_kernel(tgt_ptr, src_ptrs, argmin_ptr, coef_ptr, gscale_ptr, gtgt_p
         for s in tl.static_range(N_SRC):
             if GRAD_TGT or ((GRAD_MASK >> s) & 1):
                 x = tl.load(src_ptrs[s] + base + pix, mask=mask, other=0.0).to(CDT)
-                sum_mu_x = tl.zeros((BLOCK_H, BLOCK_W), CDT)
-                sum_sq_s = tl.zeros((BLOCK_H, BLOCK_W), CDT)
-                sum_xy = tl.zeros((BLOCK_H, BLOCK_W), CDT)
+                sum_mu_x = tl.full((BLOCK_H, BLOCK_W), 0, CDT)
+                sum_sq_s = tl.full((BLOCK_H, BLOCK_W), 0, CDT)
+                sum_xy = tl.full((BLOCK_H, BLOCK_W), 0, CDT)
                 for di in tl.static_range(3):
                     for dj in tl.static_range(3):
                         ph = h + (di - 1)
