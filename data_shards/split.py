@@ -161,3 +161,23 @@ def resampled_pieces(counts: Sequence[int], n: int, *entropy: int) -> list[Piece
         out.append(Piece(s, range(k)))
         n -= k
     return out
+
+
+def buffer_order(n: int, buffer: int, g: np.random.Generator) -> list[int]:
+    """Output order of ``n`` items through a shuffle buffer of ``buffer`` slots: fill the buffer,
+    then emit a random slot and put the next item there; drain randomly at the end. Computed on
+    positions, so a stream knows in advance which samples it will emit (and skip) when."""
+    if buffer <= 1:
+        return list(range(n))
+    buf: list[int] = []
+    out: list[int] = []
+    for i in range(n):
+        if len(buf) < buffer:
+            buf.append(i)
+            continue
+        j = int(g.integers(len(buf)))
+        out.append(buf[j])
+        buf[j] = i
+    while buf:
+        out.append(buf.pop(int(g.integers(len(buf)))))
+    return out

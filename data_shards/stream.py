@@ -3,7 +3,7 @@
 ``ShardStream`` reads ``<root>/<split>/manifest.json`` (root: folder, http(s) URL or
 ``s3://bucket/prefix``), lays the epoch out with :mod:`data_shards.split`, reads only the
 shards overlapping this consumer's range (:mod:`data_shards.reader`), shuffles with a seeded
-buffer, skips already-consumed batches *before* decoding, decodes with
+buffer, skips already-consumed batches without reading them, decodes with
 ``schema.decode_sample`` (never webdataset's image decoder, which drops 16-bit depth to 8
 bits), then applies the per-sample transform with a generator seeded by (seed, epoch, key).
 
@@ -14,12 +14,10 @@ exactly the unseen batches, in the uninterrupted order, for any number of worker
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -151,36 +149,25 @@ class ShardStream(IterableDataset):
                                     subset=self.subset)
         return layout.take(pieces, self.rank * per_rank, (self.rank + 1) * per_rank)
 
-    def _iter_raw(self, pieces: list[layout.Piece]) -> Iterator[tuple[Any, bool]]:
-        """(raw sample or Corrupt, valid) for each position of ``pieces``, in order."""
+    def _iter_positions(self, pieces: list[layout.Piece], need: set[int]) -> Iterator[tuple[int, Any, bool]]:
+        """(position, raw sample or Corrupt, valid) for the ``need``-ed positions of ``pieces``,
+        ascending. Shards with no needed position are not opened; other members are skipped unread."""
+        pos0 = 0
         for p in pieces:
-            url = self.shard_urls[p.shard]
-            done = 0
-            try:
-                for _, raw in iter_members(url, p.members, self.counts[p.shard], self.exts):
-                    done += 1
-                    yield raw, p.valid
-            except ShardError as e:
-                if self.on_corrupt == "raise":
-                    raise
-                for _ in range(len(p) - done):  # the rest of this piece is lost: keep positions
-                    yield Corrupt(url, "(rest of shard)", str(e)), p.valid
-
-    def _shuffled(self, items: Iterator, g: np.random.Generator) -> Iterator:
-        """Seeded shuffle buffer of ``self.shuffle_buffer`` items (after the shard shuffle)."""
-        if not self.shuffle or self.shuffle_buffer <= 1:
-            yield from items
-            return
-        buf: list = []
-        for item in items:
-            if len(buf) < self.shuffle_buffer:
-                buf.append(item)
-                continue
-            i = int(g.integers(len(buf)))
-            yield buf[i]
-            buf[i] = item
-        while buf:
-            yield buf.pop(int(g.integers(len(buf))))
+            idx = [i for i in range(len(p)) if pos0 + i in need]
+            if idx:
+                url = self.shard_urls[p.shard]
+                done = 0
+                try:
+                    for _, raw in iter_members(url, [p.members[i] for i in idx], self.counts[p.shard], self.exts):
+                        yield pos0 + idx[done], raw, p.valid
+                        done += 1
+                except ShardError as e:
+                    if self.on_corrupt == "raise":
+                        raise
+                    for i in idx[done:]:  # the rest of this shard is unreadable: keep the positions
+                        yield pos0 + i, Corrupt(url, "(rest of shard)", str(e)), p.valid
+            pos0 += len(p)
 
     def _decode(self, raw: Any, valid: bool) -> dict | Corrupt:
         if isinstance(raw, Corrupt):
@@ -224,18 +211,31 @@ class ShardStream(IterableDataset):
         yield from self._chunk_batches(chunks[(plan.start_batch + worker) % nw], plan.start_batch)
 
     def _chunk_batches(self, chunk: layout.WorkerChunk, start: int) -> Iterator[list[dict]]:
+        """A layout worker's batches from ``start`` on. The shuffle buffer is a permutation of
+        positions computed up front, so batches consumed before a resume are not even read."""
         rank_pieces = self._rank_pieces()
         pieces = layout.take(rank_pieces, chunk.offset, chunk.offset + chunk.count) if chunk.count else []
         g = layout.rng(self.seed, self.epoch, self.rank, chunk.worker, 0xB0F)
-        items = self._shuffled(self._iter_raw(pieces), g)
+        order = layout.buffer_order(chunk.count, self.shuffle_buffer if self.shuffle else 0, g)
+        k = sum(size for j, size in zip(chunk.batches, chunk.sizes) if j < start)
+        reader = self._iter_positions(pieces, set(order[k:]))
+        held: dict[int, tuple[Any, bool]] = {}  # read ahead of their turn: at most ~shuffle_buffer items
+
+        def item(pos: int) -> tuple[Any, bool]:
+            while pos not in held:
+                got = next(reader, None)
+                if got is None:
+                    raise ShardError(f"split {self.split!r}: shards hold fewer samples than the manifest says "
+                                     f"(rank {self.rank}); run `python -m data_shards verify`")
+                held[got[0]] = got[1:]
+            return held.pop(pos)
+
         last_good: dict | None = None
         for j, size in zip(chunk.batches, chunk.sizes):
-            raw_batch = list(itertools.islice(items, size))
-            if len(raw_batch) != size:
-                raise ShardError(f"split {self.split!r}: shards hold fewer samples than the manifest says "
-                                 f"(rank {self.rank}, batch {j}); run `python -m data_shards verify`")
             if j < start:
-                continue  # consumed before the resume: skipped before decoding
+                continue  # consumed before the resume
+            raw_batch = [item(pos) for pos in order[k:k + size]]
+            k += size
             batch = [self._decode(raw, valid) for raw, valid in raw_batch]
             good = [s for s in batch if not isinstance(s, Corrupt)]
             if good:

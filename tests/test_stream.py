@@ -292,3 +292,23 @@ def test_torchrun_two_ranks_exactly_once(root, tmp_path):
                 assert sorted(valid) == keys and len(got) == 10
             else:
                 assert len(valid) == len(set(valid)) == 8 and set(valid) < set(keys)
+
+
+def test_resume_does_not_read_consumed_shards(tmp_path):
+    root = build(str(tmp_path), "train", [3, 3, 3])
+    full = _epoch(build_loader(ShardStream(root, "train", shuffle=False), 3))
+    for name in ("train-000000.tar", "train-000001.tar"):  # batches 0 and 1 came from these
+        os.remove(os.path.join(root, "train", name))
+    loader = build_loader(ShardStream(root, "train", shuffle=False), 3)
+    loader.load_state_dict({"epoch": 0, "batches": 2})
+    assert _epoch(loader) == full[2:]
+    with pytest.raises(ShardError, match=r"train-000000\.tar: no such file"):
+        _epoch(build_loader(ShardStream(root, "train", shuffle=False), 3))
+
+
+def test_buffer_order_is_a_seeded_local_permutation():
+    a = layout.buffer_order(50, 8, layout.rng(1))
+    assert sorted(a) == list(range(50)) and a == layout.buffer_order(50, 8, layout.rng(1))
+    assert a != layout.buffer_order(50, 8, layout.rng(2)) and a != list(range(50))
+    assert all(pos <= k + 7 for k, pos in enumerate(a))  # an item never leaves before it is read
+    assert layout.buffer_order(5, 0, layout.rng(1)) == [0, 1, 2, 3, 4]
