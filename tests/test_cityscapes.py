@@ -144,3 +144,20 @@ def test_build_two_workers_and_read_back(cs):
     assert K[0, 2] == pytest.approx((cam["u0"] + 0.5) / 2 - 0.5, rel=1e-6)
     seg = LABELID_TO_TRAINID[arrays["frankfurt_000000_000294"][:4, :4]]
     np.testing.assert_array_equal(s["seg"].numpy(), seg[[1, 3]][:, [1, 3]])  # nearest: floor((i + 0.5) * 2)
+
+
+@pytest.mark.timeout(180)
+def test_cli_build_then_verify(cs):
+    import subprocess
+    import sys
+    root, _ = cs
+    repo = Path(__file__).resolve().parents[1]
+    out = root / "cli_out"
+    run = subprocess.run([sys.executable, "-m", "data_shards", "build", "cityscapes", "--root", str(root),
+                          "--out", str(out), "--splits", "val", "--with", "seg,depth", "--no-progress"],
+                         cwd=repo, capture_output=True, text=True, timeout=150)
+    assert run.returncode == 0, run.stderr
+    assert "val: 1 samples in 1 shards, keys depth.png, json, rgb.png, seg.png" in run.stdout
+    ver = subprocess.run([sys.executable, "-m", "data_shards", "verify", str(out / "val")], cwd=repo,
+                         capture_output=True, text=True, timeout=150)
+    assert ver.returncode == 0 and "OK" in ver.stdout, ver.stdout + ver.stderr

@@ -241,3 +241,33 @@ def test_real_data_configs_validate_against_dataconfig():
         for name in ("kitti", "kitti_semantics", "cityscapes", "nyuv2"):
             data = OmegaConf.to_object(compose(overrides=[f"+data={name}"]).data)
             assert isinstance(data, DataConfig) and data.name == name and data.root == f"data/{name}"
+
+
+def test_synthetic_world_export_round_trip(tmp_path):
+    """The world written in the KITTI raw layout converts back to the world's K, baseline, frames, depth."""
+    from data_shards.sources.kitti_export import export_kitti_raw
+    from data_shards.sources.synthetic import SyntheticConfig, intrinsics, iter_sequence
+
+    cfg = SyntheticConfig(seed=3, height=24, width=64, sequences={"train": 1}, frames_per_sequence=4)
+    export_kitti_raw(tmp_path / "raw", cfg, split="train", date=KITTI_DATE)
+    world = list(iter_sequence(cfg, "train", 0))  # frames 1, 2 with t-1, t+1, right view, depth
+    kitti.load_calib.cache_clear()
+    opts, splits, skipped = kitti.plan(_args(kitti.add_arguments, tmp_path / "raw", tmp_path / "o",
+                                             "--depth", "groundtruth"))
+    assert [f.frame for f in splits["train"]] == [1, 2]
+    for f, w in zip(splits["train"], world):
+        s = kitti.make_sample(opts, f)
+        for key in ("rgb", "rgb_prev", "rgb_next", "rgb_right"):
+            np.testing.assert_array_equal(s[key], w[key], err_msg=key)
+        np.testing.assert_allclose(s["meta"]["K"], intrinsics(cfg), rtol=1e-6)
+        assert s["meta"]["baseline_m"] == pytest.approx(cfg.baseline_m, rel=1e-6)
+        enc = w["depth"] * 256 < 65535
+        np.testing.assert_allclose(s["depth"][enc], np.where(w["depth"] > 0, w["depth"], 0)[enc], atol=1 / 512 + 1e-5)
+    # Velodyne: the exporter's 0-based calibration -> every scanned pixel gets the world's depth.
+    velo_opts = kitti.KittiOptions(root=str(tmp_path / "raw"), depth="velodyne", velo_pixel_offset=0)
+    s = kitti.make_sample(velo_opts, splits["train"][0])
+    hit = s["depth"] > 0
+    assert hit.sum() > 64
+    np.testing.assert_allclose(s["depth"][hit], world[0]["depth"][hit], rtol=1e-4)
+    shifted = kitti.make_sample(kitti.KittiOptions(root=str(tmp_path / "raw"), depth="velodyne"), splits["train"][0])
+    np.testing.assert_array_equal(shifted["depth"][:-1, :-1], s["depth"][1:, 1:])  # KITTI's 1-based offset

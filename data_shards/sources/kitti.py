@@ -126,13 +126,16 @@ def load_calib(date_dir: str, with_velo: bool = False) -> KittiCalib:
     return KittiCalib(P, R_rect, velo, str(cam_path))
 
 
-def velodyne_depth(calib: KittiCalib, velo_path: Path, side: str, hw: tuple[int, int]) -> np.ndarray:
+def velodyne_depth(calib: KittiCalib, velo_path: Path, side: str, hw: tuple[int, int],
+                   pixel_offset: int = 1) -> np.ndarray:
     """Project a velodyne scan into the rectified image of ``side`` as Monodepth2 / the devkit do.
 
-    Points behind the scanner (x < 0) are dropped; pixel = round(u) - 1, round(v) - 1 (the
-    devkit's MATLAB 1-based pixel convention, kept so the depth matches the standard Eigen
-    ground truth); where several points land in one pixel the nearest wins; depth is the
-    third row of P_rect @ R_rect @ T_velo_to_cam (z in the rectified camera).
+    Points behind the scanner (x < 0) are dropped; pixel = round(u) - offset, round(v) - offset
+    with ``pixel_offset`` 1 by default (the devkit's MATLAB 1-based convention that Monodepth2's
+    ``generate_depth_map`` keeps, so the depth matches the standard Eigen ground truth; 0 for
+    calibrations in the 0-based convention, e.g. the synthetic world's export); where several
+    points land in one pixel the nearest wins; depth is the third row of
+    P_rect @ R_rect @ T_velo_to_cam (z in the rectified camera).
     """
     require(velo_path, "a velodyne scan (float32 x, y, z, reflectance records)")
     raw = np.fromfile(velo_path, dtype=np.float32)
@@ -147,8 +150,8 @@ def velodyne_depth(calib: KittiCalib, velo_path: Path, side: str, hw: tuple[int,
     pts = velo @ P.T
     z = pts[:, 2]
     with np.errstate(divide="ignore", invalid="ignore"):
-        u = np.round(pts[:, 0] / z) - 1
-        v = np.round(pts[:, 1] / z) - 1
+        u = np.round(pts[:, 0] / z) - pixel_offset
+        v = np.round(pts[:, 1] / z) - pixel_offset
     h, w = hw
     ok = np.isfinite(u) & np.isfinite(v) & (u >= 0) & (v >= 0) & (u < w) & (v < h) & (z > 0)
     depth = np.full((h, w), np.inf)
@@ -237,6 +240,7 @@ class KittiOptions:
     stereo: bool = True
     depth: str = "none"
     depth_root: Optional[str] = None
+    velo_pixel_offset: int = 1
     geometry: Geometry = Geometry()
 
 
@@ -314,7 +318,7 @@ def make_sample(opts: KittiOptions, f: KittiFrame) -> dict[str, Any]:
         meta["baseline_m"] = calib.baseline(f.side)
     if opts.depth == "velodyne":
         velo = root / f.folder / "velodyne_points" / "data" / f"{f.frame:010d}.bin"
-        sample["depth"] = geo.depth(velodyne_depth(calib, velo, f.side, hw), str(velo))
+        sample["depth"] = geo.depth(velodyne_depth(calib, velo, f.side, hw, opts.velo_pixel_offset), str(velo))
     elif opts.depth == "groundtruth":
         p = _groundtruth_path(opts, f)
         raw = read_png_gray(p, 16, "KITTI annotated depth (16-bit PNG, metres * 256)")
@@ -352,6 +356,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ground-truth depth: projected velodyne scans, or KITTI's annotated proj_depth PNGs")
     parser.add_argument("--depth-root", default=None,
                         help="folder of the KITTI depth benchmark (data_depth_annotated: [train|val/]<drive>/proj_depth)")
+    parser.add_argument("--velodyne-pixels", default="kitti", choices=["kitti", "zero-based"],
+                        help="kitti: pixel = round(u) - 1 as Monodepth2 / the Eigen ground truth; "
+                             "zero-based: round(u), for calibrations with integer pixel centres (synthetic export)")
     parser.add_argument("--strict", action="store_true",
                         help="a listed frame without both neighbours is an error instead of being skipped")
 
@@ -359,7 +366,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> KittiOptions:
     """KittiOptions from parsed CLI arguments."""
     return KittiOptions(root=str(args.root), triplet=args.frames == "triplet", stereo=not args.no_stereo,
-                        depth=args.depth, depth_root=args.depth_root, geometry=geometry_from_args(args))
+                        depth=args.depth, depth_root=args.depth_root,
+                        velo_pixel_offset=1 if args.velodyne_pixels == "kitti" else 0,
+                        geometry=geometry_from_args(args))
 
 
 def plan(args: argparse.Namespace) -> tuple[KittiOptions, dict[str, list[KittiFrame]], dict[str, dict[str, int]]]:
@@ -388,5 +397,6 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     """Convert KITTI raw into shards under ``args.out/<split>/``."""
     opts, splits, skipped = plan(args)
     extra = {"geometry": opts.geometry.describe(), "skipped": skipped, "depth": opts.depth,
+             "velodyne_pixel_offset": opts.velo_pixel_offset if opts.depth == "velodyne" else None,
              "frames": "triplet" if opts.triplet else "single", "stereo": opts.stereo}
     return write_splits(args, "kitti", splits, functools.partial(make_sample, opts), extra)
