@@ -1,0 +1,344 @@
+"""`python -m launch compare --experiment <name>`: the study's comparison table, from MLflow.
+
+Rows are pre-trainings, columns dataset x protocol x N-shot; each cell is mIoU and pixel
+accuracy (in %) as mean ± sample std over the fine-tuning seeds, plus the difference of the
+means to the baselines (ImageNet, random init) when the study has them. Writes
+``comparison.md``, ``comparison.csv`` and a bar chart ``comparison.png`` (error bars = std)
+into ``<study out_dir>/comparison/``, logs them to the study's parent run and prints the table
+followed by a plain statement of what came out (a difference smaller than the seed spread is
+reported as such, not as a win).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launch.study_config import CONFIG_DIR, CompareConfig, StudyConfig, load_study
+from trainer import tracking
+
+METRICS = ("miou", "pixel_acc")
+LABELS = {"miou": "mIoU", "pixel_acc": "pixel acc"}
+
+
+@dataclass
+class Cell:
+    """One (pre-training, column) cell: per-seed values of each metric, in %."""
+
+    values: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METRICS})
+    seeds: list[str] = field(default_factory=list)
+
+    def mean(self, metric: str) -> float:
+        vals = self.values[metric]
+        return statistics.fmean(vals) if vals else math.nan
+
+    def std(self, metric: str) -> float:
+        vals = self.values[metric]
+        return statistics.stdev(vals) if len(vals) > 1 else 0.0 if vals else math.nan
+
+    @property
+    def n(self) -> int:
+        return len(self.values["miou"])
+
+
+@dataclass
+class Table:
+    """The comparison: cells by (row, column), plus the runs that could not be used."""
+
+    rows: list[str]
+    columns: list[tuple[str, str, str]]
+    cells: dict[tuple[str, tuple[str, str, str]], Cell]
+    baselines: list[str]
+    expected_seeds: int
+    skipped: list[str] = field(default_factory=list)
+
+    def cell(self, row: str, col: tuple[str, str, str]) -> Cell | None:
+        return self.cells.get((row, col))
+
+    def delta(self, row: str, col: tuple[str, str, str], baseline: str, metric: str) -> float:
+        """Mean of ``row`` minus mean of ``baseline`` in the column, in points (nan if either is missing)."""
+        a, b = self.cell(row, col), self.cell(baseline, col)
+        if a is None or b is None:
+            return math.nan
+        return a.mean(metric) - b.mean(metric)
+
+
+def find_metric(metrics: dict[str, float], name: str, prefixes: list[str]) -> float | None:
+    """The value of ``name`` in a run's metrics: exact key, else ``<prefix>/<name>`` in prefix order,
+    else the only key ending in ``/<name>``."""
+    if name in metrics:
+        return metrics[name]
+    for prefix in prefixes:
+        for sep in ("/", "_", "."):
+            key = f"{prefix}{sep}{name}"
+            if key in metrics:
+                return metrics[key]
+    ends = [k for k in metrics if k.endswith("/" + name)]
+    if len(ends) == 1:
+        return metrics[ends[0]]
+    return None
+
+
+def _col_name(col: tuple[str, str, str]) -> str:
+    dataset, protocol, shots = col
+    return f"{dataset} · {protocol} · {'all' if shots == '0' else 'N=' + shots}"
+
+
+def build_table(runs: list[tracking.RunRecord], compare: CompareConfig, *, row_order: list[str] | None = None,
+                expected_seeds: int = 0) -> Table:
+    """Group FINISHED fine-tuning runs into the table (the newest run of each job counts once)."""
+    seen_jobs: set[str] = set()
+    cells: dict = {}
+    skipped: list[str] = []
+    rows_found: list[str] = []
+    cols_found: list[tuple[str, str, str]] = []
+    for run in sorted(runs, key=lambda r: -r.start_time):
+        tags = run.tags
+        job = tags.get("study_job", run.run_id)
+        if job in seen_jobs:
+            continue
+        seen_jobs.add(job)
+        try:
+            row = tags["grid_pretraining"]
+            col = (tags["grid_dataset"], tags["grid_protocol"], tags["grid_shots"])
+            seed = tags["grid_seed"]
+        except KeyError as e:
+            skipped.append(f"run {run.run_id} ({job}): no grid tag {e}")
+            continue
+        values = {}
+        for metric in METRICS:
+            value = find_metric(run.metrics, getattr(compare, metric), compare.prefer_prefixes)
+            if value is None or not math.isfinite(value):
+                skipped.append(f"run {run.run_id} ({job}): metric {getattr(compare, metric)!r} missing or not finite "
+                               f"(has: {', '.join(sorted(run.metrics)) or 'none'})")
+                break
+            values[metric] = 100.0 * value
+        else:
+            cell = cells.setdefault((row, col), Cell())
+            for metric in METRICS:
+                cell.values[metric].append(values[metric])
+            cell.seeds.append(seed)
+            if row not in rows_found:
+                rows_found.append(row)
+            if col not in cols_found:
+                cols_found.append(col)
+    order = [r for r in (row_order or []) if r in rows_found] + sorted(r for r in rows_found if r not in (row_order or []))
+    cols = sorted(cols_found, key=lambda c: (c[0], c[1], int(c[2]) if c[2].isdigit() else 0))
+    baselines = [b for b in compare.baselines if b in rows_found]
+    return Table(order, cols, cells, baselines, expected_seeds, skipped)
+
+
+def _fmt(mean: float, std: float, n: int, expected: int) -> str:
+    if math.isnan(mean):
+        return "–"
+    text = f"{mean:.1f} ± {std:.1f}"
+    return text + (f" (n={n})" if expected and n != expected else "")
+
+
+def _fmt_delta(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:+.1f}"
+
+
+def to_markdown(table: Table) -> str:
+    """The table in Markdown: per column group mIoU, pixel acc and the differences to each baseline."""
+    header = ["pre-training"]
+    for col in table.columns:
+        name = _col_name(col)
+        header += [f"{name} mIoU", f"{name} pixel acc"]
+        header += [f"Δ mIoU vs {b}" for b in table.baselines] + [f"Δ acc vs {b}" for b in table.baselines]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for row in table.rows:
+        cells = [row]
+        for col in table.columns:
+            c = table.cell(row, col) or Cell()
+            cells += [_fmt(c.mean(m), c.std(m), c.n, table.expected_seeds) for m in METRICS]
+            for metric in METRICS:
+                cells += [("0 (itself)" if b == row else _fmt_delta(table.delta(row, col, b, metric)))
+                          for b in table.baselines]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Table) -> str:
+    """Long format: one line per (pre-training, column), means/stds in %, deltas in points."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    header = ["pretraining", "dataset", "protocol", "shots", "n_seeds", "seeds", "miou_mean", "miou_std",
+              "pixel_acc_mean", "pixel_acc_std"]
+    header += [f"delta_{m}_vs_{b}" for b in table.baselines for m in METRICS]
+    writer.writerow(header)
+    for row in table.rows:
+        for col in table.columns:
+            c = table.cell(row, col)
+            if c is None:
+                continue
+            line = [row, *col, c.n, " ".join(c.seeds)]
+            line += [f"{c.mean(m):.4f}" if i == 0 else f"{c.std(m):.4f}" for m in METRICS for i in (0, 1)]
+            line += [f"{table.delta(row, col, b, m):.4f}" for b in table.baselines for m in METRICS]
+            writer.writerow(line)
+    return buf.getvalue()
+
+
+def verdict(table: Table) -> list[str]:
+    """Plain sentences: for each column, the best row, and each row against each baseline,
+    calling a difference smaller than the larger seed std 'within seed noise'."""
+    out = []
+    for col in table.columns:
+        name = _col_name(col)
+        present = [r for r in table.rows if table.cell(r, col)]
+        if not present:
+            continue
+        best = max(present, key=lambda r: table.cell(r, col).mean("miou"))
+        out.append(f"{name}: highest mean mIoU: {best} ({table.cell(best, col).mean('miou'):.1f} %).")
+        for b in table.baselines:
+            base = table.cell(b, col)
+            if base is None:
+                out.append(f"  no {b} run in this column: no difference to {b}.")
+                continue
+            for r in present:
+                if r == b:
+                    continue
+                c = table.cell(r, col)
+                d = c.mean("miou") - base.mean("miou")
+                noise = max(c.std("miou"), base.std("miou"))
+                if min(c.n, base.n) < 2:
+                    judged = "one seed only, no spread to judge against"
+                elif abs(d) <= noise:
+                    judged = f"within seed noise (std up to {noise:.1f})"
+                else:
+                    judged = f"{'better' if d > 0 else 'worse'} by more than the seed std ({noise:.1f})"
+                out.append(f"  {r} vs {b}: {d:+.1f} mIoU points, {judged}.")
+    return out
+
+
+def bar_chart(table: Table, path: Path, title: str) -> Path:
+    """Grouped bars (one group per column, one bar per pre-training), error bars = std; mIoU and pixel acc."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 2.5 + 1.6 * len(table.columns) * 2), 4.2), squeeze=False)
+    width = 0.8 / max(len(table.rows), 1)
+    for ax, metric in zip(axes[0], METRICS):
+        for i, row in enumerate(table.rows):
+            xs, means, stds = [], [], []
+            for j, col in enumerate(table.columns):
+                c = table.cell(row, col)
+                if c is None:
+                    continue
+                xs.append(j + (i - (len(table.rows) - 1) / 2) * width)
+                means.append(c.mean(metric))
+                stds.append(c.std(metric))
+            ax.bar(xs, means, width, yerr=stds, capsize=3, label=row)
+        ax.set_xticks(range(len(table.columns)))
+        ax.set_xticklabels([_col_name(c) for c in table.columns], rotation=15, ha="right", fontsize=8)
+        ax.set_ylabel(f"{LABELS[metric]} (%)")
+        ax.set_title(f"{LABELS[metric]}: mean ± std over seeds")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def compare_runs(store: tracking.TrackingStore, study_name: str, compare: CompareConfig, out_dir: Path, *,
+                 parent_run_id: str | None = None, row_order: list[str] | None = None,
+                 expected_seeds: int = 0, echo: bool = True) -> Table:
+    """Build the table from MLflow, write md/csv/png to ``out_dir``, log them to the parent run, print it."""
+    runs = store.find_runs({"study": study_name, "study_kind": "finetune"}, status="FINISHED")
+    table = build_table(runs, compare, row_order=row_order, expected_seeds=expected_seeds)
+    if not table.rows:
+        reasons = "; ".join(table.skipped[:5]) or "no FINISHED fine-tuning run"
+        raise ValueError(f"study {study_name!r} in {store.uri} (experiment {store.experiment!r}) has nothing to "
+                         f"compare: {reasons}")
+    seeds_note = f"mean ± std over {expected_seeds} seeds" if expected_seeds else "mean ± std over seeds"
+    md = (f"# Study {study_name}: segmentation after each pre-training\n\n"
+          f"mIoU and pixel accuracy in %, {seeds_note}; Δ = difference of means in points.\n\n"
+          + to_markdown(table) + "\n" + "\n".join(verdict(table)) + "\n")
+    if table.skipped:
+        md += "\nRuns left out:\n" + "\n".join(f"- {s}" for s in table.skipped) + "\n"
+    files = [_write(out_dir / "comparison.md", md), _write(out_dir / "comparison.csv", to_csv(table)),
+             bar_chart(table, out_dir / "comparison.png", f"study {study_name}")]
+    if parent_run_id:
+        for f in files:
+            store.log_artifact(parent_run_id, f, "comparison")
+        summary = {}
+        for row in table.rows:
+            for col in table.columns:
+                c = table.cell(row, col)
+                if c is not None:
+                    key = f"{row}/{col[0]}/{col[1]}/n{col[2]}"
+                    summary[f"{key}/miou_mean"] = c.mean("miou")
+                    summary[f"{key}/pixel_acc_mean"] = c.mean("pixel_acc")
+        store.log_metrics(parent_run_id, summary)
+    if echo:
+        print(md, flush=True)
+        print(f"[compare] wrote {', '.join(str(f) for f in files)}", flush=True)
+    return table
+
+
+def compare_study(study: StudyConfig, *, store: tracking.TrackingStore | None = None,
+                  parent_run_id: str | None = None, echo: bool = True) -> Table:
+    """The comparison of a study config (its tracking URI, experiment and out_dir)."""
+    from launch.study import study_root, study_uri
+
+    store = store or tracking.TrackingStore(study_uri(study), study.experiment)
+    if parent_run_id is None:
+        parents = store.find_runs({"study": study.name, "study_kind": "study"})
+        parent_run_id = parents[0].run_id if parents else None
+    return compare_runs(store, study.name, study.compare, study_root(study) / "comparison",
+                        parent_run_id=parent_run_id, row_order=list(study.pretrainings),
+                        expected_seeds=len(study.seeds), echo=echo)
+
+
+def main(argv: list[str]) -> int:
+    """CLI: ``--experiment <study config name>`` (or an MLflow experiment with --uri and --study)."""
+    p = argparse.ArgumentParser(prog="python -m launch compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--experiment", required=True,
+                   help="study name (configs/experiment/<name>.yaml), or an MLflow experiment name with --study")
+    p.add_argument("--study", default=None, help="study tag to compare (MLflow experiment mode)")
+    p.add_argument("--uri", default=None, help="tracking URI (default: the study's)")
+    p.add_argument("--out", default=None, help="output folder (default: <study out_dir>/comparison)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides of the study config")
+    args = p.parse_args(argv)
+    try:
+        if args.study is None and (CONFIG_DIR / "experiment" / f"{args.experiment}.yaml").exists():
+            study = load_study([f"+experiment={args.experiment}", *args.overrides])
+            if args.uri:
+                study.tracking_uri = args.uri
+            if args.out:
+                study.out_dir = args.out
+            compare_study(study)
+            return 0
+        if not args.study:
+            raise ValueError(f"no study config configs/experiment/{args.experiment}.yaml; to compare an MLflow "
+                             f"experiment directly pass --study <tag> and --uri")
+        uri = args.uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            raise ValueError("--uri (or MLFLOW_TRACKING_URI) is needed without a study config")
+        store = tracking.TrackingStore(uri, args.experiment)
+        compare_runs(store, args.study, CompareConfig(), Path(args.out or f"outputs/{args.study}/comparison"))
+        return 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,358 @@
+"""`python -m launch study +experiment=<name>`: run a study grid, tracked in MLflow.
+
+Each pre-training runs once (``python -m trainer task=...`` as a subprocess, or torchrun when
+it asks for several processes); then every fine-tuning (task=segmentation) of the grid
+pre-training x dataset x protocol x N-shot x seed starts from that pre-training's exported
+weights. A parent MLflow run holds one child run per job, tagged with its grid coordinates
+(``study``, ``study_job``, ``grid_pretraining``, ``grid_dataset``, ``grid_protocol``,
+``grid_shots``, ``grid_seed``) so MLflow's compare view can group them.
+
+Re-running skips jobs whose run FINISHED (found in MLflow by their tags) and re-starts the
+others in their old run folder, where the trainer resumes from its latest checkpoint.
+``--emit k8s`` writes one Kubernetes manifest per job instead (launch.k8s renders them).
+``python -m launch study replay <spool>`` sends a run's offline tracking spool to MLflow.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launch.study_config import StudyConfig, load_study
+from trainer import tracking
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Job:
+    """One run of the grid."""
+
+    job_id: str
+    """Unique within the study: pre-<name> or ft-<pretraining>-<dataset>-<protocol>-n<shots>-s<seed>."""
+    kind: str
+    """pretrain | finetune."""
+    overrides: list[str]
+    """Trainer Hydra overrides, without the tracking ones (added at launch)."""
+    out_dir: Path
+    """The job's run folder."""
+    nproc: int
+    """Processes (torchrun when > 1)."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """Grid coordinates (MLflow tags)."""
+    needs: str | None = None
+    """Job id of the pre-training this job starts from."""
+    weights_override: str | None = None
+    """'task.weights' override template for the pre-training's weights ('{weights}' is replaced)."""
+
+
+def _q(value) -> str:
+    """Quote a value for a Hydra override (paths and URIs hold ':' '/' and maybe spaces)."""
+    text = str(value)
+    if "'" in text:
+        raise ValueError(f"value {text!r} contains a single quote, which this launcher does not pass to Hydra")
+    return f"'{text}'"
+
+
+def study_root(study: StudyConfig) -> Path:
+    """Absolute output folder of the study."""
+    root = Path(study.out_dir)
+    return root if root.is_absolute() else (Path.cwd() / root)
+
+
+def study_uri(study: StudyConfig) -> str:
+    """Tracking URI of the study: the config's, else $MLFLOW_TRACKING_URI, else sqlite in <out_dir>/mlflow."""
+    return study.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.sqlite_uri_for(
+        study_root(study) / "mlflow")
+
+
+def plan(study: StudyConfig) -> list[Job]:
+    """Every job of the grid, pre-trainings first, in a fixed order."""
+    root = study_root(study) / "runs"
+    jobs: list[Job] = []
+    base_tags = {"study": study.name}
+    for name, pre in study.pretrainings.items():
+        if pre.task is None:
+            continue
+        job_id = f"pre-{name}"
+        overrides = [f"task={pre.task}", *study.common, *pre.overrides, f"seed={study.pretrain_seed}",
+                     "train.export=true"]
+        jobs.append(Job(job_id, "pretrain", overrides, root / job_id, pre.nproc or study.nproc_per_job,
+                        {**base_tags, "study_job": job_id, "study_kind": "pretrain", "grid_pretraining": name}))
+    for name, pre in study.pretrainings.items():
+        for dataset, data_overrides in study.datasets.items():
+            for protocol, protocol_overrides in study.protocols.items():
+                for shots in study.shots:
+                    for seed in study.seeds:
+                        job_id = f"ft-{name}-{dataset}-{protocol}-n{shots or 'all'}-s{seed}"
+                        overrides = ["task=segmentation", *study.common, *study.finetune, *data_overrides,
+                                     *protocol_overrides, *pre.finetune_overrides, f"task.init={pre.init}",
+                                     f"seed={seed}"]
+                        if shots:
+                            overrides += [f"data.subset={shots}", f"data.subset_seed={seed}"]
+                        tags = {**base_tags, "study_job": job_id, "study_kind": "finetune",
+                                "grid_pretraining": name, "grid_dataset": dataset, "grid_protocol": protocol,
+                                "grid_shots": str(shots), "grid_seed": str(seed)}
+                        jobs.append(Job(job_id, "finetune", overrides, root / job_id, study.nproc_per_job, tags,
+                                        needs=f"pre-{name}" if pre.task else None,
+                                        weights_override="task.weights={weights}" if pre.task else None))
+    ids = [j.job_id for j in jobs]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"study {study.name}: job ids collide: {sorted({i for i in ids if ids.count(i) > 1})}")
+    return jobs
+
+
+def weights_path(study: StudyConfig, job: Job) -> Path:
+    """Where a pre-training job's exported weights land."""
+    return job.out_dir / study.weights_file
+
+
+def job_overrides(study: StudyConfig, job: Job, by_id: dict[str, Job], *, uri: str | None,
+                  parent_run_id: str | None, out_dir: str | None) -> list[str]:
+    """The job's full trainer overrides: grid + weights + output folder + tracking."""
+    out = list(job.overrides)
+    if job.needs:
+        if out_dir is None:  # k8s: the pre-training wrote to the checkpoint volume
+            from launch.k8s import CHECKPOINT_MOUNT
+
+            weights = f"{CHECKPOINT_MOUNT}/{k8s_name(study, by_id[job.needs])}/{study.weights_file}"
+        else:
+            weights = str(weights_path(study, by_id[job.needs]))
+        out.append(job.weights_override.format(weights=_q(weights)))
+    if out_dir is not None:
+        out.append(f"out_dir={_q(out_dir)}")
+    out += ["tracking.enabled=true", f"tracking.experiment={_q(study.experiment)}", f"tracking.run_name={_q(job.job_id)}"]
+    if uri:
+        out.append(f"tracking.uri={_q(uri)}")
+    if parent_run_id:
+        out.append(f"tracking.parent_run_id={_q(parent_run_id)}")
+    out += [f"++tracking.tags.{k}={_q(v)}" for k, v in job.tags.items()]
+    return out
+
+
+def job_command(overrides: list[str], nproc: int) -> list[str]:
+    """``python -m trainer ...``, or torchrun --standalone when the job asks for several processes."""
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "-m", "trainer", *overrides]
+    return [sys.executable, "-m", "trainer", *overrides]
+
+
+def k8s_name(study: StudyConfig, job: Job) -> str:
+    """A DNS-1123 name of at most 40 characters for the job (short hash when shortened)."""
+    name = re.sub(r"[^a-z0-9-]+", "-", f"{study.name}-{job.job_id}".lower()).strip("-")
+    if len(name) > 40:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:6]
+        name = f"{name[:33].rstrip('-')}-{digest}"
+    return name
+
+
+# ----------------------------------------------------------------------------- local run
+
+
+def _run_job(cmd: list[str], log_path: Path, timeout: float, verbose: bool) -> tuple[int, float]:
+    """Run one job, its output to ``log_path`` (and the terminal if verbose); (exit code, seconds)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "ab") as log:
+        log.write(("\n$ " + " ".join(cmd) + "\n").encode())
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                if verbose:
+                    sys.stdout.buffer.write(line)
+                    sys.stdout.flush()
+                if timeout and time.monotonic() - start > timeout:
+                    raise subprocess.TimeoutExpired(cmd, timeout)
+            rc = proc.wait(timeout=max(timeout - (time.monotonic() - start), 1) if timeout else None)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            log.write(f"\n[study] killed after {timeout:.0f} s (study.timeout_s)\n".encode())
+            rc = 124
+        except BaseException:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            raise
+    return rc, time.monotonic() - start
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _parent_run(store: tracking.TrackingStore, study: StudyConfig) -> str:
+    """The study's parent run: the newest existing one (a re-run continues it), else a new one."""
+    found = store.find_runs({"study": study.name, "study_kind": "study"})
+    if found:
+        store.set_status(found[0].run_id, "RUNNING")
+        return found[0].run_id
+    run_id = store.create_run(f"study-{study.name}", {"study": study.name, "study_kind": "study"})
+    store.log_params(run_id, {
+        "pretrainings": ",".join(study.pretrainings), "datasets": ",".join(study.datasets),
+        "protocols": ",".join(study.protocols), "shots": ",".join(map(str, study.shots)),
+        "seeds": ",".join(map(str, study.seeds)), "nproc_per_job": study.nproc_per_job})
+    return run_id
+
+
+def finished_jobs(store: tracking.TrackingStore, study: StudyConfig) -> set[str]:
+    """Job ids of the study with a FINISHED run in MLflow."""
+    return {r.tags.get("study_job", "") for r in store.find_runs({"study": study.name}, status="FINISHED")}
+
+
+def run_study(study: StudyConfig, *, dry_run: bool = False, compare: bool = True, verbose: bool = False,
+              only: list[str] | None = None) -> int:
+    """Run (or resume) the whole grid locally, one job after another; 0 when every job finished."""
+    jobs = plan(study)
+    by_id = {j.job_id: j for j in jobs}
+    if only:
+        unknown = [o for o in only if o not in by_id]
+        if unknown:
+            raise ValueError(f"--only: no such job(s) {unknown}; jobs: {', '.join(by_id)}")
+        jobs = [j for j in jobs if j.job_id in only]
+    uri = study_uri(study)
+    if dry_run:
+        for job in jobs:
+            cmd = job_command(job_overrides(study, job, by_id, uri=uri, parent_run_id="<parent>",
+                                            out_dir=str(job.out_dir)), job.nproc)
+            print(" ".join(cmd))
+        return 0
+    store = tracking.TrackingStore(uri, study.experiment)
+    parent = _parent_run(store, study)
+    done = finished_jobs(store, study)
+    print(f"[study] {study.name}: {len(jobs)} jobs, tracking {uri} (experiment {study.experiment!r}, "
+          f"parent run {parent})", flush=True)
+    failed: dict[str, str] = {}
+    t_start = time.monotonic()
+    for i, job in enumerate(jobs, 1):
+        prefix = f"[study] {i:>3}/{len(jobs)} {job.job_id}"
+        if job.job_id in done and (job.kind != "pretrain" or weights_path(study, job).exists()):
+            print(f"{prefix}: already finished, skipped", flush=True)
+            continue
+        if job.needs and job.needs in failed:
+            failed[job.job_id] = f"its pre-training {job.needs} failed"
+            print(f"{prefix}: skipped, {failed[job.job_id]}", flush=True)
+            continue
+        if job.needs and not weights_path(study, by_id[job.needs]).exists():
+            failed[job.job_id] = f"pre-training weights {weights_path(study, by_id[job.needs])} missing"
+            print(f"{prefix}: skipped, {failed[job.job_id]}", flush=True)
+            continue
+        resumed = " (resuming)" if (job.out_dir / "job.log").exists() else ""
+        print(f"{prefix}: running{resumed} ...", flush=True)
+        cmd = job_command(job_overrides(study, job, by_id, uri=uri, parent_run_id=parent,
+                                        out_dir=str(job.out_dir)), job.nproc)
+        rc, secs = _run_job(cmd, job.out_dir / "job.log", study.timeout_s, verbose)
+        if rc == 0 and job.kind == "pretrain" and not weights_path(study, job).exists():
+            rc = -1
+            failed[job.job_id] = f"exited 0 but wrote no {weights_path(study, job)}"
+        elif rc != 0:
+            failed[job.job_id] = f"exit code {rc}; log {job.out_dir / 'job.log'}"
+        if job.job_id in failed:
+            print(f"{prefix}: FAILED after {secs:.0f} s ({failed[job.job_id]})\n{_tail(job.out_dir / 'job.log')}",
+                  flush=True)
+        else:
+            print(f"{prefix}: done in {secs:.0f} s", flush=True)
+    elapsed = time.monotonic() - t_start
+    store.log_metrics(parent, {"jobs_failed": float(len(failed)), "grid_seconds": elapsed})
+    if compare:
+        from launch.compare import compare_study
+
+        try:
+            compare_study(study, store=store, parent_run_id=parent)
+        except ValueError as e:
+            print(f"[study] comparison not possible: {e}", flush=True)
+    store.set_status(parent, "FAILED" if failed else "FINISHED")
+    if failed:
+        print(f"[study] {len(failed)} job(s) did not finish: " + "; ".join(f"{k}: {v}" for k, v in failed.items()),
+              flush=True)
+        print("[study] re-run the same command to retry them (finished jobs are skipped, interrupted ones resume)")
+        return 1
+    print(f"[study] all {len(jobs)} jobs finished in {elapsed:.0f} s; view with: {tracking.ui_command(uri)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- k8s
+
+
+def emit_k8s(study: StudyConfig, args: argparse.Namespace) -> int:
+    """Write one manifest per grid job (pre-trainings must complete before their fine-tunings)."""
+    try:
+        from launch import k8s
+    except ImportError as e:  # pragma: no cover - launch.k8s is part of the package
+        raise RuntimeError(f"--emit k8s needs launch/k8s.py (the manifest renderer): {e}") from e
+    jobs = plan(study)
+    by_id = {j.job_id: j for j in jobs}
+    out = Path(args.out or study_root(study) / "k8s")
+    out.mkdir(parents=True, exist_ok=True)
+    roots = set()
+    written = []
+    for job in jobs:
+        overrides = job_overrides(study, job, by_id, uri=None, parent_run_id=None, out_dir=None)
+        kept = []
+        for o in overrides:
+            if o.split("=", 1)[0].lstrip("+~") == "data.root":
+                roots.add(o.split("=", 1)[1])
+            else:
+                kept.append(o)
+        if len(roots) > 1:
+            raise ValueError(f"--emit k8s: the study reads several shard locations {sorted(roots)}, but a manifest "
+                             f"takes one (--shards-url / --shards-pvc); emit one dataset at a time with "
+                             f"study.datasets=...")
+        name = k8s_name(study, job)
+        spec = k8s.job_from_args(args, name, kept, labels={"geoprime/study": study.name[:63],
+                                                         "geoprime/kind": job.kind})
+        path = out / f"{'0' if job.kind == 'pretrain' else '1'}-{name}.yaml"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(k8s.to_yaml(k8s.render(args.kind, spec)))
+        tmp.replace(path)
+        written.append(path)
+    print(f"[study] wrote {len(written)} manifests to {out}: apply 0-*.yaml (pre-trainings) first, "
+          f"then 1-*.yaml once they completed; then: python -m launch compare --experiment {study.experiment} "
+          f"--uri <your MLflow URI> --study {study.name}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str]) -> int:
+    """CLI: ``study +experiment=<name> [overrides] [--dry-run] [--emit k8s ...]`` | ``study replay <spool>``."""
+    if argv and argv[0] == "replay":
+        return tracking.main(argv)
+    emit = "--emit" in argv
+    p = argparse.ArgumentParser(prog="python -m launch study", description="Run a study grid (see configs/experiment/).")
+    p.add_argument("overrides", nargs="*", help="+experiment=<name> and Hydra overrides of the study (study.seeds=[0,1])")
+    p.add_argument("--dry-run", action="store_true", help="print every job's command and stop")
+    p.add_argument("--no-compare", action="store_true", help="skip the comparison table at the end")
+    p.add_argument("--verbose", action="store_true", help="show the jobs' output (always kept in <run>/job.log)")
+    p.add_argument("--only", nargs="+", default=None, help="run only these job ids")
+    p.add_argument("--emit", choices=["k8s"], default=None, help="write Kubernetes manifests instead of running")
+    if emit:
+        from launch import k8s
+
+        p.add_argument("--out", default=None, help="folder for the manifests (default <study out_dir>/k8s)")
+        k8s.add_job_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        study = load_study(args.overrides)
+        if args.emit == "k8s":
+            return emit_k8s(study, args)
+        return run_study(study, dry_run=args.dry_run, compare=not args.no_compare, verbose=args.verbose,
+                         only=args.only)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,171 @@
+"""The study schema: which pre-trainings, fine-tuning protocols, N-shot sizes, datasets and seeds.
+
+A study lives in ``configs/experiment/<name>.yaml`` under a top-level ``study:`` key (with
+``# @package _global_``) and is loaded with Hydra, so ``python -m launch study
++experiment=<name> study.seeds=[0,1,2]`` works as usual. :func:`load_study` composes it,
+validates it against :class:`StudyConfig` (unknown keys and wrong types are errors naming the
+key) and checks the cross-references (protocol/dataset names, init values).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+#: Initialisations that need no pre-training run (segmentation's ``task.init`` values).
+NO_RUN_INITS = ("random", "imagenet")
+
+
+@dataclass
+class PretrainingConfig:
+    """One pre-training: a trainer run (``task`` set) or a ready initialisation (random / imagenet)."""
+
+    init: str = "random"
+    """Segmentation ``task.init`` value used when fine-tuning from it (depth, flow, classification, random, imagenet...)."""
+    task: Optional[str] = None
+    """Trainer task of the pre-training run (depth | flow | classification); None = no run (random, imagenet)."""
+    overrides: list[str] = field(default_factory=list)
+    """Hydra overrides of the pre-training run (after ``study.common``)."""
+    finetune_overrides: list[str] = field(default_factory=list)
+    """Extra overrides for every fine-tuning from this pre-training (e.g. model.imagenet_weights=...)."""
+    nproc: int = 0
+    """Processes for the pre-training run (0 = ``study.nproc_per_job``)."""
+
+
+@dataclass
+class CompareConfig:
+    """What the comparison reads from each fine-tuning run."""
+
+    miou: str = "miou"
+    """Metric name of mIoU (the final evaluation's key, e.g. test/miou; a bare name matches any prefix)."""
+    pixel_acc: str = "pixel_acc"
+    """Metric name of pixel accuracy."""
+    prefer_prefixes: list[str] = field(default_factory=lambda: ["test", "final", "eval", "val"])
+    """When the name is bare, the first prefix found wins (test/miou before val/miou)."""
+    baselines: list[str] = field(default_factory=lambda: ["imagenet", "random"])
+    """Pre-trainings whose difference every row shows (when present in the study)."""
+
+
+@dataclass
+class StudyConfig:
+    """A study grid; every field is used by ``launch.study`` / ``launch.compare``."""
+
+    name: str = "study"
+    """Study name: MLflow tag ``study`` and default output folder name."""
+    out_dir: str = ""
+    """Folder for every job's run folder and the comparison ('' = outputs/<name>)."""
+    tracking_uri: Optional[str] = None
+    """MLflow URI; None -> $MLFLOW_TRACKING_URI, else sqlite in <out_dir>/mlflow."""
+    experiment: str = ""
+    """MLflow experiment ('' = geoprime-<name>)."""
+    weights_file: str = "weights.pt"
+    """File a pre-training exports into its run folder (what fine-tuning loads)."""
+    nproc_per_job: int = 1
+    """Processes per job (> 1: torchrun --standalone --nproc_per_node=N)."""
+    common: list[str] = field(default_factory=list)
+    """Hydra overrides for every job."""
+    pretrain_seed: int = 0
+    """Seed of each pre-training run (pre-trainings run once)."""
+    pretrainings: dict[str, PretrainingConfig] = field(default_factory=dict)
+    """Pre-trainings by name (rows of the table)."""
+    finetune: list[str] = field(default_factory=list)
+    """Hydra overrides for every fine-tuning (task=segmentation is implied)."""
+    protocols: dict[str, list[str]] = field(default_factory=lambda: {"full": ["task.protocol=full"]})
+    """Fine-tuning protocols by name -> their overrides (full | frozen | linear...)."""
+    datasets: dict[str, list[str]] = field(default_factory=dict)
+    """Fine-tuning datasets by name -> their overrides (data.root=..., data.name=...)."""
+    shots: list[int] = field(default_factory=lambda: [0])
+    """N-shot training-set sizes (0 = the whole training split)."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Fine-tuning seeds (also choose the N-shot subsets)."""
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    """How the comparison reads the runs."""
+    timeout_s: float = 0.0
+    """Per-job wall-clock limit in seconds (0 = none); a job over it is killed and counted as failed."""
+
+
+def validate(study: StudyConfig, source: str) -> StudyConfig:
+    """Cross-field checks, each error naming the study file and the key."""
+    def fail(msg: str):
+        raise ValueError(f"{source}: {msg}")
+
+    if not _NAME.match(study.name):
+        fail(f"study.name={study.name!r} must be lowercase letters, digits, '-' or '_'")
+    if not study.pretrainings:
+        fail("study.pretrainings is empty")
+    if not study.datasets:
+        fail("study.datasets is empty")
+    if not study.protocols:
+        fail("study.protocols is empty")
+    if not study.seeds:
+        fail("study.seeds is empty")
+    for group in ("pretrainings", "datasets", "protocols"):
+        for name in getattr(study, group):
+            if not _NAME.match(name):
+                fail(f"study.{group}.{name}: names must be lowercase letters, digits, '-' or '_'")
+    for name, pre in study.pretrainings.items():
+        if pre.task is None and pre.init not in NO_RUN_INITS:
+            fail(f"study.pretrainings.{name}: init={pre.init!r} needs a pre-training run; set task "
+                 f"(or use one of {NO_RUN_INITS})")
+        if pre.task is not None and pre.init in NO_RUN_INITS:
+            fail(f"study.pretrainings.{name}: task={pre.task!r} with init={pre.init!r} would ignore the run's weights")
+        if pre.nproc < 0:
+            fail(f"study.pretrainings.{name}.nproc={pre.nproc} must be >= 0")
+    if any(s < 0 for s in study.shots):
+        fail(f"study.shots={study.shots}: sizes must be >= 0 (0 = all)")
+    if study.nproc_per_job < 1:
+        fail(f"study.nproc_per_job={study.nproc_per_job} must be >= 1")
+    for o in [*study.common, *study.finetune]:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key in ("out_dir", "seed", "task", "task.init", "task.weights"):
+            fail(f"override {o!r}: {key} is set by the study for each job")
+    return study
+
+
+def load_study(overrides: list[str], config_dir: Path = CONFIG_DIR) -> StudyConfig:
+    """Compose ``+experiment=<name>`` (and further overrides) with Hydra and validate the study."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    names = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("experiment=")]
+    if not names:
+        raise ValueError("no study given: pass +experiment=<name> (a file in configs/experiment/)")
+    source = str(config_dir / "experiment" / f"{names[-1]}.yaml")
+    if not Path(source).exists():
+        known = sorted(p.stem for p in (config_dir / "experiment").glob("*.yaml"))
+        raise FileNotFoundError(f"no study {names[-1]!r}: {source} does not exist (known: {', '.join(known)})")
+    from hydra.errors import HydraException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            cfg = compose(config_name=None, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ValueError(f"{source}: {e}") from e
+    finally:
+        GlobalHydra.instance().clear()
+    if "study" not in cfg:
+        raise ValueError(f"{source} is not a study (no top-level 'study:' key with '# @package _global_'); "
+                         f"run trainer presets with: python -m trainer +experiment={names[-1]}")
+    return from_dict(cfg.study, source)
+
+
+def from_dict(raw, source: str = "<study>") -> StudyConfig:
+    """Validate a plain dict / DictConfig against the schema and return the typed study."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(StudyConfig),
+                                 raw if isinstance(raw, DictConfig) else OmegaConf.create(raw))
+    except OmegaConfBaseException as e:
+        raise ValueError(f"{source}: {e}") from e
+    study: StudyConfig = OmegaConf.to_object(merged)
+    if not study.out_dir:
+        study.out_dir = f"outputs/{study.name}"
+    if not study.experiment:
+        study.experiment = f"geoprime-{study.name}"
+    return validate(study, source)

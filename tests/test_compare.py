@@ -1,0 +1,114 @@
+"""Comparison table: values against runs with known metrics (hand-computed means, sample stds,
+differences to the baselines), the newest run of a job counting once, unusable runs listed."""
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from launch.compare import build_table, compare_runs, find_metric, to_markdown, verdict
+from launch.study_config import CompareConfig
+from trainer import tracking
+from trainer.tracking import RunRecord
+
+
+def _run(pre, seed, miou, acc, *, shots="0", protocol="full", t=0, job=None, extra=None):
+    tags = {"study": "s", "study_kind": "finetune", "grid_pretraining": pre, "grid_dataset": "syn",
+            "grid_protocol": protocol, "grid_shots": shots, "grid_seed": str(seed),
+            "study_job": job or f"ft-{pre}-syn-{protocol}-n{shots}-s{seed}"}
+    metrics = {"test/miou": miou, "test/pixel_acc": acc, "val/miou": -1.0, **(extra or {})}
+    return RunRecord(run_id=f"{pre}{seed}{protocol}{shots}{t}", name="", status="FINISHED", tags=tags,
+                     metrics=metrics, start_time=t)
+
+
+RUNS = [
+    _run("depth", 0, 0.40, 0.80), _run("depth", 1, 0.44, 0.84), _run("depth", 2, 0.45, 0.83),
+    _run("imagenet", 0, 0.38, 0.82), _run("imagenet", 1, 0.39, 0.81), _run("imagenet", 2, 0.41, 0.80),
+    _run("random", 0, 0.20, 0.70), _run("random", 1, 0.22, 0.71), _run("random", 2, 0.21, 0.69),
+    _run("depth", 0, 0.30, 0.60, protocol="frozen"),
+]
+
+
+def test_find_metric_prefers_test_then_val():
+    prefixes = CompareConfig().prefer_prefixes
+    assert find_metric({"val/miou": 1.0, "test/miou": 2.0}, "miou", prefixes) == 2.0
+    assert find_metric({"val/miou": 1.0}, "miou", prefixes) == 1.0
+    assert find_metric({"foo/miou": 3.0}, "miou", prefixes) == 3.0
+    assert find_metric({"a/miou": 3.0, "b/miou": 4.0}, "miou", prefixes) is None
+    assert find_metric({"test/miou": 5.0}, "test/miou", prefixes) == 5.0
+
+
+def test_table_values_match_hand_computation():
+    table = build_table(RUNS, CompareConfig(), row_order=["random", "imagenet", "depth"], expected_seeds=3)
+    assert table.rows == ["random", "imagenet", "depth"]
+    assert table.columns == [("syn", "frozen", "0"), ("syn", "full", "0")]
+    assert table.baselines == ["imagenet", "random"]
+    full = ("syn", "full", "0")
+    depth = table.cell("depth", full)
+    assert depth.mean("miou") == pytest.approx(43.0)
+    assert depth.std("miou") == pytest.approx(statistics.stdev([40.0, 44.0, 45.0]))
+    assert depth.mean("pixel_acc") == pytest.approx(82.333333, abs=1e-5)
+    assert table.delta("depth", full, "imagenet", "miou") == pytest.approx(43.0 - (38 + 39 + 41) / 3)
+    assert table.delta("depth", full, "random", "pixel_acc") == pytest.approx(82.333333 - 70.0, abs=1e-5)
+    assert math.isnan(table.delta("depth", ("syn", "frozen", "0"), "random", "miou"))  # no frozen baseline
+
+    md = to_markdown(table)
+    header, _, *lines = md.strip().splitlines()
+    assert "syn · full · all mIoU" in header and "Δ mIoU vs imagenet" in header
+    depth_line = next(line for line in lines if line.startswith("| depth"))
+    assert "43.0 ± 2.6" in depth_line and "+3.7" in depth_line and "+22.0" in depth_line
+    assert "30.0 ± 0.0 (n=1)" in depth_line  # the frozen cell has one seed of the 3 expected
+    text = "\n".join(verdict(table))
+    assert "highest mean mIoU: depth (43.0 %)" in text
+    assert "depth vs imagenet: +3.7 mIoU points, better by more than the seed std (2.6)" in text
+    assert "depth vs random: +22.0 mIoU points, better" in text
+
+
+def test_newest_run_of_a_job_counts_and_bad_runs_are_listed():
+    runs = [_run("depth", 0, 0.10, 0.5, t=1), _run("depth", 0, 0.30, 0.6, t=2),
+            _run("random", 0, 0.2, 0.5), _run("random", 1, 0.2, 0.5, extra={}),
+            RunRecord("x", "", "FINISHED", {"study_job": "j"}, {}, {"test/miou": 1.0}, 0)]
+    runs[3].metrics.pop("test/pixel_acc")
+    runs[3].metrics.pop("val/miou")
+    table = build_table(runs, CompareConfig())
+    assert table.cell("depth", ("syn", "full", "0")).values["miou"] == [pytest.approx(30.0)]
+    assert table.cell("random", ("syn", "full", "0")).n == 1
+    assert any("no grid tag" in s for s in table.skipped)
+    assert any("'pixel_acc' missing" in s for s in table.skipped)
+    text = "\n".join(verdict(table))
+    assert "one seed only" in text
+
+
+def test_compare_runs_from_mlflow_writes_and_logs(tmp_path, capsys):
+    store = tracking.TrackingStore(tracking.sqlite_uri_for(tmp_path / "mlflow"), "cmp")
+    parent = store.create_run("study-s", {"study": "s", "study_kind": "study"})
+    for rec in RUNS[:9]:
+        run_id = store.create_run(rec.tags["study_job"], rec.tags, parent_run_id=parent)
+        store.log_metrics(run_id, rec.metrics, step=5)
+        store.set_status(run_id, "FINISHED")
+    unfinished = store.create_run("x", {**RUNS[0].tags, "study_job": "other"}, parent_run_id=parent)
+    store.log_metrics(unfinished, {"test/miou": 0.99, "test/pixel_acc": 0.99})  # RUNNING: not counted
+
+    table = compare_runs(store, "s", CompareConfig(), tmp_path / "cmp", parent_run_id=parent,
+                         row_order=["depth", "imagenet", "random"], expected_seeds=3)
+    assert table.cell("depth", ("syn", "full", "0")).mean("miou") == pytest.approx(43.0)
+    out = capsys.readouterr().out
+    assert "| depth | 43.0 ± 2.6 | 82.3 ± 2.1 |" in out
+    rows = list(csv.DictReader(open(tmp_path / "cmp" / "comparison.csv")))
+    assert [r["pretraining"] for r in rows] == ["depth", "imagenet", "random"]
+    assert float(rows[2]["miou_mean"]) == pytest.approx(21.0)
+    assert float(rows[0]["delta_miou_vs_random"]) == pytest.approx(22.0)
+    assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(store.list_artifacts(parent, "comparison")) == [
+        "comparison/comparison.csv", "comparison/comparison.md", "comparison/comparison.png"]
+    (p,) = [r for r in store.find_runs({"study_kind": "study"})]
+    assert p.metrics["depth/syn/full/n0/miou_mean"] == pytest.approx(43.0)
+
+
+def test_nothing_to_compare_is_a_clear_error(tmp_path):
+    store = tracking.TrackingStore(tracking.sqlite_uri_for(tmp_path / "mlflow"), "empty")
+    with pytest.raises(ValueError, match="has nothing to compare"):
+        compare_runs(store, "s", CompareConfig(), tmp_path / "cmp")
