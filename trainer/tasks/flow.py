@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from matplotlib.colors import hsv_to_rgb
 from torch import nn
 
@@ -101,11 +102,16 @@ class FlowTask(Task):
 
     def predict(self, model: nn.Module, frame_a: torch.Tensor, frame_b: torch.Tensor) -> dict[int, torch.Tensor]:
         """{scale: flow (B, 2, H, W) pixels} from two float [0, 1] frames; one encoder call on
-        both frames (shared weights; a single call keeps DDP's once-per-step gradient hooks)."""
-        b = frame_a.shape[0]
-        feats = model["encoder"](torch.cat([frame_a, frame_b], 0))
-        return model["flow_decoder"]([f[:b] for f in feats], [f[b:] for f in feats],
-                                     tuple(frame_a.shape[-2:]))
+        both frames (shared weights; a single call keeps DDP's once-per-step gradient hooks).
+        Frames are padded (replicated border) to a multiple of 32 and the flow cropped back."""
+        b, (h, w) = frame_a.shape[0], frame_a.shape[-2:]
+        x = torch.cat([frame_a, frame_b], 0)
+        ph, pw = max((-h) % 32, 64 - h), max((-w) % 32, 64 - w)  # as segmentation: /32, >= 64
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        feats = model["encoder"](x)
+        flows = model["flow_decoder"]([f[:b] for f in feats], [f[b:] for f in feats], tuple(x.shape[-2:]))
+        return {s: f[..., :h, :w] for s, f in flows.items()}
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ref = model["flow_decoder"]

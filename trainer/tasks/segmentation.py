@@ -293,10 +293,12 @@ class SegmentationTask(Task):
 
     # ---- steps -------------------------------------------------------------------------------
     def logits(self, model: nn.Module, rgb: torch.Tensor) -> torch.Tensor:
-        """(B, num_classes, H, W) logits; the input is padded to a multiple of 32 and cropped back."""
+        """(B, num_classes, H, W) logits; the input is padded (replicated border) to a multiple of 32,
+        at least 64, and the logits cropped back to the input size."""
         x = to_unit_float(rgb, model["decoder"])
         h, w = x.shape[-2:]
-        ph, pw = (-h) % 32, (-w) % 32
+        # multiple of 32, and >= 64 so the stride-32 map is >= 2 px (the U-Net's reflection padding)
+        ph, pw = max((-h) % 32, 64 - h), max((-w) % 32, 64 - w)
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="replicate")
         if self.frozen:

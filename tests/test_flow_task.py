@@ -1,0 +1,103 @@
+"""Flow pre-training: warping with ground-truth flow reproduces the next frame on the synthetic
+world, the loss prefers the true flow, the siamese encoder is one shared module, exports load."""
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from data_shards.sources.synthetic import SyntheticConfig, iter_samples
+from trainer.config import ModelConfig
+from trainer.models.flow_net import flow_to_pixel_coords
+from trainer.tasks.flow import FlowConfig, FlowTask, warp_by_flow
+from trainer.tasks.segmentation import SegmentationConfig, SegmentationTask
+
+
+def _chw(a):
+    return torch.from_numpy(a).permute(2, 0, 1)[None]
+
+
+@pytest.fixture(scope="module")
+def samples():
+    cfg = SyntheticConfig(height=48, width=160, sequences={"train": 1}, frames_per_sequence=4)
+    return list(itertools.islice(iter_samples("train", cfg), 2))
+
+
+def test_warping_next_frame_with_gt_flow_reproduces_the_frame(samples):
+    for s in samples:
+        rgb, nxt = _chw(s["rgb"]).float() / 255, _chw(s["rgb_next"]).float() / 255
+        flow = _chw(s["flow"])
+        warped, inside = warp_by_flow(nxt, flow[:, :2])
+        valid = (flow[:, 2:3] > 0.5) & inside
+        assert valid.float().mean() > 0.5
+        err = (warped - rgb).abs().mean(1, keepdim=True)[valid]
+        no_motion = (nxt - rgb).abs().mean(1, keepdim=True)[valid]
+        assert err.median() < 0.01  # texture resampling error only
+        assert err.mean() < 0.6 * no_motion.mean()
+
+
+def test_integer_shift_is_exact():
+    img = torch.rand(1, 3, 10, 12)
+    nxt = torch.zeros_like(img)
+    nxt[..., 2:, 3:] = img[..., :-2, :-3]  # everything moved 3 px right, 2 px down
+    flow = torch.zeros(1, 2, 10, 12)
+    flow[:, 0], flow[:, 1] = 3.0, 2.0
+    warped, inside = warp_by_flow(nxt, flow)
+    assert torch.equal(inside[0, 0], torch.zeros(10, 12, dtype=torch.bool).index_fill_(0, torch.arange(8), True)
+                       & torch.zeros(10, 12, dtype=torch.bool).index_fill_(1, torch.arange(9), True))
+    torch.testing.assert_close(warped[..., :8, :9], img[..., :8, :9])
+    assert flow_to_pixel_coords(flow)[0, 4, 5].tolist() == [8.0, 6.0]
+
+
+def test_loss_prefers_true_flow_and_trains_the_shared_encoder(samples):
+    task = FlowTask(FlowConfig(scales=[0]), SimpleNamespace(model=ModelConfig()))
+    model = task.build_model()
+    s = samples[0]
+    batch = {"rgb": _chw(s["rgb"]), "rgb_next": _chw(s["rgb_next"])}
+    gt = _chw(s["flow"])[:, :2]
+
+    class Fixed(torch.nn.Module):  # stands in for the decoder: a fixed flow
+        def __init__(self, flow):
+            super().__init__()
+            self.flow, self.w = flow, torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, fa, fb, size):
+            return {0: self.flow + self.w}
+
+    losses = {}
+    for name, f in (("gt", gt), ("zero", torch.zeros_like(gt))):
+        m = torch.nn.ModuleDict({"encoder": model["encoder"], "flow_decoder": Fixed(f)})
+        losses[name] = task.training_step(m, batch)[1]["photometric"].item()
+    assert losses["gt"] < 0.7 * losses["zero"]
+    loss, logs = task.training_step(model, batch)
+    loss.backward()
+    assert set(logs) == {"photometric", "smoothness"} and torch.isfinite(loss)
+    assert model["encoder"].layers["stem"][0].weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        out = task.eval_step(model, {**batch, "flow": _chw(s["flow"])})
+    metric = task.new_metric()
+    metric.update({"flow": _chw(s["flow"])}, out)
+    r = metric.compute(metric.state())
+    assert out["flow"].shape == (1, 2, 48, 160) and r["epe"] > 0 and r["flow_pixels"] > 0
+
+
+def test_train_transform_flips_frames_and_flow_together():
+    task = FlowTask(FlowConfig(flip_prob=1.0, jitter_prob=0.0), SimpleNamespace(model=ModelConfig()))
+    s = {"__key__": "k", "rgb": torch.arange(12, dtype=torch.uint8).reshape(1, 2, 6).repeat(3, 1, 1),
+         "rgb_next": torch.zeros(3, 2, 6, dtype=torch.uint8), "flow": torch.ones(3, 2, 6), "meta": {}}
+    out = task.train_transform(s, torch.Generator().manual_seed(0))
+    assert torch.equal(out["rgb"], s["rgb"].flip(-1)) and torch.equal(out["aug_rgb"], out["rgb"])
+    assert (out["flow"][0] == -1).all() and (out["flow"][1] == 1).all() and "meta" not in out
+
+
+def test_flow_export_initialises_segmentation(tmp_path):
+    run = SimpleNamespace(model=ModelConfig())
+    flow_model = FlowTask(FlowConfig(), run).build_model()
+    assert sorted(flow_model) == ["encoder", "flow_decoder"]
+    torch.save(flow_model.state_dict(), tmp_path / "weights.pt")
+    seg = SegmentationTask(SegmentationConfig(init="flow", weights=str(tmp_path / "weights.pt")), run).build_model()
+    assert torch.equal(seg["encoder"].layers["layer4"][1].conv2.weight,
+                       flow_model["encoder"].layers["layer4"][1].conv2.weight)
