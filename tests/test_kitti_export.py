@@ -109,6 +109,24 @@ def test_lidar_points_project_onto_the_depth_map(export):
         assert len(scan) < 0.8 * (gt > 0).sum()
 
 
+def test_one_based_calibration_matches_devkit_style_velodyne_projection(tmp_path):
+    """With one_based=True, a devkit-style reader (round(u) - 1) puts LiDAR depth on the rendered pixels."""
+    kitti = pytest.importorskip("data_shards.sources.kitti")
+    small = SyntheticConfig(seed=5, height=32, width=96, sequences={"train": 1}, frames_per_sequence=3)
+    d = export_kitti_raw(tmp_path, small, one_based=True)
+    c = parse_calib(d / "calib_cam_to_cam.txt")
+    K = intrinsics(small)
+    np.testing.assert_allclose(c["P_rect_02"].reshape(3, 4)[:2, 2], K[:2, 2] + 1)
+    calib = kitti.load_calib(str(d), with_velo=True)
+    drive = d / f"{DATE}_drive_0001_sync"
+    depth = kitti.velodyne_depth(calib, drive / "velodyne_points" / "data" / "0000000001.bin", "l", (32, 96))
+    with Image.open(drive / "proj_depth" / "groundtruth" / "image_02" / "0000000001.png") as im:
+        gt = np.asarray(im).astype(np.float64) / 256.0
+    has = depth > 0
+    assert has.sum() > 300
+    assert np.abs(depth[has] - gt[has]).max() <= 0.5 / 256 + 1e-3
+
+
 def test_rerun_replaces_and_foreign_folders_are_kept(tmp_path):
     small = SyntheticConfig(height=16, width=48, sequences={"val": 1}, frames_per_sequence=3)
     d = export_kitti_raw(tmp_path, small, split="val", date="2012_01_02")

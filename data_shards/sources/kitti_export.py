@@ -14,7 +14,9 @@ Layout (KITTI raw, plus the depth-completion ground truth inside each drive)::
 Sequence ``i`` of the split becomes drive ``i + 1``. Camera 00 coincides with camera 02 (the
 left colour camera) and camera 01 with 03, so ``P_rect_02 = K [I | 0]`` and
 ``P_rect_03 = K [I | (-fx * b, 0, 0)]`` with b = the baseline, as KITTI encodes it. K is in
-the renderer's 0-based pixel convention (``u = fx X / Z + cx``, pixel centres at integers).
+the renderer's 0-based pixel convention (``u = fx X / Z + cx``, pixel centres at integers)
+unless ``one_based=True``: then cx, cy are written +1, the MATLAB convention that KITTI's
+devkit and Monodepth2 assume when they project velodyne points with ``round(u) - 1``.
 Velodyne points are in KITTI's velodyne frame (x forward, y left, z up, 8 cm above and
 27 cm behind camera 00) and are exact 3D points of the rendered depth along 64 beam
 elevations of an HDL-64E (+2 deg to -24.8 deg), one per image column, in the camera's field
@@ -122,8 +124,13 @@ def _write_drive(drive_dir: Path, cfg: SyntheticConfig, split: str, sequence: in
         (gt_dir / f"{name}.png").write_bytes(encode_depth(left.depth))
 
 
-def export_kitti_raw(out_dir, cfg: SyntheticConfig, split: str = "train", date: str = "2011_09_26") -> Path:
+def export_kitti_raw(out_dir, cfg: SyntheticConfig, split: str = "train", date: str = "2011_09_26",
+                     one_based: bool = False) -> Path:
     """Write ``split`` of the synthetic world under ``out_dir/<date>`` in the KITTI raw layout.
+
+    ``one_based``: write the principal point in 1-based (MATLAB / devkit) pixel coordinates,
+    so readers that subtract 1 after projecting velodyne points land on the rendered pixels;
+    the default writes the renderer's 0-based K exactly.
 
     Returns the date folder. Re-running replaces an earlier synthetic export of the same date;
     a ``<date>`` folder that is not a synthetic export (no ``synthetic_export.json``) is never
@@ -142,12 +149,15 @@ def export_kitti_raw(out_dir, cfg: SyntheticConfig, split: str = "train", date: 
     tmp = Path(tempfile.mkdtemp(prefix=f".{date}.partial-", dir=out))
     try:
         K = intrinsics(cfg)
+        if one_based:
+            K[:2, 2] += 1.0
         (tmp / "calib_cam_to_cam.txt").write_text(calib_cam_to_cam(K, cfg.width, cfg.height, cfg.baseline_m))
         (tmp / "calib_velo_to_cam.txt").write_text(calib_velo_to_cam())
         (tmp / "calib_imu_to_velo.txt").write_text(calib_imu_to_velo())
         for s in range(cfg.sequences[split]):
             _write_drive(tmp / f"{date}_drive_{s + 1:04d}_sync", cfg, split, s, date)
-        (tmp / MARKER).write_text(json.dumps({"split": split, "config": asdict(cfg)}, sort_keys=True, indent=1))
+        (tmp / MARKER).write_text(json.dumps({"split": split, "one_based": one_based, "config": asdict(cfg)},
+                                             sort_keys=True, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
