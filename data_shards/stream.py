@@ -184,10 +184,11 @@ class ShardStream(IterableDataset):
             if self.on_corrupt == "raise":
                 raise
             return Corrupt(url, key, str(e))
-        sample["__valid__"] = valid
         if self.transform is not None:
             g = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, key))
             sample = self.transform(sample, g)
+        sample["__key__"] = key
+        sample["__valid__"] = valid
         return sample
 
     def _iter_batches(self, worker: int | None = None, num_workers: int | None = None) -> Iterator[list[dict]]:
@@ -314,16 +315,35 @@ class ResumableLoader:
     def __len__(self) -> int:
         return self.batches_per_epoch
 
+    def layout(self) -> dict:
+        """What fixes the order of an epoch's batches besides the epoch number."""
+        s = self.stream
+        return {"world_size": s.world_size, "rank": s.rank, "num_workers": self.num_workers,
+                "batch_size": self.batch_size, "drop_last": self.drop_last, "seed": s.seed,
+                "samples": s.total, "shuffle_buffer": s.shuffle_buffer, "tail": s.tail}
+
     def state_dict(self) -> dict:
-        """The data position: epoch and batches handed out in it (JSON-able)."""
-        return {"epoch": self.epoch, "batches": self.batches}
+        """The data position: epoch and batches handed out in it, plus the layout (JSON-able)."""
+        return {"epoch": self.epoch, "batches": self.batches, "layout": self.layout()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at a position from :meth:`state_dict`."""
+        """Resume at a position from :meth:`state_dict`.
+
+        Mid-epoch (``batches > 0``) the layout must be the checkpoint's: with another world
+        size, worker count or batch size the consumed batches would be other samples, and
+        exactly-once would silently break. At an epoch boundary any layout may resume.
+        """
         epoch, batches = int(state["epoch"]), int(state["batches"])
         if epoch < 0 or not 0 <= batches <= self.batches_per_epoch:
             raise ValueError(f"data state {state}: batches must be in [0, {self.batches_per_epoch}] "
                              f"(the run's world size, batch size and split must match the checkpoint's)")
+        if batches > 0 and "layout" in state:
+            now = self.layout()
+            diff = {k: (v, now.get(k)) for k, v in state["layout"].items() if now.get(k) != v}
+            if diff:
+                raise ValueError(f"cannot resume mid-epoch ({batches} batches into epoch {epoch}) with a different "
+                                 f"data layout: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in diff.items())}; "
+                                 f"use the checkpoint's settings or resume from an epoch boundary")
         self.epoch, self.batches = epoch, batches
 
     def __iter__(self) -> Iterator[dict]:
