@@ -226,3 +226,22 @@ def write_nyu_mapping40(path: Path) -> np.ndarray:
     scipy.io.savemat(str(path), {"mapClass": mapping[None, :].astype(np.float64),
                                  "className": np.array([f"c{i}" for i in range(40)], dtype=object)})
     return np.concatenate([[0], mapping])
+
+
+def write_kitti_photo_like(root: str | Path, n: int = 42, hw: tuple[int, int] = (375, 1242)) -> int:
+    """One full-resolution KITTI drive of photo-like PNGs (gradient + noise, ~1 MB each) for
+    conversion-speed measurements (docs/real-datasets.md). Returns the mean PNG size in bytes."""
+    root = Path(root)
+    rng = np.random.default_rng(0)
+    h, w = hw
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 255 // (w + h)], -1)
+    write_kitti_calib(root / KITTI_DATE, hw=hw)
+    sizes = []
+    for cam in ("image_02", "image_03"):
+        for f in range(n):
+            img = (base + rng.integers(0, 48, size=base.shape) + f).clip(0, 255).astype(np.uint8)
+            path = root / KITTI_DATE / f"{KITTI_DATE}_drive_0001_sync" / cam / "data" / f"{f:010d}.png"
+            _save(path, img)
+            sizes.append(path.stat().st_size)
+    return int(np.mean(sizes))
