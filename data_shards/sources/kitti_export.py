@@ -48,6 +48,7 @@ MARKER = "synthetic_export.json"
 
 
 def _fmt(values) -> str:
+    """Numbers as KITTI writes them: space-separated ``%e``."""
     return " ".join(f"{v:e}" for v in np.asarray(values, dtype=np.float64).ravel())
 
 
@@ -98,15 +99,18 @@ def lidar_scan(depth: np.ndarray, rgb: np.ndarray, K: np.ndarray) -> np.ndarray:
 
 
 def _timestamps(n: int, date: str) -> str:
+    """KITTI ``timestamps.txt`` text for ``n`` frames at 10 Hz."""
     day = date.replace("_", "-")
     return "".join(f"{day} 12:00:{i * 0.1:012.9f}\n" for i in range(n))
 
 
 def _png(path: Path, arr: np.ndarray) -> None:
+    """Write an 8-bit PNG."""
     Image.fromarray(arr).save(path, format="PNG", compress_level=1)
 
 
 def _write_drive(drive_dir: Path, cfg: SyntheticConfig, split: str, sequence: int, date: str) -> None:
+    """Render one sequence (both cameras, every frame) into a drive folder."""
     world = make_sequence(cfg, split, sequence)
     F = cfg.frames_per_sequence
     dirs = {k: drive_dir / k / "data" for k in ("image_02", "image_03", "velodyne_points")}

@@ -76,6 +76,7 @@ def intrinsics(cfg: SyntheticConfig) -> np.ndarray:
 
 
 def _check_split(split: str, cfg: SyntheticConfig) -> int:
+    """Number of sequences of ``split``; a clear error naming it if the config has no such split."""
     if split not in cfg.sequences:
         raise ValueError(f"synthetic: unknown split {split!r}; configured splits: {sorted(cfg.sequences)}")
     return cfg.sequences[split]
@@ -179,6 +180,7 @@ def compute_flow(depth0: np.ndarray, seg0: np.ndarray, depth1: np.ndarray, seg1:
 
 
 def _meta(cfg: SyntheticConfig, K, split, seq, frame, poses, seg) -> dict:
+    """The sample's JSON meta: intrinsics, baseline, poses, provenance, classes present."""
     classes = sorted(int(c) for c in np.unique(seg) if c != 255)
     return {
         "K": K.tolist(),

@@ -251,11 +251,11 @@ def _normals(scene: Scene, p: np.ndarray, d: np.ndarray, obj: np.ndarray, face: 
 
 
 def _stripes(x: np.ndarray, period: float, width: float) -> np.ndarray:
+    """True on the first ``width`` metres of every ``period`` along ``x`` (markings, tile joints)."""
     return np.mod(x, period) < width
 
 
-def _albedo(scene: Scene, p: np.ndarray, n: np.ndarray, face: np.ndarray, obj: np.ndarray,
-            cls: np.ndarray) -> np.ndarray:
+def _albedo(scene: Scene, p: np.ndarray, face: np.ndarray, obj: np.ndarray, cls: np.ndarray) -> np.ndarray:
     """Surface colour (n, 3) of each hit: base colour x surface-anchored noise and patterns."""
     kind = scene.kind[obj]
     seed = scene.tex_seed[obj]
@@ -354,7 +354,7 @@ def render(scene: Scene, rays_c: np.ndarray, T_wc: np.ndarray, K: np.ndarray, fa
     ground = scene.kind[obj] == K_GROUND
     cls[ground] = np.where(np.abs(p[ground, 0]) < scene.road_half, ROAD, TERRAIN)
     n = _normals(scene, p, df[hit], obj, ff[hit])
-    col = _albedo(scene, p, n, ff[hit], obj, cls)
+    col = _albedo(scene, p, ff[hit], obj, cls)
     lam = scene.ambient + (1.0 - scene.ambient) * np.clip(n @ scene.sun, 0.0, None)
     col = col * lam[:, None].astype(np.float32)
     haze = np.clip((zf[hit] - haze_start) / (far - haze_start), 0.0, 1.0)[:, None]

@@ -117,6 +117,7 @@ class _Builder:
         self.spheres: list[tuple] = []
 
     def _add(self, kind, colour, colour2, ptype, pindex, param=(0.0, 0.0)) -> int:
+        """Register an object (its primitive row already appended); returns its object id."""
         seed = int(self.rng.integers(0, 2**31 - 1))
         self.rows.append((kind, colour, colour2, seed, param, ptype, pindex))
         return len(self.rows) - 1
@@ -138,6 +139,7 @@ class _Builder:
         return self._add(kind, colour, colour2, P_SPHERE, len(self.spheres) - 1)
 
     def freeze(self, **kw) -> Scene:
+        """The accumulated objects as a :class:`Scene` (``kw``: the scene-wide fields)."""
         rows = self.rows
         return Scene(
             kind=np.array([r[0] for r in rows], dtype=np.int64),
@@ -182,7 +184,8 @@ def _side(b: _Builder, sign: float, road_half: float, sw: float, curb_h: float, 
         lo, hi = (-inner, -curb_h, z_lo), (-road_half, 0.0, z_hi)
     b.box(K_SIDEWALK, lo, hi, pick_colour(rng, SIDEWALK), pick_colour(rng, SIDEWALK, 0.03))
 
-    def xr(a: float, c: float) -> tuple[float, float]:  # lateral interval [a, c] on this side
+    def xr(a: float, c: float) -> tuple[float, float]:
+        """The lateral interval at distances [a, c] from the centre line, on this side."""
         return (a, c) if sign > 0 else (-c, -a)
 
     # Buildings with gaps, varied setback / height / facade.
