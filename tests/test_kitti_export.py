@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_shards.sources.kitti_export import MARKER, beam_rows, export_kitti_raw
+from data_shards.sources.kitti_export import MARKER, beam_rows, export_kitti_raw, main
 from data_shards.sources.synthetic import SyntheticConfig, intrinsics, iter_samples
 
 DATE = "2011_09_26"
@@ -141,3 +141,9 @@ def test_rerun_replaces_and_foreign_folders_are_kept(tmp_path):
         export_kitti_raw(tmp_path, small, split="train")
     with pytest.raises(ValueError, match="YYYY_MM_DD"):
         export_kitti_raw(tmp_path, small, split="val", date="2011-09-26")
+    # The command line writes the same tree.
+    assert main([str(tmp_path / "cli"), "--split", "val", "--sequences", "1", "--frames-per-sequence", "3",
+                 "--height", "16", "--width", "48", "--date", "2012_01_02"]) == 0
+    for f in ("image_02/data/0000000002.png", "velodyne_points/data/0000000002.bin"):
+        a = (tmp_path / "cli" / "2012_01_02" / "2012_01_02_drive_0001_sync" / f).read_bytes()
+        assert a == (d / "2012_01_02_drive_0001_sync" / f).read_bytes()

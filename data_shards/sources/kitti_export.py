@@ -169,3 +169,32 @@ def export_kitti_raw(out_dir, cfg: SyntheticConfig, split: str = "train", date: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m data_shards.sources.kitti_export OUT [--split S] [--seed N] ...``: write a KITTI raw tree."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m data_shards.sources.kitti_export",
+                                description="Write the synthetic world in the KITTI raw layout.")
+    p.add_argument("out", help="KITTI raw root to write (<out>/<date>/...)")
+    p.add_argument("--split", default="train", help="split to export (default: train)")
+    p.add_argument("--date", default="2011_09_26", help="date folder name, YYYY_MM_DD")
+    p.add_argument("--seed", type=int, default=0, help="world seed")
+    p.add_argument("--height", type=int, default=None, help="image height (default: the world's)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: the world's)")
+    p.add_argument("--sequences", type=int, default=None, help="number of sequences (drives) of the split")
+    p.add_argument("--frames-per-sequence", type=int, default=None, help="frames per drive")
+    p.add_argument("--one-based", action="store_true", help="write cx, cy in the devkit's 1-based convention")
+    a = p.parse_args(argv)
+    base = SyntheticConfig(seed=a.seed)
+    cfg = SyntheticConfig(
+        seed=a.seed, height=a.height or base.height, width=a.width or base.width,
+        sequences={**base.sequences, **({a.split: a.sequences} if a.sequences is not None else {})},
+        frames_per_sequence=a.frames_per_sequence or base.frames_per_sequence)
+    print(export_kitti_raw(a.out, cfg, split=a.split, date=a.date, one_based=a.one_based))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
