@@ -218,3 +218,17 @@ def test_deeplab_head_odd_size_export_and_overlays(tmp_path, exports):
     assert np.array_equal(np.asarray(Image.open(files[0])), out["pred"][0].numpy().astype(np.uint8))
     pngs = task.visualize(model, batch, out, tmp_path / "vis")
     assert len(pngs) == 2 and Image.open(pngs[0]).size == (3 * 70, 50)
+
+
+def test_cityscapes_export_writes_label_ids_in_the_official_layout(tmp_path):
+    from data_shards.sources.labels import TRAINID_TO_LABELID
+
+    task = SegmentationTask(SegmentationConfig(num_classes=19, export_predictions=str(tmp_path),
+                                               export_size=[40, 80]), _run_cfg())
+    pred = torch.randint(0, 19, (1, 20, 40))
+    batch = {"name": ["aachen_000000_000019_leftImg8bit"], "__key__": ["k"], "__valid__": torch.tensor([True])}
+    (path,) = task.export_predictions(batch, pred, tmp_path)
+    assert path == tmp_path / "aachen" / "aachen_000000_000019_leftImg8bit.png"
+    got = np.asarray(Image.open(path))
+    want = TRAINID_TO_LABELID[pred[0].numpy().astype(np.uint8)].repeat(2, 0).repeat(2, 1)
+    assert got.shape == (40, 80) and np.array_equal(got, want)

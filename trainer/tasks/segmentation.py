@@ -82,6 +82,8 @@ class SegmentationConfig:
     """Folder to write evaluation predictions to (None = off), in ``export_format``."""
     export_format: str = "cityscapes"
     """cityscapes (label-id PNGs, the benchmark's format) | trainid (train-id PNGs)."""
+    export_size: list[int] = field(default_factory=lambda: [0, 0])
+    """Resize exported predictions (nearest) to (height, width), e.g. [1024, 2048]; 0 = as predicted."""
     visualize_max: int = 4
     """Qualitative overlays written per ``visualize`` call."""
 
@@ -159,27 +161,6 @@ def write_png_atomic(array: np.ndarray, path: Path) -> Path:
     return path
 
 
-def trainid_to_labelid_lut() -> np.ndarray:
-    """(256,) uint8 lookup table Cityscapes train id -> label id, from the Cityscapes converter."""
-    try:
-        from data_shards.sources import cityscapes
-    except ImportError as e:
-        raise RuntimeError("export_format=cityscapes needs data_shards.sources.cityscapes "
-                           f"(the train-id -> label-id table): {e}") from e
-    for name in ("TRAINID_TO_LABELID", "TRAIN_ID_TO_LABEL_ID", "TRAINID_TO_ID", "TRAIN_TO_LABEL_ID"):
-        table = getattr(cityscapes, name, None)
-        if table is not None:
-            break
-    else:
-        raise RuntimeError("data_shards.sources.cityscapes has no train-id -> label-id table "
-                           "(expected TRAINID_TO_LABELID)")
-    lut = np.zeros(256, dtype=np.uint8)  # everything unknown (incl. 255) -> 0 'unlabeled'
-    items = table.items() if isinstance(table, dict) else enumerate(table)
-    for train_id, label_id in items:
-        lut[int(train_id)] = int(label_id)
-    return lut
-
-
 def colorize(labels: np.ndarray) -> np.ndarray:
     """(H, W) train ids -> (H, W, 3) uint8 colours (ignore and unknown ids black)."""
     pal = np.zeros((256, 3), dtype=np.uint8)
@@ -200,7 +181,6 @@ class SegmentationTask(Task):
         self.frozen = cfg.protocol in ("frozen", "linear")
         names = CITYSCAPES_CLASSES if cfg.num_classes == len(CITYSCAPES_CLASSES) else None
         self.class_names = list(names) if names else [str(i) for i in range(cfg.num_classes)]
-        self._lut: Optional[np.ndarray] = None
 
     def _validate(self) -> None:
         c = self.cfg
@@ -229,6 +209,8 @@ class SegmentationTask(Task):
         if len(c.crop) != 2 or len(c.scale_range) != 2 or not 0 < c.scale_range[0] <= c.scale_range[1]:
             raise ValueError(f"task.crop={list(c.crop)} / task.scale_range={list(c.scale_range)}: "
                              "expected [h, w] and [min, max] with 0 < min <= max")
+        if len(c.export_size) != 2 or min(c.export_size) < 0:
+            raise ValueError(f"task.export_size={list(c.export_size)}: expected [height, width] >= 0")
         if c.export_format not in ("cityscapes", "trainid"):
             raise ValueError(f"task.export_format={c.export_format!r}: expected cityscapes or trainid")
 
@@ -334,17 +316,23 @@ class SegmentationTask(Task):
 
     # ---- outputs -----------------------------------------------------------------------------
     def export_predictions(self, batch: dict[str, Any], pred: torch.Tensor, out_dir: Path) -> list[Path]:
-        """One PNG per valid sample, named like its input: Cityscapes label ids or train ids."""
-        if self.cfg.export_format == "cityscapes" and self._lut is None:
-            self._lut = trainid_to_labelid_lut()
+        """One PNG per valid sample, named like its input: Cityscapes label ids in the layout
+        cityscapesScripts evaluates (``<city>/<city>_<seq>_<frame>_leftImg8bit.png``, via the
+        converter's ``write_cityscapes_predictions``) or train ids as ``<name>.png``."""
         valid = batch.get("__valid__")
         names = batch.get("name") or batch["__key__"]
+        size = tuple(self.cfg.export_size) if all(self.cfg.export_size) else None
         written = []
         for i, p in enumerate(pred.cpu().numpy().astype(np.uint8)):
             if valid is not None and not bool(valid[i]):
                 continue
-            arr = self._lut[p] if self.cfg.export_format == "cityscapes" else p
-            written.append(write_png_atomic(arr, out_dir / f"{names[i]}.png"))
+            if self.cfg.export_format == "cityscapes":
+                from data_shards.sources.cityscapes import write_cityscapes_predictions
+                written.append(write_cityscapes_predictions(p, names[i], out_dir, size))
+            else:
+                if size is not None and p.shape != size:
+                    p = np.asarray(Image.fromarray(p).resize(size[::-1], Image.NEAREST))
+                written.append(write_png_atomic(p, out_dir / f"{names[i]}.png"))
         return written
 
     def visualize(self, model: nn.Module, batch: dict[str, Any], outputs: Any, out_dir: Path) -> list[Path]:
