@@ -42,9 +42,16 @@ def _import_kernels(interpret: bool):
 
 
 def _restore(previous) -> None:
+    """Put back the module (or its absence) in sys.modules and as the package attribute, which
+    ``from trainer.kernels import photometric_triton`` would otherwise still find."""
+    import trainer.kernels as package
+
     sys.modules.pop(MODULE, None)
     if previous is not None:
         sys.modules[MODULE] = previous
+        package.photometric_triton = previous
+    elif hasattr(package, "photometric_triton"):
+        delattr(package, "photometric_triton")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,21 @@
+"""The photometric kernels compile for the GPU (sm_90) in compiled, not interpreted, mode, with
+no register spills; this needs no GPU (Triton's compiler and bundled ptxas run anywhere)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.kernels import aot
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_kernels_compile_for_sm90_without_spills():
+    """The heaviest configuration: bf16, Monodepth2's 2 identity + 2 warped sources, gradients to
+    the warped sources and the target."""
+    infos = aot.compile_kernels(arch=90, dtype=torch.bfloat16, n_sources=4, grad_mask=0b1100,
+                                grad_target=True)
+    assert [i.name for i in infos] == ["_fwd_kernel", "_bwd_coef_kernel", "_bwd_grad_kernel"]
+    for info in infos:
+        assert 0 < info.registers <= 255 and info.ptx_lines > 100, info
+        assert info.spill_stores == 0 and info.spill_loads == 0, info
