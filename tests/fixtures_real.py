@@ -245,3 +245,29 @@ def write_kitti_photo_like(root: str | Path, n: int = 42, hw: tuple[int, int] = 
             _save(path, img)
             sizes.append(path.stat().st_size)
     return int(np.mean(sizes))
+
+
+def write_nyu_raw_scene(root: Path, scene: str, n: int, hw: tuple[int, int] = (480, 640), t0: float = 1294439283.0,
+                        shuffle_index: bool = True) -> list[str]:
+    """A raw NYU scene folder: ``r-<t>-<n>.ppm`` colour frames (R = frame index), ``d-*.pgm``
+    16-bit big-endian depth frames, ``a-*.dump`` and ``INDEX.txt`` (listed out of time order,
+    as a directory listing may be). Returns the colour file names in time order."""
+    d = root / scene
+    d.mkdir(parents=True, exist_ok=True)
+    names, listing = [], []
+    for i in range(n):
+        t = t0 + i / 30.0
+        rgb = f"r-{t:.6f}-{2381571548 + i * 33}.ppm"
+        img = np.zeros(hw + (3,), np.uint8)
+        img[..., 0] = i
+        Image.fromarray(img).save(d / rgb)  # binary PPM (P6)
+        dep = f"d-{t - 0.01:.6f}-{2381000000 + i * 33}.pgm"
+        Image.fromarray(np.full(hw, 700 + i, np.uint16)).save(d / dep)  # PGM (P5), 16-bit
+        acc = f"a-{t + 0.005:.6f}-{2381500000 + i}.dump"
+        (d / acc).write_bytes(np.zeros(4, np.float64).tobytes())
+        names.append(rgb)
+        listing += [rgb, dep, acc]
+    if shuffle_index:
+        listing = listing[::-1]
+    (d / "INDEX.txt").write_text("\n".join(listing) + "\n")
+    return names

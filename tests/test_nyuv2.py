@@ -12,7 +12,7 @@ from data_shards.sources.labels import NYU13_CLASSES, NYU40_CLASSES, NYU40_TO_13
     nyu_raw_to_trainids
 from data_shards.sources.resize import SourceError
 from data_shards.stream import ShardStream
-from fixtures_real import write_nyu_labeled, write_nyu_mapping40, write_nyu_splits
+from fixtures_real import write_nyu_labeled, write_nyu_mapping40, write_nyu_raw_scene, write_nyu_splits
 
 TRAIN, TEST = [1, 3, 4], [2, 6]  # 1-based, as in splits.mat; frame 5 in neither
 
@@ -121,3 +121,53 @@ def test_build_parallel_and_read_back(nyu):
     before = (root / "out" / "train" / "manifest.json").stat().st_mtime_ns
     nyuv2.build(args)
     assert (root / "out" / "train" / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_undistortion_samples_the_distorted_position():
+    h, w = 24, 32
+    K = np.array([[26.0, 0, 15.7], [0, 26.0, 12.2], [0, 0, 1]])
+    dist = (0.2, -0.5, 7e-4, 1e-3, 0.5)
+    img = np.zeros((h, w, 3), np.uint8)
+    img[..., 0] = np.arange(w)[None, :] * 4  # a linear ramp: bilinear sampling returns 4 * x exactly
+    img[..., 1] = np.arange(h)[:, None] * 4
+    out = nyuv2.undistort(img, K, dist)
+    # Hand-computed Brown-Conrady distortion for pixel (u=5, v=20).
+    x, y = (5 - 15.7) / 26.0, (20 - 12.2) / 26.0
+    r2 = x * x + y * y
+    radial = 1 + 0.2 * r2 - 0.5 * r2 ** 2 + 0.5 * r2 ** 3
+    xd = (x * radial + 2 * 7e-4 * x * y + 1e-3 * (r2 + 2 * x * x)) * 26.0 + 15.7
+    yd = (y * radial + 7e-4 * (r2 + 2 * y * y) + 2 * 1e-3 * x * y) * 26.0 + 12.2
+    assert abs(int(out[20, 5, 0]) - 4 * xd) <= 0.5 + 1e-9 and abs(int(out[20, 5, 1]) - 4 * yd) <= 0.5 + 1e-9
+    np.testing.assert_array_equal(nyuv2.undistort(img, K, (0, 0, 0, 0, 0)), img)  # no distortion: identity
+
+
+def test_raw_video_triplets_and_test_scene_exclusion(nyu, tmp_path):
+    root, _, _ = nyu
+    raw = tmp_path / "raw"
+    names = write_nyu_raw_scene(raw / "bedrooms_part1", "bedroom_0001", n=7, hw=(6, 8))
+    write_nyu_raw_scene(raw / "bedrooms_part1", "bedroom_0002", n=5, hw=(6, 8))
+    write_nyu_raw_scene(raw, "kitchen_0003", n=3, hw=(6, 8))
+    frames = nyuv2.plan_raw(raw, step=2, stride=1)
+    assert [(Path(f.scene).name, f.index) for f in frames] == [
+        ("bedroom_0001", 2), ("bedroom_0001", 3), ("bedroom_0001", 4), ("bedroom_0002", 2)]
+    assert frames[1].files == (names[1], names[3], names[5])
+    s = nyuv2.make_raw_sample(nyuv2.RawOptions(str(raw), undistort=False), frames[1])
+    assert s["__key__"] == "bedroom_0001_f000003"
+    assert (s["rgb_prev"][0, 0, 0], s["rgb"][0, 0, 0], s["rgb_next"][0, 0, 0]) == (1, 3, 5)
+    assert s["meta"]["source"]["path"] == f"bedrooms_part1/bedroom_0001/{names[3]}"
+    with pytest.raises(SourceError, match=r"but the calibration is for 640x480"):
+        nyuv2.make_raw_sample(nyuv2.RawOptions(str(raw)), frames[1])
+    # The fixture .mat puts frames 2 and 6 (test) in scenes bedroom_0001 and bedroom_0003.
+    excluded = nyuv2.official_test_scenes(str(root / "nyu_depth_v2_labeled.mat"), root / "splits.mat")
+    assert excluded == {"bedroom_0001", "bedroom_0003"}
+    parser = argparse.ArgumentParser()
+    nyuv2.add_arguments(parser)
+    args = parser.parse_args(["--root", str(raw), "--out", str(tmp_path / "o"), "--mode", "raw", "--frame-step", "1", "--target-stride", "1",
+                              "--no-undistort", "--no-progress", "--exclude-test-scenes", "--mat",
+                              str(root / "nyu_depth_v2_labeled.mat"), "--splits-file", str(root / "splits.mat")])
+    m = nyuv2.build(args)["train"]
+    assert m.num_samples == 4  # bedroom_0002 frames 1..3, kitchen_0003 frame 1
+    assert m.source["excluded_scenes"] == ["bedroom_0001", "bedroom_0003"]
+    (raw / "kitchen_0003" / "INDEX.txt").write_text("r-12.5-1.ppm\nbogus.txt\n")
+    with pytest.raises(SourceError, match=r"kitchen_0003/INDEX.txt:1: .*missing|kitchen_0003/r-12.5-1.ppm: missing"):
+        nyuv2.plan_raw(raw, 1, 1)
