@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .synthetic_render import Frame, camera_rays, render
+from .synthetic_render import Frame, camera_rays, render, rotate
 from .synthetic_scene import SKY, Scene, build_scene
 
 DATASET = "synthetic"
@@ -145,8 +145,8 @@ def compute_flow(depth0: np.ndarray, seg0: np.ndarray, depth1: np.ndarray, seg1:
     has_depth = d0 > 0
     R01 = T1[:3, :3].T @ T0[:3, :3]
     t01 = T1[:3, :3].T @ (T0[:3, 3] - T1[:3, 3])
-    p1 = rays @ R01.T  # rotation-only (directions)
-    p1[has_depth] = (rays[has_depth] * d0[has_depth, None]) @ R01.T + t01
+    p1 = rotate(rays, R01)  # rotation-only (directions)
+    p1[has_depth] = rotate(rays[has_depth] * d0[has_depth, None], R01) + t01
     z1 = p1[:, 2]
     front = z1 > 1e-6
     zs = np.where(front, z1, 1.0)

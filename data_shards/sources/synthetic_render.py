@@ -50,6 +50,11 @@ def camera_rays(K: np.ndarray, height: int, width: int) -> np.ndarray:
     return d
 
 
+def rotate(v: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """``v @ R.T`` for (..., 3) arrays without BLAS (whose threads oversubscribe a busy CPU)."""
+    return np.einsum("...j,ij->...i", v, R)
+
+
 # ----------------------------------------------------------------------------- noise
 _N = 64  # lattice period of the value noise (cells); objects are decorrelated by seed offsets
 _TABLE = np.random.default_rng(1234567).random(_N ** 3).astype(np.float32)
@@ -91,7 +96,7 @@ def screen_rects(aabbs: np.ndarray, R: np.ndarray, o: np.ndarray, K: np.ndarray,
     """
     n = len(aabbs)
     corners = np.where(_CORNER_SEL[None] == 0, aabbs[:, None, :3], aabbs[:, None, 3:])  # (n, 8, 3)
-    pc = (corners - o) @ R  # camera frame: R^T (p - o)
+    pc = rotate(corners - o, R.T)  # camera frame: R^T (p - o)
     z = pc[..., 2]
     a, b = pc[:, _EDGES[:, 0]], pc[:, _EDGES[:, 1]]
     za, zb = a[..., 2], b[..., 2]
@@ -175,7 +180,7 @@ def cast(scene: Scene, rays_c: np.ndarray, T_wc: np.ndarray, K: np.ndarray, far:
     """
     H, W, _ = rays_c.shape
     R, o = T_wc[:3, :3], T_wc[:3, 3]
-    d = rays_c @ R.T
+    d = rotate(rays_c, R)
     zbuf = np.full((H, W), np.inf)
     oid = np.zeros((H, W), np.int32)
     face = np.zeros((H, W), np.int8)
@@ -355,7 +360,7 @@ def render(scene: Scene, rays_c: np.ndarray, T_wc: np.ndarray, K: np.ndarray, fa
     cls[ground] = np.where(np.abs(p[ground, 0]) < scene.road_half, ROAD, TERRAIN)
     n = _normals(scene, p, df[hit], obj, ff[hit])
     col = _albedo(scene, p, ff[hit], obj, cls)
-    lam = scene.ambient + (1.0 - scene.ambient) * np.clip(n @ scene.sun, 0.0, None)
+    lam = scene.ambient + (1.0 - scene.ambient) * np.clip(rotate(n, scene.sun[None])[:, 0], 0.0, None)
     col = col * lam[:, None].astype(np.float32)
     haze = np.clip((zf[hit] - haze_start) / (far - haze_start), 0.0, 1.0)[:, None]
     rgb[hit] = col * (1 - haze) + sky[hit] * haze
