@@ -7,11 +7,14 @@ to ``curl`` and has no S3 scheme. Every error names the URL.
 from __future__ import annotations
 
 import os
+import time
 import urllib.error
 import urllib.request
 from typing import IO
 
 HTTP_TIMEOUT_S = 60.0
+RETRIES = 3
+RETRY_BACKOFF_S = 0.5
 
 
 class OpenError(OSError):
@@ -30,12 +33,30 @@ def join(root: str, *parts: str) -> str:
     return os.path.join(root, *parts)
 
 
+_CLIENTS: dict[tuple[int, str | None], object] = {}
+
+
 def _s3_client():
-    """A boto3 S3 client; honours ``AWS_ENDPOINT_URL`` (and ``AWS_ENDPOINT_URL_S3``)."""
+    """A boto3 S3 client per process and endpoint; honours ``AWS_ENDPOINT_URL`` (and ``_S3``)."""
     import boto3
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint or None)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    key = (os.getpid(), endpoint)  # clients are not fork-safe: one per (worker) process
+    if key not in _CLIENTS:
+        _CLIENTS[key] = boto3.client("s3", endpoint_url=endpoint)
+    return _CLIENTS[key]
+
+
+def _transient(e: Exception) -> bool:
+    """Worth retrying: connection problems and server-side (5xx) errors, not 4xx."""
+    if isinstance(e, urllib.error.HTTPError):
+        return e.code >= 500
+    if isinstance(e, (urllib.error.URLError, ConnectionError, TimeoutError)):
+        return True
+    response = getattr(e, "response", None)  # botocore ClientError
+    if isinstance(response, dict) and "ResponseMetadata" in response:
+        return int(response["ResponseMetadata"].get("HTTPStatusCode", 0)) >= 500
+    return type(e).__name__ in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError")
 
 
 def _split_s3(url: str) -> tuple[str, str]:
@@ -46,23 +67,42 @@ def _split_s3(url: str) -> tuple[str, str]:
     return bucket, key
 
 
-def open_stream(url: str) -> IO[bytes]:
-    """Open ``url`` for sequential binary reading (a seekable file for local paths)."""
-    try:
-        if url.startswith(("http://", "https://")):
-            return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)  # noqa: S310 (user-given URL)
-        if url.startswith("s3://"):
-            bucket, key = _split_s3(url)
-            return _s3_client().get_object(Bucket=bucket, Key=key)["Body"]
-        return open(url, "rb")
-    except OpenError:
-        raise
-    except FileNotFoundError:
-        raise OpenError(f"{url}: no such file") from None
-    except urllib.error.HTTPError as e:
-        raise OpenError(f"{url}: HTTP {e.code} {e.reason}") from None
-    except Exception as e:  # URLError, botocore ClientError / EndpointConnectionError, PermissionError
-        raise OpenError(f"{url}: cannot open ({type(e).__name__}: {e})") from None
+def _open_once(url: str) -> IO[bytes]:
+    if url.startswith(("http://", "https://")):
+        return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)  # noqa: S310 (user-given URL)
+    if url.startswith("s3://"):
+        bucket, key = _split_s3(url)
+        return _s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+    return open(url, "rb")
+
+
+def open_stream(url: str, retries: int = RETRIES) -> IO[bytes]:
+    """Open ``url`` for sequential binary reading (a seekable file for local paths).
+
+    Remote opens are retried ``retries`` times with backoff on transient errors (connection,
+    timeout, 5xx); a 4xx or a missing local file fails at once.
+    """
+    attempt = 0
+    while True:
+        try:
+            return _open_once(url)
+        except OpenError:
+            raise
+        except Exception as e:
+            if attempt < retries and is_remote(url) and _transient(e):
+                time.sleep(RETRY_BACKOFF_S * 2**attempt)
+                attempt += 1
+                continue
+            raise _open_error(url, e) from None
+
+
+def _open_error(url: str, e: Exception) -> OpenError:
+    """The one-line error for a failed open, naming the URL."""
+    if isinstance(e, FileNotFoundError):
+        return OpenError(f"{url}: no such file")
+    if isinstance(e, urllib.error.HTTPError):
+        return OpenError(f"{url}: HTTP {e.code} {e.reason}")
+    return OpenError(f"{url}: cannot open ({type(e).__name__}: {e})")  # URLError, botocore, permissions
 
 
 def read_bytes(url: str) -> bytes:

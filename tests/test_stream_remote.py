@@ -120,3 +120,25 @@ def test_s3_stream_exactly_once_with_workers(s3_root):
 def test_s3_missing_split_is_named(s3_root):
     with pytest.raises(ManifestError, match=r"split 'val'.*s3://geoprime/data/synth/val/manifest\.json"):
         ShardStream(s3_root, "val")
+
+
+def test_http_transient_errors_are_retried(local_root):
+    failures = {"left": 2}
+
+    class Flaky(_Quiet):
+        def do_GET(self):
+            if self.path.endswith(".tar") and failures["left"] > 0:
+                failures["left"] -= 1
+                self.send_error(503, "busy")
+                return
+            super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Flaky, directory=local_root))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        keys = [x["__key__"] for x in ShardStream(f"http://127.0.0.1:{server.server_address[1]}", "train",
+                                                   shuffle=False, keys=("rgb",))]
+        assert keys == all_keys(COUNTS) and failures["left"] == 0
+    finally:
+        server.shutdown()
+        server.server_close()
