@@ -228,3 +228,32 @@ def test_bad_config_is_named():
         SyntheticConfig(frames_per_sequence=2)
     with pytest.raises(ValueError, match="sequences\\['train'\\]"):
         SyntheticConfig(sequences={"train": -1})
+
+
+def test_screen_space_culling_loses_no_hit():
+    """The renderer's per-primitive screen rectangles give the same nearest hits as brute force."""
+    from data_shards.sources import synthetic_render as r
+
+    cfg = small_cfg(height=24, width=80)
+    world = make_sequence(cfg, "train", 0)
+    rays = r.camera_rays(world.K, 24, 80)
+    far = cfg.far_m
+    side = world.poses[3].copy()  # looking 50 deg to the right: boxes cross the near plane
+    c, s_ = np.cos(np.deg2rad(50)), np.sin(np.deg2rad(50))
+    side[:3, :3] = np.array([[c, 0, s_], [0, 1, 0], [-s_, 0, c]]) @ side[:3, :3]
+    for T in (world.poses[0], world.poses[5], side):
+        zbuf, oid, _, d = r.cast(world.scene, rays, T, world.K, far)
+        o, df = T[:3, 3], d.reshape(-1, 3)
+        best = np.where(df[:, 1] > 1e-9, -o[1] / np.where(df[:, 1] > 1e-9, df[:, 1], 1), np.inf)
+        best_id = np.where(np.isfinite(best), 1, 0)
+        aabbs, ids = world.scene.aabb_table
+        for obj in ids:  # every primitive against every pixel
+            ptype, i = world.scene.prim_type[obj], world.scene.prim_index[obj]
+            table = {r.P_BOX: world.scene.boxes, r.P_CYL: world.scene.cyls, r.P_SPHERE: world.scene.spheres}[ptype]
+            t, _ = r._intersect(ptype, o, df, np.repeat(table[i][None], len(df), 0))
+            closer = t < best
+            best[closer], best_id[closer] = t[closer], obj
+        seen = best < far
+        np.testing.assert_allclose(zbuf.reshape(-1)[seen], best[seen], rtol=1e-12)
+        assert np.array_equal(oid.reshape(-1)[seen], best_id[seen])
+        assert np.all(zbuf.reshape(-1)[~seen] >= far - 1e-9)
