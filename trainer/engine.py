@@ -438,7 +438,11 @@ class Engine:
         return d
 
     def close(self) -> None:
-        """Tear down the process group if this engine created it."""
+        """Release DeepSpeed's engine (its ZeRO-3 hooks and threads) and tear down the process
+        group if this engine created it."""
+        if self._ds is not None:
+            self._ds.destroy()
+            self._ds = None
         if self._owns_group and dist.is_initialized():
             try:
                 dist.barrier()

@@ -1,0 +1,247 @@
+"""Engine: schedules, optimizers, DeepSpeed config generation, and every strategy (DDP, FSDP2,
+ZeRO 1/2/3, ZeRO-3 + CPU offload) agreeing with a single-process reference on the same global
+batch, with a state round trip and a plain-weights export per strategy.
+
+This file is also the torchrun worker: ``python tests/test_engine.py <mode> <out_dir> ...``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace as NS
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from trainer.engine import Engine, deepspeed_config  # noqa: E402
+from trainer.optim import build_optimizer  # noqa: E402
+from trainer.schedules import lr_multiplier  # noqa: E402
+
+MICRO, ACCUM, STEPS = 2, 2, 3
+STRATEGIES = {"ddp": ("ddp", 0, False), "fsdp": ("fsdp", 0, False), "zero1": ("deepspeed", 1, False),
+              "zero2": ("deepspeed", 2, False), "zero3": ("deepspeed", 3, False),
+              "zero3_offload": ("deepspeed", 3, True)}
+
+
+def pcfg(strategy="single", stage=0, offload=False, precision="fp32"):
+    return NS(strategy=strategy, zero_stage=stage, offload=offload, precision=precision, channels_last=False,
+              compile=False, backend="auto", find_unused_parameters=False)
+
+
+def ocfg(accum=ACCUM, name="adamw", clip=0.5):
+    return NS(name=name, lr=1e-2, weight_decay=0.01, momentum=0.9, betas=(0.9, 0.999), grad_accum=accum,
+              clip_grad_norm=clip)
+
+
+def scfg(name="cosine", warmup=1):
+    return NS(name=name, warmup_steps=warmup, min_lr_ratio=0.1, poly_power=2.0, step_size=2, gamma=0.5)
+
+
+def tiny_model() -> nn.ModuleDict:
+    torch.manual_seed(0)
+    return nn.ModuleDict({"enc": nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()),
+                          "head": nn.Conv2d(4, 1, 1)})
+
+
+def loss_fn(parts, x):
+    return (parts["head"](parts["enc"](x)) - x[:, :1]).pow(2).mean()
+
+
+def global_batches(world: int) -> torch.Tensor:
+    """(steps+1, world*accum*micro, 3, 8, 8): the same global batches for every world size."""
+    g = torch.Generator().manual_seed(7)
+    return torch.rand(STEPS + 1, world * ACCUM * MICRO, 3, 8, 8, generator=g)
+
+
+def train_steps(eng: Engine, data: torch.Tensor, steps: range, world: int) -> list[float]:
+    """Micro-batch ``m`` of rank ``r`` is chunk ``m * world + r`` of the global batch."""
+    norms = []
+    for s in steps:
+        chunks = data[s].view(ACCUM * world, -1, 3, 8, 8)
+        for m in range(eng.grad_accum):
+            with eng.accumulate(m):
+                if eng.grad_accum == 1:  # reference: the whole global batch at once
+                    x = data[s]
+                else:
+                    x = chunks[m * eng.world_size + eng.rank]
+                eng.backward(eng.forward(loss_fn, x))
+        norms.append(eng.step())
+    return norms
+
+
+def reference(world: int) -> tuple[dict, list[float], dict]:
+    """Single process, whole global batch, no accumulation: weights after STEPS and STEPS+1."""
+    eng = Engine(pcfg(), ocfg(accum=1), scfg(), 10, micro_batch_size=MICRO * ACCUM * world)
+    eng.setup(tiny_model())
+    data = global_batches(world)
+    norms = train_steps(eng, data, range(STEPS), world)
+    w3 = eng.full_state_dict()
+    train_steps(eng, data, range(STEPS, STEPS + 1), world)
+    return w3, norms, eng.full_state_dict()
+
+
+# ------------------------------------------------------------------ worker (under torchrun)
+def worker_agree(out: Path, names: list[str]) -> None:
+    """Every strategy in ``names``: STEPS steps, export, save, one step, load, the step again."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    data = global_batches(world)
+    for name in names:
+        strategy, stage, offload = STRATEGIES[name]
+        eng = Engine(pcfg(strategy, stage, offload), ocfg(), scfg(), 10, micro_batch_size=MICRO)
+        eng.setup(tiny_model())
+        norms = train_steps(eng, data, range(STEPS), world)
+        eng.export_weights(out / f"{name}.pt")
+        eng.save_state(out / f"ck_{name}")
+        train_steps(eng, data, range(STEPS, STEPS + 1), world)
+        after = eng.full_state_dict()
+        eng.load_state(out / f"ck_{name}")
+        reloaded = eng.full_state_dict()
+        train_steps(eng, data, range(STEPS, STEPS + 1), world)
+        again = eng.full_state_dict()
+        if rank == 0:
+            torch.save(after, out / f"{name}_step4.pt")
+            json.dump({"norms": norms, "lr": eng.lr,
+                       "reload_equal": all(torch.equal(reloaded[k], v) for k, v in torch.load(
+                           out / f"{name}.pt", weights_only=True).items()),
+                       "again_equal": all(torch.equal(again[k], after[k]) for k in after)},
+                      open(out / f"{name}.json", "w"))
+        eng.close()
+    dist.destroy_process_group()
+
+
+def worker_reshard(out: Path, phase: str) -> None:
+    """FSDP2 resharding: ``save`` after STEPS steps; ``load`` on another world size, then a step."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    eng = Engine(pcfg("fsdp"), ocfg(), scfg(), 10, micro_batch_size=MICRO * 2 // world)
+    eng.setup(tiny_model())
+    # the same global batch (8 samples) on any world size: accum 2 x world ranks x micro
+    data = global_batches(2)
+    def steps(rng):
+        for s in rng:
+            chunks = data[s].view(ACCUM * world, -1, 3, 8, 8)
+            for m in range(ACCUM):
+                with eng.accumulate(m):
+                    eng.backward(eng.forward(loss_fn, chunks[m * world + eng.rank]))
+            eng.step()
+    if phase == "save":
+        steps(range(STEPS))
+        eng.save_state(out / "ck_reshard")
+    else:
+        eng.load_state(out / "ck_reshard")
+    eng.export_weights(out / f"reshard_{phase}_w{world}_before.pt")
+    steps(range(STEPS, STEPS + 1))
+    eng.export_weights(out / f"reshard_{phase}_w{world}_after.pt")
+    eng.close()
+    dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ unit tests
+def test_schedules_hand_computed():
+    cos = lr_multiplier(scfg("cosine", warmup=2), 10)
+    assert [cos(0), cos(1)] == [0.5, 1.0]
+    assert cos(2) == pytest.approx(1.0)
+    assert cos(6) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert cos(10) == pytest.approx(0.1)
+    poly = lr_multiplier(scfg("poly", warmup=0), 10)
+    assert poly(5) == pytest.approx(0.25)
+    step = lr_multiplier(scfg("step", warmup=0), 10)
+    assert [step(0), step(1), step(2), step(5)] == [1.0, 1.0, 0.5, 0.25]
+    assert lr_multiplier(scfg("constant", warmup=0), 10)(9) == 1.0
+    with pytest.raises(ValueError, match="schedule.name='linear'"):
+        lr_multiplier(scfg("linear"), 10)
+
+
+def test_optimizers_and_errors():
+    p = [nn.Parameter(torch.zeros(2))]
+    assert isinstance(build_optimizer(p, ocfg(name="sgd")), torch.optim.SGD)
+    assert isinstance(build_optimizer(p, ocfg(name="adam")), torch.optim.Adam)
+    assert isinstance(build_optimizer(p, ocfg(name="adamw")), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="optim.name='lamb'"):
+        build_optimizer(p, ocfg(name="lamb"))
+    with pytest.raises(ValueError, match="parallel.strategy='horovod'"):
+        Engine(pcfg("horovod"), ocfg(), scfg(), 10)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="bf16: mixed precision needs a CUDA GPU"):
+            Engine(pcfg(precision="bf16"), ocfg(), scfg(), 10)
+
+
+def test_deepspeed_config_generated_from_ours():
+    cfg = deepspeed_config(pcfg("deepspeed", 3, offload=True), ocfg(accum=4, clip=1.5), 8)
+    assert cfg["train_micro_batch_size_per_gpu"] == 8 and cfg["gradient_accumulation_steps"] == 4
+    assert cfg["gradient_clipping"] == 1.5 and cfg["zero_optimization"]["stage"] == 3
+    assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert "offload_param" not in deepspeed_config(pcfg("deepspeed", 2, offload=True), ocfg(), 1)["zero_optimization"]
+    with pytest.raises(ValueError, match="zero_stage=0"):
+        deepspeed_config(pcfg("deepspeed", 0), ocfg(), 1)
+
+
+def test_single_accumulation_equals_big_batch():
+    """grad_accum=2 on half batches == one step on the whole batch (same process)."""
+    w_ref, n_ref, _ = reference(1)
+    eng = Engine(pcfg(), ocfg(), scfg(), 10, micro_batch_size=MICRO)
+    eng.setup(tiny_model())
+    norms = train_steps(eng, global_batches(1), range(STEPS), 1)
+    got = eng.full_state_dict()
+    for k in w_ref:
+        torch.testing.assert_close(got[k], w_ref[k], rtol=1e-5, atol=1e-6)
+    assert norms == pytest.approx(n_ref, rel=1e-5)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_strategies_agree_with_single_process(tmp_path):
+    from dist_helpers import run_torchrun
+
+    names = list(STRATEGIES)
+    run_torchrun([__file__, "agree", str(tmp_path), *names], nproc=2, timeout=280)
+    w_ref, n_ref, w4_ref = reference(2)
+    for name in names:
+        res = json.load(open(tmp_path / f"{name}.json"))
+        exported = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+        plain = tiny_model()
+        plain.load_state_dict(exported)  # the export loads into the plain model, keys and shapes
+        for k in w_ref:
+            torch.testing.assert_close(exported[k], w_ref[k], rtol=1e-5, atol=1e-6, msg=f"{name} {k}")
+        step4 = torch.load(tmp_path / f"{name}_step4.pt", weights_only=True)
+        for k in w4_ref:
+            torch.testing.assert_close(step4[k], w4_ref[k], rtol=1e-5, atol=1e-6, msg=f"{name} step 4 {k}")
+        assert res["norms"] == pytest.approx(n_ref, rel=1e-4), name
+        assert res["reload_equal"] and res["again_equal"], f"{name}: state round trip is not exact"
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(200)
+def test_fsdp_resumes_on_a_different_world_size(tmp_path):
+    from dist_helpers import run_torchrun
+
+    run_torchrun([__file__, "reshard", str(tmp_path), "save"], nproc=2, timeout=90)
+    run_torchrun([__file__, "reshard", str(tmp_path), "load"], nproc=1, timeout=90)
+    for when in ("before", "after"):
+        a = torch.load(tmp_path / f"reshard_save_w2_{when}.pt", weights_only=True)
+        b = torch.load(tmp_path / f"reshard_load_w1_{when}.pt", weights_only=True)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{when} {k}")
+
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    if mode == "agree":
+        worker_agree(out, sys.argv[3:])
+    elif mode == "reshard":
+        worker_reshard(out, sys.argv[3])
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
