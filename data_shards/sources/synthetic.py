@@ -255,7 +255,9 @@ def iter_samples(split: str, cfg: SyntheticConfig) -> Iterator[dict]:
     ``__key__`` ``seq0003_f000012``; rgb, rgb_prev, rgb_next, rgb_right uint8 (H, W, 3); depth
     float32 z-depth in metres (H, W), 0 for sky; seg uint8 train ids (H, W); flow float32
     (H, W, 3) forward t -> t+1 (u, v, valid); meta with K, baseline_m, T_wc / T_wc_prev /
-    T_wc_next (camera-to-world, OpenCV axes), source and classes.
+    T_wc_next (camera-to-world, OpenCV axes), source and classes. Frames are rendered once and
+    shared: sample t's ``rgb`` is the same array as sample t+1's ``rgb_prev``; copy before
+    modifying in place.
     """
     for s in range(_check_split(split, cfg)):
         yield from iter_sequence(cfg, split, s)
