@@ -48,6 +48,8 @@ class FlowConfig:
     """Probability of colour jitter (same factors on both frames; the loss sees the originals)."""
     visualize_max: int = 4
     """Qualitative flow images written per ``visualize`` call."""
+    gt_flow: bool = True
+    """Read ground-truth flow (key ``flow``) so evaluation reports EPE; false for data without it."""
 
 
 def flow_to_color(flow: np.ndarray, max_mag: float | None = None) -> np.ndarray:
@@ -78,6 +80,8 @@ class FlowTask(Task):
         if not 0 <= cfg.ssim_weight <= 1 or cfg.smoothness_weight < 0:
             raise ValueError(f"task.ssim_weight={cfg.ssim_weight} must be in [0, 1] and "
                              f"task.smoothness_weight={cfg.smoothness_weight} >= 0")
+        # the stream reads only the required keys; GT flow is read (never used in the loss) for EPE
+        self.required_keys = FRAME_KEYS + (("flow",) if cfg.gt_flow else ())
 
     def build_model(self) -> nn.ModuleDict:
         encoder = build_encoder(self.run_cfg.model)
