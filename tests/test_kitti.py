@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -271,3 +270,28 @@ def test_synthetic_world_export_round_trip(tmp_path):
     np.testing.assert_allclose(s["depth"][hit], world[0]["depth"][hit], rtol=1e-4)
     shifted = kitti.make_sample(kitti.KittiOptions(root=str(tmp_path / "raw"), depth="velodyne"), splits["train"][0])
     np.testing.assert_array_equal(shifted["depth"][:-1, :-1], s["depth"][1:, 1:])  # KITTI's 1-based offset
+
+
+def test_geometry_crop_resize_rules():
+    geo = Geometry(crop=(1, 2, 4, 6), size=(8, 12))  # crop 4x6 then enlarge x2
+    K = np.array([[100.0, 0, 50], [0, 90, 40], [0, 0, 1]])
+    K2 = geo.intrinsics(K, (10, 20))
+    np.testing.assert_allclose(K2, [[200, 0, (48 + 0.5) * 2 - 0.5], [0, 180, (39 + 0.5) * 2 - 0.5], [0, 0, 1]])
+    depth = np.zeros((10, 20), np.float32)
+    depth[1, 2], depth[2, 3] = 4.0, 7.0  # inside the crop at (0, 0) and (1, 1)
+    up = geo.depth(depth)
+    assert up.shape == (8, 12)
+    np.testing.assert_array_equal(up[0:2, 0:2], 4.0)  # enlarging: nearest, no blending with 7 or 0
+    np.testing.assert_array_equal(up[2:4, 2:4], 7.0)
+    assert up[0:2, 2:4].max() == 0.0
+    down = Geometry(size=(2, 2)).depth(np.array([[1, 0, 5, 6], [2, 0, 0, 0]], np.float32))
+    np.testing.assert_array_equal(down, [[1, 5], [2, 0]])  # nearest valid depth per block; empty block invalid
+    seg = np.array([[1, 2], [3, 255]], np.uint8)
+    np.testing.assert_array_equal(Geometry(size=(4, 4)).labels(seg), np.repeat(np.repeat(seg, 2, 0), 2, 1))
+    with pytest.raises(SourceError, match=r"where.png: crop \(top=1, left=2, h=4, w=6\) does not fit in an image of 4x4"):
+        geo.rgb(np.zeros((4, 4, 3), np.uint8), "where.png")
+    parser = argparse.ArgumentParser()
+    kitti.add_arguments(parser)
+    from data_shards.sources.resize import geometry_from_args
+    with pytest.raises(SourceError, match=r"--resize 0 10: H and W must be > 0"):
+        geometry_from_args(parser.parse_args(["--root", "r", "--out", "o", "--resize", "0", "10"]))

@@ -26,14 +26,12 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
 
-from data_shards.sources.labels import (  # noqa: F401 (tables re-exported for the segmentation task)
-    LABELID_TO_TRAINID, TRAINID_TO_LABELID, labelid_to_trainid, trainid_to_labelid,
-)
+from data_shards.sources.labels import labelid_to_trainid, trainid_to_labelid
 from data_shards.sources.resize import (
     Geometry, SourceError, add_common_arguments, geometry_from_args, read_png_gray, read_rgb, require,
     write_splits,

@@ -202,9 +202,10 @@ def geometry_from_args(args: argparse.Namespace) -> Geometry:
     """The Geometry requested on the command line (identity when neither option is given)."""
     crop = getattr(args, "crop", None)
     size = getattr(args, "resize", None)
-    for name, val in (("--crop", crop), ("--resize", size)):
-        if val is not None and any(v < 0 for v in val) or (val is not None and name == "--resize" and min(val) <= 0):
-            raise SourceError(f"{name} {val}: sizes must be positive")
+    if crop is not None and (crop[0] < 0 or crop[1] < 0 or crop[2] <= 0 or crop[3] <= 0):
+        raise SourceError(f"--crop {' '.join(map(str, crop))}: need TOP, LEFT >= 0 and H, W > 0")
+    if size is not None and min(size) <= 0:
+        raise SourceError(f"--resize {' '.join(map(str, size))}: H and W must be > 0")
     return Geometry(tuple(crop) if crop else None, tuple(size) if size else None)
 
 
