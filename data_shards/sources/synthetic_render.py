@@ -261,8 +261,18 @@ def _stripes(x: np.ndarray, period: float, width: float) -> np.ndarray:
 
 
 def _albedo(scene: Scene, p: np.ndarray, face: np.ndarray, obj: np.ndarray, cls: np.ndarray) -> np.ndarray:
-    """Surface colour (n, 3) of each hit: base colour x surface-anchored noise and patterns."""
+    """Surface colour (n, 3) of each hit: base colour x surface-anchored noise and patterns.
+
+    Hits are sorted by object kind once, so each kind's code works on contiguous slices.
+    """
     kind = scene.kind[obj]
+    order = np.argsort(kind, kind="stable")
+    bounds = np.searchsorted(kind[order], np.arange(int(KIND_TRAIN_ID.size) + 1))
+    p, face, obj, cls = p[order], face[order], obj[order], cls[order]
+
+    def rows(k: int) -> slice:
+        return slice(int(bounds[k]), int(bounds[k + 1]))
+
     seed = scene.tex_seed[obj]
     base = scene.colour[obj].copy()
     alt = scene.colour2[obj]
@@ -270,8 +280,8 @@ def _albedo(scene: Scene, p: np.ndarray, face: np.ndarray, obj: np.ndarray, cls:
     fine = value_noise(p, 3.1, seed + 17)
     mod = 0.7 + 0.35 * coarse + 0.25 * fine
     # Ground: road (markings) or terrain.
-    g = kind == K_GROUND
-    if g.any():
+    g = rows(K_GROUND)
+    if g.stop > g.start:
         terr = cls[g] == TERRAIN
         col = np.where(terr[:, None], alt[g], base[g])
         x, z = p[g, 0], p[g, 2]
@@ -283,15 +293,15 @@ def _albedo(scene: Scene, p: np.ndarray, face: np.ndarray, obj: np.ndarray, cls:
         tm = np.where(terr, 0.55 + 0.7 * coarse[g] * fine[g] + 0.2 * fine[g], mod[g])
         mod[g] = np.where(mark, 0.95 + 0.1 * fine[g], tm)
         base[g] = col
-    m = kind == K_SIDEWALK
-    if m.any():
+    m = rows(K_SIDEWALK)
+    if m.stop > m.start:
         top = face[m] == 1
         tile = _stripes(p[m, 0] + 0.02, 0.6, 0.05) | _stripes(p[m, 2], 0.6, 0.05)
         col = np.where(top[:, None], base[m], alt[m] * 1.1)
         col = np.where((top & tile)[:, None], col * 0.7, col)
         base[m] = col
-    m = kind == K_BUILDING
-    if m.any():
+    m = rows(K_BUILDING)
+    if m.stop > m.start:
         spacing, floor = scene.param[obj[m], 0], scene.param[obj[m], 1]
         ax = face[m]
         h = np.where(ax == 0, p[m, 2], p[m, 0])
@@ -302,31 +312,33 @@ def _albedo(scene: Scene, p: np.ndarray, face: np.ndarray, obj: np.ndarray, cls:
         col = np.where(win[:, None], alt[m], base[m])
         col = np.where((ledge & ~win)[:, None], col * 0.8, col)
         base[m] = col
-    m = kind == K_CAR_BODY
-    if m.any():
+    m = rows(K_CAR_BODY)
+    if m.stop > m.start:
         low = p[m, 1] > -0.5
         base[m] = np.where(low[:, None], base[m] * 0.55, base[m])
         mod[m] = 0.9 + 0.1 * fine[m] + 0.1 * coarse[m]
-    m = kind == K_CAR_CABIN
-    if m.any():
+    m = rows(K_CAR_CABIN)
+    if m.stop > m.start:
         glass = p[m, 1] > scene.boxes[scene.prim_index[obj[m]], 1] + 0.09
         base[m] = np.where(glass[:, None], alt[m], base[m])
-    m = kind == K_CAR_WHEEL
-    if m.any():
+    m = rows(K_CAR_WHEEL)
+    if m.stop > m.start:
         mod[m] = 0.8 + 0.4 * fine[m]
-    m = kind == K_TRUNK
-    if m.any():
+    m = rows(K_TRUNK)
+    if m.stop > m.start:
         bark = value_noise(p[m] * np.array([4.0, 0.4, 4.0]), 2.0, seed[m] + 5)
         mod[m] = 0.6 + 0.7 * bark
-    m = kind == K_CROWN
-    if m.any():
+    m = rows(K_CROWN)
+    if m.stop > m.start:
         leaf = value_noise(p[m], 6.0, seed[m] + 9)
         base[m] = base[m] * (1 - leaf[:, None] * 0.5) + alt[m] * (leaf[:, None] * 0.5)
         mod[m] = 0.55 + 0.5 * coarse[m] + 0.45 * leaf
-    m = kind == K_POLE
-    if m.any():
+    m = rows(K_POLE)
+    if m.stop > m.start:
         mod[m] = 0.85 + 0.2 * coarse[m] + 0.1 * fine[m]
-    return base * mod[:, None]
+    out = np.empty_like(base)
+    out[order] = base * mod[:, None]
+    return out
 
 
 def sky_colour(scene: Scene, d: np.ndarray) -> np.ndarray:
