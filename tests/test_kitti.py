@@ -47,7 +47,7 @@ def test_triplets_skip_drive_boundaries_and_neighbours_are_right(raw):
     frames = splits["train"]
     # Drive 1 has frames 0..3 -> targets 1, 2; drive 2 has 0..2 -> target 1 only.
     assert [(Path(f.folder).name, f.frame) for f in frames] == [(D1, 1), (D1, 2), (D2, 1)]
-    assert skipped["train"] == {"static": 0, "no_neighbours": 4}
+    assert skipped["train"] == {"static": 0, "no_neighbours": 4, "no_depth": 0}
     s = kitti.make_sample(opts, frames[1])
     assert s["__key__"] == f"{D1}_0000000002_l"
     hw = (6, 10)
@@ -73,7 +73,7 @@ def test_split_file_static_frames_and_right_side(raw, tmp_path):
     opts, splits, skipped = kitti.plan(_args(kitti.add_arguments, root, tmp_path / "o",
                                              "--split", f"train={split}", "--static-frames", str(static)))
     assert splits["train"] == [kitti.KittiFrame(f"{KITTI_DATE}/{D1}", 1, "l"), kitti.KittiFrame(f"{KITTI_DATE}/{D1}", 2, "r")]
-    assert skipped["train"] == {"static": 1, "no_neighbours": 1}
+    assert skipped["train"] == {"static": 1, "no_neighbours": 1, "no_depth": 0}
     s = kitti.make_sample(opts, splits["train"][1])
     np.testing.assert_array_equal(s["rgb"], kitti_pixel(index[D1], 2, "r", (6, 10)))
     np.testing.assert_array_equal(s["rgb_right"], kitti_pixel(index[D1], 2, "l", (6, 10)))
@@ -149,6 +149,12 @@ def test_groundtruth_depth_and_resize_scale_K(tmp_path):
     assert K[0, 0] == pytest.approx(KITTI_P2[0, 0] / 2) and K[1, 1] == pytest.approx(KITTI_P2[1, 1] / 2)
     assert K[0, 2] == pytest.approx((KITTI_P2[0, 2] + 0.5) / 2 - 0.5)
     assert half["meta"]["source"]["geometry"] == {"crop_tlhw": None, "resize_hw": [3, 5]}
+    _, splits, skipped = kitti.plan(_args(kitti.add_arguments, root, tmp_path / "o", "--frames", "single",
+                                          "--depth", "groundtruth"))
+    assert [f.frame for f in splits["train"]] == [1] and skipped["train"]["no_depth"] == 2
+    with pytest.raises(SourceError, match=r"proj_depth/groundtruth/image_02/0000000000.png: missing"):
+        kitti.plan(_args(kitti.add_arguments, root, tmp_path / "o", "--frames", "single", "--depth", "groundtruth",
+                         "--strict"))
     with pytest.raises(SourceError, match=r"proj_depth/groundtruth/image_02/0000000002.png: missing"):
         kitti.make_sample(kitti.KittiOptions(root=str(root), depth="groundtruth", triplet=False),
                           kitti.KittiFrame(f.folder, 2, "l"))
@@ -208,7 +214,7 @@ def test_build_stops_on_a_bad_file_then_resumes(raw, tmp_path):
     assert [(split_dir / n).stat().st_mtime_ns for n in ("train-000000.tar", "train-000001.tar")] == first
     assert m.num_samples == 3 and [s.name for s in m.shards] == [f"train-00000{i}.tar" for i in range(3)]
     assert set(m.keys) == {"rgb.png", "rgb_prev.png", "rgb_next.png", "rgb_right.png", "json"}
-    assert m.source["dataset"] == "kitti" and m.source["skipped"] == {"train": {"static": 0, "no_neighbours": 4}}
+    assert m.source["dataset"] == "kitti" and m.source["skipped"] == {"train": {"static": 0, "no_neighbours": 4, "no_depth": 0}}
     from data_shards.stream import ShardStream
     got = {s["__key__"]: s for s in ShardStream(str(out), "train", shuffle=False)}
     s = got[f"{D2}_0000000001_l"]

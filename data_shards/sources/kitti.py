@@ -251,9 +251,11 @@ def has_neighbours(root: Path, f: KittiFrame) -> bool:
 
 def select_frames(opts: KittiOptions, frames: Sequence[KittiFrame], static: set[tuple[str, int]] = frozenset(),
                   strict: bool = False, where: str = "") -> tuple[list[KittiFrame], dict[str, int]]:
-    """Drop static frames and (for triplets) frames without both neighbours; count what was dropped."""
+    """Drop static frames, frames without both neighbours (triplets) and frames without the
+    requested ground-truth depth (KITTI's annotated depth skips each drive's first and last 5
+    frames); count what was dropped. ``strict`` turns a dropped neighbour/depth into an error."""
     root = Path(opts.root)
-    kept, stats = [], {"static": 0, "no_neighbours": 0}
+    kept, stats = [], {"static": 0, "no_neighbours": 0, "no_depth": 0}
     for f in frames:
         if not (root / f.folder).is_dir():
             raise SourceError(f"{root / f.folder}: missing; {where or 'the frame list'} names drive {f.folder}")
@@ -266,6 +268,17 @@ def select_frames(opts: KittiOptions, frames: Sequence[KittiFrame], static: set[
                                   f"lacks frame t-1 or t+1 (drive boundary); listed in {where or 'the frame list'}")
             stats["no_neighbours"] += 1
             continue
+        if opts.depth != "none":
+            try:
+                if opts.depth == "groundtruth":
+                    _groundtruth_path(opts, f)
+                else:
+                    require(root / f.folder / "velodyne_points" / "data" / f"{f.frame:010d}.bin", "a velodyne scan")
+            except SourceError:
+                if strict:
+                    raise
+                stats["no_depth"] += 1
+                continue
         kept.append(f)
     return kept, stats
 
@@ -360,7 +373,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="kitti: pixel = round(u) - 1 as Monodepth2 / the Eigen ground truth; "
                              "zero-based: round(u), for calibrations with integer pixel centres (synthetic export)")
     parser.add_argument("--strict", action="store_true",
-                        help="a listed frame without both neighbours is an error instead of being skipped")
+                        help="a listed frame without both neighbours or without the requested depth is an error "
+                             "instead of being skipped")
 
 
 def options_from_args(args: argparse.Namespace) -> KittiOptions:
@@ -388,8 +402,9 @@ def plan(args: argparse.Namespace) -> tuple[KittiOptions, dict[str, list[KittiFr
     for name, (frames, where) in sources.items():
         splits[name], skipped[name] = select_frames(opts, frames, static, args.strict, where)
         if any(skipped[name].values()):
-            log.warning("kitti split %s: skipped %d static frames and %d frames without both neighbours (of %d)",
-                        name, skipped[name]["static"], skipped[name]["no_neighbours"], len(frames))
+            log.warning("kitti split %s: skipped %d static frames, %d without both neighbours and %d without "
+                        "ground-truth depth (of %d)", name, skipped[name]["static"], skipped[name]["no_neighbours"],
+                        skipped[name]["no_depth"], len(frames))
     return opts, splits, skipped
 
 
