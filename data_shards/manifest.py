@@ -30,6 +30,8 @@ class ShardInfo:
     count: int
     bytes: int
     sha256: str
+    offsets: tuple[int, ...] = ()
+    """Byte offset of each sample's first tar header (lets readers start mid-shard); may be empty."""
 
 
 @dataclass
@@ -55,10 +57,13 @@ class Manifest:
         return sum(s.count for s in self.shards)
 
     def to_json(self) -> str:
-        """Canonical JSON text (sorted keys) so identical builds give identical manifests."""
+        """Canonical JSON text (sorted keys; one line per shard) so identical builds give identical manifests."""
         d = asdict(self)
         d["num_samples"] = self.num_samples
-        return json.dumps(d, indent=1, sort_keys=True) + "\n"
+        shards = d.pop("shards")
+        d["shards"] = "@SHARDS@"
+        one_per_line = ",\n".join("  " + json.dumps(s, sort_keys=True, separators=(",", ":")) for s in shards)
+        return json.dumps(d, indent=1, sort_keys=True).replace('"@SHARDS@"', f"[\n{one_per_line}\n ]") + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str) -> "Manifest":
@@ -75,7 +80,8 @@ class Manifest:
                                 f"version {schema.SCHEMA_VERSION}; rebuild the shards")
         try:
             shards = [ShardInfo(name=str(s["name"]), count=int(s["count"]), bytes=int(s["bytes"]),
-                                sha256=str(s["sha256"])) for s in d["shards"]]
+                                sha256=str(s["sha256"]), offsets=tuple(int(o) for o in s.get("offsets", ())))
+                      for s in d["shards"]]
             m = cls(split=str(d["split"]), shards=shards, keys=list(d["keys"]), meta_fields=list(d["meta_fields"]),
                     source=dict(d["source"]), schema_version=int(d["schema_version"]), format=d["format"],
                     writer=dict(d.get("writer", {})))
@@ -86,6 +92,9 @@ class Manifest:
                 raise ManifestError(f"{where}: shard name {s.name!r} is not a plain .tar file name")
             if s.count < 0:
                 raise ManifestError(f"{where}: shard {s.name} has a negative count")
+            if s.offsets and (len(s.offsets) != s.count or list(s.offsets) != sorted(s.offsets)
+                              or s.offsets[-1] >= s.bytes):
+                raise ManifestError(f"{where}: shard {s.name}: offsets do not match its {s.count} samples")
         if "num_samples" in d and int(d["num_samples"]) != m.num_samples:
             raise ManifestError(f"{where}: num_samples {d['num_samples']} != sum of shard counts {m.num_samples}")
         return m

@@ -67,13 +67,41 @@ def _split_s3(url: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _open_once(url: str) -> IO[bytes]:
+def _open_once(url: str, start: int) -> tuple[IO[bytes], int | None]:
+    """(stream positioned at ``start``, total object size if known)."""
     if url.startswith(("http://", "https://")):
-        return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)  # noqa: S310 (user-given URL)
+        req = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+        f = urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S)  # noqa: S310 (user-given URL)
+        total = _total_size(f.headers.get("Content-Range"), f.headers.get("Content-Length"), f.status == 206)
+        if start and f.status != 206:  # the server ignored the Range header: skip by reading
+            _discard(f, start)
+        return f, total
     if url.startswith("s3://"):
         bucket, key = _split_s3(url)
-        return _s3_client().get_object(Bucket=bucket, Key=key)["Body"]
-    return open(url, "rb")
+        extra = {"Range": f"bytes={start}-"} if start else {}
+        r = _s3_client().get_object(Bucket=bucket, Key=key, **extra)
+        return r["Body"], _total_size(r.get("ContentRange"), r.get("ContentLength"), "ContentRange" in r)
+    f = open(url, "rb")
+    f.seek(start)
+    return f, os.fstat(f.fileno()).st_size
+
+
+def _total_size(content_range: str | None, content_length, partial: bool) -> int | None:
+    """Object size from ``Content-Range: bytes a-b/total`` (partial) or ``Content-Length`` (whole)."""
+    if partial and content_range and "/" in content_range:
+        tail = content_range.rsplit("/", 1)[1]
+        return int(tail) if tail.isdigit() else None
+    if not partial and content_length is not None:
+        return int(content_length)
+    return None
+
+
+def _discard(f: IO[bytes], n: int) -> None:
+    while n > 0:
+        chunk = f.read(min(n, 1 << 20))
+        if not chunk:
+            raise EOFError(f"ended {n} bytes before the requested start")
+        n -= len(chunk)
 
 
 def open_stream(url: str, retries: int = RETRIES) -> IO[bytes]:
@@ -82,10 +110,16 @@ def open_stream(url: str, retries: int = RETRIES) -> IO[bytes]:
     Remote opens are retried ``retries`` times with backoff on transient errors (connection,
     timeout, 5xx); a 4xx or a missing local file fails at once.
     """
+    return open_range(url, 0, retries)[0]
+
+
+def open_range(url: str, start: int, retries: int = RETRIES) -> tuple[IO[bytes], int | None]:
+    """Like :func:`open_stream` but from byte ``start`` (seek / HTTP or S3 range request);
+    also returns the object's total size when the server tells it."""
     attempt = 0
     while True:
         try:
-            return _open_once(url)
+            return _open_once(url, start)
         except OpenError:
             raise
         except Exception as e:

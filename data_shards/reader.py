@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 from webdataset.tariterators import base_plus_ext
 
 from data_shards import schema
-from data_shards.openers import OpenError, is_remote, open_stream
+from data_shards.openers import OpenError, is_remote, open_range
 
 
 class ShardError(RuntimeError):
@@ -41,21 +41,29 @@ def _check_name(url: str, name: str) -> tuple[str, str]:
 
 
 def iter_members(url: str, members: Sequence[int], expected: int,
-                 exts: frozenset[str] | None = None) -> Iterator[tuple[int, dict]]:
+                 exts: frozenset[str] | None = None, offsets: Sequence[int] = (),
+                 shard_bytes: int | None = None) -> Iterator[tuple[int, dict]]:
     """Yield ``(index, raw)`` for the shard's samples at the ascending indices ``members``.
 
     ``expected`` is the manifest's sample count (a shorter shard is reported as truncated);
-    ``exts`` limits which members are read (None: all). Raises :class:`ShardError`.
+    ``exts`` limits which members are read (None: all); ``offsets`` (the manifest's byte offset
+    of each sample) lets the read start at the first wanted sample, after checking that the
+    shard still has the manifest's size ``shard_bytes``. Raises :class:`ShardError`.
     """
     if not members:
         return
     wanted = set(members)
     last_wanted = members[-1]
-    idx, cur_key, cur, last_member = -1, None, None, "(start of shard)"
+    first = members[0] if offsets else 0
+    idx, cur_key, cur, last_member = first - 1, None, None, "(start of shard)"
     try:
-        f = open_stream(url)
+        f, size = open_range(url, offsets[first] if first else 0)
     except OpenError as e:
         raise ShardError(str(e)) from None
+    if first and size is not None and size != shard_bytes:
+        f.close()  # offsets from the manifest would point into the wrong place
+        raise ShardError(f"{url}: {size} bytes but its manifest says {shard_bytes}: the shard changed after the "
+                         f"manifest was written; run `python -m data_shards verify` or rebuild")
     try:
         tar = tarfile.open(fileobj=f, mode="r|" if is_remote(url) else "r:")
         for info in tar:

@@ -159,7 +159,9 @@ class ShardStream(IterableDataset):
                 url = self.shard_urls[p.shard]
                 done = 0
                 try:
-                    for _, raw in iter_members(url, [p.members[i] for i in idx], self.counts[p.shard], self.exts):
+                    info = self.manifest.shards[p.shard]
+                    for _, raw in iter_members(url, [p.members[i] for i in idx], info.count, self.exts,
+                                               info.offsets, info.bytes):
                         yield pos0 + idx[done], raw, p.valid
                         done += 1
                 except ShardError as e:

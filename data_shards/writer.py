@@ -70,6 +70,7 @@ class _ShardStats:
     keys: list[str] | None = None
     meta_fields: list[str] | None = None
     sample_keys: list[str] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
 
 
 def _intersect(a: list[str] | None, b: Iterable[str]) -> list[str]:
@@ -91,6 +92,7 @@ class _ShardFile:
     def add(self, sample: dict[str, Any]) -> None:
         """Encode and append one sample."""
         enc = schema.encode_sample(sample)
+        self.stats.offsets.append(self._tar.tarstream.offset)
         self._tar.write(enc)
         st = self.stats
         st.count += 1
@@ -170,7 +172,7 @@ def _finalize(split_dir: str, split: str, stats: list[_ShardStats], source: dict
     keys = meta = None
     for st in stats:
         keys, meta = _intersect(keys, st.keys or []), _intersect(meta, st.meta_fields or [])
-    m = Manifest(split=split, shards=[ShardInfo(st.name, st.count, st.bytes, st.sha256) for st in stats],
+    m = Manifest(split=split, shards=[ShardInfo(st.name, st.count, st.bytes, st.sha256, tuple(st.offsets)) for st in stats],
                  keys=keys or [], meta_fields=meta or [], source=json.loads(_canon(source)), writer=writer)
     write_manifest(split_dir, m)
     return m

@@ -2,7 +2,6 @@
 exact mid-epoch resume, seeded shuffling, N-shot subsets, resampling and corrupt shards."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -205,13 +204,12 @@ def test_too_few_samples_for_world_is_clear(root):
 
 # ------------------------------------------------------------------------------ corrupt shards
 def _rewrite_member(path, member, data):
+    """Overwrite a member's bytes in place (same length: the tar structure stays valid)."""
     with tarfile.open(path) as t:
-        items = [(m, t.extractfile(m).read()) for m in t.getmembers()]
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as t:
-        for m, d in items:
-            d = data if m.name == member else d
-            m.size = len(d)
-            t.addfile(m, io.BytesIO(d))
+        info = t.getmember(member)
+    with open(path, "r+b") as f:
+        f.seek(info.offset_data)
+        f.write(data.ljust(info.size, b"\0")[: info.size])
 
 
 @pytest.fixture()
@@ -319,3 +317,16 @@ def test_buffer_order_is_a_seeded_local_permutation():
     assert a != layout.buffer_order(50, 8, layout.rng(2)) and a != list(range(50))
     assert all(pos <= k + 7 for k, pos in enumerate(a))  # an item never leaves before it is read
     assert layout.buffer_order(5, 0, layout.rng(1)) == [0, 1, 2, 3, 4]
+
+
+def test_reads_start_mid_shard_only_if_the_shard_is_unchanged(tmp_path):
+    root = build(str(tmp_path), "train", [6])
+    m = json.loads(open(os.path.join(root, "train", "manifest.json")).read())
+    offsets = m["shards"][0]["offsets"]
+    assert len(offsets) == 6 and offsets[0] == 0 and offsets == sorted(offsets)
+    rank1 = [x["__key__"] for x in ShardStream(root, "train", rank=1, world_size=2, shuffle=False)]
+    assert rank1 == all_keys([6])[3:]  # started at sample 3's offset
+    with open(os.path.join(root, "train", "train-000000.tar"), "ab") as f:
+        f.write(b"\0" * 10240)  # still a valid tar, but not the one the manifest describes
+    with pytest.raises(ShardError, match=r"train-000000\.tar: \d+ bytes but its manifest says \d+"):
+        list(ShardStream(root, "train", rank=1, world_size=2, shuffle=False))
