@@ -32,7 +32,8 @@ RUN python -m pip install \
     "boto3==1.44.8" \
     "h5py==3.16.0" \
     "pyyaml==6.0.4" \
-    "requests==2.34.2"
+    "requests==2.34.2" \
+    "scipy==1.17.1"
 
 COPY pyproject.toml README.md ./
 COPY trainer ./trainer

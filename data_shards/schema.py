@@ -18,15 +18,18 @@ Keys (``E`` = encoding in the shard, ``D`` = decoded type returned by :func:`dec
                    0 = invalid (sky, no LiDAR return, beyond 255.99 m).
                    D: float32 tensor (1, H, W) in metres, 0.0 where invalid. Depth is z-depth
                    along the optical axis, not ray length.
-``seg.png``        E: 8-bit grayscale PNG of Cityscapes *train ids* (0..18), 255 = ignore.
+``seg.png``        E: 8-bit grayscale PNG of class ids, 255 = ignore: Cityscapes *train ids*
+                   (0..18) unless the manifest's ``source.label_set`` says otherwise
+                   (``cityscapes19`` | ``nyu40`` | ``nyu13``).
                    D: uint8 tensor (H, W).
 ``flow.npy``       E: .npy float32 array (H, W, 3) (``allow_pickle=False``): forward optical
                    flow t -> t+1 in pixels (u right, v down) and a validity channel (1 valid,
                    0 occluded / leaves the image). D: float32 tensor (3, H, W).
 ``json``           E: UTF-8 JSON object ("meta"). D: dict. Fields:
                    ``K``: 3x3 intrinsics (pixels) at this sample's resolution, row-major.
-                   ``baseline_m``: stereo baseline in metres (right camera sits at +baseline
-                   along the left camera's x axis), present with ``rgb_right.png``.
+                   ``baseline_m``: signed stereo baseline in metres: the other view
+                   (``rgb_right.png``) sits at +baseline_m along this camera's x axis (about
+                   -0.54 when the target is KITTI's right camera), present with ``rgb_right.png``.
                    ``T_wc``: 4x4 camera-to-world pose at t (OpenCV camera axes: x right,
                    y down, z forward), optional; ``T_wc_prev`` / ``T_wc_next`` likewise.
                    ``source``: provenance (dataset, path / drive / frame), always present.
@@ -157,7 +160,7 @@ def decode_sample(raw: dict[str, Any], where: str = "") -> dict[str, Any]:
                 arr = decode_png(data)
                 if arr.dtype != np.uint8 or arr.ndim != 2:
                     raise SchemaError(f"expected 8-bit grayscale, got {arr.dtype} {arr.shape}")
-                out["seg"] = torch.from_numpy(np.ascontiguousarray(arr))
+                out["seg"] = torch.from_numpy(np.array(arr, copy=True))
             elif name == "flow.npy":
                 arr = np.load(io.BytesIO(data), allow_pickle=False)
                 if arr.dtype != np.float32 or arr.ndim != 3 or arr.shape[2] != 3:
