@@ -58,6 +58,7 @@ def rotate(v: np.ndarray, R: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- noise
 _N = 64  # lattice period of the value noise (cells); objects are decorrelated by seed offsets
 _TABLE = np.random.default_rng(1234567).random(_N ** 3).astype(np.float32)
+_SEED_MUL = np.array([7, 13, 29], dtype=np.int64)  # per-axis lattice offsets per unit of seed
 
 
 def value_noise(p: np.ndarray, scale: float, seed: np.ndarray | int) -> np.ndarray:
@@ -67,7 +68,7 @@ def value_noise(p: np.ndarray, scale: float, seed: np.ndarray | int) -> np.ndarr
     f = (q - i).astype(np.float32)
     f = f * f * (3.0 - 2.0 * f)
     s = np.asarray(seed, dtype=np.int64)
-    i = i.astype(np.int64) + np.stack([s * 7, s * 13, s * 29], -1) % _N
+    i = i.astype(np.int64) + (s[..., None] * _SEED_MUL) % _N
     m = _N - 1
     ax = ((i[:, 0] & m) * _N * _N, ((i[:, 0] + 1) & m) * _N * _N)
     ay = ((i[:, 1] & m) * _N, ((i[:, 1] + 1) & m) * _N)
@@ -124,15 +125,21 @@ def screen_rects(aabbs: np.ndarray, R: np.ndarray, o: np.ndarray, K: np.ndarray,
 
 # ----------------------------------------------------------------------------- intersection
 def _t_box(o, d, box):
-    """Entry distance (inf if missed) and entry-face axis of rays ``o + t d`` with boxes (n, 6)."""
+    """Entry distance (inf if missed) and entry-face axis of rays ``o + t d`` with boxes (n, 6).
+
+    Slab test written per axis on columns (numpy reductions over a length-3 axis are slow).
+    """
+    lo, hi = box[:, :3] - o, box[:, 3:] - o
+    near, far = [], []
     with np.errstate(divide="ignore", invalid="ignore"):
-        inv = 1.0 / d
-        t1 = (box[:, :3] - o) * inv
-        t2 = (box[:, 3:] - o) * inv
-    tn = np.minimum(t1, t2)
-    axis = tn.argmax(-1)
-    tmin = np.take_along_axis(tn, axis[:, None], 1)[:, 0]
-    tmax = np.maximum(t1, t2).min(-1)
+        for k in range(3):
+            inv = 1.0 / d[:, k]
+            a, b = lo[:, k] * inv, hi[:, k] * inv
+            near.append(np.minimum(a, b))
+            far.append(np.maximum(a, b))
+    tmin = np.maximum(np.maximum(near[0], near[1]), near[2])
+    tmax = np.minimum(np.minimum(far[0], far[1]), far[2])
+    axis = np.where(near[0] == tmin, 0, np.where(near[1] == tmin, 1, 2)).astype(np.int8)
     return np.where((tmax >= tmin) & (tmin > NEAR), tmin, np.inf), axis
 
 
@@ -152,9 +159,11 @@ def _t_cyl(o, d, cyl):
 def _t_sphere(o, d, sph):
     """Entry distance (inf if missed) of rays with spheres (n, 4)."""
     oc = o - sph[:, :3]
-    a = (d * d).sum(-1)
-    bb = (d * oc).sum(-1)
-    disc = bb * bb - a * ((oc * oc).sum(-1) - sph[:, 3] ** 2)
+    d0, d1, d2 = d[:, 0], d[:, 1], d[:, 2]
+    c0, c1, c2 = oc[:, 0], oc[:, 1], oc[:, 2]
+    a = d0 * d0 + d1 * d1 + d2 * d2
+    bb = d0 * c0 + d1 * c1 + d2 * c2
+    disc = bb * bb - a * (c0 * c0 + c1 * c1 + c2 * c2 - sph[:, 3] ** 2)
     with np.errstate(invalid="ignore"):
         t = (-bb - np.sqrt(disc)) / a
     return np.where((disc >= 0) & (t > NEAR), t, np.inf)
