@@ -32,6 +32,9 @@ def child_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
         "PYTHONUNBUFFERED": "1",
+        # torchrun restarts: without this, restarted workers can read the previous attempt's
+        # gloo/NCCL addresses from the shared rendezvous store (pytorch/pytorch#135712)
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
     })
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     if extra:

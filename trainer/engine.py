@@ -166,6 +166,10 @@ class Engine:
         if self.strategy == "single" and not self.env.distributed:
             return
         backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if self.env.restart_count and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
+            log.warning("elastic restart %d with torchrun's shared rendezvous store: if the process group "
+                        "fails to connect, launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                        "(pytorch/pytorch#135712)", self.env.restart_count)
         if self.env.distributed:
             dist.init_process_group(backend, device_id=self.device if backend == "nccl" else None)
         else:  # a strategy run as one plain process: a private one-rank group
