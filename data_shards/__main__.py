@@ -138,7 +138,7 @@ def cmd_inspect(argv: list[str]) -> int:
         print(f"meta fields: {', '.join(info['meta_fields'])}")
         print(f"source: {json.dumps(info['source'], sort_keys=True)[:300]}")
         if "contact_sheet" in info:
-            print(f"contact sheet: {info['contact_sheet']}")
+            print(f"contact sheet: {info['contact_sheet'] or 'none (the split has no rgb.png in every sample)'}")
     return 0
 
 

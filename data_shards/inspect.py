@@ -92,7 +92,9 @@ def inspect_split(path: str, out_png: str | None, n: int = 4) -> dict[str, Any]:
     root, split = split_location(path)
     m = load_manifest(root, split)
     info = summarize(m)
-    if out_png and n > 0:
+    if out_png and n > 0 and "rgb.png" not in m.keys:
+        info["contact_sheet"] = None  # nothing to show without an RGB frame in every sample
+    elif out_png and n > 0:
         stream = ShardStream(root, split, shuffle=False, keys=[k for k in ("rgb", "depth", "seg")
                                                                  if f"{k}.png" in m.keys])
         picked = []

@@ -301,10 +301,12 @@ def _as_is(batch: dict) -> dict:
 class ResumableLoader:
     """Batches of a ShardStream with an exact, tiny resume state ``{"epoch", "batches"}``."""
 
-    def __init__(self, stream: ShardStream, batch_size: int, num_workers: int = 0, drop_last: bool = False):
+    def __init__(self, stream: ShardStream, batch_size: int, num_workers: int = 0, drop_last: bool = False,
+                 pin_memory: bool = False):
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"batch_size={batch_size} must be >= 1 and num_workers={num_workers} >= 0")
         self.stream, self.batch_size, self.num_workers, self.drop_last = stream, batch_size, num_workers, drop_last
+        self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
         self.batches_per_epoch = layout.num_batches(stream.num_samples(), batch_size, drop_last)
         if self.batches_per_epoch == 0:
             raise ValueError(f"split {stream.split!r}: {stream.num_samples()} samples per rank give no full batch "
@@ -354,11 +356,11 @@ class ResumableLoader:
         stream.set_epoch(self.epoch)
         stream._plan = _Plan(self.batch_size, self.drop_last, self.num_workers, self.batches)
         if self.batches < self.batches_per_epoch:
-            if self.num_workers == 0:
+            if self.num_workers == 0 and not self.pin_memory:
                 source: Any = (collate(b) for b in stream._iter_batches(0, 1))
             else:
                 source = DataLoader(_BatchView(stream), batch_size=None, num_workers=self.num_workers,
-                                    collate_fn=_as_is)
+                                    collate_fn=_as_is, pin_memory=self.pin_memory)
             for batch in source:
                 for msg in batch.pop("__skipped__"):
                     self.corrupt_count += 1
@@ -372,6 +374,9 @@ class ResumableLoader:
         self.batches = 0
 
 
-def build_loader(stream: ShardStream, batch_size: int, num_workers: int = 0, drop_last: bool = False) -> ResumableLoader:
-    """A resumable batch loader over ``stream`` (every rank yields ``batches_per_epoch`` batches)."""
-    return ResumableLoader(stream, batch_size, num_workers=num_workers, drop_last=drop_last)
+def build_loader(stream: ShardStream, batch_size: int, num_workers: int = 0, drop_last: bool = False,
+                 pin_memory: bool = False) -> ResumableLoader:
+    """A resumable batch loader over ``stream`` (every rank yields ``batches_per_epoch`` batches).
+
+    ``pin_memory`` pins batches for faster host-to-GPU copies (ignored without CUDA)."""
+    return ResumableLoader(stream, batch_size, num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory)

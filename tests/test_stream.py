@@ -330,3 +330,13 @@ def test_reads_start_mid_shard_only_if_the_shard_is_unchanged(tmp_path):
         f.write(b"\0" * 10240)  # still a valid tar, but not the one the manifest describes
     with pytest.raises(ShardError, match=r"train-000000\.tar: \d+ bytes but its manifest says \d+"):
         list(ShardStream(root, "train", rank=1, world_size=2, shuffle=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pin_memory_on_gpu(root, workers):
+    loader = build_loader(ShardStream(root, "train", keys=("rgb", "depth")), 4, num_workers=workers, pin_memory=True)
+    batches = list(loader)
+    assert len(batches) == loader.batches_per_epoch
+    assert all(b["rgb"].is_pinned() and b["depth"].is_pinned() for b in batches)
+    assert torch.equal(batches[0]["depth"].cuda(non_blocking=True).cpu(), batches[0]["depth"])
