@@ -2,11 +2,12 @@
 
 Two entry points:
 
-* :func:`write_split` streams an iterable of samples into shards of at most ``max_count``
-  samples / ``max_size`` bytes (the synthetic world uses it).
+* :func:`write_split` streams an iterable of samples into shards, closing a shard once it
+  holds ``max_count`` samples or reaches ``max_size`` bytes (for any in-order sample source).
 * :func:`write_split_parallel` writes one shard per *chunk* (a callable producing samples),
   in parallel processes, and resumes an interrupted build by skipping chunks whose shard is
-  already finished (the real-data converters use it).
+  already finished (the real-data converters and ``build synthetic``, one chunk per
+  sequence, use it).
 
 Both encode with ``schema.encode_sample`` and webdataset's ``TarWriter`` with fixed mtime,
 owner and mode, so the same input gives byte-identical shards. Every shard is written to a
