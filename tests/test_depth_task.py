@@ -76,10 +76,11 @@ def test_modes_train_without_unused_parameters(batch, mode, pose):
 
 
 def test_required_keys_follow_the_mode():
-    assert set(_task(supervision="mono").required_keys) == {"rgb", "rgb_prev", "rgb_next", "K"}
-    assert set(_task(supervision="stereo").required_keys) == {"rgb", "rgb_right", "K", "baseline"}
+    # depth in every mode: the loop reads the same keys for the training and evaluation splits
+    assert set(_task(supervision="mono").required_keys) == {"rgb", "rgb_prev", "rgb_next", "K", "depth"}
+    assert set(_task(supervision="stereo").required_keys) == {"rgb", "rgb_right", "K", "baseline", "depth"}
     assert set(_task(supervision="mono_stereo").required_keys) == {
-        "rgb", "rgb_prev", "rgb_next", "rgb_right", "K", "baseline"}
+        "rgb", "rgb_prev", "rgb_next", "rgb_right", "K", "baseline", "depth"}
     assert set(_task(supervision="supervised").required_keys) == {"rgb", "depth"}
 
 

@@ -132,8 +132,7 @@ class DepthTask(Task):
             keys.append("K")
         if self.mode in ("stereo", "mono_stereo"):
             keys.append("baseline")
-        if self.mode == "supervised":
-            keys.append("depth")
+        keys.append("depth")  # the training loss (supervised) or evaluation (all modes) reads it
         self.required_keys = tuple(keys)
 
     # ----------------------------------------------------------------- model
