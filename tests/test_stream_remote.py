@@ -122,7 +122,10 @@ def test_s3_missing_split_is_named(s3_root):
         ShardStream(s3_root, "val")
 
 
-def test_http_transient_errors_are_retried(local_root):
+def test_http_transient_errors_are_retried(local_root, monkeypatch):
+    from data_shards import openers
+
+    monkeypatch.setattr(openers, "RETRY_BACKOFF_S", 0.01)
     failures = {"left": 2}
 
     class Flaky(_Quiet):
