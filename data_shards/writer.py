@@ -300,7 +300,10 @@ def write_split_parallel(chunks: Sequence[Callable[[], Iterable[dict]]], out_dir
     try:
         if workers == 1 or len(todo) <= 1:
             for i in todo:
-                stats[i] = _write_chunk(split_dir, names[i], chunks[i], prints[i])
+                try:
+                    stats[i] = _write_chunk(split_dir, names[i], chunks[i], prints[i])
+                except Exception as e:
+                    raise WriteError(f"{split_dir}: chunk {i} ({names[i]}) failed: {type(e).__name__}: {e}") from e
                 bar.update(1)
         else:
             with ProcessPoolExecutor(max_workers=workers) as pool:

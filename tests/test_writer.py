@@ -139,7 +139,7 @@ def _chunk(i: int, fail: bool = False):
 
 def test_parallel_writer_resumes_and_matches(tmp_path):
     CALLS.clear()
-    with pytest.raises(RuntimeError, match="chunk 2"):
+    with pytest.raises(WriteError, match=r"chunk 2 \(train-000002\.tar\) failed: RuntimeError: converter crashed"):
         write_split_parallel([partial(_chunk, i, True) for i in range(4)], str(tmp_path / "a"), "train",
                              source=SRC, progress=False)
     assert CALLS == [0, 1, 2]
