@@ -303,7 +303,8 @@ def write_split_parallel(chunks: Sequence[Callable[[], Iterable[dict]]], out_dir
                 try:
                     stats[i] = _write_chunk(split_dir, names[i], chunks[i], prints[i])
                 except Exception as e:
-                    raise WriteError(f"{split_dir}: chunk {i} ({names[i]}) failed: {type(e).__name__}: {e}") from e
+                    e.add_note(f"while writing chunk {i} ({names[i]}) of {split_dir}")
+                    raise
                 bar.update(1)
         else:
             with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -312,8 +313,9 @@ def write_split_parallel(chunks: Sequence[Callable[[], Iterable[dict]]], out_dir
                     i = futures[fut]
                     try:
                         stats[i] = fut.result()
-                    except Exception as e:
-                        raise WriteError(f"{split_dir}: chunk {i} ({names[i]}) failed: {type(e).__name__}: {e}") from e
+                    except Exception as e:  # the converter's own error (e.g. SourceError), with where
+                        e.add_note(f"while writing chunk {i} ({names[i]}) of {split_dir}")
+                        raise
                     bar.update(1)
     finally:
         bar.close()
