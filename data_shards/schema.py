@@ -127,7 +127,7 @@ def decode_png(data: bytes) -> np.ndarray:
             return np.asarray(im, dtype=np.uint16)
         if im.mode == "I":
             return np.asarray(im).astype(np.uint16)
-        return np.asarray(im)
+        return np.array(im)  # a writable copy: tensors made from it may be changed in place
 
 
 def decode_sample(raw: dict[str, Any], where: str = "") -> dict[str, Any]:
