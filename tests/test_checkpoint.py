@@ -1,0 +1,112 @@
+"""Checkpoints: completion marker + sizes + sha256, damaged / partial ones skipped with a warning
+naming them, keep-last-K, and exact resume under FSDP2 and DeepSpeed ZeRO-2 (2 ranks, gloo).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_helpers import run_torchrun
+from test_loop import _train_single, load_weights
+
+from trainer.checkpoint import CheckpointError, find_latest_whole, verify
+
+WORKER = str(Path(__file__).resolve().parent / "test_loop.py")
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def warnings_of_checkpoint():
+    h = _Collect()
+    logger = logging.getLogger("geoprime.checkpoint")
+    logger.addHandler(h)
+    yield h.messages
+    logger.removeHandler(h)
+
+
+@pytest.mark.timeout(120)
+def test_damaged_and_partial_checkpoints_are_skipped(tmp_path, warnings_of_checkpoint):
+    _train_single(tmp_path, "train.steps=9", "train.ckpt_every=3", "train.keep_last=3", "train.export=false")
+    ck = tmp_path / "checkpoints"
+    names = sorted(p.name for p in ck.iterdir() if p.is_dir())
+    assert names == ["step_00000003", "step_00000006", "step_00000009"]
+    info = verify(ck / "step_00000009")
+    assert info["step"] == 9 and "train_state.pt" in info["files"] and "rank_00000.pt" in info["files"]
+    assert any(f.startswith("dcp/") for f in info["files"])
+
+    # flip one byte of the newest checkpoint's model shard: same size, wrong sha256
+    shard = next(p for p in (ck / "step_00000009" / "dcp").iterdir() if p.suffix == ".distcp")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"step_00000009 is damaged: file dcp/.*sha256"):
+        verify(ck / "step_00000009")
+    # truncate a file of the next one, and leave a partial save lying around
+    (ck / "step_00000006" / "train_state.pt").write_bytes(b"x")
+    (ck / ".step_00000012.partial").mkdir()
+    (ck / "step_00000012").mkdir()  # a directory without its completion marker
+    assert find_latest_whole(ck) == ck / "step_00000003"
+    joined = "\n".join(warnings_of_checkpoint)
+    assert "step_00000009 is damaged" in joined and "sha256" in joined
+    assert "step_00000006 is damaged: file train_state.pt has 1 bytes" in joined
+    assert "step_00000012 is partial: no COMPLETE.json" in joined
+
+    # the loop resumes from step 3 and finishes equal to an uninterrupted run
+    _train_single(tmp_path / "ref", "train.steps=9")
+    res = _train_single(tmp_path, "train.steps=9", "train.ckpt_every=3", "train.keep_last=3")
+    assert res["step"] == 9
+    ref, got = load_weights(tmp_path / "ref"), load_weights(tmp_path)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+@pytest.mark.timeout(60)
+def test_explicit_resume_path_must_be_whole(tmp_path):
+    with pytest.raises(CheckpointError, match="train.resume=.*does not exist"):
+        _train_single(tmp_path, f"train.resume={tmp_path / 'nope'}")
+
+
+def test_metrics_json_is_never_partial(tmp_path):
+    _train_single(tmp_path, "train.steps=2")
+    assert json.loads((tmp_path / "metrics.json").read_text())["step"] == 2
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def _resume_matches_uninterrupted(tmp_path: Path, *args: str) -> None:
+    base = ["train.steps=7", "train.ckpt_every=2", *args]
+    run_torchrun([WORKER, f"out_dir={tmp_path / 'ref'}", *base], nproc=2, timeout=150)
+    # first run: dies right after step 5 (checkpoints at 2 and 4); the second run resumes at 4
+    first = run_torchrun([WORKER, f"out_dir={tmp_path / 'run'}", *base], nproc=2, timeout=150, check=False,
+                         env={"GEOPRIME_TEST_KILL_AT_STEP": "5", "GEOPRIME_TEST_KILL_RANK": "0"})
+    assert first.returncode != 0 and not (tmp_path / "run" / "weights.pt").exists()
+    run_torchrun([WORKER, f"out_dir={tmp_path / 'run'}", *base], nproc=2, timeout=150)
+    assert "resumed from" in (tmp_path / "run" / "logs" / "rank0.log").read_text()
+    ref, got = load_weights(tmp_path / "ref"), load_weights(tmp_path / "run")
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_exact_resume_fsdp(tmp_path):
+    _resume_matches_uninterrupted(tmp_path, "parallel.strategy=fsdp")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_exact_resume_zero2(tmp_path):
+    _resume_matches_uninterrupted(tmp_path, "parallel.strategy=deepspeed", "parallel.zero_stage=2")
