@@ -1,9 +1,9 @@
 """Ahead-of-time compilation of the photometric kernels for a CUDA architecture, without a GPU.
 
-Triton's compiler and the bundled ``ptxas`` run on any machine, so CI can check that the kernels
-compile in *compiled* (not interpreted) mode — type rules, static branches, tuple arguments —
-and report registers and spills per kernel, which is the first thing to look at when choosing
-tile sizes before a GPU is available.
+Triton's compiler, the bundled ``ptxas`` and ``cuobjdump`` run on any machine, so CI can check
+that the kernels compile in *compiled* (not interpreted) mode (type rules, static branches, tuple
+arguments) and report registers and spill (stack/local) bytes per kernel, the first thing to
+look at when choosing tile sizes before a GPU is available.
 """
 from __future__ import annotations
 
@@ -29,12 +29,13 @@ POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16:
 
 @dataclass(frozen=True)
 class CompiledInfo:
-    """What ptxas reports for one compiled kernel."""
+    """Resource usage of one compiled kernel, as ``cuobjdump --dump-resource-usage`` reports it
+    for the cubin Triton built (STACK/LOCAL bytes > 0 mean register spills)."""
 
     name: str
     registers: int
-    spill_stores: int
-    spill_loads: int
+    stack_bytes: int
+    local_bytes: int
     ptx_lines: int
 
 
@@ -64,30 +65,26 @@ def _signatures(K, dtype: torch.dtype, n_sources: int, grad_mask: int, grad_targ
     ]
 
 
-def _ptxas_report(ptx: str, arch: int) -> tuple[int, int, int]:
-    """(registers, spill store bytes, spill load bytes) from ``ptxas -v`` on the PTX."""
+def _resource_usage(cubin: bytes, arch: int) -> tuple[int, int, int]:
+    """(registers, stack bytes, local bytes) of the single kernel in ``cubin``."""
     from triton.backends.nvidia.compiler import get_ptxas
 
-    ptxas = get_ptxas(arch).path
-    suffix = "a" if arch >= 90 else ""
+    cuobjdump = Path(get_ptxas(arch).path).parent / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "kernel.ptx"
-        path.write_text(ptx)
-        out = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", str(path), "-o",
-                              str(Path(tmp) / "kernel.cubin")],
-                             capture_output=True, text=True, check=True, timeout=300)
-    text = out.stdout + out.stderr
-    regs = re.search(r"Used (\d+) registers", text)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    if regs is None or spills is None:
-        raise RuntimeError(f"could not parse ptxas -v output:\n{text}")
-    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(path)],
+                             capture_output=True, text=True, check=True, timeout=120)
+    match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out.stdout)
+    if match is None:
+        raise RuntimeError(f"could not parse cuobjdump's resource usage:\n{out.stdout}{out.stderr}")
+    return int(match.group(1)), int(match.group(2)), int(match.group(3))
 
 
 def compile_kernels(arch: int = 90, dtype: torch.dtype = torch.float32, n_sources: int = 4,
                     grad_mask: int = 0b1100, grad_target: bool = False) -> list[CompiledInfo]:
     """Compile the forward and both backward kernels for ``sm_<arch>`` (e.g. 80 A100, 90 H100)
-    and return ptxas's register / spill report for each. Raises if any kernel fails to compile.
+    and return the register / stack / local-memory usage of each. Raises if one fails to compile.
     The default is Monodepth2's case: 2 identity + 2 warped sources, gradients to the warped."""
     K = importlib.import_module(KERNEL_MODULE)
     if K.INTERPRETED:
@@ -98,7 +95,36 @@ def compile_kernels(arch: int = 90, dtype: torch.dtype = torch.float32, n_source
         compiled = triton.compile(ASTSource(fn, signature, constexprs),
                                   target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": K.NUM_WARPS})
-        ptx = compiled.asm["ptx"]
-        regs, stores, loads = _ptxas_report(ptx, arch)
-        infos.append(CompiledInfo(fn.__name__, regs, stores, loads, ptx.count("\n")))
+        regs, stack, local = _resource_usage(compiled.asm["cubin"], arch)
+        infos.append(CompiledInfo(fn.__name__, regs, stack, local,
+                                  compiled.asm["ptx"].count("\n")))
     return infos
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``python -m trainer.kernels.aot --arch 90 --dtype bf16`` prints resource usage."""
+    import argparse
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+              "fp64": torch.float64}
+    parser = argparse.ArgumentParser(description="Compile the photometric kernels for a CUDA "
+                                                 "arch without a GPU; print resource usage.")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
+    parser.add_argument("--dtype", default="fp32", choices=list(dtypes))
+    parser.add_argument("--sources", type=int, default=4, help="identity + warped sources")
+    parser.add_argument("--grad-mask", type=lambda v: int(v, 0), default=0b1100,
+                        help="bit i set: source i needs a gradient (default: the last two)")
+    parser.add_argument("--grad-target", action="store_true", help="the target needs a gradient")
+    args = parser.parse_args(argv)
+    infos = compile_kernels(args.arch, dtypes[args.dtype], args.sources, args.grad_mask,
+                            args.grad_target)
+    print(f"sm_{args.arch} {args.dtype} sources={args.sources} grad_mask={args.grad_mask:#b} "
+          f"grad_target={args.grad_target}")
+    for i in infos:
+        print(f"  {i.name:<18} registers {i.registers:4d}  stack {i.stack_bytes:4d} B  "
+              f"local {i.local_bytes:4d} B  ptx {i.ptx_lines} lines")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

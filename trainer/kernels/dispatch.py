@@ -85,9 +85,11 @@ def _validate(target: Tensor, warped: Sequence[Tensor], identity: Sequence[Tenso
             if not isinstance(t, Tensor) or t.shape != target.shape:
                 raise ValueError(f"{name}[{i}]: expected shape {tuple(target.shape)} like the "
                                  f"target, got {getattr(t, 'shape', type(t))}")
-            if t.dtype != target.dtype or t.device != target.device:
-                raise ValueError(f"{name}[{i}]: dtype/device {t.dtype}/{t.device} differs from "
-                                 f"the target's {target.dtype}/{target.device}")
+            if t.device != target.device:
+                raise ValueError(f"{name}[{i}]: device {t.device} differs from the target's "
+                                 f"{target.device}")
+            if t.dtype not in FLOAT_DTYPES:
+                raise ValueError(f"{name}[{i}]: dtype {t.dtype} is not a floating image dtype")
 
 
 def resolve_impl(impl: str, target: Tensor) -> str:
@@ -121,15 +123,23 @@ def fused_reprojection_loss(target: Tensor, warped: Sequence[Tensor],
     """Mean over all pixels of the per-pixel min over [identity..., warped...] photometric errors
     (same semantics as ``trainer.losses.photometric.reprojection_loss``).
 
-    Returns the scalar loss in float32 (float64 for float64 inputs), and with ``return_argmin``
+    Inputs of different float dtypes are promoted to a common one first. Returns the scalar loss
+    in float32 (float64 for float64 inputs), and with ``return_argmin``
     also the argmin (B, 1, H, W) int64 over [identity..., warped...] (``argmin >= len(identity)``
     is Monodepth2's auto-mask).
     """
     identity = list(identity) if identity is not None else []
     warped = list(warped)
     _validate(target, warped, identity, impl)
+    # Mixed dtypes (e.g. fp32 warps of bf16 frames) promote like torch ops do, autograd-tracked.
+    dtype = target.dtype
+    for t in identity + warped:
+        dtype = torch.promote_types(dtype, t.dtype)
+    target = target.to(dtype)
+    identity = [t.to(dtype) for t in identity]
+    warped = [t.to(dtype) for t in warped]
     n_sources = len(identity) + len(warped)
-    out_dtype = torch.promote_types(target.dtype, torch.float32)
+    out_dtype = torch.promote_types(dtype, torch.float32)
     if resolve_impl(impl, target) == "reference":
         best, index, _ = reference.min_reprojection(target, warped, identity or None, ssim_weight)
         loss = best.mean().to(out_dtype)

@@ -280,7 +280,8 @@ def _bwd_grad_kernel(tgt_ptr, src_ptrs, argmin_ptr, coef_ptr, gscale_ptr, gtgt_p
                         k_p = tl.load(argmin_ptr + b * plane + poff, mask=pm, other=255)
                         pm = pm & (k_p.to(tl.int32) == s)
                         wt = (_reflect_weight(ph, h, H) * _reflect_weight(pw, w, W)).to(CDT)
-                        sum_xy += wt * tl.load(coef_ptr + cbase + 3 * plane + poff, mask=pm, other=0.0)
+                        sum_xy += wt * tl.load(coef_ptr + cbase + 3 * plane + poff, mask=pm,
+                                               other=0.0)
                         if (GRAD_MASK >> s) & 1:
                             sum_mu_x += wt * tl.load(coef_ptr + cbase + poff, mask=pm, other=0.0)
                             sum_sq_s += wt * tl.load(coef_ptr + cbase + 2 * plane + poff, mask=pm,
