@@ -232,6 +232,16 @@ def test_no_grad_and_gradient_only_to_target(kernels):
     torch.testing.assert_close(grads[0], ref_grads[0], rtol=1e-4, atol=1e-9)
 
 
+def test_double_backward_is_refused(kernels):
+    """The fused backward is not differentiable: second derivatives raise, never come out as 0."""
+    target, w0 = _images((1, 3, 3, 3), 2, seed=24)
+    w0.requires_grad_(True)
+    loss = fused_reprojection_loss(target, [w0], impl="triton")
+    (grad,) = torch.autograd.grad(loss, [w0], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        grad.sum().backward()
+
+
 def test_auto_and_reference_on_cpu_use_the_reference():
     shape = (2, 3, 6, 7)
     target, w0, w1, i0 = _images(shape, 4, seed=17)

@@ -42,7 +42,8 @@ def triton_available() -> bool:
 
 class FusedReprojectionLoss(torch.autograd.Function):
     """Autograd wrapper of the fused kernels: forward returns (loss, argmin uint8 (B,H,W)); only
-    the argmin is saved for backward (plus the inputs, which the caller holds anyway)."""
+    the argmin is saved for backward (plus the inputs, which the caller holds anyway). The
+    backward is not itself differentiable: double backward raises instead of silently giving 0."""
 
     @staticmethod
     def forward(ctx, ssim_weight: float, target: Tensor, *sources: Tensor):
@@ -53,6 +54,7 @@ class FusedReprojectionLoss(torch.autograd.Function):
         return loss, argmin
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: Tensor, _grad_argmin):
         target, argmin, *sources = ctx.saved_tensors
         need_target = ctx.needs_input_grad[1]
