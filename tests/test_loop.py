@@ -242,5 +242,53 @@ def test_failure_closes_tracker_failed(tmp_path):
     assert tr.status is None  # an injected tracker belongs to the caller
 
 
+@pytest.mark.timeout(120)
+def test_resumed_run_continues_the_same_tracking_run(tmp_path):
+    """The real tracker (MLflow, sqlite in tmp): the run id is kept in the checkpoint and reused."""
+    from trainer.loop import train
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ids = []
+    for steps in (2, 4):
+        cfg = tiny_cfg(str(tmp_path / "run"), f"train.steps={steps}", "tracking.enabled=true",
+                       f"tracking.uri={uri}", "tracking.system_metrics_every=0")
+        train(cfg, task=TinyTask(cfg.task, cfg), loaders=tiny_loaders(cfg, 0, 1))
+        ids.append(json.loads((tmp_path / "run" / "metrics.json").read_text())["run_id"])
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_00000004" / "train_state.pt", weights_only=True)
+    assert ids[0] and ids[0] == ids[1] == state["run_id"]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_hydra_entry_point_under_torchrun(tmp_path):
+    """`torchrun -m trainer` on real synthetic shards with the depth task, DDP on 2 ranks, MLflow:
+    Hydra's folder written once (rank 0), per-rank logs, metrics, weights, system metrics."""
+    import sqlite3
+    import subprocess
+
+    from dist_helpers import child_env, run_torchrun
+
+    data = tmp_path / "syn"
+    subprocess.run([sys.executable, "-m", "data_shards", "build", "synthetic", "--out", str(data), "--height", "64",
+                    "--width", "64", "--sequences", "train=1", "val=1", "test=1", "--frames-per-sequence", "4",
+                    "--workers", "1", "--no-progress"], check=True, env=child_env(), timeout=120,
+                   capture_output=True, cwd=str(Path(__file__).resolve().parents[1]))
+    out = tmp_path / "run"
+    run_torchrun(["-m", "trainer", "task=depth", "parallel=ddp", f"data.root={data}", f"out_dir={out}",
+                  "train.steps=2", "train.batch_size=1", "train.log_every=1", "train.progress=false",
+                  f"tracking.uri=sqlite:///{out / 'mlflow.db'}", "tracking.system_metrics_every=0.001"],
+                 nproc=2, timeout=280)
+    assert (out / ".hydra" / "config.yaml").is_file() and not list(out.glob("*.log"))
+    assert "[rank 1/2 node 0]" in (out / "logs" / "rank1.log").read_text()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["strategy"] == "ddp" and metrics["run_id"]
+    assert metrics["test"]["images"] > 0 and "abs_rel" in metrics["val"]
+    weights = torch.load(out / "weights.pt", weights_only=True)
+    assert any(k.startswith("depth") or k.startswith("encoder") for k in weights), list(weights)[:5]
+    keys = {r[0] for r in sqlite3.connect(out / "mlflow.db").execute("select key from metrics")}
+    assert {"train/loss", "train/samples_per_s", "val/abs_rel", "test/abs_rel", "sys/node0/cpu_percent"} <= keys
+
+
 if __name__ == "__main__":
     worker(sys.argv[1:])
