@@ -24,6 +24,27 @@ def _cfg(task, root, out, **task_kw):
     return c
 
 
+def _check_nshot(root):
+    """N-shot subsets through the segmentation transform: deterministic by seed, inside the
+    training split, and no image shared with the test split."""
+    from data_shards.stream import ShardStream
+    from trainer.tasks.segmentation import SegmentationTask
+
+    task = SegmentationTask(TASK_CONFIGS()["segmentation"](), OmegaConf.structured(RunConfig(task={})))
+
+    def images(split, **kw):
+        stream = ShardStream(str(root), split, shuffle=False, keys=task.required_keys,
+                             transform=lambda s, g: task.eval_transform(s), **kw)
+        return {s["__key__"]: s["rgb"] for s in stream}
+
+    a, b = images("train", subset=2, subset_seed=1), images("train", subset=2, subset_seed=1)
+    assert list(a) == list(b) and len(a) == 2 and all(torch.equal(a[k], b[k]) for k in a)
+    subsets = {tuple(images("train", subset=2, subset_seed=s)) for s in range(6)}
+    assert len(subsets) > 1 and all(set(k) <= set(images("train")) for k in subsets)
+    test = list(images("test").values())
+    assert not any(torch.equal(x, t) for x in a.values() for t in test)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_flow_pretraining_then_frozen_segmentation(tmp_path):
@@ -34,6 +55,7 @@ def test_flow_pretraining_then_frozen_segmentation(tmp_path):
                     "--height", "64", "--width", "96", "--sequences", "train=1", "val=0", "test=1",
                     "--frames-per-sequence", "5", "--splits", "train", "test", "--no-progress"],
                    check=True, timeout=240, capture_output=True)
+    _check_nshot(root)
     flow = train(_cfg("flow", root, tmp_path / "flow"))
     assert flow["test"]["flow_pixels"] > 0 and flow["test"]["epe"] > 0
     seg_out = tmp_path / "seg"
