@@ -74,6 +74,25 @@ def fused_bytes(B: int, C: int, H: int, W: int, n_sources: int, n_grad: int, elt
     return fwd + coef + grad
 
 
+def set_launch_config(tile: str, num_warps: int) -> None:
+    """Override the kernels' tile size / warps (tuning on a GPU; the kernels read them per call)."""
+    from trainer.kernels import photometric_triton as K
+
+    if tile:
+        try:
+            bh, bw = (int(v) for v in tile.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--tile {tile!r}: expected HxW, e.g. 8x32") from None
+        for v in (bh, bw):
+            if v < 1 or v & (v - 1):
+                raise SystemExit(f"--tile {tile!r}: {v} is not a power of two")
+        K.BLOCK_H, K.BLOCK_W = bh, bw
+    if num_warps:
+        if num_warps & (num_warps - 1) or not 1 <= num_warps <= 32:
+            raise SystemExit(f"--num-warps {num_warps}: expected a power of two in 1..32")
+        K.NUM_WARPS = num_warps
+
+
 def make_inputs(B: int, H: int, W: int, dtype: torch.dtype, device: torch.device, n_warped: int,
                 n_identity: int, seed: int = 0):
     """Target (no grad), warped sources (require grad, as they do through the depth net) and
@@ -126,8 +145,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma list of eager, compiled, fused (fused only on CUDA)")
     parser.add_argument("--peak-gbps", type=float, default=0.0,
                         help="peak DRAM bandwidth of the card (default: spec table / copy test)")
+    parser.add_argument("--tile", default="",
+                        help="fused kernels' tile HxW, powers of two (default: the module's 8x32)")
+    parser.add_argument("--num-warps", type=int, default=0,
+                        help="fused kernels' warps per tile (default: the module's NUM_WARPS)")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    if args.tile or args.num_warps:
+        set_launch_config(args.tile, args.num_warps)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
@@ -143,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_gbps or (spec_peak_gbps(card) if device.type == "cuda" else None)
     copy_gbps = measured_copy_gbps(device) if device.type == "cuda" else None
+    if device.type == "cuda":
+        from trainer.kernels import photometric_triton as K
+
+        print(f"fused launch: tile {K.BLOCK_H}x{K.BLOCK_W}, {K.NUM_WARPS} warps")
     print(f"device: {card}; torch {torch.__version__}; dtype {args.dtype}; "
           f"sources: {args.warped} warped + {args.identity} identity; fwd+bwd (grad to warped)")
     if device.type == "cuda":
