@@ -115,11 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad-mask", type=lambda v: int(v, 0), default=0b1100,
                         help="bit i set: source i needs a gradient (default: the last two)")
     parser.add_argument("--grad-target", action="store_true", help="the target needs a gradient")
+    parser.add_argument("--tile", default="", help="tile HxW (powers of two), default 8x32")
+    parser.add_argument("--num-warps", type=int, default=0, help="warps per tile, default 8")
     args = parser.parse_args(argv)
+    K = importlib.import_module(KERNEL_MODULE)
+    if args.tile:
+        K.BLOCK_H, K.BLOCK_W = (int(v) for v in args.tile.lower().split("x"))
+    if args.num_warps:
+        K.NUM_WARPS = args.num_warps
     infos = compile_kernels(args.arch, dtypes[args.dtype], args.sources, args.grad_mask,
                             args.grad_target)
     print(f"sm_{args.arch} {args.dtype} sources={args.sources} grad_mask={args.grad_mask:#b} "
-          f"grad_target={args.grad_target}")
+          f"grad_target={args.grad_target} tile={K.BLOCK_H}x{K.BLOCK_W} warps={K.NUM_WARPS}")
     for i in infos:
         print(f"  {i.name:<18} registers {i.registers:4d}  stack {i.stack_bytes:4d} B  "
               f"local {i.local_bytes:4d} B  ptx {i.ptx_lines} lines")
