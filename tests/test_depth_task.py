@@ -136,6 +136,15 @@ def test_eval_metric_scaling_and_visualize(batch, tmp_path: Path):
     assert all(f.stat().st_size > 0 for f in files) and not list((tmp_path / "vis").glob("*.tmp"))
 
 
+def test_init_depth_sets_the_untrained_prediction(batch):
+    task = _task(supervision="stereo", min_depth=0.5, init_depth=10.0)
+    with torch.no_grad():
+        depth = task.eval_step(task.build_model().eval(), batch)
+    assert 7.0 < float(depth.median()) < 14.0
+    with pytest.raises(ValueError, match="init_depth"):
+        _task(init_depth=500.0).build_model()
+
+
 def test_bad_config_values_are_named():
     for kw, name in [({"supervision": "video"}, "supervision"), ({"pose_encoder": "x"}, "pose_encoder"),
                      ({"scales": [1, 2]}, "scales"), ({"min_depth": 5.0, "max_depth": 1.0}, "min_depth"),

@@ -5,21 +5,34 @@ so fine-tuning can load the ``encoder.`` prefix of the exported weights.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.geometry import disp_to_depth
+from trainer.geometry import depth_to_disp, disp_to_depth
 from trainer.models.encoders import build_encoder
 from trainer.models.unet import UNetDecoder
 
 
-def build_depth_net(model_cfg, scales: Sequence[int] = (0, 1, 2, 3)) -> dict[str, nn.Module]:
-    """{"encoder": ResNetEncoder (3 channels), "depth_decoder": UNetDecoder(1 channel, sigmoid)}."""
+def build_depth_net(model_cfg, scales: Sequence[int] = (0, 1, 2, 3), init_depth: Optional[float] = None,
+                    min_depth: float = 0.1, max_depth: float = 100.0) -> dict[str, nn.Module]:
+    """{"encoder": ResNetEncoder (3 channels), "depth_decoder": UNetDecoder(1 channel, sigmoid)}.
+
+    ``init_depth``: set the disparity heads' bias so the untrained network predicts about this
+    depth everywhere (None: PyTorch's default init, as Monodepth2, i.e. ~2 * min_depth)."""
     encoder = build_encoder(model_cfg, in_channels=3)
     decoder = UNetDecoder(encoder.num_ch, out_channels=1, scales=scales, activation="sigmoid")
+    if init_depth is not None:
+        if not min_depth < init_depth < max_depth:
+            raise ValueError(f"task.init_depth={init_depth}: must lie in (min_depth={min_depth}, "
+                             f"max_depth={max_depth})")
+        disp = float(depth_to_disp(torch.tensor(init_depth, dtype=torch.float64), min_depth, max_depth))
+        with torch.no_grad():
+            for head in decoder.heads.values():
+                head.bias.fill_(math.log(disp / (1 - disp)))
     return {"encoder": encoder, "depth_decoder": decoder}
 
 

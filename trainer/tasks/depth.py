@@ -19,7 +19,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from trainer.losses.depth_supervised import masked_l1, scale_invariant_log, vali
 from trainer.kernels.dispatch import IMPLS, fused_reprojection_loss
 from trainer.losses.smoothness import edge_aware_smoothness, normalize_disp
 from trainer.metrics.depth import DepthMetric, depth_panel
-from trainer.models.depth import build_depth_net, upsampled_depths
+from trainer.models.depth import build_depth_net, predict_depth, upsampled_depths
 from trainer.models.pose import build_pose_net, predict_pose
 from trainer.tasks.base import Metric, Task
 
@@ -58,6 +58,8 @@ class DepthTaskConfig:
     """Smallest depth the network can output (metres); disparity sigmoid maps to [1/max, 1/min]."""
     max_depth: float = 100.0
     """Largest depth the network can output (metres)."""
+    init_depth: Optional[float] = None
+    """Depth (metres) the untrained network predicts (disparity-head bias); None = Monodepth2's init."""
     ssim_weight: float = 0.85
     """Weight of (1 - SSIM) / 2 in the photometric error; 1 - ssim_weight goes to L1."""
     photometric_impl: str = "auto"
@@ -137,7 +139,8 @@ class DepthTask(Task):
 
     # ----------------------------------------------------------------- model
     def build_model(self) -> nn.ModuleDict:
-        parts = build_depth_net(self.run_cfg.model, tuple(self.cfg.scales))
+        parts = build_depth_net(self.run_cfg.model, tuple(self.cfg.scales), self.cfg.init_depth,
+                                self.cfg.min_depth, self.cfg.max_depth)
         if self.uses_pose:
             parts.update(build_pose_net(self.run_cfg.model, self.cfg.pose_encoder, parts["encoder"].num_ch))
         return nn.ModuleDict(parts)
@@ -231,10 +234,7 @@ class DepthTask(Task):
     # ------------------------------------------------------------ evaluation
     def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
         """Full-resolution predicted depth (B, 1, H, W) in metres from the unaugmented frame."""
-        images = _float(batch["rgb"])
-        disps = model["depth_decoder"](model["encoder"](images))
-        return upsampled_depths({0: disps[0]}, tuple(images.shape[-2:]), self.cfg.min_depth,
-                                self.cfg.max_depth)[0][1]
+        return predict_depth(model, _float(batch["rgb"]), self.cfg.min_depth, self.cfg.max_depth)
 
     def eval_scaling(self) -> str:
         """median for monocular training (scale ambiguous), fixed otherwise, unless configured."""
