@@ -88,9 +88,12 @@ class _Batches:
         raise RuntimeError("the training loader yielded no batch in a whole epoch")
 
 
-def evaluate(engine: Engine, task: Any, loader: Any, max_batches: int = 0) -> dict[str, float]:
+def evaluate(engine: Engine, task: Any, loader: Any, max_batches: int = 0,
+             visualize_to: Optional[Path] = None) -> dict[str, float]:
     """Evaluate on every rank's part of a split; the Metric state is summed over ranks, so
-    every sample counts once. Leaves the model in train mode."""
+    every sample counts once. With ``visualize_to``, the logging rank writes the task's
+    qualitative PNGs for its first batch (from the outputs already computed: the model may be
+    sharded, so ``visualize`` must not run it). Leaves the model in train mode."""
     engine.train(False)
     metric = task.new_metric()
     with torch.no_grad():
@@ -100,6 +103,9 @@ def evaluate(engine: Engine, task: Any, loader: Any, max_batches: int = 0) -> di
             batch = engine.to_device(batch)
             outputs = engine.forward(task.eval_step, batch)
             metric.update(batch, outputs)
+            if i == 0 and visualize_to is not None and engine.is_logging_rank:
+                visualize_to.mkdir(parents=True, exist_ok=True)
+                task.visualize(engine.parts, batch, outputs, visualize_to)
     state = engine.all_reduce_sum(metric.state().to(torch.float64))
     engine.train(True)
     task.on_train_mode(engine.parts)
@@ -301,8 +307,11 @@ def _run(cfg: Any, engine: Engine, task: Any, tracker: Any, train_loader: Any, m
         tracker.log_metrics({f"val/{k}": v for k, v in val_metrics.items()}, step=total)
     test_metrics: dict[str, float] = {}
     if cfg.data.test_split:
-        test_metrics = evaluate(engine, task, make_loader(cfg.data.test_split, False), 0)
+        qual = out_dir / "qualitative"
+        test_metrics = evaluate(engine, task, make_loader(cfg.data.test_split, False), 0, visualize_to=qual)
         tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}, step=total)
+        if engine.is_logging_rank and qual.is_dir() and any(qual.iterdir()):
+            tracker.log_artifact(str(qual), "qualitative")
     weights = None
     if tc.export:
         weights = engine.export_weights(out_dir / "weights.pt")
