@@ -27,6 +27,7 @@ class TorchrunJob:
     rdzv: str | None = None
     run_id: str | None = None
     max_restarts: int = 0
+    rdzv_conf: list[str] = field(default_factory=list)
     module: str = "trainer"
 
     def __post_init__(self) -> None:
@@ -42,6 +43,9 @@ class TorchrunJob:
             host, _, port = self.rdzv.rpartition(":")
             if not host or not port.isdigit():
                 raise ValueError(f"--rdzv={self.rdzv!r}: expected host:port, e.g. node0.cluster:{DEFAULT_RDZV_PORT}")
+        bad_conf = [c for c in self.rdzv_conf if "=" not in c]
+        if bad_conf:
+            raise ValueError(f"--rdzv-conf {bad_conf}: expected key=value, e.g. is_host=1")
         bad = [o for o in self.overrides if o.startswith("-")]
         if bad:
             raise ValueError(f"unknown option(s) {bad}: Hydra overrides look like key=value")
@@ -67,6 +71,8 @@ class TorchrunJob:
                 f"--rdzv_endpoint={endpoint}",
                 f"--rdzv_id={self.resolved_run_id}",
             ]
+            if self.rdzv_conf:
+                args.append(f"--rdzv_conf={','.join(self.rdzv_conf)}")
         args.append(f"--max_restarts={self.max_restarts}")
         return args + ["-m", self.module, *self.overrides]
 
@@ -114,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", "--nproc-per-node", dest="procs_per_node", type=int, default=1,
                    help="processes per node (one per GPU; on CPU, one per process you want)")
     p.add_argument("--rdzv", default=None, help="c10d rendezvous endpoint host:port (required for --nodes > 1)")
+    p.add_argument("--rdzv-conf", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra c10d rendezvous settings, e.g. is_host=1 on the node that hosts the store "
+                        "when several 'nodes' share one machine")
     p.add_argument("--run-id", default=None, help="rendezvous id (default: a hash of this job's arguments)")
     p.add_argument("--max-restarts", type=int, default=3, help="elastic restarts before the job fails")
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
@@ -127,7 +136,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         job = TorchrunJob(overrides=args.overrides, nodes=args.nodes, procs_per_node=args.procs_per_node,
-                          rdzv=args.rdzv, run_id=args.run_id, max_restarts=args.max_restarts)
+                          rdzv=args.rdzv, run_id=args.run_id, max_restarts=args.max_restarts,
+                          rdzv_conf=args.rdzv_conf)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
