@@ -18,7 +18,7 @@ from data_shards.schema import CITYSCAPES_CLASSES, IGNORE_INDEX
 from trainer.models.classifier import PooledLinear
 from trainer.models.encoders import build_encoder
 from trainer.tasks.base import Metric, Task
-from trainer.tasks.segmentation import keep_keys, random_scale_crop_flip, to_unit_float
+from trainer.tasks.segmentation import as_dataclass, keep_keys, random_scale_crop_flip, to_unit_float
 
 
 @dataclass
@@ -115,7 +115,8 @@ class ClassificationTask(Task):
     required_keys = ("rgb", "seg")
 
     def __init__(self, cfg: ClassificationConfig, run_cfg: Any) -> None:
-        super().__init__(cfg, run_cfg)
+        super().__init__(as_dataclass(cfg, ClassificationConfig), run_cfg)
+        cfg = self.cfg
         if cfg.num_classes < 1 or cfg.ap_bins < 1 or not 0 < cfg.threshold < 1:
             raise ValueError(f"task: num_classes={cfg.num_classes}, ap_bins={cfg.ap_bins}, "
                              f"threshold={cfg.threshold}: need >= 1, >= 1 and in (0, 1)")

@@ -27,7 +27,7 @@ from trainer.metrics.flow import FlowMetric
 from trainer.models.encoders import build_encoder
 from trainer.models.flow_net import FlowDecoder, flow_to_pixel_coords
 from trainer.tasks.base import Task
-from trainer.tasks.segmentation import keep_keys, to_unit_float, write_png_atomic
+from trainer.tasks.segmentation import as_dataclass, keep_keys, to_unit_float, write_png_atomic
 
 FRAME_KEYS = ("rgb", "rgb_next")
 
@@ -74,7 +74,8 @@ class FlowTask(Task):
     required_keys = FRAME_KEYS
 
     def __init__(self, cfg: FlowConfig, run_cfg: Any) -> None:
-        super().__init__(cfg, run_cfg)
+        super().__init__(as_dataclass(cfg, FlowConfig), run_cfg)
+        cfg = self.cfg
         if not cfg.scales or any(s not in range(4) for s in cfg.scales):
             raise ValueError(f"task.scales={list(cfg.scales)}: need a non-empty subset of 0..3")
         if not 0 <= cfg.ssim_weight <= 1 or cfg.smoothness_weight < 0:

@@ -8,7 +8,6 @@ crop and horizontal flip applied to image and label together.
 """
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -27,8 +26,6 @@ from trainer.models.encoders import ResNetEncoder
 from trainer.models.pretrained import load_pretrained, read_state_dict
 from trainer.models.seg_heads import HEADS, build_seg_head, dilate_encoder
 from trainer.tasks.base import Task
-
-log = logging.getLogger(__name__)
 
 INITS = ("random", "imagenet", "depth", "depth_full", "classification", "flow", "checkpoint")
 PROTOCOLS = ("full", "frozen", "linear")
@@ -86,6 +83,18 @@ class SegmentationConfig:
     """Resize exported predictions (nearest) to (height, width), e.g. [1024, 2048]; 0 = as predicted."""
     visualize_max: int = 4
     """Qualitative overlays written per ``visualize`` call."""
+
+
+def as_dataclass(cfg: Any, cls: type) -> Any:
+    """The task config as its dataclass (Hydra hands over a DictConfig; plain lists, not ListConfig)."""
+    if isinstance(cfg, cls):
+        return cfg
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        obj = OmegaConf.to_object(cfg)
+        return obj if isinstance(obj, cls) else cls(**obj)
+    return cls(**dict(cfg))
 
 
 def random_scale_crop_flip(rgb: torch.Tensor, labels: list[torch.Tensor], generator: torch.Generator,
@@ -176,7 +185,7 @@ class SegmentationTask(Task):
     required_keys = ("rgb", "seg")
 
     def __init__(self, cfg: SegmentationConfig, run_cfg: Any) -> None:
-        super().__init__(cfg, run_cfg)
+        super().__init__(as_dataclass(cfg, SegmentationConfig), run_cfg)
         self._validate()
         self.frozen = cfg.protocol in ("frozen", "linear")
         names = CITYSCAPES_CLASSES if cfg.num_classes == len(CITYSCAPES_CLASSES) else None
