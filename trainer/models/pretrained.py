@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("geoprime.pretrained")  # under the run logger (rank-prefixed files)
 
 
 class PretrainedMismatchError(RuntimeError):
