@@ -18,8 +18,10 @@ import argparse
 import hashlib
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,35 +158,48 @@ def k8s_name(study: StudyConfig, job: Job) -> str:
 # ----------------------------------------------------------------------------- local run
 
 
+def _copy_output(src, log, echo: bool) -> None:
+    """Copy a child's output lines into its log file (and the terminal when ``echo``)."""
+    for line in src:
+        log.write(line)
+        log.flush()
+        if echo:
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+
+
 def _run_job(cmd: list[str], log_path: Path, timeout: float, verbose: bool) -> tuple[int, float]:
-    """Run one job, its output to ``log_path`` (and the terminal if verbose); (exit code, seconds)."""
+    """Run one job, its output to ``log_path`` (and the terminal if verbose); (exit code, seconds).
+
+    The job runs in its own process group: a timeout or Ctrl-C ends it and every process it started.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "ab") as log:
         log.write(("\n$ " + " ".join(cmd) + "\n").encode())
         log.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE if verbose else log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        copier = None
+        if verbose:
+            copier = threading.Thread(target=_copy_output, args=(proc.stdout, log, True), daemon=True)
+            copier.start()
         try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log.write(line)
-                if verbose:
-                    sys.stdout.buffer.write(line)
-                    sys.stdout.flush()
-                if timeout and time.monotonic() - start > timeout:
-                    raise subprocess.TimeoutExpired(cmd, timeout)
-            rc = proc.wait(timeout=max(timeout - (time.monotonic() - start), 1) if timeout else None)
+            rc = proc.wait(timeout=timeout or None)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            log.write(f"\n[study] killed after {timeout:.0f} s (study.timeout_s)\n".encode())
             rc = 124
         except BaseException:
-            os.killpg(proc.pid, 9)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
+        finally:
+            if copier is not None:
+                copier.join(timeout=10)
+        if rc == 124:
+            log.write(f"\n[study] killed after {timeout:.0f} s (study.timeout_s)\n".encode())
     return rc, time.monotonic() - start
 
 
@@ -236,6 +251,17 @@ def run_study(study: StudyConfig, *, dry_run: bool = False, compare: bool = True
     done = finished_jobs(store, study)
     print(f"[study] {study.name}: {len(jobs)} jobs, tracking {uri} (experiment {study.experiment!r}, "
           f"parent run {parent})", flush=True)
+    try:
+        return _run_jobs(study, jobs, by_id, store, parent, done, uri, compare, verbose)
+    except KeyboardInterrupt:
+        store.set_status(parent, "KILLED")
+        print("[study] interrupted; re-run the same command to continue (finished jobs are skipped)", flush=True)
+        raise
+
+
+def _run_jobs(study: StudyConfig, jobs: list[Job], by_id: dict[str, Job], store: tracking.TrackingStore,
+              parent: str, done: set[str], uri: str, compare: bool, verbose: bool) -> int:
+    """The loop of :func:`run_study` over jobs, then the comparison; returns the exit code."""
     failed: dict[str, str] = {}
     t_start = time.monotonic()
     for i, job in enumerate(jobs, 1):
