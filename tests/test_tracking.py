@@ -231,3 +231,38 @@ def test_system_metrics_without_gpu():
     assert metrics["process_rss_gb"] > 0.01
     if not torch.cuda.is_available():
         assert not any(k.startswith("gpu") for k in metrics)
+
+
+def test_system_metrics_reads_every_gpu_through_nvml(monkeypatch):
+    """NVML path with a stand-in pynvml module (this machine has no GPU): values per device, and a
+    board that cannot report power just lacks that key."""
+    import types
+
+    class NVMLError(Exception):
+        pass
+
+    fake = types.SimpleNamespace(
+        NVMLError=NVMLError, nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 2,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=40 + h),
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=2 * 2**30, total=8 * 2**30))
+
+    def power(h):
+        if h == 1:
+            raise NVMLError("not supported")
+        return 250_000
+
+    fake.nvmlDeviceGetPowerUsage = power
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(T, "_NVML_OK", None)
+    metrics = T.sample_system_metrics()
+    assert metrics["gpu0_utilization_percent"] == 40.0 and metrics["gpu1_utilization_percent"] == 41.0
+    assert metrics["gpu0_memory_used_gb"] == 2.0 and metrics["gpu1_memory_percent"] == 25.0
+    assert metrics["gpu0_power_w"] == 250.0 and "gpu1_power_w" not in metrics
+
+    def no_library():
+        raise NVMLError("NVML Shared Library Not Found")
+
+    fake.nvmlInit = no_library
+    monkeypatch.setattr(T, "_NVML_OK", None)
+    assert not any(k.startswith("gpu") for k in T.sample_system_metrics())
