@@ -172,6 +172,24 @@ def test_single_accumulation_equals_big_batch():
     assert norms == pytest.approx(n_ref, rel=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_gpu_trains(precision):
+    """bf16 autocast / fp16 with loss scaling on one GPU: finite, decreasing loss, fp32 master weights."""
+    eng = Engine(pcfg(precision=precision), ocfg(accum=1, clip=0.0), scfg("constant", 0), 10, micro_batch_size=8)
+    eng.setup(tiny_model())
+    x = global_batches(1)[0].cuda()
+    losses = []
+    for _ in range(5):
+        with eng.accumulate(0):
+            loss = eng.forward(loss_fn, x)
+            eng.backward(loss)
+        eng.step()
+        losses.append(float(loss))
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 for p in eng.parts.parameters())
+
+
 @pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.timeout(300)

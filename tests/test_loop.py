@@ -228,7 +228,7 @@ def test_exact_resume_single_process(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_failure_closes_tracker_failed(tmp_path):
+def test_failure_propagates_and_leaves_injected_tracker_to_caller(tmp_path):
     from trainer.loop import train
 
     class Broken(TinyTask):

@@ -217,7 +217,12 @@ class Engine:
         self.optimizer = build_optimizer(groups_fn(model), self.ocfg)
         self.scheduler = build_scheduler(self.optimizer, self.scfg, self.total_steps)
         if self.pcfg.precision == "fp16":
-            self.scaler = torch.amp.GradScaler("cuda")
+            if self.strategy == "fsdp":  # all-reduces found-inf so every shard skips the same steps
+                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+                self.scaler = ShardedGradScaler("cuda")
+            else:
+                self.scaler = torch.amp.GradScaler("cuda")
         return wrapped
 
     def _setup_deepspeed(self, root: TaskModule, groups_fn: Callable) -> nn.Module:

@@ -258,8 +258,8 @@ def _run(cfg: Any, engine: Engine, task: Any, tracker: Any, train_loader: Any, m
             with engine.accumulate(micro):
                 loss, terms = engine.forward(task.training_step, batch)
                 engine.backward(loss)
-            for k, v in {"loss": loss.detach(), **terms}.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / engine.grad_accum
+            for k, v in {"loss": loss, **terms}.items():  # tensors: no device sync per micro-step
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().float() / engine.grad_accum
         grad_norm = engine.step()
         step += 1
         n_logged += 1
@@ -270,7 +270,7 @@ def _run(cfg: Any, engine: Engine, task: Any, tracker: Any, train_loader: Any, m
             keys = sorted(sums)
             now = time.perf_counter()
             due_sys = engine.is_logging_rank and sys_every > 0 and now - last_sys >= sys_every
-            vec = torch.tensor([sums[k] / n_logged for k in keys] + [float(due_sys)], dtype=torch.float64)
+            vec = torch.tensor([float(sums[k]) / n_logged for k in keys] + [float(due_sys)], dtype=torch.float64)
             vec = engine.all_reduce_sum(vec)
             train_logs = {f"train/{k}": float(vec[i]) / engine.world_size for i, k in enumerate(keys)}
             elapsed = max(now - window_start, 1e-9)
