@@ -117,16 +117,10 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 
 def find_latest_whole(root: str | Path) -> Optional[Path]:
-    """The newest whole checkpoint under ``root``; damaged / partial ones are skipped with a warning."""
-    root = Path(root)
-    candidates = list_checkpoints(root)
-    pointer = root / LATEST
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if named in candidates:  # the pointer's one first, then the rest newest first
-            candidates.remove(named)
-            candidates.insert(0, named)
-    for ckpt in candidates:
+    """The newest whole checkpoint under ``root`` by step; damaged / partial ones are skipped with
+    a warning. (``latest`` is for people and tools: a crash between the rename and the pointer
+    update leaves it one behind, so it is not trusted here.)"""
+    for ckpt in list_checkpoints(root):
         try:
             verify(ckpt)
             return ckpt
