@@ -172,6 +172,30 @@ def test_single_accumulation_equals_big_batch():
     assert norms == pytest.approx(n_ref, rel=1e-5)
 
 
+def test_channels_last_matches_default_layout():
+    """channels_last changes the memory layout only: same weights after a few steps."""
+    got = {}
+    for cl in (False, True):
+        p = pcfg()
+        p.channels_last = cl
+        eng = Engine(p, ocfg(), scfg(), 10, micro_batch_size=MICRO)
+        eng.setup(tiny_model())
+        if cl:
+            assert eng.parts["enc"][0].weight.is_contiguous(memory_format=torch.channels_last)
+        data = global_batches(1)
+        for s in range(STEPS):
+            chunks = data[s].view(ACCUM, -1, 3, 8, 8)
+            for m in range(ACCUM):
+                with eng.accumulate(m):
+                    x = eng.to_device({"x": chunks[m]})["x"]
+                    assert x.is_contiguous(memory_format=torch.channels_last) == cl
+                    eng.backward(eng.forward(loss_fn, x))
+            eng.step()
+        got[cl] = eng.full_state_dict()
+    for k in got[False]:
+        torch.testing.assert_close(got[True][k], got[False][k], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_on_gpu_trains(precision):

@@ -181,7 +181,9 @@ def test_loop_trains_logs_evaluates_and_exports(tmp_path):
     train_steps = [m for s, m in tr.metrics if "train/loss" in m]
     assert [s for s, m in tr.metrics if "train/loss" in m] == [2, 4, 6, 8]
     assert train_steps[-1]["train/loss"] < train_steps[0]["train/loss"]
-    assert {"train/lr", "train/samples_per_s", "train/data_wait_s", "train/grad_norm", "train/mse"} <= set(train_steps[0])
+    assert {"train/lr", "train/samples_per_s", "train/data_wait_s", "train/grad_norm", "train/mse",
+            "train/corrupt_skipped"} <= set(train_steps[0])
+    assert train_steps[0]["train/corrupt_skipped"] == 0
     # warm-up 2 steps then cosine over 6: at step 2 (after 2 scheduler steps) the lr is the peak
     assert train_steps[0]["train/lr"] == pytest.approx(0.01)
     # every val sample counted once (13 samples, batches padded)

@@ -270,9 +270,13 @@ def _run(cfg: Any, engine: Engine, task: Any, tracker: Any, train_loader: Any, m
             keys = sorted(sums)
             now = time.perf_counter()
             due_sys = engine.is_logging_rank and sys_every > 0 and now - last_sys >= sys_every
-            vec = torch.tensor([float(sums[k]) / n_logged for k in keys] + [float(due_sys)], dtype=torch.float64)
+            corrupt = float(getattr(train_loader, "corrupt_count", 0))
+            vec = torch.tensor([float(sums[k]) / n_logged for k in keys] + [corrupt, float(due_sys)],
+                               dtype=torch.float64)
             vec = engine.all_reduce_sum(vec)
             train_logs = {f"train/{k}": float(vec[i]) / engine.world_size for i, k in enumerate(keys)}
+            # samples skipped as corrupt (data.on_corrupt=skip), all ranks, since this process started
+            train_logs["train/corrupt_skipped"] = float(vec[-2])
             elapsed = max(now - window_start, 1e-9)
             train_logs.update({"train/lr": engine.lr, "train/samples_per_s": n_logged * samples_per_step / elapsed,
                                "train/data_wait_s": (batches.wait_s - wait_start) / n_logged,
