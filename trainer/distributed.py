@@ -115,11 +115,7 @@ def setup_logging(env: DistEnv, log_dir: Optional[str] = None, level: int = logg
     """Rank-prefixed logs: stderr on every rank (warnings only off rank 0) + ``<log_dir>/rank<N>.log``."""
     logger = logging.getLogger("geoprime")
     logger.setLevel(level)
-    logger.propagate = False
-    for h in list(logger.handlers):
-        if getattr(h, "_geoprime", False):
-            logger.removeHandler(h)
-            h.close()
+    teardown_logging()
     fmt = logging.Formatter("%(asctime)s %(rank_prefix)s %(levelname)s %(name)s: %(message)s")
     handlers: list[logging.Handler] = []
     stream = logging.StreamHandler(sys.stderr)
@@ -134,3 +130,12 @@ def setup_logging(env: DistEnv, log_dir: Optional[str] = None, level: int = logg
         h.setFormatter(fmt)
         logger.addHandler(h)
     return logger
+
+
+def teardown_logging() -> None:
+    """Remove (and close) the handlers :func:`setup_logging` added."""
+    logger = logging.getLogger("geoprime")
+    for h in list(logger.handlers):
+        if getattr(h, "_geoprime", False):
+            logger.removeHandler(h)
+            h.close()

@@ -23,7 +23,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.checkpoint import Checkpointer
-from trainer.distributed import rank_seed, rng_state, seed_everything, set_rng_state, setup_logging
+from trainer.distributed import (rank_seed, rng_state, seed_everything, set_rng_state, setup_logging,
+                                 teardown_logging)
 from trainer.engine import Engine
 
 log = logging.getLogger("geoprime.loop")
@@ -56,10 +57,14 @@ def shard_loader_factory(cfg: Any, task: Any, engine: Engine) -> LoaderFactory:
     return make
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
+def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    _atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _config_yaml(cfg: Any) -> str:
@@ -152,6 +157,7 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
     env = engine.env
     setup_logging(env, str(out_dir / "logs"))
     own_tracker = tracker is None
+    determinism = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
     try:
         if engine.is_logging_rank:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +197,7 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
         run_id = engine.broadcast_object(getattr(tracker, "run_id", None))
         if engine.is_logging_rank:
             yaml_text = _config_yaml(cfg)
-            (out_dir / "config.yaml").write_text(yaml_text)
+            _atomic_write_text(out_dir / "config.yaml", yaml_text)
             if resume_from is None:
                 tracker.log_config(yaml_text)
                 tracker.log_params({f"engine.{k}": v for k, v in engine.describe().items()})
@@ -202,6 +208,10 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
         if own_engine:
             engine._owns_group = False  # a failed rank cannot rely on its peers reaching a barrier
         raise
+    finally:  # leave the process as found: other code in it (tests) must not inherit our settings
+        torch.use_deterministic_algorithms(determinism[0])
+        torch.utils.deterministic.fill_uninitialized_memory = determinism[1]
+        teardown_logging()
     if own_tracker:
         tracker.close("FINISHED")
     if own_engine:
