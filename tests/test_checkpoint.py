@@ -110,3 +110,15 @@ def test_exact_resume_fsdp(tmp_path):
 @pytest.mark.timeout(400)
 def test_exact_resume_zero2(tmp_path):
     _resume_matches_uninterrupted(tmp_path, "parallel.strategy=deepspeed", "parallel.zero_stage=2")
+
+
+def test_deepspeed_resume_on_another_world_size_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from trainer.checkpoint import TRAIN_STATE, Checkpointer
+
+    torch.save({"step": 4, "world_size": 2}, tmp_path / TRAIN_STATE)
+    eng = SimpleNamespace(strategy="deepspeed", world_size=1, rank=0, is_logging_rank=True,
+                          load_state=lambda d: pytest.fail("must refuse before loading"))
+    with pytest.raises(CheckpointError, match="written by 2 DeepSpeed ranks, this run has 1"):
+        Checkpointer(tmp_path.parent, eng).load(tmp_path)
