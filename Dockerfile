@@ -10,7 +10,8 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     TORCH_EXTENSIONS_DIR=/home/geoprime/.cache/torch_extensions \
-    MPLBACKEND=Agg
+    MPLBACKEND=Agg \
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
 WORKDIR /opt/geoprime
 

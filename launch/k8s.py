@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from launch.torchrun import DEFAULT_RDZV_PORT, TorchrunJob
+from launch.torchrun import DEFAULT_RDZV_PORT, TORCHRUN_ENV, TorchrunJob
 
 KINDS = ("job", "jobset", "pytorchjob")
 CONTAINER_NAME = "pytorch"  # the training operator requires this name for PyTorchJob
@@ -83,6 +83,7 @@ class K8sJob:
             {"name": "MLFLOW_TRACKING_USERNAME", "valueFrom": {"secretKeyRef": {"name": secret, "key": "username", "optional": True}}},
             {"name": "MLFLOW_TRACKING_PASSWORD", "valueFrom": {"secretKeyRef": {"name": secret, "key": "password", "optional": True}}},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
+            *({"name": k, "value": v} for k, v in TORCHRUN_ENV.items()),
         ]
         if self.shards_url and self.shards_url.startswith("s3://"):
             env += [

@@ -15,6 +15,9 @@ import sys
 from dataclasses import dataclass, field
 
 DEFAULT_RDZV_PORT = 29400
+#: Environment torchrun needs for elastic restarts: without it, restarted workers can read the
+#: previous attempt's addresses from the shared rendezvous store (pytorch/pytorch#135712).
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 @dataclass
@@ -81,8 +84,9 @@ class TorchrunJob:
         return [sys.executable, "-m", "torch.distributed.run", *self.torchrun_args()]
 
     def display_command(self) -> str:
-        """The command as a user would type it on each node."""
-        return shlex.join(["torchrun", *self.torchrun_args()])
+        """The command as a user would type it on each node (with the environment it needs)."""
+        env = " ".join(f"{k}={v}" for k, v in TORCHRUN_ENV.items())
+        return f"{env} " + shlex.join(["torchrun", *self.torchrun_args()])
 
     def sbatch_script(self, *, job_name: str = "geoprime", time_limit: str = "24:00:00",
                       cpus_per_task: int = 16, partition: str | None = None) -> str:
@@ -101,6 +105,7 @@ class TorchrunJob:
             lines.append(f"#SBATCH --partition={partition}")
         lines += [
             "set -euo pipefail",
+            *(f"export {k}={v}" for k, v in TORCHRUN_ENV.items()),
             'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
             "srun torchrun " + shlex.join(self.torchrun_args(rdzv_endpoint="__HEAD__", nnodes="__NNODES__"))
             .replace("--rdzv_endpoint=__HEAD__", f"--rdzv_endpoint=${{head_node}}:{port}")
@@ -149,4 +154,4 @@ def main(argv: list[str]) -> int:
         print(f"[launch] run the same command on each of the {job.nodes} nodes", flush=True)
     if args.dry_run:
         return 0
-    return subprocess.call(job.command(), env=os.environ.copy())
+    return subprocess.call(job.command(), env={**os.environ, **TORCHRUN_ENV})

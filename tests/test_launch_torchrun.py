@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_single_node_is_standalone():
     job = TorchrunJob(overrides=["task=depth", "parallel=ddp"], procs_per_node=2, max_restarts=1)
     assert job.display_command() == (
-        "torchrun --nproc_per_node=2 --standalone --max_restarts=1 -m trainer task=depth parallel=ddp")
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nproc_per_node=2 --standalone --max_restarts=1 -m trainer task=depth parallel=ddp")
     assert job.command()[:3] == [sys.executable, "-m", "torch.distributed.run"]
 
 
@@ -46,6 +46,7 @@ def test_sbatch_script():
     script = job.sbatch_script(partition="gpu")
     assert "#SBATCH --nodes=4" in script and "#SBATCH --gpus-per-node=8" in script
     assert "#SBATCH --partition=gpu" in script
+    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in script
     srun = [line for line in script.splitlines() if line.startswith("srun torchrun")][0]
     assert "--nnodes=$SLURM_NNODES" in srun and "--rdzv_endpoint=${head_node}:29500" in srun
     assert "--rdzv_id=$SLURM_JOB_ID" in srun and srun.endswith("-m trainer task=depth parallel=fsdp")
