@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -86,15 +87,23 @@ def run_worker(args: argparse.Namespace) -> dict:
     return result
 
 
+def _free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for torchrun's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def throughput(args: argparse.Namespace) -> None:
     """Run each strategy (single in-process, others under torchrun) and print one JSON line each."""
     for strategy in args.strategies.split(","):
+        port = args.port or _free_port()
         if strategy == "single":
             args.strategy = strategy
             print(json.dumps(run_worker(args)), flush=True)
             continue
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--nnodes=1",
-               "--master-addr=127.0.0.1", f"--master-port={args.port}", __file__, "worker",
+               "--master-addr=127.0.0.1", f"--master-port={port}", __file__, "worker",
                "--strategy", strategy, "--zero-stage", str(args.zero_stage), "--mode", args.mode,
                "--encoder", args.encoder, "--batch", str(args.batch), "--height", str(args.height),
                "--width", str(args.width), "--steps", str(args.steps), "--warmup", str(args.warmup)]
@@ -136,7 +145,7 @@ def main() -> None:
     p.add_argument("--strategy", default="single")
     p.add_argument("--zero-stage", type=int, default=2)
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--port", type=int, default=29561)
+    p.add_argument("--port", type=int, default=0, help="torchrun master port (0: a free one)")
     p.add_argument("--mode", default="mono", choices=["mono", "stereo", "mono_stereo", "supervised"])
     p.add_argument("--encoder", default="resnet18")
     p.add_argument("--batch", type=int, default=4)
