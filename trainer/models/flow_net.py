@@ -21,12 +21,17 @@ class FlowDecoder(nn.Module):
 
     Output: ``{scale: flow (B, 2, H, W)}`` in pixels of the *input* resolution (u right, v
     down), every scale bilinearly upsampled to the input size. The raw head output is flow as a
-    fraction of the image width / height, so it does not depend on the resolution.
+    fraction of the image width / height, so it does not depend on the resolution; the output
+    convolutions start scaled by 0.01 (bias 0), so training starts from almost zero flow.
     """
 
     def __init__(self, num_ch_enc: Sequence[int], scales: Sequence[int] = (0, 1, 2, 3)) -> None:
         super().__init__()
         self.unet = UNetDecoder([2 * c for c in num_ch_enc], out_channels=2, scales=scales, activation="none")
+        with torch.no_grad():  # start near the identity warp (zero flow), not at random pixel shifts
+            for head in self.unet.heads.values():
+                head.weight.mul_(0.01)
+                head.bias.zero_()
 
     def forward(self, feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor],
                 size: tuple[int, int]) -> dict[int, torch.Tensor]:

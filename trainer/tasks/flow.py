@@ -3,8 +3,8 @@
 A siamese encoder (one ResNet, shared weights, both frames in one batched call) feeds the
 flow decoder, which predicts flow t -> t+1 at 4 scales. Loss per scale, at the input
 resolution: the same photometric error as depth (SSIM + L1, ``photometric_error``) between
-frame t and frame t+1 warped back by the flow (``bilinear_warp``), over pixels whose flow
-stays inside the image, plus edge-aware smoothness of the flow. No flow labels are used in
+frame t and frame t+1 warped back by the flow (``bilinear_warp``, border padding), over every
+pixel, plus edge-aware smoothness of the flow. No flow labels are used in
 training; end-point error against ground truth is the evaluation metric where it exists.
 """
 from __future__ import annotations
@@ -128,9 +128,10 @@ class FlowTask(Task):
         flows = self.predict(model, a, b)
         photo_total, smooth_total = target.new_zeros(()), target.new_zeros(())
         for s, flow in flows.items():
-            warped, mask = warp_by_flow(source, flow)
-            err = photometric_error(warped, target, self.cfg.ssim_weight)
-            photo_total = photo_total + (err * mask).sum() / mask.sum().clamp(min=1)
+            # every pixel counts (border padding, as Monodepth2): masking the pixels whose flow
+            # leaves the image would let the network lower the loss by pushing pixels out.
+            warped, _ = warp_by_flow(source, flow)
+            photo_total = photo_total + photometric_error(warped, target, self.cfg.ssim_weight).mean()
             smooth_total = smooth_total + edge_aware_smoothness(flow / size, target) / (2 ** s)
         n = len(flows)
         photo, smooth = photo_total / n, smooth_total / n
