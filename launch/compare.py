@@ -213,7 +213,7 @@ def verdict(table: Table) -> list[str]:
                     judged = f"within seed noise (std up to {noise:.1f})"
                 else:
                     judged = f"{'better' if d > 0 else 'worse'} by more than the seed std ({noise:.1f})"
-                out.append(f"  {r} vs {b}: {d:+.1f} mIoU points, {judged}.")
+                out.append(f"  {r} vs {b}: {d:+.1f} mIoU points, {judged} [seeds: {c.n} vs {base.n}].")
     return out
 
 
@@ -240,7 +240,7 @@ def bar_chart(table: Table, path: Path, title: str) -> Path:
         ax.set_xticks(range(len(table.columns)))
         ax.set_xticklabels([_col_name(c) for c in table.columns], rotation=15, ha="right", fontsize=8)
         ax.set_ylabel(f"{LABELS[metric]} (%)")
-        ax.set_title(f"{LABELS[metric]}: mean ± std over seeds")
+        ax.set_title(LABELS[metric])
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
@@ -278,7 +278,7 @@ def compare_runs(store: tracking.TrackingStore, study_name: str, compare: Compar
     if table.skipped:
         md += "\nRuns left out:\n" + "\n".join(f"- {s}" for s in table.skipped) + "\n"
     files = [_write(out_dir / "comparison.md", md), _write(out_dir / "comparison.csv", to_csv(table)),
-             bar_chart(table, out_dir / "comparison.png", f"study {study_name}")]
+             bar_chart(table, out_dir / "comparison.png", f"study {study_name}: mean ± std over seeds")]
     if parent_run_id:
         for f in files:
             store.log_artifact(parent_run_id, f, "comparison")
