@@ -10,12 +10,13 @@ Re-running skips what is done (shards, finished jobs), so an interrupted demo co
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from launch.study import REPO, run_study, study_root, study_uri
+from launch.study import REPO, _terminate, run_study, study_root, study_uri
 from launch.study_config import load_study
 from trainer import tracking
 
@@ -57,6 +58,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--verbose", action="store_true", help="show every job's output")
     p.add_argument("overrides", nargs="*", help="Hydra overrides of the demo study, e.g. study.seeds=[0,1,2]")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)  # a killed demo also ends the job it is running
     start = time.monotonic()
     data = Path(args.data)
     data = data if data.is_absolute() else REPO / data

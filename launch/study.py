@@ -355,6 +355,11 @@ def emit_k8s(study: StudyConfig, args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- CLI
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM -> KeyboardInterrupt: the running job's process group is killed, the parent run marked KILLED."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str]) -> int:
     """CLI: ``study +experiment=<name> [overrides] [--dry-run] [--emit k8s ...]`` | ``study replay <spool>``."""
     if argv and argv[0] == "replay":
@@ -373,6 +378,7 @@ def main(argv: list[str]) -> int:
         p.add_argument("--out", default=None, help="folder for the manifests (default <study out_dir>/k8s)")
         k8s.add_job_arguments(p)
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)  # a killed study also ends the job it is running
     try:
         study = load_study(args.overrides)
         if args.emit == "k8s":
