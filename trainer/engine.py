@@ -17,6 +17,7 @@ Model state: single / ddp / fsdp save model + optimizer with ``torch.distributed
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -452,9 +453,16 @@ class Engine:
         if self._ds is not None:
             self._ds.destroy()
             self._ds = None
+        # Drop our references to the wrapped model and optimizer (FSDP2's mesh keeps the gloo
+        # group and its worker threads alive) and collect them while the interpreter is whole:
+        # otherwise the group's threads can be torn down during interpreter finalisation and
+        # abort the process ("terminate called without an active exception") after a good run.
+        self.model = self.root = self.optimizer = self.scheduler = self.scaler = None
+        gc.collect()
         if self._owns_group and dist.is_initialized():
             try:
                 dist.barrier()
             finally:
                 dist.destroy_process_group()
+                gc.collect()
         self._owns_group = False
