@@ -21,6 +21,7 @@ SOURCES = {
     "kitti_semantics": "KITTI semantic segmentation benchmark",
     "cityscapes": "Cityscapes (leftImg8bit + gtFine, optional sequence/disparity)",
     "nyuv2": "NYU Depth V2 labelled set (.mat)",
+    "imagefolder": "ImageNet-style class folders <root>/<split>/<class>/*.jpg (single-label classification)",
 }
 
 

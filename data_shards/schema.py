@@ -34,6 +34,8 @@ Keys (``E`` = encoding in the shard, ``D`` = decoded type returned by :func:`dec
                    y down, z forward), optional; ``T_wc_prev`` / ``T_wc_next`` likewise.
                    ``source``: provenance (dataset, path / drive / frame), always present.
                    ``classes``: sorted list of train ids present in ``seg.png`` (optional).
+                   ``label``: int, single-label image class index (optional; from image
+                   folders, the manifest's ``source.classes`` names it).
 
 Any key may be absent from a dataset; ``manifest.json`` lists the keys every sample of a
 split has. Nothing is ever pickled: PNG, .npy (no pickle) and JSON only.
@@ -136,7 +138,7 @@ def decode_sample(raw: dict[str, Any], where: str = "") -> dict[str, Any]:
     ``where`` names the shard for error messages. Unknown keys are an error (never dropped
     silently). Returns ``__key__``, the schema keys without extension (``rgb``, ``depth``,
     ``seg``, ``flow``, ...), ``meta``, and from it ``K`` (float32 (3, 3)) and ``baseline``
-    (float32 scalar, metres) when the meta has them.
+    (float32 scalar, metres) and ``label`` (int64 scalar) when the meta has them.
     """
     import torch
 
@@ -173,6 +175,8 @@ def decode_sample(raw: dict[str, Any], where: str = "") -> dict[str, Any]:
                     out["K"] = torch.tensor(meta["K"], dtype=torch.float32).reshape(3, 3)
                 if "baseline_m" in meta:
                     out["baseline"] = torch.tensor(float(meta["baseline_m"]), dtype=torch.float32)
+                if "label" in meta:
+                    out["label"] = torch.tensor(int(meta["label"]), dtype=torch.int64)
             else:
                 raise SchemaError(f"unknown key (schema v{SCHEMA_VERSION} keys: {', '.join(ALL_KEYS)})")
         except SchemaError as e:

@@ -2,7 +2,9 @@
 
 Image-level multi-label classification of which classes appear in an image: targets are the
 multi-hot set of train ids present in the sample's ``seg`` (after augmentation, so they
-describe the pixels the network sees), loss is binary cross-entropy. The model is
+describe the pixels the network sees), loss is binary cross-entropy. With ``target=single``
+it is ImageNet-style single-label classification of image folders (``data_shards build
+imagefolder``): cross-entropy on the sample's ``label``, top-1 / top-5 accuracy. The model is
 ``ModuleDict({"encoder", "classifier"})``: encoder + global average pool + linear.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 
 from data_shards.schema import CITYSCAPES_CLASSES, IGNORE_INDEX
 from trainer.models.classifier import PooledLinear
+from trainer.metrics.classification import TopKAccuracy
 from trainer.models.encoders import build_encoder
 from trainer.tasks.base import Metric, Task
 from trainer.tasks.segmentation import as_dataclass, keep_keys, random_scale_crop_flip, to_unit_float
@@ -25,6 +28,9 @@ from trainer.tasks.segmentation import as_dataclass, keep_keys, random_scale_cro
 class ClassificationConfig:
     name: str = "classification"
     """Task name (selects this module)."""
+    target: str = "multilabel"
+    """``multilabel``: multi-hot classes present in ``seg``, BCE | ``single``: ImageNet-style
+    folders, cross-entropy on the meta ``label`` (``num_classes`` must match the folders)."""
     num_classes: int = 19
     """Classes (train ids 0..num_classes-1 of ``seg``; 255 = ignore, never a target)."""
     min_pixels: int = 1
@@ -110,13 +116,19 @@ class MultiLabelMetric(Metric):
 
 
 class ClassificationTask(Task):
-    """Multi-label image classification from segmentation labels; see the module docstring."""
+    """Multi-label classification from segmentation labels, or single-label from image folders
+    (``target``); see the module docstring."""
 
     required_keys = ("rgb", "seg")
 
     def __init__(self, cfg: ClassificationConfig, run_cfg: Any) -> None:
         super().__init__(as_dataclass(cfg, ClassificationConfig), run_cfg)
         cfg = self.cfg
+        if cfg.target not in ("multilabel", "single"):
+            raise ValueError(f"task.target={cfg.target!r}: expected 'multilabel' or 'single'")
+        self.single = cfg.target == "single"
+        if self.single:
+            self.required_keys = ("rgb",)  # the label comes from the meta, always read
         if cfg.num_classes < 1 or cfg.ap_bins < 1 or not 0 < cfg.threshold < 1:
             raise ValueError(f"task: num_classes={cfg.num_classes}, ap_bins={cfg.ap_bins}, "
                              f"threshold={cfg.threshold}: need >= 1, >= 1 and in (0, 1)")
@@ -135,13 +147,31 @@ class ClassificationTask(Task):
         out["labels"] = multi_hot(seg, self.cfg.num_classes, self.cfg.min_pixels)
         return out
 
+    def _with_label(self, out: dict[str, Any], sample: dict[str, Any]) -> dict[str, Any]:
+        """Single-label target: the decoded ``label`` checked against ``num_classes``."""
+        if "label" not in sample:
+            raise KeyError(f"sample {sample.get('__key__', '?')}: no 'label' in its meta; task.target=single "
+                           "needs image-folder shards (python -m data_shards build imagefolder)")
+        label = int(sample["label"])
+        if not 0 <= label < self.cfg.num_classes:
+            raise ValueError(f"sample {sample.get('__key__', '?')}: label {label} outside "
+                             f"0..{self.cfg.num_classes - 1} (task.num_classes={self.cfg.num_classes})")
+        out["label"] = torch.tensor(label, dtype=torch.int64)
+        return out
+
     def train_transform(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         out = keep_keys(sample, ("rgb",))
+        if self.single:
+            out["rgb"], _ = random_scale_crop_flip(sample["rgb"], [], generator, self.cfg.scale_range,
+                                                   self.cfg.crop, self.cfg.hflip)
+            return self._with_label(out, sample)
         out["rgb"], (seg,) = random_scale_crop_flip(sample["rgb"], [sample["seg"]], generator,
                                                     self.cfg.scale_range, self.cfg.crop, self.cfg.hflip)
         return self._with_labels(out, seg)
 
     def eval_transform(self, sample: dict[str, Any]) -> dict[str, Any]:
+        if self.single:
+            return self._with_label(keep_keys(sample, ("rgb",)), sample)
         return self._with_labels(keep_keys(sample, ("rgb",)), sample["seg"])
 
     def _logits(self, model: nn.Module, rgb: torch.Tensor) -> torch.Tensor:
@@ -149,6 +179,12 @@ class ClassificationTask(Task):
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self._logits(model, batch["rgb"])
+        if self.single:
+            label = batch["label"].to(logits.device, torch.int64)
+            loss = F.cross_entropy(logits.float(), label)
+            with torch.no_grad():
+                acc = (logits.argmax(1) == label).float().mean()
+            return loss, {"ce": loss.detach(), "top1": acc}
         target = batch["labels"].to(logits.device, logits.dtype)
         loss = F.binary_cross_entropy_with_logits(logits, target)
         with torch.no_grad():
@@ -156,9 +192,13 @@ class ClassificationTask(Task):
         return loss, {"bce": loss.detach(), "label_acc": acc}
 
     def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> Any:
+        if self.single:
+            return {"logits": self._logits(model, batch["rgb"]).float()}
         return {"prob": torch.sigmoid(self._logits(model, batch["rgb"]).float())}
 
-    def new_metric(self) -> MultiLabelMetric:
+    def new_metric(self) -> MultiLabelMetric | TopKAccuracy:
+        if self.single:
+            return TopKAccuracy((1, 5))
         return MultiLabelMetric(self.cfg.num_classes, self.cfg.threshold, self.cfg.ap_bins, self.class_names)
 
 
