@@ -1,7 +1,7 @@
 """``python -m data_shards build | inspect | verify``: make shards, look at them, check them.
 
 ``build synthetic`` renders the embedded synthetic world (one shard per sequence, written
-in parallel, idempotent); ``build kitti|cityscapes|nyuv2|kitti_semantics`` dispatch to
+in parallel, idempotent); ``build kitti|cityscapes|nyuv2|kitti_semantics|imagefolder`` dispatch to
 ``data_shards.sources.<name>`` (its ``add_arguments(parser)`` and ``build(args)``).
 """
 from __future__ import annotations

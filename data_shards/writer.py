@@ -119,6 +119,12 @@ class _ShardFile:
 
     def abort(self) -> None:
         """Drop the temporary file (on error)."""
+        # The shard is discarded: mark tarfile's stream closed so that its finaliser does not try
+        # to write the end-of-archive blocks into the file we close here.
+        self._tar.tarstream.closed = True
+        stream = getattr(self._tar.tarstream, "fileobj", None)
+        if stream is not None and hasattr(stream, "closed"):
+            stream.closed = True
         try:
             self._file.close()
         finally:
