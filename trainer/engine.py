@@ -92,7 +92,10 @@ def deepspeed_config(pcfg: Any, ocfg: Any, micro_batch_size: int) -> dict[str, A
         "wall_clock_breakdown": False,
     }
     if pcfg.precision == "bf16":
-        cfg["bf16"] = {"enabled": True}
+        # torch autocast inside DeepSpeed's forward, fp32 parameters and optimizer state: the same
+        # numerics as the other strategies (DeepSpeed's "bf16" mode would make the parameters
+        # bf16 and feed them our fp32 batches). Conv / linear gradients are reduced in bf16.
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     elif pcfg.precision == "fp16":
         cfg["fp16"] = {"enabled": True, "auto_cast": True, "loss_scale": 0, "initial_scale_power": 16}
     return cfg
@@ -120,9 +123,9 @@ class Engine:
             raise ValueError(f"optim.grad_accum={optim.grad_accum}: must be >= 1")
         self.grad_accum = int(optim.grad_accum)
         self.device = self._pick_device()
-        if parallel.precision != "fp32" and self.device.type != "cuda":
-            raise ValueError(f"parallel.precision={parallel.precision}: mixed precision needs a CUDA GPU; "
-                             "on CPU use parallel.precision=fp32")
+        if parallel.precision == "fp16" and self.strategy == "deepspeed" and self.device.type != "cuda":
+            raise ValueError("parallel.precision=fp16 with DeepSpeed needs a CUDA GPU (DeepSpeed's CPU "
+                             "accelerator has no fp16); on CPU use parallel.precision=bf16 or fp32")
         if self.strategy == "single" and self.env.world_size > 1:
             raise ValueError(f"parallel.strategy=single but WORLD_SIZE={self.env.world_size}: "
                              "pick ddp, fsdp or a zero stage for multi-process runs")
@@ -221,9 +224,9 @@ class Engine:
             if self.strategy == "fsdp":  # all-reduces found-inf so every shard skips the same steps
                 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-                self.scaler = ShardedGradScaler("cuda")
+                self.scaler = ShardedGradScaler(self.device.type)
             else:
-                self.scaler = torch.amp.GradScaler("cuda")
+                self.scaler = torch.amp.GradScaler(self.device.type)
         return wrapped
 
     def _setup_deepspeed(self, root: TaskModule, groups_fn: Callable) -> nn.Module:
