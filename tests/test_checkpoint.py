@@ -112,13 +112,31 @@ def test_exact_resume_zero2(tmp_path):
     _resume_matches_uninterrupted(tmp_path, "parallel.strategy=deepspeed", "parallel.zero_stage=2")
 
 
-def test_deepspeed_resume_on_another_world_size_is_refused(tmp_path):
-    from types import SimpleNamespace
+def _resume_on_world_size(tmp_path: Path, before: int, after: int, *args: str) -> str:
+    """``before`` ranks die after step 3 (checkpoint at 2); ``after`` ranks resume and finish 6
+    steps. Returns the resumed run's rank-0 log."""
+    base = ["train.steps=6", "train.ckpt_every=2", "train.keep_last=3", *args]
+    first = run_torchrun([WORKER, f"out_dir={tmp_path}", *base], nproc=before, timeout=150, check=False,
+                         env={"GEOPRIME_TEST_KILL_AT_STEP": "3", "GEOPRIME_TEST_KILL_RANK": "0"})
+    assert first.returncode != 0 and not (tmp_path / "weights.pt").exists()
+    run_torchrun([WORKER, f"out_dir={tmp_path}", *base], nproc=after, timeout=150)
+    log = (tmp_path / "logs" / "rank0.log").read_text()
+    assert f"world size changed {before} -> {after}" in log and "step_00000002 (step 2)" in log
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["step"] == 6 and metrics["world_size"] == after
+    assert all(torch.isfinite(v).all() for v in load_weights(tmp_path).values())
+    return log
 
-    from trainer.checkpoint import TRAIN_STATE, Checkpointer
 
-    torch.save({"step": 4, "world_size": 2}, tmp_path / TRAIN_STATE)
-    eng = SimpleNamespace(strategy="deepspeed", world_size=1, rank=0, is_logging_rank=True,
-                          load_state=lambda d: pytest.fail("must refuse before loading"))
-    with pytest.raises(CheckpointError, match="written by 2 DeepSpeed ranks, this run has 1"):
-        Checkpointer(tmp_path.parent, eng).load(tmp_path)
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_deepspeed_resumes_on_another_world_size(tmp_path):
+    """ZeRO-2 checkpoints written by 2 ranks resume on 1 and by 1 rank on 2: the loop converts
+    them to DeepSpeed's universal format (kept beside the original shards) and finishes."""
+    zero2 = ("parallel.strategy=deepspeed", "parallel.zero_stage=2")
+    log = _resume_on_world_size(tmp_path / "down", 2, 1, *zero2)
+    assert "to DeepSpeed's universal format for 1 ranks" in log
+    assert (tmp_path / "down" / "checkpoints" / "step_00000002" / "deepspeed_universal").is_dir()
+    _resume_on_world_size(tmp_path / "up", 1, 2, *zero2)
+    verify(tmp_path / "up" / "checkpoints" / "step_00000006")  # saves after a universal load are whole

@@ -1,7 +1,7 @@
 """Engine: schedules, optimizers, DeepSpeed config generation, and every strategy (DDP, FSDP2,
 ZeRO 1/2/3, ZeRO-3 + CPU offload) agreeing with a single-process reference on the same global
-batch, with a state round trip and a plain-weights export per strategy; a 2-rank FSDP2
-checkpoint resumed on 1 rank (DCP resharding).
+batch, with a state round trip and a plain-weights export per strategy; 2-rank FSDP2 (DCP
+resharding) and ZeRO-2 / ZeRO-3 (DeepSpeed's universal format) checkpoints resumed on 1 rank.
 
 This file is also the torchrun worker: ``python tests/test_engine.py <mode> <out_dir> ...``.
 """
@@ -119,6 +119,32 @@ def worker_agree(out: Path, names: list[str]) -> None:
     dist.destroy_process_group()
 
 
+def worker_deepspeed_reshard(out: Path, names: list[str]) -> None:
+    """One rank loads each 2-rank DeepSpeed checkpoint ``ck_<name>`` (converted to DeepSpeed's
+    universal format), takes step STEPS+1 on the same global batch, then saves and reloads at its
+    own world size (the plain path again)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    for name in names:
+        strategy, stage, offload = STRATEGIES[name]
+        eng = Engine(pcfg(strategy, stage, offload), ocfg(accum=1), scfg(), 10, micro_batch_size=MICRO * ACCUM * 2)
+        eng.setup(tiny_model())
+        eng.load_state(out / f"ck_{name}", saved_world_size=2)
+        torch.save(eng.full_state_dict(), out / f"{name}_resharded.pt")
+        train_steps(eng, global_batches(2), range(STEPS, STEPS + 1), 2)
+        after = eng.full_state_dict()
+        torch.save(after, out / f"{name}_resharded_step4.pt")
+        eng.save_state(out / f"ck_{name}_1rank")
+        train_steps(eng, global_batches(2), range(STEPS, STEPS + 1), 2)  # moves the weights on
+        eng.load_state(out / f"ck_{name}_1rank", saved_world_size=1)
+        again = eng.full_state_dict()
+        json.dump({"reload_equal": all(torch.equal(again[k], after[k]) for k in after)},
+                  open(out / f"{name}_resharded.json", "w"))
+        eng.close()
+    dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------ unit tests
 def test_schedules_hand_computed():
     cos = lr_multiplier(scfg("cosine", warmup=2), 10)
@@ -214,8 +240,8 @@ def test_compile_matches_eager():
 
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_strategies_agree_with_single_process_and_fsdp_reshards(tmp_path):
+@pytest.mark.timeout(500)
+def test_strategies_agree_with_single_process_and_reshard(tmp_path):
     from dist_helpers import run_torchrun
 
     names = list(STRATEGIES)
@@ -250,10 +276,25 @@ def test_strategies_agree_with_single_process_and_fsdp_reshards(tmp_path):
     finally:
         eng.close()
 
+    # DeepSpeed: the 2-rank ZeRO-2 / ZeRO-3 checkpoints resumed on 1 rank through the universal
+    # format continue exactly like the reference, and the 1-rank save after that round-trips
+    resharded = ["zero2", "zero3"]
+    run_torchrun([__file__, "ds_reshard", str(tmp_path), *resharded], nproc=1, timeout=200)
+    for name in resharded:
+        assert (tmp_path / f"ck_{name}" / "deepspeed_universal").is_dir()
+        loaded = torch.load(tmp_path / f"{name}_resharded.pt", weights_only=True)
+        after = torch.load(tmp_path / f"{name}_resharded_step4.pt", weights_only=True)
+        for k in w_ref:
+            torch.testing.assert_close(loaded[k], w_ref[k], rtol=1e-5, atol=1e-6, msg=f"{name} resharded {k}")
+            torch.testing.assert_close(after[k], w4_ref[k], rtol=1e-5, atol=1e-6, msg=f"{name} resharded step 4 {k}")
+        assert json.load(open(tmp_path / f"{name}_resharded.json"))["reload_equal"], name
+
 
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     if mode == "agree":
         worker_agree(out, sys.argv[3:])
+    elif mode == "ds_reshard":
+        worker_deepspeed_reshard(out, sys.argv[3:])
     else:
         raise SystemExit(f"unknown mode {mode!r}")

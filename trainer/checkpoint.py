@@ -211,12 +211,7 @@ class Checkpointer:
         eng = self.engine
         train_state = torch.load(ckpt / TRAIN_STATE, map_location="cpu", weights_only=True)
         saved_world = int(train_state["world_size"])
-        if getattr(eng, "strategy", None) == "deepspeed" and saved_world != eng.world_size:
-            raise CheckpointError(
-                f"checkpoint {ckpt} was written by {saved_world} DeepSpeed ranks, this run has {eng.world_size}: "
-                "DeepSpeed ZeRO optimizer shards are per rank; resume with the same world size (or convert "
-                "with DeepSpeed's ds_to_universal.py, see docs/engine.md)")
-        eng.load_state(ckpt)
+        eng.load_state(ckpt, saved_world_size=saved_world)
         rank_state = None
         if saved_world == eng.world_size:
             rank_state = torch.load(ckpt / rank_file(eng.rank), map_location="cpu", weights_only=True)

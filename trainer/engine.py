@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import json
 import logging
 import math
 import os
+import shutil
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -40,6 +43,8 @@ STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: name of the DeepSpeed checkpoint tag inside a checkpoint directory
 DS_TAG = "deepspeed"
+#: DS_TAG converted to DeepSpeed's universal format (made on demand, to resume on another world size)
+DS_UNIVERSAL_TAG = "deepspeed_universal"
 #: name of the torch.distributed.checkpoint folder inside a checkpoint directory
 DCP_DIR = "dcp"
 #: small replicated training state (scheduler, scaler) written by rank 0
@@ -232,6 +237,8 @@ class Engine:
     def _setup_deepspeed(self, root: TaskModule, groups_fn: Callable) -> nn.Module:
         if self.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed insists on LOCAL_RANK, which only a launcher sets; a plain one-process run has none
+        os.environ.setdefault("LOCAL_RANK", str(self.env.local_rank))
         import deepspeed
 
         optimizer = build_optimizer(groups_fn(root.parts), self.ocfg)
@@ -388,13 +395,24 @@ class Engine:
                      "scaler": self.scaler.state_dict() if self.scaler is not None else None}
             torch.save(extra, directory / ENGINE_STATE_FILE)
 
-    def load_state(self, directory: str | Path) -> None:
-        """Restore what :meth:`save_state` wrote (DCP reshards to this world size)."""
+    def load_state(self, directory: str | Path, saved_world_size: Optional[int] = None) -> None:
+        """Restore what :meth:`save_state` wrote by ``saved_world_size`` ranks (None: this many).
+        DCP reshards to this world size; DeepSpeed's per-rank ZeRO shards are first converted to
+        its universal format (once, by rank 0, kept beside them), which any world size loads."""
         directory = Path(directory)
         if self._ds is not None:
-            path, _ = self._ds.load_checkpoint(str(directory), tag=DS_TAG)
+            tag = DS_TAG
+            universal = saved_world_size is not None and int(saved_world_size) != self.world_size
+            if universal:
+                tag = self._deepspeed_universal(directory, int(saved_world_size))
+            config = self._ds._config  # load_universal is read at load time; no public setter
+            config.load_universal_checkpoint = universal
+            try:
+                path, _ = self._ds.load_checkpoint(str(directory), tag=tag)
+            finally:
+                config.load_universal_checkpoint = False
             if path is None:
-                raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}/{DS_TAG}")
+                raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}/{tag}")
             return
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -408,6 +426,34 @@ class Engine:
         self.scheduler.load_state_dict(extra["scheduler"])
         if self.scaler is not None and extra.get("scaler") is not None:
             self.scaler.load_state_dict(extra["scaler"])
+
+    def _deepspeed_universal(self, directory: Path, saved_world_size: int) -> str:
+        """Rank 0 converts ``directory/DS_TAG`` into ``directory/DS_UNIVERSAL_TAG`` with DeepSpeed's
+        ds_to_universal (atomically: a temporary folder, then a rename; reused if already there).
+        Collective; returns the tag to load."""
+        target = directory / DS_UNIVERSAL_TAG
+        err: Optional[str] = None
+        if self.is_logging_rank and not target.is_dir():
+            from deepspeed.checkpoint import ds_to_universal
+
+            tmp = directory / f".{DS_UNIVERSAL_TAG}.tmp{os.getpid()}"
+            args = SimpleNamespace(input_folder=str(directory / DS_TAG), output_folder=str(tmp),
+                                   num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                   strict=True, inject_missing_state=True)
+            log.info("converting %s (%d ranks) to DeepSpeed's universal format for %d ranks",
+                     directory / DS_TAG, saved_world_size, self.world_size)
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    ds_to_universal.main(args)
+                os.replace(tmp, target)
+            except Exception as e:  # every rank must hear of it, or the others wait forever
+                shutil.rmtree(tmp, ignore_errors=True)
+                err = (f"converting DeepSpeed checkpoint {directory / DS_TAG} ({saved_world_size} ranks) to the "
+                       f"universal format for {self.world_size} ranks failed: {type(e).__name__}: {e}")
+        err = self.broadcast_object(err)
+        if err:
+            raise RuntimeError(err)
+        return DS_UNIVERSAL_TAG
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The task ``ModuleDict``'s full state_dict on CPU, gathered from shards; complete on
