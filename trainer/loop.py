@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.checkpoint import Checkpointer
+from trainer.resume_check import check_resume_config
 from trainer.distributed import (rank_seed, rng_state, seed_everything, set_rng_state, setup_logging,
                                  teardown_logging)
 from trainer.engine import Engine
@@ -184,6 +185,8 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
         resume_from = ckpt.resolve(str(tc.resume))
         if resume_from is not None:
             tstate, rstate = ckpt.load(resume_from)
+            if isinstance(cfg, DictConfig) and tstate.get("config"):
+                check_resume_config(tstate["config"], cfg, str(resume_from), explicit=str(tc.resume) != "auto")
             start_step, run_id = int(tstate["step"]), tstate.get("run_id")
             if rstate is not None:
                 train_loader.load_state_dict(rstate["data"])

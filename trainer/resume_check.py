@@ -1,0 +1,88 @@
+"""Which configuration changes a resumed run may make, and the error when it makes others.
+
+A checkpoint holds the resolved config of the run that wrote it. Resuming it under another
+model, task, optimizer, schedule, data set or seed would silently mix two experiments, so
+``train.resume=auto`` refuses that with every difference named. Changes that only affect how
+the run is executed or observed (logging, checkpoint cadence, tracking, data workers, world
+size / strategy within the same checkpoint family, precision) and extending ``train.steps``
+are allowed. An explicit ``train.resume=<dir>`` is a deliberate warm start: the differences
+are logged as a warning instead.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("geoprime.checkpoint")
+
+#: dotted keys (or prefixes ending in ".") a resumed run may change
+RESUMABLE = ("out_dir", "train.steps", "train.resume", "train.progress", "train.log_every", "train.eval_every",
+             "train.eval_max_batches", "train.ckpt_every", "train.keep_last", "train.export",
+             "train.batch_size", "train.deterministic", "tracking.", "data.root", "data.num_workers",
+             "data.on_corrupt", "parallel.")
+
+
+class ConfigMismatch(ValueError):
+    """The checkpoint was written under a configuration this run may not continue."""
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _container(cfg: Any) -> dict:
+    if isinstance(cfg, str):
+        cfg = OmegaConf.create(cfg)
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)
+
+
+def _allowed(key: str, allowed: Iterable[str]) -> bool:
+    return any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed)
+
+
+def config_differences(saved: Any, current: Any) -> list[str]:
+    """``key: old -> new`` for every leaf that differs (either side may lack it)."""
+    old, new = _flat(_container(saved)), _flat(_container(current))
+    missing = object()
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if a != b:
+            fmt = lambda v: "(absent)" if v is missing else repr(v)  # noqa: E731
+            out.append(f"{key}: {fmt(a)} -> {fmt(b)}")
+    return out
+
+
+def check_resume_config(saved: Any, current: Any, checkpoint: str, explicit: bool) -> list[str]:
+    """Raise :class:`ConfigMismatch` naming ``checkpoint`` and every difference outside
+    :data:`RESUMABLE` (a warning instead when ``explicit``); returns the allowed differences."""
+    diffs = config_differences(saved, current)
+    blocking = [d for d in diffs if not _allowed(d.split(":", 1)[0], RESUMABLE)]
+    strategies = [d for d in diffs if d.startswith(("parallel.strategy:", "parallel.zero_stage:"))]
+    old_new = _flat(_container(saved)).get("parallel.strategy"), _flat(_container(current)).get("parallel.strategy")
+    if strategies and (old_new[0] == "deepspeed") != (old_new[1] == "deepspeed"):
+        blocking += [d for d in strategies if d.startswith("parallel.strategy:")]
+    elif strategies and old_new == ("deepspeed", "deepspeed"):
+        blocking += [d for d in strategies if d.startswith("parallel.zero_stage:")]
+    if blocking:
+        text = "; ".join(blocking)
+        if not explicit:
+            raise ConfigMismatch(
+                f"checkpoint {checkpoint} was written by a run with another configuration ({text}). "
+                "Resume with that configuration, use a new out_dir for the new one, or warm-start from it "
+                f"deliberately with train.resume={checkpoint}")
+        log.warning("train.resume=%s: continuing a checkpoint written with another configuration (%s)",
+                    checkpoint, text)
+    allowed = [d for d in diffs if d not in blocking]
+    if allowed:
+        log.info("resuming %s with changed settings: %s", checkpoint, "; ".join(allowed))
+    return allowed
