@@ -72,3 +72,28 @@ def test_training_learns_and_export_initialises_segmentation(tmp_path):
     seg = SegmentationTask(SegmentationConfig(num_classes=3, init="classification",
                                               weights=str(tmp_path / "weights.pt")), run).build_model()
     assert torch.equal(seg["encoder"].layers["stem"][1].running_mean, model["encoder"].layers["stem"][1].running_mean)
+
+
+def test_constant_targets_are_warned_about_once(caplog):
+    """Every sample showing the same classes gives BCE nothing to learn from the image: warned
+    once after LABEL_CHECK_BATCHES batches; varying targets are not."""
+    from trainer.tasks import classification as cls
+
+    run = SimpleNamespace(model=ModelConfig(encoder="resnet18"))
+    task = ClassificationTask(ClassificationConfig(num_classes=3), run)
+    model = task.build_model()
+    rgb = torch.rand(2, 3, 32, 32)
+    constant = {"rgb": rgb, "labels": torch.tensor([[1., 0., 1.], [1., 0., 1.]])}
+    with caplog.at_level("WARNING", logger="geoprime.classification"):
+        for _ in range(cls.LABEL_CHECK_BATCHES + 3):
+            task.training_step(model, constant)
+    warned = [r for r in caplog.records if "targets are constant" in r.getMessage()]
+    assert len(warned) == 1 and "always present: 0, 2" in warned[0].getMessage()
+
+    caplog.clear()
+    task = ClassificationTask(ClassificationConfig(num_classes=3), run)
+    varying = {"rgb": rgb, "labels": torch.tensor([[1., 0., 1.], [1., 1., 0.]])}
+    with caplog.at_level("WARNING", logger="geoprime.classification"):
+        for _ in range(cls.LABEL_CHECK_BATCHES):
+            task.training_step(model, varying)
+    assert "targets are constant" not in caplog.text

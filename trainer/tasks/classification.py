@@ -9,6 +9,7 @@ imagefolder``): cross-entropy on the sample's ``label``, top-1 / top-5 accuracy.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,11 @@ from trainer.metrics.classification import TopKAccuracy
 from trainer.models.encoders import build_encoder
 from trainer.tasks.base import Metric, Task
 from trainer.tasks.segmentation import as_dataclass, keep_keys, random_scale_crop_flip, to_unit_float
+
+log = logging.getLogger("geoprime.classification")
+
+#: training batches whose multi-hot targets are checked for an empty learning signal
+LABEL_CHECK_BATCHES = 20
 
 
 @dataclass
@@ -137,6 +143,9 @@ class ClassificationTask(Task):
                              "expected [h, w] and [min, max] with 0 < min <= max")
         names = CITYSCAPES_CLASSES if cfg.num_classes == len(CITYSCAPES_CLASSES) else None
         self.class_names = list(names) if names else [str(i) for i in range(cfg.num_classes)]
+        self._label_sums: torch.Tensor | None = None  # positives per class over the first batches
+        self._label_count = 0
+        self._label_batches = 0
 
     def build_model(self) -> nn.ModuleDict:
         encoder = build_encoder(self.run_cfg.model)
@@ -186,10 +195,30 @@ class ClassificationTask(Task):
                 acc = (logits.argmax(1) == label).float().mean()
             return loss, {"ce": loss.detach(), "top1": acc}
         target = batch["labels"].to(logits.device, logits.dtype)
+        self._check_label_signal(target)
         loss = F.binary_cross_entropy_with_logits(logits, target)
         with torch.no_grad():
             acc = ((logits > 0) == (target > 0.5)).float().mean()
         return loss, {"bce": loss.detach(), "label_acc": acc}
+
+    def _check_label_signal(self, target: torch.Tensor) -> None:
+        """Warn once if every class was present in all or none of the first training samples:
+        constant multi-hot targets teach the encoder nothing (e.g. full frames of a world where
+        every frame shows every class; random crops via task.crop / task.scale_range fix it)."""
+        if self._label_batches >= LABEL_CHECK_BATCHES:
+            return
+        sums = target.detach().float().sum(0)
+        self._label_sums = sums if self._label_sums is None else self._label_sums + sums
+        self._label_count += target.shape[0]
+        self._label_batches += 1
+        if self._label_batches == LABEL_CHECK_BATCHES:
+            rate = (self._label_sums / self._label_count).cpu()
+            if bool(((rate == 0) | (rate == 1)).all()):
+                always = [self.class_names[k] for k in range(len(rate)) if rate[k] == 1]
+                log.warning("classification targets are constant over the first %d training samples (always "
+                            "present: %s; never: the rest): the loss has no signal about the images. Use random "
+                            "crops (task.crop=[h,w], task.scale_range=[1,2]) or a higher task.min_pixels",
+                            self._label_count, ", ".join(always) or "none")
 
     def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> Any:
         if self.single:
