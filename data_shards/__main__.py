@@ -25,11 +25,19 @@ SOURCES = {
 }
 
 
-def _synthetic_chunk(cfg: Any, split: str, sequence: int) -> Iterator[dict]:
-    """One synthetic sequence's samples (one shard; picklable for the writer's processes)."""
+#: keys ``build synthetic --without`` may leave out (rgb, rgb_prev, rgb_next are always written)
+DROPPABLE = ("rgb_right", "depth", "seg", "flow")
+
+
+def _synthetic_chunk(cfg: Any, split: str, sequence: int, without: tuple[str, ...] = ()) -> Iterator[dict]:
+    """One synthetic sequence's samples (one shard; picklable for the writer's processes),
+    without the keys in ``without``."""
     from data_shards.sources.synthetic import iter_sequence
 
-    return iter_sequence(cfg, split, sequence)
+    for sample in iter_sequence(cfg, split, sequence):
+        for key in without:
+            sample.pop(key, None)
+        yield sample
 
 
 def _synthetic_parser() -> argparse.ArgumentParser:
@@ -43,6 +51,9 @@ def _synthetic_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequences", nargs="+", default=[], metavar="SPLIT=N",
                    help="sequences per split, e.g. train=4 val=1 (default: the world's)")
     p.add_argument("--frames-per-sequence", type=int, default=None, help="frames rendered per sequence")
+    p.add_argument("--without", nargs="+", default=[], choices=DROPPABLE, metavar="KEY",
+                   help=f"leave these keys out of the shards ({', '.join(DROPPABLE)}), e.g. "
+                        "--without depth seg flow for video-only data like KITTI raw without LiDAR")
     p.add_argument("--workers", type=int, default=2, help="parallel render processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -75,9 +86,12 @@ def build_synthetic(args: argparse.Namespace) -> dict[str, Any]:
     for split in splits:
         if split not in cfg.sequences:
             raise SystemExit(f"split {split!r}: the synthetic world has {sorted(cfg.sequences)}")
-        chunks = [partial(_synthetic_chunk, cfg, split, s) for s in range(cfg.sequences[split])]
+        without = tuple(args.without)
+        chunks = [partial(_synthetic_chunk, cfg, split, s, without) for s in range(cfg.sequences[split])]
         source = {"dataset": "synthetic", "config": dataclasses.asdict(cfg),
                   "resolution": [cfg.height, cfg.width], "resize": "rendered at resolution"}
+        if without:
+            source["without"] = list(without)
         results[split] = write_split_parallel(chunks, args.out, split, source=source, workers=args.workers,
                                               progress=not args.no_progress)
     return results

@@ -76,13 +76,46 @@ def test_modes_train_without_unused_parameters(batch, mode, pose):
 
 
 def test_required_keys_follow_the_mode():
-    # depth in every mode: the loop reads the same keys for the training and evaluation splits
-    assert set(_task(supervision="mono").required_keys) == {"rgb", "rgb_prev", "rgb_next", "K", "depth"}
-    assert set(_task(supervision="stereo").required_keys) == {"rgb", "rgb_right", "K", "baseline", "depth"}
+    # self-supervised modes train on frames alone; every mode evaluates on rgb + depth
+    assert set(_task(supervision="mono").required_keys) == {"rgb", "rgb_prev", "rgb_next", "K"}
+    assert set(_task(supervision="stereo").required_keys) == {"rgb", "rgb_right", "K", "baseline"}
     assert set(_task(supervision="mono_stereo").required_keys) == {
-        "rgb", "rgb_prev", "rgb_next", "rgb_right", "K", "baseline", "depth"}
+        "rgb", "rgb_prev", "rgb_next", "rgb_right", "K", "baseline"}
     assert set(_task(supervision="supervised").required_keys) == {"rgb", "depth"}
+    for mode in ("mono", "stereo", "supervised"):
+        task = _task(supervision=mode)
+        assert task.stream_keys(train=False) == ("rgb", "depth")
+        assert task.stream_keys(train=True) == task.required_keys
 
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_depth_and_flow_pretrain_on_video_only_shards(tmp_path):
+    """A training split with frames only (like KITTI raw without LiDAR) trains mono depth and
+    flow; their evaluation splits carry the ground truth that the metrics read."""
+    import json
+    import subprocess
+    import sys
+
+    from dist_helpers import child_env
+
+    repo = Path(__file__).resolve().parents[1]
+    data = tmp_path / "syn"
+    common = [sys.executable, "-m", "data_shards", "build", "synthetic", "--out", str(data), "--height", "64",
+              "--width", "64", "--sequences", "train=1", "val=1", "test=1", "--frames-per-sequence", "4",
+              "--workers", "1", "--no-progress"]
+    for extra in (["--splits", "train", "--without", "depth", "seg", "flow", "rgb_right"], ["--splits", "val", "test"]):
+        subprocess.run(common + extra, check=True, env=child_env(), timeout=120, capture_output=True, cwd=repo)
+    keys = json.loads((data / "train" / "manifest.json").read_text())["keys"]
+    assert not {"depth.png", "seg.png", "flow.npy", "rgb_right.png"} & set(keys)
+    for task, metric in (("depth", "abs_rel"), ("flow", "epe")):
+        out = tmp_path / task
+        proc = subprocess.run([sys.executable, "-m", "trainer", f"task={task}", f"data.root={data}", f"out_dir={out}",
+                               "train.steps=2", "train.batch_size=1", "train.progress=false", "tracking=none"],
+                              env=child_env(), timeout=240, capture_output=True, text=True, cwd=repo)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["step"] == 2 and metric in metrics["val"] and metric in metrics["test"], metrics
 
 def test_train_transform_is_seeded_and_keeps_loss_frames_unaugmented(batch):
     task = _task(supervision="mono_stereo", flip_prob=0.0, jitter_prob=1.0)

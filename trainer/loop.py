@@ -51,7 +51,7 @@ def shard_loader_factory(cfg: Any, task: Any, engine: Engine) -> LoaderFactory:
         stream = ShardStream(d.root, split, rank=engine.rank, world_size=engine.world_size, seed=int(cfg.seed),
                              shuffle=train, shuffle_buffer=d.shuffle_buffer,
                              tail=d.tail_policy if train else "pad", resampled=bool(d.resampled) and train,
-                             on_corrupt=d.on_corrupt, keys=task.required_keys,
+                             on_corrupt=d.on_corrupt, keys=task.stream_keys(train),
                              subset=d.subset if train else 0, subset_seed=d.subset_seed, transform=transform)
         return build_loader(stream, int(cfg.train.batch_size), num_workers=int(d.num_workers), drop_last=train)
 

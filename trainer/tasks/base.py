@@ -42,8 +42,15 @@ class Task(abc.ABC):
     """
 
     #: sample keys (schema names without extension, e.g. "rgb", "rgb_prev", "depth", "seg")
-    #: that the task reads; the stream fails early, naming the split, if one is missing.
+    #: that the task reads for training; the stream fails early, naming the split, if one is missing.
     required_keys: tuple[str, ...] = ()
+    #: keys read for evaluation when they differ from training's (e.g. self-supervised depth trains
+    #: on video frames alone and evaluates on rgb + ground-truth depth); () = required_keys
+    eval_keys: tuple[str, ...] = ()
+
+    def stream_keys(self, train: bool) -> tuple[str, ...]:
+        """The sample keys a training (``train``) or evaluation stream must read."""
+        return self.required_keys if train or not self.eval_keys else self.eval_keys
 
     def __init__(self, cfg: Any, run_cfg: Any) -> None:
         self.cfg = cfg

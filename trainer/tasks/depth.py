@@ -134,8 +134,10 @@ class DepthTask(Task):
             keys.append("K")
         if self.mode in ("stereo", "mono_stereo"):
             keys.append("baseline")
-        keys.append("depth")  # the training loss (supervised) or evaluation (all modes) reads it
-        self.required_keys = tuple(keys)
+        if self.mode == "supervised":
+            keys.append("depth")
+        self.required_keys = tuple(keys)  # self-supervised modes train on frames alone (raw video)
+        self.eval_keys = ("rgb", "depth")  # evaluation: the frame and its ground-truth depth
 
     # ----------------------------------------------------------------- model
     def build_model(self) -> nn.ModuleDict:
