@@ -7,6 +7,11 @@ means to the baselines (ImageNet, random init) when the study has them. Writes
 into ``<study out_dir>/comparison/``, logs them to the study's parent run and prints the table
 followed by a plain statement of what came out (a difference smaller than the seed spread is
 reported as such, not as a win).
+
+Which runs count: with a study config, each fine-tuning job of its grid once, with its newest
+FINISHED run whose tag ``study_job_config`` equals the job's current configuration fingerprint
+(runs of an edited job's older configuration are left out). In MLflow-experiment mode (``--study``,
+no config to compute fingerprints from) each ``study_job`` once, with its newest FINISHED run.
 """
 from __future__ import annotations
 
@@ -90,19 +95,39 @@ def _col_name(col: tuple[str, str, str]) -> str:
     return f"{dataset} · {protocol} · {'all' if shots == '0' else 'N=' + shots}"
 
 
+CONFIG_TAG = "study_job_config"  # = launch.study.CONFIG_TAG (not imported: launch.study imports this module lazily)
+
+
 def build_table(runs: list[tracking.RunRecord], compare: CompareConfig, *, row_order: list[str] | None = None,
-                expected_seeds: int = 0) -> Table:
-    """Group FINISHED fine-tuning runs into the table (the newest run of each job counts once)."""
+                expected_seeds: int = 0, fingerprints: dict[str, str] | None = None) -> Table:
+    """Group FINISHED fine-tuning runs into the table (the newest run of each job counts once).
+
+    With ``fingerprints`` (job id -> the job's current configuration fingerprint, from the study's
+    plan) only runs of those jobs whose tag ``study_job_config`` equals it are used: runs of an older
+    configuration, or of jobs no longer in the study, are left out (counted in ``skipped``)."""
     seen_jobs: set[str] = set()
     cells: dict = {}
     skipped: list[str] = []
     rows_found: list[str] = []
     cols_found: list[tuple[str, str, str]] = []
+    other_config: list[str] = []
+    unfingerprinted: list[str] = []
+    not_in_study: set[str] = set()
     for run in sorted(runs, key=lambda r: -r.start_time):
         tags = run.tags
         job = tags.get("study_job", run.run_id)
         if job in seen_jobs:
             continue
+        if fingerprints is not None:
+            if job not in fingerprints:
+                not_in_study.add(job)
+                continue
+            if CONFIG_TAG not in tags:
+                unfingerprinted.append(job)
+                continue
+            if tags[CONFIG_TAG] != fingerprints[job]:
+                other_config.append(job)
+                continue
         seen_jobs.add(job)
         try:
             row = tags["grid_pretraining"]
@@ -128,6 +153,17 @@ def build_table(runs: list[tracking.RunRecord], compare: CompareConfig, *, row_o
                 rows_found.append(row)
             if col not in cols_found:
                 cols_found.append(col)
+    if other_config:
+        skipped.append(f"{len(other_config)} FINISHED run(s) made with another configuration of their job "
+                       f"(tag {CONFIG_TAG} differs from the study's current one): "
+                       f"{', '.join(sorted(set(other_config)))}")
+    if unfingerprinted:
+        skipped.append(f"{len(unfingerprinted)} FINISHED run(s) without a {CONFIG_TAG} tag (made before configuration "
+                       f"fingerprints; re-run the study, or compare them as they are with --study <name> --uri ...): "
+                       f"{', '.join(sorted(set(unfingerprinted)))}")
+    if not_in_study:
+        skipped.append(f"FINISHED run(s) of {len(not_in_study)} job(s) not in the study's current grid: "
+                       f"{', '.join(sorted(not_in_study))}")
     order = [r for r in (row_order or []) if r in rows_found] + sorted(r for r in rows_found if r not in (row_order or []))
     cols = sorted(cols_found, key=lambda c: (c[0], c[1], int(c[2]) if c[2].isdigit() else 0))
     baselines = [b for b in compare.baselines if b in rows_found]
@@ -263,10 +299,13 @@ def _write(path: Path, text: str) -> Path:
 
 def compare_runs(store: tracking.TrackingStore, study_name: str, compare: CompareConfig, out_dir: Path, *,
                  parent_run_id: str | None = None, row_order: list[str] | None = None,
-                 expected_seeds: int = 0, echo: bool = True) -> Table:
-    """Build the table from MLflow, write md/csv/png to ``out_dir``, log them to the parent run, print it."""
+                 expected_seeds: int = 0, echo: bool = True, fingerprints: dict[str, str] | None = None) -> Table:
+    """Build the table from MLflow, write md/csv/png to ``out_dir``, log them to the parent run, print it.
+
+    Each job counts once, with its newest FINISHED run; with ``fingerprints`` (job id -> current
+    configuration fingerprint) its newest FINISHED run of that configuration (see :func:`build_table`)."""
     runs = store.find_runs({"study": study_name, "study_kind": "finetune"}, status="FINISHED")
-    table = build_table(runs, compare, row_order=row_order, expected_seeds=expected_seeds)
+    table = build_table(runs, compare, row_order=row_order, expected_seeds=expected_seeds, fingerprints=fingerprints)
     if not table.rows:
         reasons = "; ".join(table.skipped[:5]) or "no FINISHED fine-tuning run"
         raise ValueError(f"study {study_name!r} in {store.uri} (experiment {store.experiment!r}) has nothing to "
@@ -299,8 +338,9 @@ def compare_runs(store: tracking.TrackingStore, study_name: str, compare: Compar
 
 def compare_study(study: StudyConfig, *, store: tracking.TrackingStore | None = None,
                   parent_run_id: str | None = None, echo: bool = True) -> Table:
-    """The comparison of a study config (its tracking URI, experiment and out_dir)."""
-    from launch.study import study_root, study_uri
+    """The comparison of a study config (its tracking URI, experiment and out_dir): each fine-tuning of
+    the study's grid with its newest FINISHED run made with the job's current configuration fingerprint."""
+    from launch.study import plan, study_root, study_uri
 
     store = store or tracking.TrackingStore(study_uri(study), study.experiment)
     if parent_run_id is None:
@@ -308,7 +348,8 @@ def compare_study(study: StudyConfig, *, store: tracking.TrackingStore | None = 
         parent_run_id = parents[0].run_id if parents else None
     return compare_runs(store, study.name, study.compare, study_root(study) / "comparison",
                         parent_run_id=parent_run_id, row_order=list(study.pretrainings),
-                        expected_seeds=len(study.seeds), echo=echo)
+                        expected_seeds=len(study.seeds), echo=echo,
+                        fingerprints={j.job_id: j.fingerprint for j in plan(study) if j.kind == "finetune"})
 
 
 def main(argv: list[str]) -> int:
@@ -316,7 +357,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m launch compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--experiment", required=True,
                    help="study name (configs/experiment/<name>.yaml), or an MLflow experiment name with --study")
-    p.add_argument("--study", default=None, help="study tag to compare (MLflow experiment mode)")
+    p.add_argument("--study", default=None, help="study tag to compare (MLflow experiment mode: each job's newest "
+                                                   "FINISHED run, whatever its configuration)")
     p.add_argument("--uri", default=None, help="tracking URI (default: the study's)")
     p.add_argument("--out", default=None, help="output folder (default: <study out_dir>/comparison)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides of the study config")

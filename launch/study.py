@@ -7,8 +7,13 @@ weights. A parent MLflow run holds one child run per job, tagged with its grid c
 (``study``, ``study_job``, ``grid_pretraining``, ``grid_dataset``, ``grid_protocol``,
 ``grid_shots``, ``grid_seed``) so MLflow's compare view can group them.
 
-Re-running skips jobs whose run FINISHED (found in MLflow by their tags) and re-starts the
-others in their old run folder, where the trainer resumes from its latest checkpoint.
+Every job has a configuration fingerprint (:func:`job_fingerprint`: its planned trainer overrides,
+its process count and, for a fine-tuning, its pre-training's fingerprint), logged as the tag
+``study_job_config`` and written to ``<run folder>/study_job.json`` when the job starts. Re-running
+skips a job only when MLflow has a FINISHED run of it with the same fingerprint; an unfinished job
+with the same fingerprint re-starts in its old run folder, where the trainer resumes from its latest
+checkpoint; a run folder made with another fingerprint (or none: made before fingerprints existed) is
+renamed ``<job id>.stale-<UTC time>`` (kept, never deleted) and the job runs fresh.
 ``--emit k8s`` writes one Kubernetes manifest per job instead (launch.k8s renders them).
 ``python -m launch study replay <spool>`` sends a run's offline tracking spool to MLflow.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import signal
@@ -52,6 +58,23 @@ class Job:
     """Job id of the pre-training this job starts from."""
     weights_override: str | None = None
     """'task.weights' override template for the pre-training's weights ('{weights}' is replaced)."""
+    fingerprint: str = ""
+    """Configuration fingerprint (:func:`job_fingerprint`); also the tag ``study_job_config``."""
+
+
+#: MLflow tag holding a job's configuration fingerprint.
+CONFIG_TAG = "study_job_config"
+#: File in a job's run folder recording the fingerprint the folder was made with.
+STAMP_FILE = "study_job.json"
+
+
+def job_fingerprint(overrides: list[str], nproc: int, needs_fingerprint: str | None = None) -> str:
+    """16 hex digits of sha256 over what decides a job's training: its planned trainer overrides (not
+    the output folder / tracking ones added at launch), its process count and, for a fine-tuning, the
+    fingerprint of the pre-training it starts from (a re-trained pre-training re-runs its fine-tunings)."""
+    payload = json.dumps({"overrides": list(overrides), "nproc": int(nproc), "needs": needs_fingerprint},
+                         sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def _q(value) -> str:
@@ -107,6 +130,11 @@ def plan(study: StudyConfig) -> list[Job]:
     ids = [j.job_id for j in jobs]
     if len(set(ids)) != len(ids):
         raise ValueError(f"study {study.name}: job ids collide: {sorted({i for i in ids if ids.count(i) > 1})}")
+    by_id = {j.job_id: j for j in jobs}
+    for job in jobs:  # pre-trainings come first, so a fine-tuning's `needs` is already fingerprinted
+        job.fingerprint = job_fingerprint(job.overrides, job.nproc,
+                                          by_id[job.needs].fingerprint if job.needs else None)
+        job.tags[CONFIG_TAG] = job.fingerprint
     return jobs
 
 
@@ -224,9 +252,94 @@ def _parent_run(store: tracking.TrackingStore, study: StudyConfig) -> str:
     return run_id
 
 
+def finished_configs(store: tracking.TrackingStore, study: StudyConfig) -> dict[str, list[str]]:
+    """Job id -> fingerprints (tag ``study_job_config``; '' when the run has none) of its FINISHED runs,
+    newest first."""
+    out: dict[str, list[str]] = {}
+    for r in store.find_runs({"study": study.name}, status="FINISHED"):
+        job_id = r.tags.get("study_job")
+        if job_id:
+            out.setdefault(job_id, []).append(r.tags.get(CONFIG_TAG, ""))
+    return out
+
+
 def finished_jobs(store: tracking.TrackingStore, study: StudyConfig) -> set[str]:
-    """Job ids of the study with a FINISHED run in MLflow."""
-    return {r.tags.get("study_job", "") for r in store.find_runs({"study": study.name}, status="FINISHED")}
+    """Job ids of the study's current plan with a FINISHED run in MLflow made with the job's current
+    fingerprint (a FINISHED run of an older configuration does not count)."""
+    configs = finished_configs(store, study)
+    return {j.job_id for j in plan(study) if j.fingerprint in configs.get(j.job_id, ())}
+
+
+def folder_fingerprint(job: Job) -> str | None:
+    """The fingerprint the job's run folder was made with: None when there is no (non-empty) folder,
+    '' when the folder has no readable ``study_job.json`` (made before fingerprints, or damaged)."""
+    if not job.out_dir.is_dir() or not any(job.out_dir.iterdir()):
+        return None
+    try:
+        return str(json.loads((job.out_dir / STAMP_FILE).read_text())["fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def write_stamp(job: Job) -> None:
+    """Record the job's fingerprint (and what it covers) in its run folder, atomically."""
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    path = job.out_dir / STAMP_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"job_id": job.job_id, "fingerprint": job.fingerprint, "overrides": job.overrides,
+                               "nproc": job.nproc, "needs": job.needs,
+                               "last_started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def move_aside(job: Job) -> Path:
+    """Rename the job's run folder to ``<job id>.stale-<UTC time>`` (never deleted); returns the new path."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = job.out_dir.with_name(f"{job.out_dir.name}.stale-{stamp}")
+    n = 1
+    while target.exists():
+        target = job.out_dir.with_name(f"{job.out_dir.name}.stale-{stamp}-{n}")
+        n += 1
+    job.out_dir.rename(target)
+    return target
+
+
+@dataclass
+class JobState:
+    """What a (re-)run does with a job before any job ran: see :func:`job_state`."""
+
+    action: str
+    """skip (FINISHED with this fingerprint) | resume (own folder, same fingerprint) | fresh (no folder) |
+    stale (folder made with another fingerprint: moved aside, then fresh)."""
+    reason: str
+    """Human-readable why."""
+    old: str | None = None
+    """The other fingerprint ('' = unknown) when there is one."""
+
+
+def job_state(study: StudyConfig, job: Job, configs: dict[str, list[str]]) -> JobState:
+    """Decide from MLflow's FINISHED runs (``configs``: :func:`finished_configs`) and the run folder."""
+    fp, folder = job.fingerprint, folder_fingerprint(job)
+    runs = configs.get(job.job_id, [])
+    if fp in runs:
+        if job.kind != "pretrain":
+            return JobState("skip", "already finished")
+        if folder == fp and weights_path(study, job).exists():
+            return JobState("skip", "already finished")
+        if folder is None or folder == fp:
+            what = "resuming in its folder" if folder else "running fresh"
+            return JobState("resume" if folder else "fresh",
+                            f"finished, but {weights_path(study, job)} is missing: {what}")
+    if folder is None:
+        other = next((r for r in runs if r != fp), None)
+        if other is not None:
+            return JobState("fresh", f"config changed since its FINISHED run ({other or 'unknown'} -> {fp})", other)
+        return JobState("fresh", "new")
+    if folder == fp:
+        return JobState("resume", "resuming in its folder (same config)")
+    if folder == "":
+        return JobState("stale", f"its run folder has no {STAMP_FILE} (config unknown -> {fp})", "")
+    return JobState("stale", f"config changed ({folder} -> {fp})", folder)
 
 
 def run_study(study: StudyConfig, *, dry_run: bool = False, compare: bool = True, verbose: bool = False,
@@ -241,32 +354,57 @@ def run_study(study: StudyConfig, *, dry_run: bool = False, compare: bool = True
         jobs = [j for j in jobs if j.job_id in only]
     uri = study_uri(study)
     if dry_run:
+        configs, note = _dry_run_configs(study, uri)
+        if note:
+            print(f"# {note}")
         for job in jobs:
             cmd = job_command(job_overrides(study, job, by_id, uri=uri, parent_run_id="<parent>",
                                             out_dir=str(job.out_dir)), job.nproc)
+            if configs is not None:
+                state = job_state(study, job, configs)
+                print(f"# {job.job_id} [{job.fingerprint}]: {_DRY_WORDS[state.action]} ({state.reason})")
             print(" ".join(cmd))
         return 0
     store = tracking.TrackingStore(uri, study.experiment)
     parent = _parent_run(store, study)
-    done = finished_jobs(store, study)
+    configs = finished_configs(store, study)
     print(f"[study] {study.name}: {len(jobs)} jobs, tracking {uri} (experiment {study.experiment!r}, "
           f"parent run {parent})", flush=True)
     try:
-        return _run_jobs(study, jobs, by_id, store, parent, done, uri, compare, verbose)
+        return _run_jobs(study, jobs, by_id, store, parent, configs, uri, compare, verbose)
     except KeyboardInterrupt:
         store.set_status(parent, "KILLED")
-        print("[study] interrupted; re-run the same command to continue (finished jobs are skipped)", flush=True)
+        print("[study] interrupted; re-run the same command to continue (jobs finished with the same config are "
+              "skipped)", flush=True)
         raise
 
 
+_DRY_WORDS = {"skip": "would be skipped", "resume": "would resume", "fresh": "would run fresh",
+              "stale": "would move its folder aside and re-run"}
+
+
+def _dry_run_configs(study: StudyConfig, uri: str) -> tuple[dict[str, list[str]] | None, str]:
+    """FINISHED runs' fingerprints for --dry-run, without creating a store that does not exist yet."""
+    path = tracking._sqlite_path(uri)
+    if path is not None and not path.exists():
+        return {}, ""
+    try:
+        return finished_configs(tracking.TrackingStore(uri, study.experiment), study), ""
+    except Exception as e:  # noqa: BLE001 - a dry run still prints the commands
+        return None, f"MLflow at {uri} not readable ({type(e).__name__}: {e}); what each job would do is unknown"
+
+
 def _run_jobs(study: StudyConfig, jobs: list[Job], by_id: dict[str, Job], store: tracking.TrackingStore,
-              parent: str, done: set[str], uri: str, compare: bool, verbose: bool) -> int:
-    """The loop of :func:`run_study` over jobs, then the comparison; returns the exit code."""
+              parent: str, configs: dict[str, list[str]], uri: str, compare: bool, verbose: bool) -> int:
+    """The loop of :func:`run_study` over jobs, then the comparison; returns the exit code.
+
+    ``configs`` (:func:`finished_configs`) says which fingerprints each job FINISHED with in MLflow."""
     failed: dict[str, str] = {}
     t_start = time.monotonic()
     for i, job in enumerate(jobs, 1):
         prefix = f"[study] {i:>3}/{len(jobs)} {job.job_id}"
-        if job.job_id in done and (job.kind != "pretrain" or weights_path(study, job).exists()):
+        state = job_state(study, job, configs)
+        if state.action == "skip":
             print(f"{prefix}: already finished, skipped", flush=True)
             continue
         if job.needs and job.needs in failed:
@@ -277,7 +415,13 @@ def _run_jobs(study: StudyConfig, jobs: list[Job], by_id: dict[str, Job], store:
             failed[job.job_id] = f"pre-training weights {weights_path(study, by_id[job.needs])} missing"
             print(f"{prefix}: skipped, {failed[job.job_id]}", flush=True)
             continue
-        resumed = " (resuming)" if (job.out_dir / "job.log").exists() else ""
+        if state.action == "stale":
+            moved = move_aside(job)
+            print(f"{prefix}: {state.reason}: old run folder kept as {moved}, running fresh", flush=True)
+        elif state.action == "fresh" and state.old is not None:
+            print(f"{prefix}: {state.reason}, running fresh", flush=True)
+        write_stamp(job)
+        resumed = " (resuming)" if state.action == "resume" else ""
         print(f"{prefix}: running{resumed} ...", flush=True)
         cmd = job_command(job_overrides(study, job, by_id, uri=uri, parent_run_id=parent,
                                         out_dir=str(job.out_dir)), job.nproc)
@@ -305,7 +449,8 @@ def _run_jobs(study: StudyConfig, jobs: list[Job], by_id: dict[str, Job], store:
     if failed:
         print(f"[study] {len(failed)} job(s) did not finish: " + "; ".join(f"{k}: {v}" for k, v in failed.items()),
               flush=True)
-        print("[study] re-run the same command to retry them (finished jobs are skipped, interrupted ones resume)")
+        print("[study] re-run the same command to retry them (jobs finished with the same config are skipped, "
+              "interrupted ones resume)")
         return 1
     print(f"[study] all {len(jobs)} jobs finished in {elapsed:.0f} s; view with: {tracking.ui_command(uri)}")
     return 0

@@ -112,3 +112,31 @@ def test_nothing_to_compare_is_a_clear_error(tmp_path):
     store = tracking.TrackingStore(tracking.sqlite_uri_for(tmp_path / "mlflow"), "empty")
     with pytest.raises(ValueError, match="has nothing to compare"):
         compare_runs(store, "s", CompareConfig(), tmp_path / "cmp")
+
+
+@pytest.mark.timeout(60)
+def test_fingerprints_pick_each_jobs_newest_run_of_its_current_config():
+    def tagged(run, fp):
+        run.tags["study_job_config"] = fp
+        return run
+
+    runs = [tagged(_run("depth", 0, 0.40, 0.8, t=1), "a"),   # current config, older
+            tagged(_run("depth", 0, 0.10, 0.5, t=3), "b"),   # an edited config, newer: not used
+            tagged(_run("depth", 0, 0.35, 0.7, t=2), "a"),   # current config, newest of it: used
+            tagged(_run("depth", 1, 0.20, 0.6, t=1), "a"),
+            _run("depth", 2, 0.90, 0.9, t=5),                 # no fingerprint (made before them): not used
+            tagged(_run("random", 0, 0.2, 0.5, t=1), "r")]    # a job no longer in the grid
+    current = {"ft-depth-syn-full-n0-s0": "a", "ft-depth-syn-full-n0-s1": "a", "ft-depth-syn-full-n0-s2": "a"}
+    table = build_table(runs, CompareConfig(), fingerprints=current)
+    assert table.rows == ["depth"]
+    assert table.cell("depth", ("syn", "full", "0")).values["miou"] == [pytest.approx(35.0), pytest.approx(20.0)]
+    assert any("1 FINISHED run(s) made with another configuration of their job (tag study_job_config differs "
+               "from the study's current one): ft-depth-syn-full-n0-s0" in s for s in table.skipped)
+    assert any("1 FINISHED run(s) without a study_job_config tag" in s and s.endswith("ft-depth-syn-full-n0-s2")
+               for s in table.skipped)
+    assert any("not in the study's current grid: ft-random-syn-full-n0-s0" in s for s in table.skipped)
+    # without fingerprints (launch compare --study): every job's newest FINISHED run, whatever its config
+    table = build_table(runs, CompareConfig())
+    assert table.cell("depth", ("syn", "full", "0")).values["miou"] == [
+        pytest.approx(90.0), pytest.approx(10.0), pytest.approx(20.0)]
+    assert table.cell("random", ("syn", "full", "0")).n == 1

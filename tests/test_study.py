@@ -1,9 +1,11 @@
 """Study grid: planning, Hydra loading and validation, k8s emission, and a local run against a
 stand-in trainer (a script honouring the trainer's override contract and logging through
-trainer.tracking): finished jobs are skipped on re-run, the interrupted one runs again."""
+trainer.tracking): finished jobs are skipped on re-run, the interrupted one runs again; and, with an
+in-process stand-in, configuration fingerprints: an edited job re-runs in a fresh folder (the old one kept)."""
 from __future__ import annotations
 
 import csv
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -192,3 +194,188 @@ def test_study_runs_grid_skips_finished_and_reruns_interrupted(tmp_path, monkeyp
     assert float(rows["random"]["miou_mean"]) == pytest.approx(30.5)
     assert float(rows["depth"]["delta_miou_vs_random"]) == pytest.approx(20.0)
     assert float(rows["depth"]["pixel_acc_mean"]) == pytest.approx(89.0)
+
+
+# ----------------------------------------------------------------------------- configuration fingerprints
+
+
+def test_fingerprint_covers_the_jobs_config_only(tmp_path):
+    cfg_dir = _mini(tmp_path)
+    jobs = {j.job_id: j for j in plan(load_study(["+experiment=mini"], cfg_dir))}
+    moved = {j.job_id: j for j in plan(load_study(["+experiment=mini", f"study.out_dir={tmp_path / 'elsewhere'}",
+                                                   "study.tracking_uri=http://x:5000"], cfg_dir))}
+    assert {k: j.fingerprint for k, j in jobs.items()} == {k: j.fingerprint for k, j in moved.items()}
+    assert all(len(j.fingerprint) == 16 for j in jobs.values())
+    assert len({j.fingerprint for j in jobs.values()}) == len(jobs)
+    changed = {j.job_id: j for j in plan(load_study(
+        ["+experiment=mini", "study.pretrainings.depth.overrides=['train.steps=5']"], cfg_dir))}
+    differ = sorted(k for k in jobs if jobs[k].fingerprint != changed[k].fingerprint)
+    assert differ == ["ft-depth-syn-full-nall-s0", "ft-depth-syn-full-nall-s1", "pre-depth"]
+    ft = jobs["ft-depth-syn-full-nall-s0"]
+    assert f"++tracking.tags.study_job_config='{ft.fingerprint}'" in job_overrides(
+        load_study(["+experiment=mini"], cfg_dir), ft, jobs, uri=None, parent_run_id=None, out_dir="x")
+    nproc = {j.job_id: j for j in plan(load_study(["+experiment=mini", "++study.nproc_per_job=2"], cfg_dir))}
+    assert nproc["ft-random-syn-full-nall-s0"].fingerprint != jobs["ft-random-syn-full-nall-s0"].fingerprint
+
+
+def _in_process_trainer(monkeypatch, fail_once: set[str]) -> list[str]:
+    """Replace study._run_job with an in-process stand-in of the trainer: it logs a child run through
+    TrackingStore with the tags it is given, resumes its MLflow run when its folder holds one (the way
+    the trainer resumes from a checkpoint), and exports 'weights' naming the pre-training's train.steps;
+    a fine-tuning's mIoU is 0.5 (depth) / 0.3 (random) + 0.01 * seed + 0.01 * (pre-training steps - 3)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    calls: list[str] = []
+    stores: dict = {}
+
+    def fake_run_job(cmd, log_path, timeout, verbose):
+        ov = cmd[cmd.index("trainer") + 1:]
+        vals = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(ov)}
+        out = Path(vals["out_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "job.log").open("a").write(" ".join(cmd) + "\n")
+        name = vals["tracking.run_name"]
+        calls.append(name)
+        key = (vals["tracking.uri"], vals["tracking.experiment"])
+        store = stores.get(key) or stores.setdefault(key, tracking.TrackingStore(*key))
+        tags = {k.split(".")[-1]: str(v) for k, v in vals.items() if k.startswith("tracking.tags.")}
+        ckpt = out / "run_id"  # stands for the checkpoint the trainer resumes from
+        if ckpt.exists():
+            run_id = ckpt.read_text()
+            store.set_status(run_id, "RUNNING")
+        else:
+            run_id = store.create_run(name, tags, parent_run_id=vals["tracking.parent_run_id"])
+            ckpt.write_text(run_id)
+        if name in fail_once:
+            fail_once.discard(name)
+            store.set_status(run_id, "FAILED")
+            return 3, 0.0
+        if vals["task"] == "segmentation":
+            init, seed, bonus = vals["task.init"], int(vals["seed"]), 0.0
+            if init != "random":
+                kind, steps = Path(vals["task.weights"]).read_text().split()
+                assert kind == init
+                bonus = 0.01 * (int(steps) - 3)
+            base = {"depth": 0.5, "random": 0.3}[init] + bonus
+            store.log_metrics(run_id, {"test/miou": base + 0.01 * seed, "test/pixel_acc": base + 0.4}, step=2)
+        else:
+            (out / "weights.pt").write_text(f"{vals['task']} {vals['train.steps']}")
+        store.set_status(run_id, "FINISHED")
+        return 0, 0.0
+
+    monkeypatch.setattr(study_mod, "_run_job", fake_run_job)
+    return calls
+
+
+def _depth_miou(tmp_path: Path) -> float:
+    rows = {r["pretraining"]: r for r in csv.DictReader(open(tmp_path / "out" / "comparison" / "comparison.csv"))}
+    return float(rows["depth"]["miou_mean"])
+
+
+@pytest.mark.timeout(120)
+def test_changed_pretraining_reruns_it_and_its_finetunings_only(tmp_path, monkeypatch, capsys):
+    from launch.compare import compare_runs, compare_study
+
+    cfg_dir = _mini(tmp_path)
+    calls = _in_process_trainer(monkeypatch, set())
+    old = load_study(["+experiment=mini"], cfg_dir)
+    assert study_mod.run_study(old) == 0
+    assert calls == [j.job_id for j in plan(old)]
+    assert _depth_miou(tmp_path) == pytest.approx(50.5)
+    runs = tmp_path / "out" / "runs"
+    old_fp = {j.job_id: j.fingerprint for j in plan(old)}
+    assert json.loads((runs / "pre-depth" / "study_job.json").read_text())["fingerprint"] == old_fp["pre-depth"]
+    store = tracking.TrackingStore(old.tracking_uri, "mini-exp")
+    (pre_run,) = store.find_runs({"study_job": "pre-depth"})
+    assert pre_run.tags["study_job_config"] == old_fp["pre-depth"]
+    capsys.readouterr()
+
+    new = load_study(["+experiment=mini", "study.pretrainings.depth.overrides=['train.steps=5']"], cfg_dir)
+    new_fp = {j.job_id: j.fingerprint for j in plan(new)}
+    assert study_mod.run_study(new, dry_run=True) == 0
+    dry = capsys.readouterr().out
+    assert f"# pre-depth [{new_fp['pre-depth']}]: would move its folder aside and re-run (config changed " \
+           f"({old_fp['pre-depth']} -> {new_fp['pre-depth']}))" in dry
+    assert dry.count("would move its folder aside and re-run") == 3
+    assert dry.count("would be skipped (already finished)") == 2
+    assert sorted(p.name for p in runs.iterdir()) == sorted(old_fp)  # a dry run moves nothing
+
+    del calls[:]
+    assert study_mod.run_study(new) == 0
+    assert calls == ["pre-depth", "ft-depth-syn-full-nall-s0", "ft-depth-syn-full-nall-s1"]
+    out = capsys.readouterr().out
+    assert out.count("already finished, skipped") == 2
+    assert f"pre-depth: config changed ({old_fp['pre-depth']} -> {new_fp['pre-depth']}): old run folder kept as " \
+           f"{runs}/pre-depth.stale-" in out
+    (stale,) = runs.glob("pre-depth.stale-*")
+    assert (stale / "weights.pt").read_text() == "depth 3"  # the old run, kept whole
+    assert json.loads((stale / "study_job.json").read_text())["fingerprint"] == old_fp["pre-depth"]
+    assert (runs / "pre-depth" / "weights.pt").read_text() == "depth 5"
+    assert len(list(runs.glob("ft-depth-syn-full-nall-s*.stale-*"))) == 2
+    assert not list(runs.glob("ft-random*.stale-*"))
+
+    # the table: the new depth runs only (51.5 would be old and new averaged, 50.5 the old ones)
+    assert _depth_miou(tmp_path) == pytest.approx(52.5)
+    assert len(store.find_runs({"study": "mini", "grid_pretraining": "depth", "study_kind": "finetune"},
+                               status="FINISHED")) == 4
+    assert compare_study(new, echo=False).cell("depth", ("syn", "full", "0")).mean("miou") == pytest.approx(52.5)
+    # the old config's comparison still finds the old runs, although newer ones of the same jobs exist
+    table = compare_study(old, echo=False)
+    assert table.cell("depth", ("syn", "full", "0")).mean("miou") == pytest.approx(50.5)
+    assert any("2 FINISHED run(s) made with another configuration" in s for s in table.skipped)
+    # without a study config (launch compare --study): each job's newest FINISHED run
+    table = compare_runs(store, "mini", old.compare, tmp_path / "cmp", echo=False)
+    assert sorted(table.cell("depth", ("syn", "full", "0")).values["miou"]) == [pytest.approx(52.0), pytest.approx(53.0)]
+
+    del calls[:]
+    assert study_mod.run_study(new) == 0
+    assert calls == []
+    assert capsys.readouterr().out.count("already finished, skipped") == 5
+
+
+@pytest.mark.timeout(120)
+def test_unfinished_job_resumes_in_place_and_unknown_folders_are_moved_aside(tmp_path, monkeypatch, capsys):
+    cfg_dir = _mini(tmp_path)
+    study = load_study(["+experiment=mini"], cfg_dir)
+    runs = tmp_path / "out" / "runs"
+    legacy = runs / "ft-random-syn-full-nall-s0"  # a folder from before fingerprints: no study_job.json
+    legacy.mkdir(parents=True)
+    (legacy / "job.log").write_text("an old run\n")
+    store = tracking.TrackingStore(study.tracking_uri, "mini-exp")
+    old_run = store.create_run("ft-random-syn-full-nall-s0", {  # its FINISHED run carries no fingerprint
+        "study": "mini", "study_kind": "finetune", "study_job": "ft-random-syn-full-nall-s0", "grid_pretraining":
+        "random", "grid_dataset": "syn", "grid_protocol": "full", "grid_shots": "0", "grid_seed": "0"})
+    store.log_metrics(old_run, {"test/miou": 0.99, "test/pixel_acc": 0.99})
+    store.set_status(old_run, "FINISHED")
+
+    calls = _in_process_trainer(monkeypatch, {"ft-depth-syn-full-nall-s1"})
+    assert study_mod.run_study(study, dry_run=True) == 0
+    dry = capsys.readouterr().out
+    fp = {j.job_id: j.fingerprint for j in plan(study)}
+    assert (f"# ft-random-syn-full-nall-s0 [{fp['ft-random-syn-full-nall-s0']}]: would move its folder aside and "
+            f"re-run (its run folder has no study_job.json (config unknown -> {fp['ft-random-syn-full-nall-s0']}))"
+            in dry)
+    assert dry.count("would run fresh (new)") == 4
+
+    assert study_mod.run_study(study) == 1
+    assert calls == [j.job_id for j in plan(study)]
+    out = capsys.readouterr().out
+    assert "ft-random-syn-full-nall-s0: its run folder has no study_job.json (config unknown -> " in out
+    (moved,) = runs.glob("ft-random-syn-full-nall-s0.stale-*")
+    assert (moved / "job.log").read_text() == "an old run\n"
+    rows = {r["pretraining"]: r for r in csv.DictReader(open(tmp_path / "out" / "comparison" / "comparison.csv"))}
+    assert float(rows["random"]["miou_mean"]) == pytest.approx(30.5)  # not the unfingerprinted 99
+    failed_run = (runs / "ft-depth-syn-full-nall-s1" / "run_id").read_text()
+
+    assert study_mod.run_study(study, dry_run=True) == 0
+    assert "# ft-depth-syn-full-nall-s1 [" in (dry := capsys.readouterr().out)
+    assert "would resume (resuming in its folder (same config))" in dry and dry.count("would be skipped") == 4
+
+    del calls[:]
+    assert study_mod.run_study(study) == 0
+    assert calls == ["ft-depth-syn-full-nall-s1"]
+    out = capsys.readouterr().out
+    assert "ft-depth-syn-full-nall-s1: running (resuming) ..." in out and "stale" not in out
+    assert (runs / "ft-depth-syn-full-nall-s1" / "run_id").read_text() == failed_run  # same folder, same run
+    assert len(list(runs.glob("*.stale-*"))) == 1
+    assert _depth_miou(tmp_path) == pytest.approx(50.5)
