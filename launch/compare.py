@@ -2,7 +2,8 @@
 
 Rows are pre-trainings, columns dataset x protocol x N-shot; each cell is mIoU and pixel
 accuracy (in %) as mean ± sample std over the fine-tuning seeds, plus the difference of the
-means to the baselines (ImageNet, random init) when the study has them. Writes
+means to the baselines (ImageNet, random init) when the study has them, ± the 95 % interval of
+the per-seed (paired) difference. Writes
 ``comparison.md``, ``comparison.csv`` and a bar chart ``comparison.png`` (error bars = std)
 into ``<study out_dir>/comparison/``, logs them to the study's parent run and prints the table
 followed by a plain statement of what came out (a difference smaller than the seed spread is
@@ -72,6 +73,44 @@ class Table:
         if a is None or b is None:
             return math.nan
         return a.mean(metric) - b.mean(metric)
+
+    def paired(self, row: str, col: tuple[str, str, str], baseline: str, metric: str) -> Paired:
+        """``row`` minus ``baseline`` seed by seed (the seeds both have), with a 95 % interval."""
+        a, b = self.cell(row, col), self.cell(baseline, col)
+        if a is None or b is None:
+            return Paired([])
+        base = dict(zip(b.seeds, b.values[metric]))
+        return Paired([v - base[s] for s, v in zip(a.seeds, a.values[metric]) if s in base])
+
+
+@dataclass
+class Paired:
+    """Per-seed differences of two rows in one column. Runs with the same seed share the data
+    order, the head's initialisation and the N-shot subset, so most of the seed-to-seed spread
+    cancels in their difference: the paired interval is much tighter than the two rows' stds."""
+
+    diffs: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.diffs)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.diffs) if self.diffs else math.nan
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.diffs) if self.n > 1 else math.nan
+
+    @property
+    def ci95(self) -> float:
+        """Half-width of the 95 % Student-t interval of the mean difference (nan below 2 seeds)."""
+        if self.n < 2:
+            return math.nan
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, self.n - 1)) * self.std / math.sqrt(self.n)
 
 
 def find_metric(metrics: dict[str, float], name: str, prefixes: list[str]) -> float | None:
@@ -177,8 +216,10 @@ def _fmt(mean: float, std: float, n: int, expected: int) -> str:
     return text + (f" (n={n})" if expected and n != expected else "")
 
 
-def _fmt_delta(value: float) -> str:
-    return "–" if math.isnan(value) else f"{value:+.1f}"
+def _fmt_delta(value: float, ci95: float = math.nan) -> str:
+    if math.isnan(value):
+        return "–"
+    return f"{value:+.1f}" + ("" if math.isnan(ci95) else f" ± {ci95:.1f}")
 
 
 def to_markdown(table: Table) -> str:
@@ -195,10 +236,11 @@ def to_markdown(table: Table) -> str:
             c = table.cell(row, col) or Cell()
             cells += [_fmt(c.mean(m), c.std(m), c.n, table.expected_seeds) for m in METRICS]
             for metric in METRICS:
-                cells += [("0 (itself)" if b == row else _fmt_delta(table.delta(row, col, b, metric)))
-                          for b in table.baselines]
+                for b in table.baselines:
+                    pair = table.paired(row, col, b, metric)
+                    cells.append("0 (itself)" if b == row else _fmt_delta(table.delta(row, col, b, metric), pair.ci95))
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\nΔ: difference of the means; ± the 95 % interval of the per-seed (paired) difference.\n"
 
 
 def to_csv(table: Table) -> str:
@@ -208,6 +250,7 @@ def to_csv(table: Table) -> str:
     header = ["pretraining", "dataset", "protocol", "shots", "n_seeds", "seeds", "miou_mean", "miou_std",
               "pixel_acc_mean", "pixel_acc_std"]
     header += [f"delta_{m}_vs_{b}" for b in table.baselines for m in METRICS]
+    header += [f"paired_{m}_vs_{b}_{k}" for b in table.baselines for m in METRICS for k in ("n", "std", "ci95")]
     writer.writerow(header)
     for row in table.rows:
         for col in table.columns:
@@ -217,13 +260,18 @@ def to_csv(table: Table) -> str:
             line = [row, *col, c.n, " ".join(c.seeds)]
             line += [f"{c.mean(m):.4f}" if i == 0 else f"{c.std(m):.4f}" for m in METRICS for i in (0, 1)]
             line += [f"{table.delta(row, col, b, m):.4f}" for b in table.baselines for m in METRICS]
+            for b in table.baselines:
+                for m in METRICS:
+                    pair = table.paired(row, col, b, m)
+                    line += [pair.n, f"{pair.std:.4f}", f"{pair.ci95:.4f}"]
             writer.writerow(line)
     return buf.getvalue()
 
 
 def verdict(table: Table) -> list[str]:
-    """Plain sentences: for each column, the best row, and each row against each baseline,
-    calling a difference smaller than the larger seed std 'within seed noise'."""
+    """Plain sentences: for each column, the best row, and each row against each baseline: a
+    difference is called better / worse only when the 95 % interval of its per-seed (paired)
+    differences excludes 0; otherwise 'not resolved'."""
     out = []
     for col in table.columns:
         name = _col_name(col)
@@ -242,14 +290,15 @@ def verdict(table: Table) -> list[str]:
                     continue
                 c = table.cell(r, col)
                 d = c.mean("miou") - base.mean("miou")
-                noise = max(c.std("miou"), base.std("miou"))
-                if min(c.n, base.n) < 2:
-                    judged = "one seed only, no spread to judge against"
-                elif abs(d) <= noise:
-                    judged = f"within seed noise (std up to {noise:.1f})"
+                pair = table.paired(r, col, b, "miou")
+                if pair.n < 2:
+                    judged = f"{pair.n} paired seed(s), no spread to judge against"
                 else:
-                    judged = f"{'better' if d > 0 else 'worse'} by more than the seed std ({noise:.1f})"
-                out.append(f"  {r} vs {b}: {d:+.1f} mIoU points, {judged} [seeds: {c.n} vs {base.n}].")
+                    lo, hi = pair.mean - pair.ci95, pair.mean + pair.ci95
+                    verdict_word = "better" if lo > 0 else "worse" if hi < 0 else "not resolved"
+                    judged = f"{verdict_word} (per-seed difference {pair.mean:+.1f}, 95 % interval {lo:+.1f} .. {hi:+.1f})"
+                out.append(f"  {r} vs {b}: {d:+.1f} mIoU points, {judged} [seeds: {c.n} vs {base.n}, "
+                           f"{pair.n} paired].")
     return out
 
 

@@ -59,12 +59,17 @@ def test_table_values_match_hand_computation():
     header, _, *lines = md.strip().splitlines()
     assert "syn · full · all mIoU" in header and "Δ mIoU vs imagenet" in header
     depth_line = next(line for line in lines if line.startswith("| depth"))
-    assert "43.0 ± 2.6" in depth_line and "+3.7" in depth_line and "+22.0" in depth_line
+    # paired by seed: depth - imagenet = 2, 5, 4 -> mean 3.67, std 1.53, t(0.975, 2) = 4.303 -> ± 3.79;
+    # depth - random = 20, 22, 24 -> ± 4.303 * 2 / sqrt(3) = 4.97
+    pair = table.paired("depth", full, "imagenet", "miou")
+    assert pair.diffs == pytest.approx([2.0, 5.0, 4.0]) and pair.ci95 == pytest.approx(4.3027 * 1.5275 / 3 ** 0.5, rel=1e-3)
+    assert "43.0 ± 2.6" in depth_line and "+3.7 ± 3.8" in depth_line and "+22.0 ± 5.0" in depth_line
     assert "30.0 ± 0.0 (n=1)" in depth_line  # the frozen cell has one seed of the 3 expected
     text = "\n".join(verdict(table))
     assert "highest mean mIoU: depth (43.0 %)" in text
-    assert "depth vs imagenet: +3.7 mIoU points, better by more than the seed std (2.6)" in text
-    assert "depth vs random: +22.0 mIoU points, better" in text
+    # the means differ by more than either row's std, yet 3 paired seeds do not resolve it
+    assert "depth vs imagenet: +3.7 mIoU points, not resolved (per-seed difference +3.7, 95 % interval -0.1 .. +7.5)" in text
+    assert "depth vs random: +22.0 mIoU points, better (per-seed difference +22.0, 95 % interval +17.0 .. +27.0)" in text
 
 
 def test_newest_run_of_a_job_counts_and_bad_runs_are_listed():
@@ -79,7 +84,7 @@ def test_newest_run_of_a_job_counts_and_bad_runs_are_listed():
     assert any("no grid tag" in s for s in table.skipped)
     assert any("'pixel_acc' missing" in s for s in table.skipped)
     text = "\n".join(verdict(table))
-    assert "one seed only" in text
+    assert "1 paired seed(s), no spread" in text
 
 
 def test_compare_runs_from_mlflow_writes_and_logs(tmp_path, capsys):
