@@ -75,9 +75,9 @@ class Manifest:
         if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT:
             raise ManifestError(f"{where}: not a geoprime manifest (format {d.get('format') if isinstance(d, dict) else None!r}, "
                                 f"expected {MANIFEST_FORMAT!r})")
-        if d.get("schema_version") != schema.SCHEMA_VERSION:
+        if d.get("schema_version") not in schema.READABLE_SCHEMA_VERSIONS:
             raise ManifestError(f"{where}: schema version {d.get('schema_version')} but this code reads "
-                                f"version {schema.SCHEMA_VERSION}; rebuild the shards")
+                                f"versions {', '.join(map(str, schema.READABLE_SCHEMA_VERSIONS))}; rebuild the shards")
         try:
             shards = [ShardInfo(name=str(s["name"]), count=int(s["count"]), bytes=int(s["bytes"]),
                                 sha256=str(s["sha256"]), offsets=tuple(int(o) for o in s.get("offsets", ())))

@@ -82,9 +82,9 @@ def iter_members(url: str, members: Sequence[int], expected: int,
                     cur = {"__key__": key, "__url__": url}
             last_member = info.name
             if cur is not None:
-                if ext not in schema.ALL_KEYS:
+                if ext not in schema.KNOWN_KEYS:
                     raise ShardError(f"{url}: member {info.name}: unknown key {ext!r} "
-                                     f"(schema v{schema.SCHEMA_VERSION} keys: {', '.join(schema.ALL_KEYS)})")
+                                     f"(schema v{schema.SCHEMA_VERSION} keys: {', '.join(schema.KNOWN_KEYS)})")
                 if ext in cur:
                     raise ShardError(f"{url}: member {info.name}: duplicate member in sample {key}")
                 if exts is None or ext in exts:

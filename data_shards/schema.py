@@ -22,9 +22,12 @@ Keys (``E`` = encoding in the shard, ``D`` = decoded type returned by :func:`dec
                    (0..18) unless the manifest's ``source.label_set`` says otherwise
                    (``cityscapes19`` | ``nyu40`` | ``nyu13``).
                    D: uint8 tensor (H, W).
-``flow.npy``       E: .npy float32 array (H, W, 3) (``allow_pickle=False``): forward optical
-                   flow t -> t+1 in pixels (u right, v down) and a validity channel (1 valid,
-                   0 occluded / leaves the image). D: float32 tensor (3, H, W).
+``flow.npz``       E: ``numpy.savez_compressed`` (read with ``allow_pickle=False``) of ``uv``:
+                   int16 (2, H, W), forward optical flow t -> t+1 times 64 (KITTI's 1/64-pixel
+                   fixed point, |flow| < 512 px; u right, v down) and ``valid``: uint8 (H, W)
+                   (1 valid, 0 occluded / leaves the image). ~8x smaller than float32.
+                   D: float32 tensor (3, H, W) = (u, v, valid). Schema v1 shards' ``flow.npy``
+                   (float32 (H, W, 3) .npy) are still read.
 ``json``           E: UTF-8 JSON object ("meta"). D: dict. Fields:
                    ``K``: 3x3 intrinsics (pixels) at this sample's resolution, row-major.
                    ``baseline_m``: signed stereo baseline in metres: the other view
@@ -38,7 +41,7 @@ Keys (``E`` = encoding in the shard, ``D`` = decoded type returned by :func:`dec
                    folders, the manifest's ``source.classes`` names it).
 
 Any key may be absent from a dataset; ``manifest.json`` lists the keys every sample of a
-split has. Nothing is ever pickled: PNG, .npy (no pickle) and JSON only.
+split has. Nothing is ever pickled: PNG, .npz / .npy (no pickle) and JSON only.
 """
 from __future__ import annotations
 
@@ -49,7 +52,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""Written by this code. v2: flow as 1/64-px int16 ``flow.npz`` (v1: float32 ``flow.npy``)."""
+READABLE_SCHEMA_VERSIONS = (1, 2)
+"""Schema versions this code reads."""
 
 #: Cityscapes' 19 training classes, in train-id order.
 CITYSCAPES_CLASSES: tuple[str, ...] = (
@@ -60,9 +66,16 @@ CITYSCAPES_CLASSES: tuple[str, ...] = (
 NUM_CLASSES = len(CITYSCAPES_CLASSES)
 IGNORE_INDEX = 255
 DEPTH_PNG_SCALE = 256.0
+FLOW_SCALE = 64.0
+"""Flow is stored in 1/FLOW_SCALE pixels as int16 (KITTI's flow PNGs use the same step)."""
+FLOW_MAX = 32767 / FLOW_SCALE
+"""Largest storable |flow| component in pixels (~512)."""
 
 IMAGE_KEYS = ("rgb.png", "rgb_prev.png", "rgb_next.png", "rgb_right.png")
-ALL_KEYS = IMAGE_KEYS + ("depth.png", "seg.png", "flow.npy", "json")
+ALL_KEYS = IMAGE_KEYS + ("depth.png", "seg.png", "flow.npz", "json")
+LEGACY_KEYS = ("flow.npy",)
+"""Members of older schema versions that readers still decode (writers never produce them)."""
+KNOWN_KEYS = ALL_KEYS + LEGACY_KEYS
 
 
 class SchemaError(ValueError):
@@ -108,16 +121,51 @@ def encode_sample(sample: dict[str, Any]) -> dict[str, Any]:
             raise SchemaError(f"sample {key}: seg must be uint8 (H, W), got {seg.dtype} {seg.shape}")
         out["seg.png"] = _png_bytes(seg)
     if "flow" in sample:
-        flow = np.asarray(sample["flow"], dtype=np.float32)
-        if flow.ndim != 3 or flow.shape[2] != 3:
-            raise SchemaError(f"sample {key}: flow must be (H, W, 3), got {flow.shape}")
-        buf = io.BytesIO()
-        np.save(buf, flow, allow_pickle=False)
-        out["flow.npy"] = buf.getvalue()
+        out["flow.npz"] = encode_flow(sample["flow"], key)
     meta = sample.get("meta")
     if meta is None or "source" not in meta:
         raise SchemaError(f"sample {key}: meta with a 'source' (provenance) field is required")
     out["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
+    return out
+
+
+def encode_flow(flow: Any, key: str = "?") -> bytes:
+    """(H, W, 3) float flow (u, v, valid) -> ``flow.npz`` bytes (1/64-px int16 + uint8 validity).
+    A valid pixel's flow must be finite and within +-FLOW_MAX; invalid pixels are clipped."""
+    flow = np.asarray(flow, dtype=np.float64)
+    if flow.ndim != 3 or flow.shape[2] != 3:
+        raise SchemaError(f"sample {key}: flow must be (H, W, 3), got {flow.shape}")
+    valid = flow[..., 2] > 0.5
+    uv = flow[..., :2]
+    bad = valid[..., None] & ~(np.abs(uv) <= FLOW_MAX)  # catches nan too
+    if bad.any():
+        worst = np.nanmax(np.abs(np.where(bad, uv, 0.0))) if not np.isnan(uv[bad]).any() else float("nan")
+        raise SchemaError(f"sample {key}: valid flow must be finite and within +-{FLOW_MAX:.1f} px "
+                          f"(got {worst} at {int(bad.any(axis=2).sum())} pixels)")
+    fixed = np.clip(np.round(np.nan_to_num(uv) * FLOW_SCALE), -32767, 32767).astype(np.int16)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, uv=np.ascontiguousarray(fixed.transpose(2, 0, 1)), valid=valid.astype(np.uint8))
+    return buf.getvalue()
+
+
+def decode_flow(data: bytes, legacy_npy: bool = False) -> np.ndarray:
+    """``flow.npz`` (or a schema v1 ``flow.npy``) bytes -> float32 (3, H, W) = (u, v, valid)."""
+    if legacy_npy:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        if arr.dtype != np.float32 or arr.ndim != 3 or arr.shape[2] != 3:
+            raise SchemaError(f"expected float32 (H, W, 3), got {arr.dtype} {arr.shape}")
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        if set(z.files) != {"uv", "valid"}:
+            raise SchemaError(f"expected arrays uv and valid, got {sorted(z.files)}")
+        uv, valid = z["uv"], z["valid"]
+    if uv.dtype != np.int16 or uv.ndim != 3 or uv.shape[0] != 2 or valid.dtype != np.uint8 \
+            or valid.shape != uv.shape[1:]:
+        raise SchemaError(f"expected uv int16 (2, H, W) and valid uint8 (H, W), got {uv.dtype} {uv.shape} "
+                          f"and {valid.dtype} {valid.shape}")
+    out = np.empty((3, *valid.shape), np.float32)
+    out[:2] = uv.astype(np.float32) / FLOW_SCALE
+    out[2] = valid
     return out
 
 
@@ -163,11 +211,8 @@ def decode_sample(raw: dict[str, Any], where: str = "") -> dict[str, Any]:
                 if arr.dtype != np.uint8 or arr.ndim != 2:
                     raise SchemaError(f"expected 8-bit grayscale, got {arr.dtype} {arr.shape}")
                 out["seg"] = torch.from_numpy(np.array(arr, copy=True))
-            elif name == "flow.npy":
-                arr = np.load(io.BytesIO(data), allow_pickle=False)
-                if arr.dtype != np.float32 or arr.ndim != 3 or arr.shape[2] != 3:
-                    raise SchemaError(f"expected float32 (H, W, 3), got {arr.dtype} {arr.shape}")
-                out["flow"] = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+            elif name in ("flow.npz", "flow.npy"):
+                out["flow"] = torch.from_numpy(decode_flow(data, legacy_npy=name == "flow.npy"))
             elif name == "json":
                 meta = json.loads(data.decode("utf-8"))
                 out["meta"] = meta
@@ -178,7 +223,7 @@ def decode_sample(raw: dict[str, Any], where: str = "") -> dict[str, Any]:
                 if "label" in meta:
                     out["label"] = torch.tensor(int(meta["label"]), dtype=torch.int64)
             else:
-                raise SchemaError(f"unknown key (schema v{SCHEMA_VERSION} keys: {', '.join(ALL_KEYS)})")
+                raise SchemaError(f"unknown key (schema v{SCHEMA_VERSION} keys: {', '.join(KNOWN_KEYS)})")
         except SchemaError as e:
             raise SchemaError(f"{where}: sample {key}, member {key}.{name}: {e}") from None
         except Exception as e:  # corrupt bytes: PIL / numpy / json errors

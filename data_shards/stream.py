@@ -109,7 +109,11 @@ class ShardStream(IterableDataset):
         have = set(self.manifest.keys)
         if keys is None:
             return frozenset(have | {"json"})
-        by_name = {k.rsplit(".", 1)[0] if k != "json" else "meta": k for k in schema.ALL_KEYS}
+        by_name: dict[str, str] = {}  # name -> member extension, the split's own where a name has two
+        for k in schema.KNOWN_KEYS:
+            name = k.rsplit(".", 1)[0] if k != "json" else "meta"
+            if name not in by_name or k in have:
+                by_name[name] = k
         exts = {"json"}
         for k in keys:
             if k in META_DERIVED:

@@ -27,7 +27,7 @@ def test_build_synthetic_writes_manifests_and_is_idempotent(built, capsys):
     m = json.loads(open(os.path.join(built, "train", "manifest.json")).read())
     assert m["num_samples"] == 6 and len(m["shards"]) == 2  # one shard per sequence, 3 samples each
     assert m["source"]["dataset"] == "synthetic" and m["source"]["resolution"] == [16, 40]
-    assert {"rgb.png", "rgb_prev.png", "rgb_next.png", "rgb_right.png", "depth.png", "seg.png", "flow.npy",
+    assert {"rgb.png", "rgb_prev.png", "rgb_next.png", "rgb_right.png", "depth.png", "seg.png", "flow.npz",
             "json"} == set(m["keys"])
     before = {f: os.stat(os.path.join(built, "train", f)).st_mtime_ns for f in os.listdir(os.path.join(built, "train"))}
     assert main(["build", "synthetic", "--out", built] + TINY) == 0

@@ -107,7 +107,7 @@ def test_depth_and_flow_pretrain_on_video_only_shards(tmp_path):
     for extra in (["--splits", "train", "--without", "depth", "seg", "flow", "rgb_right"], ["--splits", "val", "test"]):
         subprocess.run(common + extra, check=True, env=child_env(), timeout=120, capture_output=True, cwd=repo)
     keys = json.loads((data / "train" / "manifest.json").read_text())["keys"]
-    assert not {"depth.png", "seg.png", "flow.npy", "rgb_right.png"} & set(keys)
+    assert not {"depth.png", "seg.png", "flow.npz", "rgb_right.png"} & set(keys)
     for task, metric in (("depth", "abs_rel"), ("flow", "epe")):
         out = tmp_path / task
         proc = subprocess.run([sys.executable, "-m", "trainer", f"task={task}", f"data.root={data}", f"out_dir={out}",

@@ -39,7 +39,10 @@ def test_round_trip_exact_values(tmp_path):
         assert torch.equal(s["depth"][0], torch.from_numpy(ref["depth"]).float())  # all 16 bits kept
         assert s["depth"].max() > 200  # values above 255/256 m survive (no 8-bit decode)
         assert torch.equal(s["seg"], torch.from_numpy(ref["seg"]))
-        assert torch.equal(s["flow"], torch.from_numpy(ref["flow"]).permute(2, 0, 1))
+        flow = torch.from_numpy(ref["flow"]).permute(2, 0, 1)
+        valid = flow[2] > 0.5
+        assert torch.equal(s["flow"][2], valid.float())  # 1/64-px fixed point: within half a step
+        assert (s["flow"][:2] - flow[:2]).abs().max() <= 0.5 / 64 + 1e-6
         assert s["meta"] == ref["meta"]
         assert torch.equal(s["K"], torch.tensor(ref["meta"]["K"]))
         assert float(s["baseline"]) == pytest.approx(0.54)
@@ -51,8 +54,8 @@ def test_manifest_describes_shards(tmp_path):
     d = tmp_path / "val"
     assert _files(d) == ["manifest.json", "val-000000.tar", "val-000001.tar", "val-000002.tar"]
     j = json.loads((d / "manifest.json").read_text())
-    assert j["num_samples"] == 5 and j["split"] == "val" and j["source"] == SRC and j["schema_version"] == 1
-    assert j["keys"] == ["depth.png", "flow.npy", "json", "rgb.png", "rgb_right.png", "seg.png"]
+    assert j["num_samples"] == 5 and j["split"] == "val" and j["source"] == SRC and j["schema_version"] == 2
+    assert j["keys"] == ["depth.png", "flow.npz", "json", "rgb.png", "rgb_right.png", "seg.png"]
     assert j["meta_fields"] == ["K", "baseline_m", "source"]
     for s in j["shards"]:
         data = (d / s["name"]).read_bytes()
@@ -157,3 +160,61 @@ def test_parallel_writer_resumes_and_matches(tmp_path):
         assert (tmp_path / "a" / "train" / s.name).read_bytes() == (tmp_path / "b" / "train" / s.name).read_bytes()
     keys = [s["__key__"] for s in ShardStream(str(tmp_path / "b"), "train", shuffle=False)]
     assert keys == [make_sample(k, 1, 1)["__key__"] for k in range(12)]
+
+
+def test_flow_is_stored_in_64ths_of_a_pixel_and_bad_flow_is_named():
+    from data_shards.schema import FLOW_MAX, decode_flow, encode_flow
+
+    g = np.random.default_rng(0)
+    flow = np.zeros((40, 50, 3), np.float32)
+    flow[..., :2] = g.normal(scale=30.0, size=(40, 50, 2))
+    flow[..., 2] = g.random((40, 50)) < 0.8
+    flow[0, 0, :2] = [511.9, -511.9]  # the ends of the range are kept
+    flow[1, 1] = [np.nan, 900.0, 0.0]  # an invalid pixel may hold anything
+    data = encode_flow(flow)
+    back = decode_flow(data)
+    assert back.dtype == np.float32 and back.shape == (3, 40, 50)
+    assert np.array_equal(back[2], flow[..., 2])
+    ok = np.ones((40, 50), bool)
+    ok[1, 1] = False
+    assert np.abs(back[:2] - flow[..., :2].transpose(2, 0, 1))[:, ok].max() <= 0.5 / 64 + 1e-6
+    assert back[1, 1, 1] == pytest.approx(FLOW_MAX)  # clipped on the invalid pixel
+    assert len(data) < 0.5 * flow.nbytes  # noise-like flow; smooth real flow compresses ~8x
+    flow[2, 2] = [600.0, 0.0, 1.0]
+    with pytest.raises(SchemaError, match=r"sample s7: valid flow must be finite and within \+-512.0 px \(got 600"):
+        encode_flow(flow, "s7")
+    flow[2, 2] = [np.nan, 0.0, 1.0]
+    with pytest.raises(SchemaError, match="sample s7: valid flow must be finite"):
+        encode_flow(flow, "s7")
+
+
+def test_schema_v1_shards_with_float32_flow_are_still_read(tmp_path, monkeypatch):
+    """Shards written before flow.npz (schema v1: float32 flow.npy) stream unchanged, exactly."""
+    import io
+
+    from data_shards import schema
+
+    encode = schema.encode_sample
+
+    def encode_v1(sample):
+        out = encode(sample)
+        del out["flow.npz"]
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(sample["flow"], np.float32), allow_pickle=False)
+        out["flow.npy"] = buf.getvalue()
+        return out
+
+    monkeypatch.setattr(schema, "encode_sample", encode_v1)
+    write_split(samples(3), str(tmp_path), "train", source=SRC, progress=False)
+    monkeypatch.undo()
+    manifest = tmp_path / "train" / "manifest.json"
+    j = json.loads(manifest.read_text())
+    assert "flow.npy" in j["keys"]
+    manifest.write_text(json.dumps({**j, "schema_version": 1}))
+    got = {s["__key__"]: s for s in ShardStream(str(tmp_path), "train", shuffle=False, keys=("rgb", "flow"))}
+    for i in range(3):
+        ref = make_sample(i)
+        assert torch.equal(got[ref["__key__"]]["flow"], torch.from_numpy(ref["flow"]).permute(2, 0, 1))
+    manifest.write_text(json.dumps({**j, "schema_version": 7}))
+    with pytest.raises(ManifestError, match="schema version 7 but this code reads versions 1, 2"):
+        ShardStream(str(tmp_path), "train")
