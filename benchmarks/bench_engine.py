@@ -122,6 +122,9 @@ def main() -> int:
     print(f"{'strategy':<14}{'ranks':>6}{'samples/s':>12}{'s/step':>9}{'GPU GiB':>9}")
     for name in a.strategies:
         n = 1 if name == "single" else a.nproc
+        if a.precision == "fp16" and name.startswith("zero"):
+            print(f"{name:<14}{n:>6}  skipped: DeepSpeed takes bf16, not fp16 (see trainer.engine)", flush=True)
+            continue
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master-addr=127.0.0.1",
                f"--master-port={_free_port()}", __file__, f"--worker={name}", *common]
         try:

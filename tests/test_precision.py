@@ -1,7 +1,7 @@
 """Mixed precision on whatever device this machine has (CPU in CI, a GPU when one is there):
 bf16 / fp16 autocast with fp32 master weights, fp16 loss scaling that skips overflowing steps
 (on every rank alike) and is checkpointed, and every strategy agreeing with a one-process run at
-the same precision. DeepSpeed fp16 needs a GPU (its CPU accelerator has no fp16).
+the same precision. DeepSpeed takes bf16 only (fp16 is refused, see trainer.engine).
 
 This file is also the torchrun worker: ``python tests/test_precision.py <out_dir> <name>...``.
 """
@@ -150,11 +150,15 @@ def test_fp16_loss_scale_skips_overflow_and_is_checkpointed(tmp_path):
     fresh.close()
 
 
-def test_deepspeed_fp16_needs_a_gpu():
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    with pytest.raises(ValueError, match="fp16 with DeepSpeed needs a CUDA GPU"):
+def test_deepspeed_fp16_is_refused_with_the_alternatives():
+    from trainer.engine import deepspeed_config
+
+    with pytest.raises(ValueError, match="fp16 is not supported with DeepSpeed.*bf16, or parallel=fsdp with fp16"):
         Engine(pcfg("deepspeed", 2, precision="fp16"), ocfg(), scfg(), 10)
+    with pytest.raises(ValueError, match="fp16 is not supported with DeepSpeed"):
+        deepspeed_config(pcfg("deepspeed", 2, precision="fp16"), ocfg(), 1)
+    assert deepspeed_config(pcfg("deepspeed", 2, precision="bf16"), ocfg(), 1)["torch_autocast"] == {
+        "enabled": True, "dtype": "bfloat16"}
 
 
 @pytest.mark.dist

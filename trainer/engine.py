@@ -49,6 +49,11 @@ DS_UNIVERSAL_TAG = "deepspeed_universal"
 DCP_DIR = "dcp"
 #: small replicated training state (scheduler, scaler) written by rank 0
 ENGINE_STATE_FILE = "engine_state.pt"
+DS_FP16_REFUSED = (
+    "parallel.precision=fp16 is not supported with DeepSpeed: its fp16 mode makes the parameters fp16 while "
+    "the tasks build fp32 tensors (the mismatch that broke its bf16 mode, found on CPU), and its torch-autocast "
+    "mode has no loss scaling under ZeRO. Use parallel.precision=bf16, or parallel=fsdp with fp16 "
+    "(autocast + ShardedGradScaler)")
 
 
 @contextlib.contextmanager
@@ -96,13 +101,13 @@ def deepspeed_config(pcfg: Any, ocfg: Any, micro_batch_size: int) -> dict[str, A
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if pcfg.precision == "fp16":
+        raise ValueError(DS_FP16_REFUSED)
     if pcfg.precision == "bf16":
         # torch autocast inside DeepSpeed's forward, fp32 parameters and optimizer state: the same
         # numerics as the other strategies (DeepSpeed's "bf16" mode would make the parameters
         # bf16 and feed them our fp32 batches). Conv / linear gradients are reduced in bf16.
         cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    elif pcfg.precision == "fp16":
-        cfg["fp16"] = {"enabled": True, "auto_cast": True, "loss_scale": 0, "initial_scale_power": 16}
     return cfg
 
 
@@ -128,9 +133,8 @@ class Engine:
             raise ValueError(f"optim.grad_accum={optim.grad_accum}: must be >= 1")
         self.grad_accum = int(optim.grad_accum)
         self.device = self._pick_device()
-        if parallel.precision == "fp16" and self.strategy == "deepspeed" and self.device.type != "cuda":
-            raise ValueError("parallel.precision=fp16 with DeepSpeed needs a CUDA GPU (DeepSpeed's CPU "
-                             "accelerator has no fp16); on CPU use parallel.precision=bf16 or fp32")
+        if parallel.precision == "fp16" and self.strategy == "deepspeed":
+            raise ValueError(DS_FP16_REFUSED)
         if self.strategy == "single" and self.env.world_size > 1:
             raise ValueError(f"parallel.strategy=single but WORLD_SIZE={self.env.world_size}: "
                              "pick ddp, fsdp or a zero stage for multi-process runs")
