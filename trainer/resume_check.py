@@ -49,9 +49,7 @@ def _allowed(key: str, allowed: Iterable[str]) -> bool:
     return any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed)
 
 
-def config_differences(saved: Any, current: Any) -> list[str]:
-    """``key: old -> new`` for every leaf that differs (either side may lack it)."""
-    old, new = _flat(_container(saved)), _flat(_container(current))
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     missing = object()
     out = []
     for key in sorted(old.keys() | new.keys()):
@@ -62,17 +60,23 @@ def config_differences(saved: Any, current: Any) -> list[str]:
     return out
 
 
+def config_differences(saved: Any, current: Any) -> list[str]:
+    """``key: old -> new`` for every leaf that differs (either side may lack it)."""
+    return _differences(_flat(_container(saved)), _flat(_container(current)))
+
+
 def check_resume_config(saved: Any, current: Any, checkpoint: str, explicit: bool) -> list[str]:
     """Raise :class:`ConfigMismatch` naming ``checkpoint`` and every difference outside
     :data:`RESUMABLE` (a warning instead when ``explicit``); returns the allowed differences."""
-    diffs = config_differences(saved, current)
+    old, new = _flat(_container(saved)), _flat(_container(current))
+    diffs = _differences(old, new)
     blocking = [d for d in diffs if not _allowed(d.split(":", 1)[0], RESUMABLE)]
-    strategies = [d for d in diffs if d.startswith(("parallel.strategy:", "parallel.zero_stage:"))]
-    old_new = _flat(_container(saved)).get("parallel.strategy"), _flat(_container(current)).get("parallel.strategy")
-    if strategies and (old_new[0] == "deepspeed") != (old_new[1] == "deepspeed"):
-        blocking += [d for d in strategies if d.startswith("parallel.strategy:")]
-    elif strategies and old_new == ("deepspeed", "deepspeed"):
-        blocking += [d for d in strategies if d.startswith("parallel.zero_stage:")]
+    # within parallel.*: DCP strategies reshard among themselves, DeepSpeed only within one ZeRO stage
+    was_ds, is_ds = old.get("parallel.strategy") == "deepspeed", new.get("parallel.strategy") == "deepspeed"
+    if was_ds != is_ds:
+        blocking += [d for d in diffs if d.startswith("parallel.strategy:")]
+    elif was_ds:
+        blocking += [d for d in diffs if d.startswith("parallel.zero_stage:")]
     if blocking:
         text = "; ".join(blocking)
         if not explicit:
