@@ -209,6 +209,15 @@ def test_loop_trains_logs_evaluates_and_exports(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_finished_run_can_drop_its_checkpoints(tmp_path):
+    res = _train_single(tmp_path, "train.steps=4", "train.ckpt_every=2", "train.keep_checkpoints=false")
+    assert res["step"] == 4 and (tmp_path / "weights.pt").is_file() and (tmp_path / "metrics.json").is_file()
+    assert not (tmp_path / "checkpoints").exists()
+    _train_single(tmp_path / "kept", "train.steps=4", "train.ckpt_every=2")
+    assert (tmp_path / "kept" / "checkpoints" / "step_00000004").is_dir()
+
+
+@pytest.mark.timeout(120)
 def test_exact_resume_single_process(tmp_path):
     _train_single(tmp_path / "ref", "train.steps=10")
     ref = load_weights(tmp_path / "ref")

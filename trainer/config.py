@@ -122,6 +122,9 @@ class TrainConfig:
     """Checkpoint every this many steps (0 = only at the end)."""
     keep_last: int = 2
     """Checkpoints kept on disk (older ones are deleted)."""
+    keep_checkpoints: bool = True
+    """Keep the checkpoints of a finished run (false: delete them once weights and metrics are
+    written, e.g. for study grids; such a run can no longer be extended)."""
     resume: str = "auto"
     """auto (latest whole checkpoint in out_dir, if any) | never | <checkpoint path>."""
     deterministic: bool = False

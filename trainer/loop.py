@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -340,4 +341,7 @@ def _run(cfg: Any, engine: Engine, task: Any, tracker: Any, train_loader: Any, m
         tracker.log_artifact(str(out_dir / "metrics.json"))
         tracker.log_artifact(str(out_dir / "config.yaml"))
     engine.barrier()
+    if not tc.keep_checkpoints and engine.is_logging_rank:
+        shutil.rmtree(ckpt.root, ignore_errors=True)  # the run is whole: weights and metrics are written
+        log.info("deleted %s (train.keep_checkpoints=false)", ckpt.root)
     return result
