@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch.study_config import CONFIG_DIR, CompareConfig, StudyConfig, load_study
+from launch.study_config import CONFIG_DIR, CONFIG_TAG, CompareConfig, StudyConfig, load_study
 from trainer import tracking
 
 METRICS = ("miou", "pixel_acc")
@@ -132,9 +132,6 @@ def find_metric(metrics: dict[str, float], name: str, prefixes: list[str]) -> fl
 def _col_name(col: tuple[str, str, str]) -> str:
     dataset, protocol, shots = col
     return f"{dataset} · {protocol} · {'all' if shots == '0' else 'N=' + shots}"
-
-
-CONFIG_TAG = "study_job_config"  # = launch.study.CONFIG_TAG (not imported: launch.study imports this module lazily)
 
 
 def build_table(runs: list[tracking.RunRecord], compare: CompareConfig, *, row_order: list[str] | None = None,

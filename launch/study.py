@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch.study_config import StudyConfig, load_study
+from launch.study_config import CONFIG_TAG, StudyConfig, load_study
 from trainer import tracking
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,8 +62,6 @@ class Job:
     """Configuration fingerprint (:func:`job_fingerprint`); also the tag ``study_job_config``."""
 
 
-#: MLflow tag holding a job's configuration fingerprint.
-CONFIG_TAG = "study_job_config"
 #: File in a job's run folder recording the fingerprint the folder was made with.
 STAMP_FILE = "study_job.json"
 
@@ -263,13 +261,6 @@ def finished_configs(store: tracking.TrackingStore, study: StudyConfig) -> dict[
     return out
 
 
-def finished_jobs(store: tracking.TrackingStore, study: StudyConfig) -> set[str]:
-    """Job ids of the study's current plan with a FINISHED run in MLflow made with the job's current
-    fingerprint (a FINISHED run of an older configuration does not count)."""
-    configs = finished_configs(store, study)
-    return {j.job_id for j in plan(study) if j.fingerprint in configs.get(j.job_id, ())}
-
-
 def folder_fingerprint(job: Job) -> str | None:
     """The fingerprint the job's run folder was made with: None when there is no (non-empty) folder,
     '' when the folder has no readable ``study_job.json`` (made before fingerprints, or damaged)."""
@@ -385,7 +376,7 @@ _DRY_WORDS = {"skip": "would be skipped", "resume": "would resume", "fresh": "wo
 
 def _dry_run_configs(study: StudyConfig, uri: str) -> tuple[dict[str, list[str]] | None, str]:
     """FINISHED runs' fingerprints for --dry-run, without creating a store that does not exist yet."""
-    path = tracking._sqlite_path(uri)
+    path = tracking.sqlite_path(uri)
     if path is not None and not path.exists():
         return {}, ""
     try:

@@ -16,6 +16,10 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+#: MLflow tag holding a study job's configuration fingerprint (written by launch.study, read by
+#: launch.compare to count only runs of each job's current configuration)
+CONFIG_TAG = "study_job_config"
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 #: Initialisations that need no pre-training run (segmentation's ``task.init`` values).

@@ -91,7 +91,8 @@ def resolve_uri(uri: str | None, out_dir: str | os.PathLike) -> str:
     return default_uri(out_dir)
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for any other URI)."""
     if uri.startswith("sqlite:///"):
         return Path(uri[len("sqlite:///"):])
     return None
@@ -99,7 +100,7 @@ def _sqlite_path(uri: str) -> Path | None:
 
 def ui_command(uri: str) -> str:
     """The exact command that shows the runs of ``uri`` in MLflow's UI."""
-    if _sqlite_path(uri) is not None:
+    if sqlite_path(uri) is not None:
         return f"mlflow ui --backend-store-uri {uri}"
     return f"open {uri} in a browser (MLFLOW_TRACKING_URI={uri})"
 
@@ -154,7 +155,7 @@ def _client(uri: str):
     _fast_fail_http()
     from mlflow.tracking import MlflowClient
 
-    path = _sqlite_path(uri)
+    path = sqlite_path(uri)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=uri)
@@ -170,7 +171,7 @@ def _experiment_id(client, uri: str, name: str) -> str:
             raise ValueError(f"MLflow experiment {name!r} at {uri} is deleted; restore it or pick another name")
         return exp.experiment_id
     location = None
-    path = _sqlite_path(uri)
+    path = sqlite_path(uri)
     if path is not None:
         location = (path.parent / "artifacts" / name).resolve().as_uri()
     try:
