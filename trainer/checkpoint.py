@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -201,15 +201,19 @@ class Checkpointer:
             raise CheckpointError(err)
         return Path(path) if path else None
 
-    def load(self, ckpt: str | Path) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    def load(self, ckpt: str | Path, validate: Optional[Callable[[dict[str, Any]], None]] = None,
+             ) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
         """Restore engine state from ``ckpt``; returns (train_state, this rank's rank_state).
 
-        rank_state is None when the checkpoint was written by a different world size
-        (the caller then re-derives RNG and data position).
+        ``validate(train_state)`` runs before anything is loaded (or converted) and may raise to
+        refuse the checkpoint. rank_state is None when the checkpoint was written by a different
+        world size (the caller then re-derives RNG and data position).
         """
         ckpt = Path(ckpt)
         eng = self.engine
         train_state = torch.load(ckpt / TRAIN_STATE, map_location="cpu", weights_only=True)
+        if validate is not None:
+            validate(train_state)
         saved_world = int(train_state["world_size"])
         eng.load_state(ckpt, saved_world_size=saved_world)
         rank_state = None

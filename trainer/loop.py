@@ -185,9 +185,11 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
         start_step, run_id = 0, None
         resume_from = ckpt.resolve(str(tc.resume))
         if resume_from is not None:
-            tstate, rstate = ckpt.load(resume_from)
-            if isinstance(cfg, DictConfig) and tstate.get("config"):
-                check_resume_config(tstate["config"], cfg, str(resume_from), explicit=str(tc.resume) != "auto")
+            def same_experiment(tstate: dict) -> None:
+                if isinstance(cfg, DictConfig) and tstate.get("config"):
+                    check_resume_config(tstate["config"], cfg, str(resume_from), explicit=str(tc.resume) != "auto")
+
+            tstate, rstate = ckpt.load(resume_from, validate=same_experiment)
             start_step, run_id = int(tstate["step"]), tstate.get("run_id")
             if rstate is not None:
                 train_loader.load_state_dict(rstate["data"])
