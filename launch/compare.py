@@ -86,8 +86,8 @@ class Table:
 @dataclass
 class Paired:
     """Per-seed differences of two rows in one column. Runs with the same seed share the data
-    order, the head's initialisation and the N-shot subset, so most of the seed-to-seed spread
-    cancels in their difference: the paired interval is much tighter than the two rows' stds."""
+    order, the head's initialisation and the N-shot subset, so the spread those cause cancels in
+    the difference (the spread of unconverged fine-tunings does not: see docs/tracking-and-study.md)."""
 
     diffs: list[float]
 

@@ -82,6 +82,8 @@ class TaskModule(nn.Module):
 
 def deepspeed_config(pcfg: Any, ocfg: Any, micro_batch_size: int) -> dict[str, Any]:
     """DeepSpeed's JSON config generated from our parallel / optim config (never hand-kept)."""
+    if pcfg.precision == "fp16":
+        raise ValueError(DS_FP16_REFUSED)
     stage = int(pcfg.zero_stage)
     if stage not in (1, 2, 3):
         raise ValueError(f"parallel.zero_stage={stage}: DeepSpeed needs a ZeRO stage of 1, 2 or 3")
@@ -101,8 +103,6 @@ def deepspeed_config(pcfg: Any, ocfg: Any, micro_batch_size: int) -> dict[str, A
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    if pcfg.precision == "fp16":
-        raise ValueError(DS_FP16_REFUSED)
     if pcfg.precision == "bf16":
         # torch autocast inside DeepSpeed's forward, fp32 parameters and optimizer state: the same
         # numerics as the other strategies (DeepSpeed's "bf16" mode would make the parameters

@@ -81,8 +81,7 @@ class FlowTask(Task):
         if not 0 <= cfg.ssim_weight <= 1 or cfg.smoothness_weight < 0:
             raise ValueError(f"task.ssim_weight={cfg.ssim_weight} must be in [0, 1] and "
                              f"task.smoothness_weight={cfg.smoothness_weight} >= 0")
-        # training reads the frames only; evaluation also reads GT flow (for EPE) when there is some
-        self.required_keys = FRAME_KEYS
+        # training reads the frames only (required_keys); evaluation also reads GT flow for EPE
         self.eval_keys = FRAME_KEYS + (("flow",) if cfg.gt_flow else ())
 
     def build_model(self) -> nn.ModuleDict:
