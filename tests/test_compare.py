@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import math
 import statistics
-from pathlib import Path
 
 import pytest
 
