@@ -77,6 +77,36 @@ def test_explicit_resume_path_must_be_whole(tmp_path):
         _train_single(tmp_path, f"train.resume={tmp_path / 'nope'}")
 
 
+class _RunsShell:
+    """A pickle payload: unpickling it runs ``touch <path>`` (what a crafted .metadata could do)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.mark.timeout(120)
+def test_malicious_dcp_metadata_is_refused_not_run(tmp_path):
+    import pickle
+
+    from trainer.checkpoint import write_marker
+    from trainer.safe_dcp import UnsafeCheckpointError
+
+    _train_single(tmp_path, "train.steps=2", "train.export=false")
+    ck = tmp_path / "checkpoints" / "step_00000002"
+    pwned = tmp_path / "pwned"
+    (ck / "dcp" / ".metadata").write_bytes(pickle.dumps(_RunsShell(pwned)))
+    (ck / "COMPLETE.json").unlink()
+    write_marker(ck, 2, 1)  # the attacker can also forge the marker: it is no signature
+    verify(ck)
+    with pytest.raises(UnsafeCheckpointError, match=r"dcp/.metadata: refusing to load posix.system"):
+        _train_single(tmp_path, "train.steps=4")
+    assert not pwned.exists()
+
+
 def test_metrics_json_is_never_partial(tmp_path):
     _train_single(tmp_path, "train.steps=2")
     assert json.loads((tmp_path / "metrics.json").read_text())["step"] == 2

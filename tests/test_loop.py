@@ -237,6 +237,17 @@ def test_exact_resume_single_process(tmp_path):
         assert torch.equal(got[k], ref[k]), k
 
 
+@pytest.mark.timeout(120)
+def test_lowering_steps_below_the_checkpoint_is_refused(tmp_path):
+    """A finished 8-step run asked for 6 steps must not report step 6 with step-8 weights."""
+    _train_single(tmp_path, "train.steps=8", "train.ckpt_every=3", "train.keep_last=5")
+    before = {p.name: (p / "COMPLETE.json").read_text() for p in (tmp_path / "checkpoints").glob("step_*")}
+    with pytest.raises(ValueError, match=r"train.steps=6 is below the checkpoint's step 8"):
+        _train_single(tmp_path, "train.steps=6", "train.ckpt_every=3", "train.keep_last=5")
+    after = {p.name: (p / "COMPLETE.json").read_text() for p in (tmp_path / "checkpoints").glob("step_*")}
+    assert after == before  # step_00000006 was not overwritten
+
+
 @pytest.mark.timeout(60)
 def test_failure_propagates_and_leaves_injected_tracker_to_caller(tmp_path):
     from trainer.loop import train

@@ -35,6 +35,7 @@ from torch import nn
 
 from trainer.distributed import DistEnv, dist_env
 from trainer.optim import build_optimizer
+from trainer.safe_dcp import SafeFileSystemReader, check_metadata
 from trainer.schedules import build_scheduler
 
 log = logging.getLogger("geoprime.engine")
@@ -424,7 +425,8 @@ class Engine:
         msd, osd = get_state_dict(self.model, self.optimizer)
         state = {"model": msd, "optim": osd}
         with _quiet_single_process():
-            dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
+            check_metadata(directory / DCP_DIR)  # before DCP unpickles it (a checkpoint folder is data)
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(directory / DCP_DIR)))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         extra = torch.load(directory / ENGINE_STATE_FILE, map_location="cpu", weights_only=True)
         self.scheduler.load_state_dict(extra["scheduler"])

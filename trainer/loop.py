@@ -186,6 +186,11 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
         resume_from = ckpt.resolve(str(tc.resume))
         if resume_from is not None:
             def same_experiment(tstate: dict) -> None:
+                if int(tstate["step"]) > int(tc.steps):
+                    raise ValueError(
+                        f"train.steps={int(tc.steps)} is below the checkpoint's step {int(tstate['step'])} "
+                        f"({resume_from}): a run cannot be shortened after it trained further. Use "
+                        f"train.steps>={int(tstate['step'])}, or a new out_dir for a shorter run")
                 if isinstance(cfg, DictConfig) and tstate.get("config"):
                     check_resume_config(tstate["config"], cfg, str(resume_from), explicit=str(tc.resume) != "auto")
 
