@@ -52,6 +52,34 @@ def _sample_seed(seed: int, epoch: int, key: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def resolve_keys(manifest: Manifest, keys: Sequence[str] | None, split: str, root: str) -> frozenset[str]:
+    """Requested sample names -> the tar member extensions to read; a name that not every sample
+    of the split has is a ``KeyError`` naming the split, the key and what the manifest holds."""
+    have = set(manifest.keys)
+    if keys is None:
+        return frozenset(have | {"json"})
+    by_name: dict[str, str] = {}  # name -> member extension, the split's own where a name has two
+    for k in schema.KNOWN_KEYS:
+        name = k.rsplit(".", 1)[0] if k != "json" else "meta"
+        if name not in by_name or k in have:
+            by_name[name] = k
+    exts = {"json"}
+    for k in keys:
+        if k in META_DERIVED:
+            field = META_DERIVED[k]
+            if "json" not in have or (field and field not in manifest.meta_fields):
+                raise KeyError(f"split {split!r} ({root}): key {k!r} needs meta field {field!r}, "
+                               f"which not every sample has (meta fields: {manifest.meta_fields})")
+            continue
+        if k not in by_name:
+            raise KeyError(f"key {k!r} is not a schema key (known: {sorted(by_name) + ['K', 'baseline']})")
+        if by_name[k] not in have:
+            raise KeyError(f"split {split!r} ({root}): key {k!r} is not in every sample "
+                           f"(the manifest's keys: {sorted(have)})")
+        exts.add(by_name[k])
+    return frozenset(exts)
+
+
 @dataclass(frozen=True)
 class _Plan:
     """How the consumer groups its samples: set by ResumableLoader before each iteration."""
@@ -93,42 +121,19 @@ class ShardStream(IterableDataset):
         self.manifest = load_manifest(root, split)
         self.shard_urls = [join(root, split, s.name) for s in self.manifest.shards]
         self.counts = [s.count for s in self.manifest.shards]
-        self.exts = self._resolve_keys(keys)
+        self.exts = resolve_keys(self.manifest, keys, split, root)
         self.subset = layout.subset_indices(self.manifest.num_samples, subset, subset_seed)
         self.total = len(self.subset) if self.subset is not None else self.manifest.num_samples
+        if self.total == 0:
+            raise ValueError(f"split {split!r} at {root}: no samples to read (the manifest lists "
+                             f"{self.manifest.num_samples}{', subset ' + str(subset) if subset else ''})")
         if self.num_samples() == 0:
             raise ValueError(f"split {split!r} at {root}: {self.total} samples cannot give every one of "
-                             f"{world_size} ranks a sample with tail='drop'; use tail='pad' or fewer ranks")
+                             f"{world_size} ranks a sample with tail={tail!r}; use tail='pad' or fewer ranks")
         self.epoch = 0
         self.corrupt_count = 0
         self.skipped: list[str] = []
         self._plan = _Plan()
-
-    def _resolve_keys(self, keys: Sequence[str] | None) -> frozenset[str]:
-        """Requested names -> tar member extensions to read; missing ones are a clear error."""
-        have = set(self.manifest.keys)
-        if keys is None:
-            return frozenset(have | {"json"})
-        by_name: dict[str, str] = {}  # name -> member extension, the split's own where a name has two
-        for k in schema.KNOWN_KEYS:
-            name = k.rsplit(".", 1)[0] if k != "json" else "meta"
-            if name not in by_name or k in have:
-                by_name[name] = k
-        exts = {"json"}
-        for k in keys:
-            if k in META_DERIVED:
-                field = META_DERIVED[k]
-                if "json" not in have or (field and field not in self.manifest.meta_fields):
-                    raise KeyError(f"split {self.split!r} ({self.root}): key {k!r} needs meta field {field!r}, "
-                                   f"which not every sample has (meta fields: {self.manifest.meta_fields})")
-                continue
-            if k not in by_name:
-                raise KeyError(f"key {k!r} is not a schema key (known: {sorted(by_name) + ['K', 'baseline']})")
-            if by_name[k] not in have:
-                raise KeyError(f"split {self.split!r} ({self.root}): key {k!r} is not in every sample "
-                               f"(the manifest's keys: {sorted(have)})")
-            exts.add(by_name[k])
-        return frozenset(exts)
 
     # ---------------------------------------------------------------- public API
     def set_epoch(self, epoch: int) -> None:

@@ -340,3 +340,17 @@ def test_pin_memory_on_gpu(root, workers):
     assert len(batches) == loader.batches_per_epoch
     assert all(b["rgb"].is_pinned() and b["depth"].is_pinned() for b in batches)
     assert torch.equal(batches[0]["depth"].cuda(non_blocking=True).cpu(), batches[0]["depth"])
+
+
+def test_too_few_samples_name_the_tail_policy_in_use(tmp_path):
+    root = build(str(tmp_path), "train", [1, 1])
+    with pytest.raises(ValueError, match=r"2 samples cannot give every one of 3 ranks a sample with tail='drop'"):
+        ShardStream(root, "train", rank=0, world_size=3, tail="drop")
+    assert ShardStream(root, "train", rank=2, world_size=3, tail="pad").num_samples() == 1
+    manifest = tmp_path / "train" / "manifest.json"  # a manifest listing no shard (the writer refuses to make one)
+    m = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**m, "shards": [], "num_samples": 0}))
+    empty = root
+    for tail in ("drop", "pad"):
+        with pytest.raises(ValueError, match=r"no samples to read \(the manifest lists 0\)"):
+            ShardStream(empty, "train", tail=tail)

@@ -34,6 +34,7 @@ def main() -> int:
     from omegaconf import DictConfig
 
     from trainer.config import register_configs
+    from trainer.errors import CONFIG_ERROR_EXIT, ConfigError
 
     register_configs()
     sys.argv = [sys.argv[0]] + _rank_overrides(sys.argv[1:])
@@ -41,18 +42,25 @@ def main() -> int:
 
     @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
     def _entry(cfg: DictConfig) -> None:
+        rank = os.environ.get("RANK", "0") or "0"
         try:
             result = run(cfg)
+        except ConfigError as e:  # cannot heal by retrying: one line, no traceback
+            print(f"[trainer] error (rank {rank}): {e}", file=sys.stderr, flush=True)
+            outcome["exit"] = CONFIG_ERROR_EXIT
         except Exception:
-            log.exception("training failed (rank %s); see %s/logs", os.environ.get("RANK", "0"), cfg.out_dir)
+            log.exception("training failed (rank %s); the error is also in %s", rank,
+                          Path(cfg.out_dir) / "logs" / f"rank{rank}.log")
             raise
         else:
             outcome.update(result)
-            if os.environ.get("RANK", "0") in ("", "0"):
+            if rank == "0":
                 print(f"[trainer] done: step {result['step']}, metrics in {Path(cfg.out_dir) / 'metrics.json'}",
                       flush=True)
 
     _entry()
+    if "exit" in outcome:
+        return int(outcome["exit"])
     return 0 if outcome else 1
 
 

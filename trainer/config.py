@@ -7,11 +7,12 @@ beside the task (``trainer/tasks/<name>.py``) and is registered here under ``tas
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 @dataclass
@@ -182,3 +183,30 @@ def register_configs() -> None:
     cs.store(group="tracking", name="tracking_schema", node=TrackingConfig)
     for name, cfg_cls in TASK_CONFIGS().items():
         cs.store(group="task", name=f"{name}_schema", node=cfg_cls)
+
+
+def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of ``cfg`` that no schema dataclass declares. Hydra lets ``+key=value`` add keys
+    even to structured configs, so a typo (``+train.stepz=5``) would otherwise be ignored silently."""
+    found: list[str] = []
+    schema = OmegaConf.get_type(cfg)
+    fields = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in cfg.keys():
+        dotted = f"{prefix}{key}"
+        if fields is not None and key not in fields:
+            found.append(dotted)
+            continue
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
+            found += unknown_keys(node, dotted + ".")
+    return found
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Raise :class:`~trainer.errors.ConfigError` naming every key the schemas do not know (see :func:`unknown_keys`)."""
+    bad = unknown_keys(cfg)
+    if bad:
+        from trainer.errors import ConfigError
+
+        raise ConfigError(f"unknown config key(s): {', '.join(bad)} — no such field in the run / task schema "
+                         "(trainer/config.py, trainer/tasks/<task>.py); check the spelling")

@@ -25,7 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.checkpoint import Checkpointer
 from trainer.resume_check import check_resume_config
-from trainer.distributed import (rank_seed, rng_state, seed_everything, set_rng_state, setup_logging,
+from trainer.config import check_known_keys
+from trainer.errors import ConfigError
+from trainer.preflight import RunPlan, preflight
+from trainer.distributed import (dist_env, rank_seed, rng_state, seed_everything, set_rng_state, setup_logging,
                                  teardown_logging)
 from trainer.engine import Engine
 
@@ -153,14 +156,20 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
     """
     tc = cfg.train
     out_dir = Path(cfg.out_dir)
-    own_engine = engine is None
-    if engine is None:
-        engine = Engine(cfg.parallel, cfg.optim, cfg.schedule, int(tc.steps), micro_batch_size=int(tc.batch_size))
-    env = engine.env
+    env = engine.env if engine is not None else dist_env()
     setup_logging(env, str(out_dir / "logs"))
-    own_tracker = tracker is None
+    own_engine, own_tracker = engine is None, tracker is None
     determinism = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
     try:
+        if isinstance(cfg, DictConfig):
+            check_known_keys(cfg)
+        if task is None:
+            task = _build_task(cfg)
+        # everything the run will read, checked before step 1 and before any process group starts
+        plan = preflight(cfg, task) if loaders is None else RunPlan(cfg.data.val_split, cfg.data.test_split)
+        if engine is None:
+            engine = Engine(cfg.parallel, cfg.optim, cfg.schedule, int(tc.steps),
+                            micro_batch_size=int(tc.batch_size), env=env)
         if engine.is_logging_rank:
             out_dir.mkdir(parents=True, exist_ok=True)
         if tc.deterministic:
@@ -171,9 +180,6 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
             torch.utils.deterministic.fill_uninitialized_memory = False
             torch.backends.cudnn.benchmark = False
         seed_everything(int(cfg.seed))  # identical initial weights on every rank (FSDP2 / ZeRO-3 need it)
-        if task is None:
-            from trainer.tasks import build_task
-            task = build_task(cfg.task, cfg)
         engine.setup(task.build_model(), task.parameter_groups)
         engine.train(True)
         task.on_train_mode(engine.parts)
@@ -187,7 +193,7 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
         if resume_from is not None:
             def same_experiment(tstate: dict) -> None:
                 if int(tstate["step"]) > int(tc.steps):
-                    raise ValueError(
+                    raise ConfigError(
                         f"train.steps={int(tc.steps)} is below the checkpoint's step {int(tstate['step'])} "
                         f"({resume_from}): a run cannot be shortened after it trained further. Use "
                         f"train.steps>={int(tstate['step'])}, or a new out_dir for a shorter run")
@@ -212,11 +218,13 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
             if resume_from is None:
                 tracker.log_config(yaml_text)
                 tracker.log_params({f"engine.{k}": v for k, v in engine.describe().items()})
-        result = _run(cfg, engine, task, tracker, train_loader, make_loader, ckpt, start_step, run_id)
-    except BaseException:
+        result = _run(cfg, engine, task, tracker, train_loader, make_loader, ckpt, start_step, run_id, plan)
+    except BaseException as e:
+        # into this rank's log file before it is closed: "see <out_dir>/logs" must find the error
+        log.error("run failed: %s: %s", type(e).__name__, e, exc_info=not isinstance(e, ConfigError))
         if own_tracker and tracker is not None:
             tracker.close("FAILED")
-        if own_engine:
+        if own_engine and engine is not None:
             engine._owns_group = False  # a failed rank cannot rely on its peers reaching a barrier
         raise
     finally:  # leave the process as found: other code in it (tests) must not inherit our settings
@@ -228,6 +236,18 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
     if own_engine:
         engine.close()
     return result
+
+
+def _build_task(cfg: Any) -> Any:
+    """The task of ``cfg.task``; its config validation errors are :class:`ConfigError`s."""
+    from trainer.tasks import build_task
+
+    try:
+        return build_task(cfg.task, cfg)
+    except (ValueError, KeyError, TypeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"task={cfg.task.get('name')}: {e}") from e
 
 
 def _reposition(loader: Any, tstate: dict, engine: Engine, cfg: Any) -> None:
@@ -246,7 +266,7 @@ def _reposition(loader: Any, tstate: dict, engine: Engine, cfg: Any) -> None:
 
 
 def _run(cfg: Any, engine: Engine, task: Any, tracker: Any, train_loader: Any, make_loader: LoaderFactory,
-         ckpt: Checkpointer, start_step: int, run_id: Optional[str]) -> dict[str, Any]:
+         ckpt: Checkpointer, start_step: int, run_id: Optional[str], plan: RunPlan) -> dict[str, Any]:
     """The step loop proper (see :func:`train`)."""
     from tqdm import tqdm
 
@@ -313,8 +333,8 @@ def _run(cfg: Any, engine: Engine, task: Any, tracker: Any, train_loader: Any, m
                      engine.lr, train_logs["train/samples_per_s"])
             sums, n_logged, window_start, wait_start = {}, 0, time.perf_counter(), batches.wait_s
 
-        if int(tc.eval_every) and step % int(tc.eval_every) == 0 and step < total and cfg.data.val_split:
-            val_loader = val_loader or make_loader(cfg.data.val_split, False)
+        if int(tc.eval_every) and step % int(tc.eval_every) == 0 and step < total and plan.val_split:
+            val_loader = val_loader or make_loader(plan.val_split, False)
             val_metrics = evaluate(engine, task, val_loader, int(tc.eval_max_batches))
             tracker.log_metrics({f"val/{k}": v for k, v in val_metrics.items()}, step=step)
 
@@ -326,14 +346,14 @@ def _run(cfg: Any, engine: Engine, task: Any, tracker: Any, train_loader: Any, m
 
     if last_saved != total:
         save(total)
-    if cfg.data.val_split:
-        val_loader = val_loader or make_loader(cfg.data.val_split, False)
+    if plan.val_split:
+        val_loader = val_loader or make_loader(plan.val_split, False)
         val_metrics = evaluate(engine, task, val_loader, int(tc.eval_max_batches))
         tracker.log_metrics({f"val/{k}": v for k, v in val_metrics.items()}, step=total)
     test_metrics: dict[str, float] = {}
-    if cfg.data.test_split:
+    if plan.test_split:
         qual = out_dir / "qualitative"
-        test_metrics = evaluate(engine, task, make_loader(cfg.data.test_split, False), 0, visualize_to=qual)
+        test_metrics = evaluate(engine, task, make_loader(plan.test_split, False), 0, visualize_to=qual)
         tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}, step=total)
         if engine.is_logging_rank and qual.is_dir() and any(qual.iterdir()):
             tracker.log_artifact(str(qual), "qualitative")
@@ -342,7 +362,7 @@ def _run(cfg: Any, engine: Engine, task: Any, tracker: Any, train_loader: Any, m
         weights = engine.export_weights(out_dir / "weights.pt")
     result = {"step": total, "run_id": run_id, "train": train_logs, "val": val_metrics, "test": test_metrics,
               "world_size": engine.world_size, "strategy": engine.strategy,
-              "weights": str(weights) if weights else None}
+              "weights": str(weights) if weights else None, "skipped": plan.skipped}
     if engine.is_logging_rank:
         _atomic_write_json(out_dir / "metrics.json", result)
         tracker.log_artifact(str(out_dir / "metrics.json"))

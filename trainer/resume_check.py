@@ -15,6 +15,8 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.errors import ConfigError
+
 log = logging.getLogger("geoprime.checkpoint")
 
 #: dotted keys (or prefixes ending in ".") a resumed run may change
@@ -24,7 +26,7 @@ RESUMABLE = ("out_dir", "train.steps", "train.resume", "train.progress", "train.
              "data.on_corrupt", "parallel.")
 
 
-class ConfigMismatch(ValueError):
+class ConfigMismatch(ConfigError):
     """The checkpoint was written under a configuration this run may not continue."""
 
 

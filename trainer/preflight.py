@@ -1,0 +1,157 @@
+"""Check everything a run will need before step 1 and before any process group starts.
+
+A multi-hour run must not die after training on something it could have checked at the start:
+every split it will read (manifest readable, not empty, the keys the task reads there, enough
+samples for every rank's first batch), the files it initialises from, the checkpoint it was told
+to resume, and a writable ``out_dir``. Each problem is a :class:`PreflightError` naming the
+config key, split, file or key. An evaluation split that lacks only ground truth the task does not
+train on (self-supervised depth on KITTI raw converted without LiDAR: no ``depth``) is skipped
+with one clear line instead, and the run reports it in ``metrics.json`` under ``skipped``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from trainer.errors import ConfigError
+
+log = logging.getLogger("geoprime.preflight")
+
+
+class PreflightError(ConfigError):
+    """Something the run needs is missing or wrong; the message names it."""
+
+
+@dataclass
+class RunPlan:
+    """What preflight found: the evaluation splits that will run, and those skipped (and why)."""
+
+    val_split: Optional[str]
+    test_split: Optional[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+    """``{"val": reason}`` for evaluation splits that are not evaluated."""
+
+
+def _world_size() -> int:
+    return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+
+
+def _is_logging_rank() -> bool:
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def check_out_dir(out_dir: str) -> None:
+    """``out_dir`` exists or can be made, and a file can be written in it."""
+    path = Path(out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".preflight.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PreflightError(f"out_dir={out_dir!r} is not writable ({e.strerror or e})") from None
+
+
+def check_files(cfg: Any) -> None:
+    """Initialisation and resume files named by the config exist (read later, after set-up)."""
+    model = cfg.model
+    if str(model.init) == "imagenet":
+        from trainer.models.encoders import imagenet_weights_file
+
+        weights = Path(model.imagenet_weights) if model.imagenet_weights else imagenet_weights_file(model.encoder)
+        if not weights.is_file():
+            raise PreflightError(f"model.init=imagenet: no weights file at {weights} (no download at run time: "
+                                 "place the torchvision file there or pass model.imagenet_weights=<file>)")
+    task_weights = getattr(cfg.task, "weights", None)
+    if task_weights and not Path(str(task_weights)).is_file():
+        raise PreflightError(f"task.weights={task_weights!r}: no such file (task.init={cfg.task.get('init')})")
+    resume = str(cfg.train.resume)
+    if resume not in ("auto", "never") and not Path(resume).is_dir():
+        raise PreflightError(f"train.resume={resume!r}: no such checkpoint folder")
+
+
+def _manifest(root: str, split: str, role: str) -> Any:
+    from data_shards.manifest import ManifestError
+    from data_shards.stream import load_manifest
+
+    try:
+        return load_manifest(root, split)
+    except ManifestError as e:
+        raise PreflightError(f"data.{role}_split={split!r}: {e}") from None
+
+
+def _missing_keys(manifest: Any, keys: tuple[str, ...], split: str, root: str) -> list[str]:
+    from data_shards.stream import resolve_keys
+
+    missing = []
+    for k in keys:
+        try:
+            resolve_keys(manifest, [k], split, root)
+        except KeyError:
+            missing.append(k)
+    return missing
+
+
+def _split_error(role: str, split: str, root: str, missing: list[str], manifest: Any) -> PreflightError:
+    return PreflightError(f"data.{role}_split={split!r} ({root}): key(s) {missing} that the task reads are not "
+                          f"in every sample (the manifest's keys: {sorted(manifest.keys)})")
+
+
+def check_train_split(cfg: Any, task: Any) -> None:
+    """The training split has the task's keys and at least one full batch for every rank."""
+    from data_shards import split as layout
+
+    d = cfg.data
+    manifest = _manifest(str(d.root), str(d.train_split), "train")
+    missing = _missing_keys(manifest, task.stream_keys(True), str(d.train_split), str(d.root))
+    if missing:
+        raise _split_error("train", str(d.train_split), str(d.root), missing, manifest)
+    total = min(int(d.subset), manifest.num_samples) if int(d.subset) else manifest.num_samples
+    if total == 0:
+        raise PreflightError(f"data.train_split={d.train_split!r} ({d.root}): the split is empty")
+    world, batch = _world_size(), int(cfg.train.batch_size)
+    per_rank = total if d.resampled else layout.per_rank_count(total, world, str(d.tail_policy))
+    if per_rank < batch:
+        raise PreflightError(
+            f"data.train_split={d.train_split!r} ({d.root}): {total} samples give each of {world} ranks "
+            f"{per_rank} (data.tail_policy={d.tail_policy}), fewer than train.batch_size={batch}: no full batch")
+
+
+def check_eval_split(cfg: Any, task: Any, role: str) -> tuple[Optional[str], Optional[str]]:
+    """(split to evaluate or None, reason it is skipped or None) for ``data.<role>_split``."""
+    d = cfg.data
+    split = d.get(f"{role}_split")
+    if not split:
+        return None, None
+    manifest = _manifest(str(d.root), str(split), role)
+    if manifest.num_samples == 0:
+        raise PreflightError(f"data.{role}_split={split!r} ({d.root}): the split is empty")
+    keys = task.stream_keys(False)
+    missing = _missing_keys(manifest, keys, str(split), str(d.root))
+    if not missing:
+        return str(split), None
+    trained_on = set(task.stream_keys(True))
+    if any(k in trained_on for k in missing):
+        raise _split_error(role, str(split), str(d.root), missing, manifest)
+    reason = (f"data.{role}_split={split!r} has no {missing} (ground truth the task evaluates with but does "
+              f"not train on): not evaluated")
+    return None, reason
+
+
+def preflight(cfg: Any, task: Any) -> RunPlan:
+    """Run every check (see the module docstring); returns the evaluation plan."""
+    check_out_dir(str(cfg.out_dir))
+    check_files(cfg)
+    check_train_split(cfg, task)
+    plan = RunPlan(None, None)
+    for role in ("val", "test"):
+        split, reason = check_eval_split(cfg, task, role)
+        setattr(plan, f"{role}_split", split)
+        if reason:
+            plan.skipped[role] = reason
+            if _is_logging_rank():
+                log.warning("%s", reason)
+    return plan
