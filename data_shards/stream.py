@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -303,6 +304,14 @@ class _BatchView(IterableDataset):
             yield collate(batch)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM / SIGINT / SIGHUP: torchrun signals a rank's whole process group
+    on shutdown, and the rank must outlive its save (workers exit when the loader closes or the
+    rank dies)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _as_is(batch: dict) -> dict:
     return batch
 
@@ -369,7 +378,8 @@ class ResumableLoader:
                 source: Any = (collate(b) for b in stream._iter_batches(0, 1))
             else:
                 source = DataLoader(_BatchView(stream), batch_size=None, num_workers=self.num_workers,
-                                    collate_fn=_as_is, pin_memory=self.pin_memory)
+                                    collate_fn=_as_is, pin_memory=self.pin_memory,
+                                    worker_init_fn=_ignore_stop_signals)
             for batch in source:
                 for msg in batch.pop("__skipped__"):
                     self.corrupt_count += 1

@@ -10,9 +10,10 @@ import argparse
 import hashlib
 import os
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass, field
+
+from launch.supervise import run_supervised
 
 DEFAULT_RDZV_PORT = 29400
 #: Environment torchrun needs for elastic restarts: without it, restarted workers can read the
@@ -131,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", default=None, help="rendezvous id (default: a hash of this job's arguments)")
     p.add_argument("--max-restarts", type=int, default=3, help="elastic restarts before the job fails")
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    p.add_argument("--no-preflight", action="store_true",
+                   help="skip checking config, data, init files and out_dir before starting torchrun")
+    p.add_argument("--stop-timeout", type=float, default=60.0,
+                   help="seconds the job gets to checkpoint and exit after SIGTERM/SIGINT before SIGKILL")
     p.add_argument("--sbatch", action="store_true", help="print a SLURM sbatch script instead of running")
     p.add_argument("--partition", default=None, help="SLURM partition (with --sbatch)")
     p.add_argument("--time", default="24:00:00", help="SLURM time limit (with --sbatch)")
@@ -154,4 +159,22 @@ def main(argv: list[str]) -> int:
         print(f"[launch] run the same command on each of the {job.nodes} nodes", flush=True)
     if args.dry_run:
         return 0
-    return subprocess.call(job.command(), env={**os.environ, **TORCHRUN_ENV})
+    if not args.no_preflight:
+        code = _preflight(job)
+        if code:
+            return code
+    return run_supervised(job.command(), env={**os.environ, **TORCHRUN_ENV}, stop_timeout=args.stop_timeout)
+
+
+def _preflight(job: TorchrunJob) -> int:
+    """Check what the job would fail on before step 1, once, here: an error that cannot heal must
+    not be restarted --max-restarts times on every rank."""
+    from trainer.__main__ import check_job
+    from trainer.errors import CONFIG_ERROR_EXIT, ConfigError
+
+    try:
+        check_job(job.overrides, world_size=job.nodes * job.procs_per_node)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT
+    return 0

@@ -29,12 +29,49 @@ def run(cfg) -> dict:
     return train(cfg)
 
 
+def compose(overrides: list[str]):
+    """The run config ``python -m trainer <overrides>`` would get (Hydra's compose API)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from trainer.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def check_job(overrides: list[str], world_size: int) -> None:
+    """What a job would fail on before step 1, checked before torchrun starts it (``launch run``):
+    the config (unknown keys, task settings), every split, init files, ``out_dir`` and its lock.
+    Raises :class:`~trainer.errors.ConfigError` naming the problem."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from trainer.config import check_known_keys
+    from trainer.errors import ConfigError
+    from trainer.loop import _build_task
+    from trainer.preflight import preflight
+    from trainer.run_lock import is_locked
+
+    try:
+        cfg = compose(overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(f"{type(e).__name__}: {e}") from None
+    check_known_keys(cfg)
+    holder = is_locked(cfg.out_dir)
+    if holder:
+        raise ConfigError(f"out_dir={cfg.out_dir!r} is in use by {holder}; wait for that job, stop it, "
+                          "or use another out_dir")
+    preflight(cfg, _build_task(cfg), world_size=world_size)
+
+
 def main() -> int:
     import hydra
     from omegaconf import DictConfig
 
     from trainer.config import register_configs
     from trainer.errors import CONFIG_ERROR_EXIT, ConfigError
+    from trainer.interrupts import Preempted
 
     register_configs()
     sys.argv = [sys.argv[0]] + _rank_overrides(sys.argv[1:])
@@ -45,6 +82,9 @@ def main() -> int:
         rank = os.environ.get("RANK", "0") or "0"
         try:
             result = run(cfg)
+        except Preempted as e:  # a whole checkpoint is written; the same command resumes
+            print(f"[trainer] rank {rank}: {e}", file=sys.stderr, flush=True)
+            outcome["exit"] = e.exit_code
         except ConfigError as e:  # cannot heal by retrying: one line, no traceback
             print(f"[trainer] error (rank {rank}): {e}", file=sys.stderr, flush=True)
             outcome["exit"] = CONFIG_ERROR_EXIT

@@ -120,7 +120,10 @@ class TrainConfig:
     log_every: int = 10
     """Log training metrics every this many steps."""
     ckpt_every: int = 0
-    """Checkpoint every this many steps (0 = only at the end)."""
+    """Also checkpoint every this many steps (0 = off)."""
+    ckpt_every_minutes: float = 30.0
+    """Checkpoint when this much wall-clock time passed since the last one (0 = off); always at the
+    end and on SIGTERM / SIGINT / SIGHUP."""
     keep_last: int = 2
     """Checkpoints kept on disk (older ones are deleted)."""
     keep_checkpoints: bool = True

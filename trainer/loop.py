@@ -23,11 +23,13 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import Checkpointer, step_dir_name
 from trainer.resume_check import check_resume_config
 from trainer.config import check_known_keys
 from trainer.errors import ConfigError
+from trainer.interrupts import Preempted, StopSignals
 from trainer.preflight import RunPlan, preflight
+from trainer.run_lock import OutDirLock
 from trainer.distributed import (dist_env, rank_seed, rng_state, seed_everything, set_rng_state, setup_logging,
                                  teardown_logging)
 from trainer.engine import Engine
@@ -159,6 +161,7 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
     env = engine.env if engine is not None else dist_env()
     setup_logging(env, str(out_dir / "logs"))
     own_engine, own_tracker = engine is None, tracker is None
+    lock: Optional[OutDirLock] = None
     determinism = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
     try:
         if isinstance(cfg, DictConfig):
@@ -167,6 +170,8 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
             task = _build_task(cfg)
         # everything the run will read, checked before step 1 and before any process group starts
         plan = preflight(cfg, task) if loaders is None else RunPlan(cfg.data.val_split, cfg.data.test_split)
+        if env.rank == 0:  # one job per run folder: a second one is refused, naming this one
+            lock = OutDirLock(out_dir).acquire()
         if engine is None:
             engine = Engine(cfg.parallel, cfg.optim, cfg.schedule, int(tc.steps),
                             micro_batch_size=int(tc.batch_size), env=env)
@@ -190,6 +195,10 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
         ckpt = Checkpointer(out_dir / "checkpoints", engine, keep_last=int(tc.keep_last))
         start_step, run_id = 0, None
         resume_from = ckpt.resolve(str(tc.resume))
+        if resume_from is None and str(tc.resume) == "auto" and engine.is_logging_rank:
+            level = logging.WARNING if env.restart_count else logging.INFO
+            log.log(level, "no whole checkpoint in %s: starting at step 1%s", ckpt.root,
+                    f" (elastic restart {env.restart_count})" if env.restart_count else "")
         if resume_from is not None:
             def same_experiment(tstate: dict) -> None:
                 if int(tstate["step"]) > int(tc.steps):
@@ -218,7 +227,16 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
             if resume_from is None:
                 tracker.log_config(yaml_text)
                 tracker.log_params({f"engine.{k}": v for k, v in engine.describe().items()})
-        result = _run(cfg, engine, task, tracker, train_loader, make_loader, ckpt, start_step, run_id, plan)
+        with StopSignals() as signals:
+            result = _run(cfg, engine, task, tracker, train_loader, make_loader, ckpt, start_step, run_id, plan,
+                          _StepControl(engine, signals, float(tc.ckpt_every_minutes)))
+    except Preempted as e:  # every rank agreed and the checkpoint is whole: an orderly stop
+        log.warning("%s", e)
+        if own_tracker and tracker is not None:
+            tracker.close("KILLED")
+        if own_engine:
+            engine.close()
+        raise
     except BaseException as e:
         # into this rank's log file before it is closed: "see <out_dir>/logs" must find the error
         log.error("run failed: %s: %s", type(e).__name__, e, exc_info=not isinstance(e, ConfigError))
@@ -228,6 +246,8 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
             engine._owns_group = False  # a failed rank cannot rely on its peers reaching a barrier
         raise
     finally:  # leave the process as found: other code in it (tests) must not inherit our settings
+        if lock is not None:
+            lock.release()
         torch.use_deterministic_algorithms(determinism[0])
         torch.utils.deterministic.fill_uninitialized_memory = determinism[1]
         teardown_logging()
@@ -236,6 +256,30 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
     if own_engine:
         engine.close()
     return result
+
+
+class _StepControl:
+    """Decisions every rank must take together after a step: stop on a signal (any rank got it),
+    checkpoint on the wall clock (rank 0's clock decides). One all-reduce of two numbers."""
+
+    def __init__(self, engine: Engine, signals: StopSignals, every_minutes: float) -> None:
+        self.engine, self.signals = engine, signals
+        self.every_s = max(0.0, float(every_minutes)) * 60.0
+        self.last = time.monotonic()
+
+    @property
+    def signum(self) -> int:
+        return int(self.signals.received or signal.SIGTERM)
+
+    def poll(self) -> tuple[bool, bool]:
+        """(stop now, checkpoint due)."""
+        due = self.engine.is_logging_rank and self.every_s > 0 and time.monotonic() - self.last >= self.every_s
+        vec = torch.tensor([float(self.signals.received is not None), float(due)], dtype=torch.float64)
+        vec = self.engine.all_reduce_sum(vec)
+        return bool(vec[0] > 0), bool(vec[1] > 0)
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
 
 
 def _build_task(cfg: Any) -> Any:
@@ -266,7 +310,8 @@ def _reposition(loader: Any, tstate: dict, engine: Engine, cfg: Any) -> None:
 
 
 def _run(cfg: Any, engine: Engine, task: Any, tracker: Any, train_loader: Any, make_loader: LoaderFactory,
-         ckpt: Checkpointer, start_step: int, run_id: Optional[str], plan: RunPlan) -> dict[str, Any]:
+         ckpt: Checkpointer, start_step: int, run_id: Optional[str], plan: RunPlan,
+         control: "_StepControl") -> dict[str, Any]:
     """The step loop proper (see :func:`train`)."""
     from tqdm import tqdm
 
@@ -338,9 +383,13 @@ def _run(cfg: Any, engine: Engine, task: Any, tracker: Any, train_loader: Any, m
             val_metrics = evaluate(engine, task, val_loader, int(tc.eval_max_batches))
             tracker.log_metrics({f"val/{k}": v for k, v in val_metrics.items()}, step=step)
 
-        if int(tc.ckpt_every) and step % int(tc.ckpt_every) == 0 and step < total:
+        stop, due = control.poll()
+        if stop or (step < total and (due or (int(tc.ckpt_every) and step % int(tc.ckpt_every) == 0))):
             save(step)
             last_saved = step
+            control.saved()
+        if stop:
+            raise Preempted(control.signum, step, str(ckpt.root / step_dir_name(step)))
         _maybe_kill(step, engine.rank)
     bar.close()
 

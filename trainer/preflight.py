@@ -35,8 +35,8 @@ class RunPlan:
     """``{"val": reason}`` for evaluation splits that are not evaluated."""
 
 
-def _world_size() -> int:
-    return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+def _world_size(given: Optional[int] = None) -> int:
+    return max(1, int(given or os.environ.get("WORLD_SIZE", "1") or 1))
 
 
 def _is_logging_rank() -> bool:
@@ -100,7 +100,7 @@ def _split_error(role: str, split: str, root: str, missing: list[str], manifest:
                           f"in every sample (the manifest's keys: {sorted(manifest.keys)})")
 
 
-def check_train_split(cfg: Any, task: Any) -> None:
+def check_train_split(cfg: Any, task: Any, world_size: Optional[int] = None) -> None:
     """The training split has the task's keys and at least one full batch for every rank."""
     from data_shards import split as layout
 
@@ -112,7 +112,7 @@ def check_train_split(cfg: Any, task: Any) -> None:
     total = min(int(d.subset), manifest.num_samples) if int(d.subset) else manifest.num_samples
     if total == 0:
         raise PreflightError(f"data.train_split={d.train_split!r} ({d.root}): the split is empty")
-    world, batch = _world_size(), int(cfg.train.batch_size)
+    world, batch = _world_size(world_size), int(cfg.train.batch_size)
     per_rank = total if d.resampled else layout.per_rank_count(total, world, str(d.tail_policy))
     if per_rank < batch:
         raise PreflightError(
@@ -141,11 +141,12 @@ def check_eval_split(cfg: Any, task: Any, role: str) -> tuple[Optional[str], Opt
     return None, reason
 
 
-def preflight(cfg: Any, task: Any) -> RunPlan:
-    """Run every check (see the module docstring); returns the evaluation plan."""
+def preflight(cfg: Any, task: Any, world_size: Optional[int] = None) -> RunPlan:
+    """Run every check (see the module docstring) for ``world_size`` ranks (default: $WORLD_SIZE);
+    returns the evaluation plan."""
     check_out_dir(str(cfg.out_dir))
     check_files(cfg)
-    check_train_split(cfg, task)
+    check_train_split(cfg, task, world_size)
     plan = RunPlan(None, None)
     for role in ("val", "test"):
         split, reason = check_eval_split(cfg, task, role)
