@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launch.study_config import CONFIG_DIR, CONFIG_TAG, CompareConfig, StudyConfig, load_study
-from trainer import tracking
+from launch.runstore import RunRecord, TrackingStore
 
 METRICS = ("miou", "pixel_acc")
 LABELS = {"miou": "mIoU", "pixel_acc": "pixel acc"}
@@ -134,7 +134,7 @@ def _col_name(col: tuple[str, str, str]) -> str:
     return f"{dataset} · {protocol} · {'all' if shots == '0' else 'N=' + shots}"
 
 
-def build_table(runs: list[tracking.RunRecord], compare: CompareConfig, *, row_order: list[str] | None = None,
+def build_table(runs: list[RunRecord], compare: CompareConfig, *, row_order: list[str] | None = None,
                 expected_seeds: int = 0, fingerprints: dict[str, str] | None = None) -> Table:
     """Group FINISHED fine-tuning runs into the table (the newest run of each job counts once).
 
@@ -343,7 +343,7 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def compare_runs(store: tracking.TrackingStore, study_name: str, compare: CompareConfig, out_dir: Path, *,
+def compare_runs(store: TrackingStore, study_name: str, compare: CompareConfig, out_dir: Path, *,
                  parent_run_id: str | None = None, row_order: list[str] | None = None,
                  expected_seeds: int = 0, echo: bool = True, fingerprints: dict[str, str] | None = None) -> Table:
     """Build the table from MLflow, write md/csv/png to ``out_dir``, log them to the parent run, print it.
@@ -382,13 +382,13 @@ def compare_runs(store: tracking.TrackingStore, study_name: str, compare: Compar
     return table
 
 
-def compare_study(study: StudyConfig, *, store: tracking.TrackingStore | None = None,
+def compare_study(study: StudyConfig, *, store: TrackingStore | None = None,
                   parent_run_id: str | None = None, echo: bool = True) -> Table:
     """The comparison of a study config (its tracking URI, experiment and out_dir): each fine-tuning of
     the study's grid with its newest FINISHED run made with the job's current configuration fingerprint."""
     from launch.study import plan, study_root, study_uri
 
-    store = store or tracking.TrackingStore(study_uri(study), study.experiment)
+    store = store or TrackingStore(study_uri(study), study.experiment)
     if parent_run_id is None:
         parents = store.find_runs({"study": study.name, "study_kind": "study"})
         parent_run_id = parents[0].run_id if parents else None
@@ -424,7 +424,7 @@ def main(argv: list[str]) -> int:
         uri = args.uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             raise ValueError("--uri (or MLFLOW_TRACKING_URI) is needed without a study config")
-        store = tracking.TrackingStore(uri, args.experiment)
+        store = TrackingStore(uri, args.experiment)
         compare_runs(store, args.study, CompareConfig(), Path(args.out or f"outputs/{args.study}/comparison"))
         return 0
     except (ValueError, FileNotFoundError) as e:

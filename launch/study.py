@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launch.runstore import TrackingStore
 from launch.study_config import CONFIG_TAG, StudyConfig, load_study
 from trainer import tracking
 
@@ -236,7 +237,7 @@ def _tail(path: Path, lines: int = 25) -> str:
         return ""
 
 
-def _parent_run(store: tracking.TrackingStore, study: StudyConfig) -> str:
+def _parent_run(store: TrackingStore, study: StudyConfig) -> str:
     """The study's parent run: the newest existing one (a re-run continues it), else a new one."""
     found = store.find_runs({"study": study.name, "study_kind": "study"})
     if found:
@@ -250,7 +251,7 @@ def _parent_run(store: tracking.TrackingStore, study: StudyConfig) -> str:
     return run_id
 
 
-def finished_configs(store: tracking.TrackingStore, study: StudyConfig) -> dict[str, list[str]]:
+def finished_configs(store: TrackingStore, study: StudyConfig) -> dict[str, list[str]]:
     """Job id -> fingerprints (tag ``study_job_config``; '' when the run has none) of its FINISHED runs,
     newest first."""
     out: dict[str, list[str]] = {}
@@ -356,7 +357,7 @@ def run_study(study: StudyConfig, *, dry_run: bool = False, compare: bool = True
                 print(f"# {job.job_id} [{job.fingerprint}]: {_DRY_WORDS[state.action]} ({state.reason})")
             print(" ".join(cmd))
         return 0
-    store = tracking.TrackingStore(uri, study.experiment)
+    store = TrackingStore(uri, study.experiment)
     parent = _parent_run(store, study)
     configs = finished_configs(store, study)
     print(f"[study] {study.name}: {len(jobs)} jobs, tracking {uri} (experiment {study.experiment!r}, "
@@ -380,12 +381,12 @@ def _dry_run_configs(study: StudyConfig, uri: str) -> tuple[dict[str, list[str]]
     if path is not None and not path.exists():
         return {}, ""
     try:
-        return finished_configs(tracking.TrackingStore(uri, study.experiment), study), ""
+        return finished_configs(TrackingStore(uri, study.experiment), study), ""
     except Exception as e:  # noqa: BLE001 - a dry run still prints the commands
         return None, f"MLflow at {uri} not readable ({type(e).__name__}: {e}); what each job would do is unknown"
 
 
-def _run_jobs(study: StudyConfig, jobs: list[Job], by_id: dict[str, Job], store: tracking.TrackingStore,
+def _run_jobs(study: StudyConfig, jobs: list[Job], by_id: dict[str, Job], store: TrackingStore,
               parent: str, configs: dict[str, list[str]], uri: str, compare: bool, verbose: bool) -> int:
     """The loop of :func:`run_study` over jobs, then the comparison; returns the exit code.
 

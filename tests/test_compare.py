@@ -9,9 +9,9 @@ import statistics
 import pytest
 
 from launch.compare import build_table, compare_runs, find_metric, to_markdown, verdict
+from launch.runstore import RunRecord, TrackingStore
 from launch.study_config import CompareConfig
 from trainer import tracking
-from trainer.tracking import RunRecord
 
 
 def _run(pre, seed, miou, acc, *, shots="0", protocol="full", t=0, job=None, extra=None):
@@ -87,7 +87,7 @@ def test_newest_run_of_a_job_counts_and_bad_runs_are_listed():
 
 
 def test_compare_runs_from_mlflow_writes_and_logs(tmp_path, capsys):
-    store = tracking.TrackingStore(tracking.sqlite_uri_for(tmp_path / "mlflow"), "cmp")
+    store = TrackingStore(tracking.sqlite_uri_for(tmp_path / "mlflow"), "cmp")
     parent = store.create_run("study-s", {"study": "s", "study_kind": "study"})
     for rec in RUNS[:9]:
         run_id = store.create_run(rec.tags["study_job"], rec.tags, parent_run_id=parent)
@@ -113,7 +113,7 @@ def test_compare_runs_from_mlflow_writes_and_logs(tmp_path, capsys):
 
 
 def test_nothing_to_compare_is_a_clear_error(tmp_path):
-    store = tracking.TrackingStore(tracking.sqlite_uri_for(tmp_path / "mlflow"), "empty")
+    store = TrackingStore(tracking.sqlite_uri_for(tmp_path / "mlflow"), "empty")
     with pytest.raises(ValueError, match="has nothing to compare"):
         compare_runs(store, "s", CompareConfig(), tmp_path / "cmp")
 

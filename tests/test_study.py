@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 import launch.study as study_mod
+from launch.runstore import TrackingStore
 from launch.study import job_overrides, k8s_name, plan
 from launch.study_config import from_dict, load_study
 from trainer import tracking
@@ -181,7 +182,7 @@ def test_study_runs_grid_skips_finished_and_reruns_interrupted(tmp_path, monkeyp
     out = capsys.readouterr().out
     assert out.count("already finished, skipped") == 4
 
-    store = tracking.TrackingStore(study.tracking_uri, "mini-exp")
+    store = TrackingStore(study.tracking_uri, "mini-exp")
     (parent,) = store.find_runs({"study": "mini", "study_kind": "study"})
     assert parent.status == "FINISHED"
     children = store.find_runs({"study": "mini", "study_kind": "finetune"})
@@ -237,7 +238,7 @@ def _in_process_trainer(monkeypatch, fail_once: set[str]) -> list[str]:
         name = vals["tracking.run_name"]
         calls.append(name)
         key = (vals["tracking.uri"], vals["tracking.experiment"])
-        store = stores.get(key) or stores.setdefault(key, tracking.TrackingStore(*key))
+        store = stores.get(key) or stores.setdefault(key, TrackingStore(*key))
         tags = {k.split(".")[-1]: str(v) for k, v in vals.items() if k.startswith("tracking.tags.")}
         ckpt = out / "run_id"  # stands for the checkpoint the trainer resumes from
         if ckpt.exists():
@@ -285,7 +286,7 @@ def test_changed_pretraining_reruns_it_and_its_finetunings_only(tmp_path, monkey
     runs = tmp_path / "out" / "runs"
     old_fp = {j.job_id: j.fingerprint for j in plan(old)}
     assert json.loads((runs / "pre-depth" / "study_job.json").read_text())["fingerprint"] == old_fp["pre-depth"]
-    store = tracking.TrackingStore(old.tracking_uri, "mini-exp")
+    store = TrackingStore(old.tracking_uri, "mini-exp")
     (pre_run,) = store.find_runs({"study_job": "pre-depth"})
     assert pre_run.tags["study_job_config"] == old_fp["pre-depth"]
     capsys.readouterr()
@@ -341,7 +342,7 @@ def test_unfinished_job_resumes_in_place_and_unknown_folders_are_moved_aside(tmp
     legacy = runs / "ft-random-syn-full-nall-s0"  # a folder from before fingerprints: no study_job.json
     legacy.mkdir(parents=True)
     (legacy / "job.log").write_text("an old run\n")
-    store = tracking.TrackingStore(study.tracking_uri, "mini-exp")
+    store = TrackingStore(study.tracking_uri, "mini-exp")
     old_run = store.create_run("ft-random-syn-full-nall-s0", {  # its FINISHED run carries no fingerprint
         "study": "mini", "study_kind": "finetune", "study_job": "ft-random-syn-full-nall-s0", "grid_pretraining":
         "random", "grid_dataset": "syn", "grid_protocol": "full", "grid_shots": "0", "grid_seed": "0"})

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from test_tracking_support import MlflowServer, free_port, run_cfg
+from launch.runstore import TrackingStore
 from trainer import tracking as T
-from trainer.spool import Spool
+from trainer.tracking import system
+from trainer.tracking.spool import Spool
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +54,7 @@ def test_sqlite_default_records_everything(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert f"mlflow ui --backend-store-uri {tracker.uri}" in out
 
-    store = T.TrackingStore(tracker.uri, "geoprime")
+    store = TrackingStore(tracker.uri, "geoprime")
     (run,) = store.find_runs({"grid.seed": "3"})
     assert run.run_id == tracker.run_id and run.status == "FINISHED"
     assert run.name == "depth-single-seed0"
@@ -80,11 +82,25 @@ def test_resumed_run_continues_same_run(tmp_path):
     assert any("train.steps" in str(w.message) for w in caught)
     _log_steps(again, range(5, 10))
     again.close()
-    store = T.TrackingStore(uri, "geoprime")
+    store = TrackingStore(uri, "geoprime")
     (run,) = store.find_runs()
     assert run.status == "FINISHED" and run.tags["geoprime.resumed"] == "true"
     assert run.params == {"train.steps": "10", "new": "1"}
     assert [s for s, _ in store.metric_history(run.run_id, "loss")] == list(range(10))
+
+
+def test_close_killed_ends_run_killed_once(tmp_path):
+    """What a SIGTERM handler does: close(status="KILLED") ends the run KILLED; a later close (the loop's
+    own) changes nothing; an unknown status is refused, by the do-nothing tracker too."""
+    uri = T.sqlite_uri_for(tmp_path / "mlflow")
+    tracker = T.create_tracker(run_cfg(tmp_path / "run", uri=uri), is_logging_rank=True, run_id=None)
+    _log_steps(tracker, range(3))
+    tracker.close(status="KILLED")
+    tracker.close("FINISHED")
+    (run,) = TrackingStore(uri, "geoprime").find_runs()
+    assert run.run_id == tracker.run_id and run.status == "KILLED"
+    with pytest.raises(ValueError, match="KILLED"):
+        T.Tracker().close("STOPPED")
 
 
 def test_non_logging_rank_and_disabled_do_nothing(tmp_path):
@@ -124,7 +140,7 @@ def test_unreachable_at_start_spools_then_replays_by_command(tmp_path):
     res = subprocess.run([sys.executable, "-m", "trainer.tracking", "replay", str(spool_path), "--uri", uri],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert res.returncode == 0, res.stderr
-    store = T.TrackingStore(uri, "geoprime")
+    store = TrackingStore(uri, "geoprime")
     (run,) = store.find_runs({"k": "v"})
     assert run.status == "FINISHED" and run.params == {"a": "1"}
     assert [s for s, _ in store.metric_history(run.run_id, "loss")] == list(range(6))
@@ -167,7 +183,7 @@ def test_real_server_down_and_back_loses_nothing(tmp_path):
         with pytest.warns(RuntimeWarning, match="replayed"):
             _log_steps(tracker, range(12, 15))
         tracker.close()
-        store = T.TrackingStore(server.uri, "srv")
+        store = TrackingStore(server.uri, "srv")
         (run,) = store.find_runs()
         assert run.status == "FINISHED" and run.params == {"data.name": "synthetic"}
         assert store.metric_history(run.run_id, "loss") == [(s, pytest.approx(1 / (s + 1))) for s in range(15)]
@@ -216,7 +232,7 @@ def test_two_ranks_log_into_one_run_via_rank0(tmp_path):
             if p.poll() is None:
                 p.kill()
     ids = {line.split()[2] for o in outs for line in o.splitlines() if line.startswith("RUN")}
-    store = T.TrackingStore(uri, "geoprime")
+    store = TrackingStore(uri, "geoprime")
     (run,) = store.find_runs()
     assert ids == {run.run_id}
     assert store.metric_history(run.run_id, "loss") == [(s, float(s)) for s in range(4)]
@@ -254,7 +270,7 @@ def test_system_metrics_reads_every_gpu_through_nvml(monkeypatch):
 
     fake.nvmlDeviceGetPowerUsage = power
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    monkeypatch.setattr(T, "_NVML_OK", None)
+    monkeypatch.setattr(system, "_NVML_OK", None)
     metrics = T.sample_system_metrics()
     assert metrics["gpu0_utilization_percent"] == 40.0 and metrics["gpu1_utilization_percent"] == 41.0
     assert metrics["gpu0_memory_used_gb"] == 2.0 and metrics["gpu1_memory_percent"] == 25.0
@@ -264,5 +280,5 @@ def test_system_metrics_reads_every_gpu_through_nvml(monkeypatch):
         raise NVMLError("NVML Shared Library Not Found")
 
     fake.nvmlInit = no_library
-    monkeypatch.setattr(T, "_NVML_OK", None)
+    monkeypatch.setattr(system, "_NVML_OK", None)
     assert not any(k.startswith("gpu") for k in T.sample_system_metrics())
