@@ -25,6 +25,7 @@ from trainer.metrics.segmentation import SegmentationMetric
 from trainer.models.encoders import ResNetEncoder
 from trainer.models.pretrained import load_pretrained, read_state_dict
 from trainer.models.seg_heads import HEADS, build_seg_head, dilate_encoder
+from trainer.models.unet import pad_to_stride
 from trainer.tasks.base import Task
 
 INITS = ("random", "imagenet", "depth", "depth_full", "classification", "flow", "checkpoint")
@@ -288,10 +289,7 @@ class SegmentationTask(Task):
         at least 64, and the logits cropped back to the input size."""
         x = to_unit_float(rgb, model["decoder"])
         h, w = x.shape[-2:]
-        # multiple of 32, and >= 64 so the stride-32 map is >= 2 px (the U-Net's reflection padding)
-        ph, pw = max((-h) % 32, 64 - h), max((-w) % 32, 64 - w)
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        x = pad_to_stride(x)
         if self.frozen:
             with torch.no_grad():
                 feats = model["encoder"](x)
