@@ -34,7 +34,7 @@ def test_cityscapes_reference():
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 0.01, 0.9, 1e-4)
     assert (cfg.schedule.name, cfg.schedule.poly_power, cfg.train.steps) == ("poly", 0.9, 50000)
     assert list(cfg.task.crop) == [512, 512]
-    assert SegmentationTask(cfg.task, cfg).cfg.scale_range == [0.5, 2.0]
+    assert SegmentationTask(cfg.task, cfg).cfg.scale_range == [1.0, 1.0]  # the reference crops, never rescales
 
 
 def test_task_configs_reject_unknown_fields():
