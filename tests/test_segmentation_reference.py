@@ -155,3 +155,58 @@ def test_presets_carry_the_reference_settings():
     assert (c.schedule.name, c.schedule.poly_power, c.schedule.min_lr_ratio, c.train.steps) == ("poly", 0.9, 1e-4, 50000)
     assert c.train.batch_size * 4 == 32  # per rank, on the reference's 4 GPUs
     SegmentationTask(c.task, c)  # validates
+
+
+class _RefASPP(torch.nn.Module):
+    """ASPP of the reference's Cityscapes/deeplab.py (plain convs, BatchNorm), verbatim but for names."""
+
+    def __init__(self, C, depth, num_classes, momentum=0.0003):
+        super().__init__()
+        nn = torch.nn
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.relu = nn.ReLU(inplace=True)
+        self.aspp1 = nn.Conv2d(C, depth, kernel_size=1, stride=1, bias=False)
+        self.aspp2 = nn.Conv2d(C, depth, kernel_size=3, stride=1, dilation=6, padding=6, bias=False)
+        self.aspp3 = nn.Conv2d(C, depth, kernel_size=3, stride=1, dilation=12, padding=12, bias=False)
+        self.aspp4 = nn.Conv2d(C, depth, kernel_size=3, stride=1, dilation=18, padding=18, bias=False)
+        self.aspp5 = nn.Conv2d(C, depth, kernel_size=1, stride=1, bias=False)
+        for i in range(1, 6):
+            setattr(self, f"aspp{i}_bn", nn.BatchNorm2d(depth, momentum=momentum))  # its ResNet.norm
+        self.conv2 = nn.Conv2d(depth * 5, depth, kernel_size=1, stride=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(depth, momentum=momentum)
+        self.conv3 = nn.Conv2d(depth, num_classes, kernel_size=1, stride=1)
+
+    def forward(self, x):
+        xs = [self.relu(getattr(self, f"aspp{i}_bn")(getattr(self, f"aspp{i}")(x))) for i in range(1, 5)]
+        x5 = self.relu(self.aspp5_bn(self.aspp5(self.global_pooling(x))))
+        xs.append(torch.nn.Upsample((x.shape[2], x.shape[3]), mode='bilinear', align_corners=True)(x5))
+        return self.conv3(self.relu(self.bn2(self.conv2(torch.cat(xs, 1)))))
+
+
+def test_aspp_head_computes_the_reference_head():
+    from trainer.models.seg_heads import ReferenceASPPHead
+
+    torch.manual_seed(0)
+    ours, ref = ReferenceASPPHead([0, 0, 0, 0, 64], 5, depth=32), _RefASPP(64, 32, 5)
+    parts = [(b[0], b[1]) for b in ours.branches] + [(ours.pool[1], ours.pool[2]), (ours.project[0], ours.project[1])]
+    refs = [(getattr(ref, f"aspp{i}"), getattr(ref, f"aspp{i}_bn")) for i in range(1, 6)] + [(ref.conv2, ref.bn2)]
+    for (c, bn), (rc, rbn) in zip(parts, refs):
+        assert bn.momentum == rbn.momentum == 3e-4 and c.weight.shape == rc.weight.shape
+        rc.weight.data.copy_(c.weight)
+    ref.conv3.load_state_dict(ours.classifier.state_dict())
+    x = torch.randn(3, 64, 8, 12)
+    for mode in (True, False):  # training (batch statistics, running stats updated) and eval
+        ours.train(mode), ref.train(mode)
+        want = torch.nn.Upsample((32, 48), mode="bilinear", align_corners=True)(ref(x))
+        assert torch.allclose(ours([x], size=(32, 48)), want, atol=1e-5)
+    assert torch.allclose(ours.project[1].running_mean, ref.bn2.running_mean)
+    std = float(ours.branches[1][0].weight.detach().std())  # N(0, 2 / fan_out), fan_out = 3 * 3 * 32
+    assert abs(std / math.sqrt(2 / (9 * 32)) - 1) < 0.05
+
+
+def test_encoder_bn_momentum_and_aspp_head_in_the_cityscapes_preset():
+    c = _compose(["+experiment=cityscapes_reference", "model.encoder=resnet18"])
+    model = SegmentationTask(c.task, c).build_model()
+    assert {m.momentum for m in model["encoder"].modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.05}
+    assert type(model["decoder"]).__name__ == "ReferenceASPPHead"
+    assert {m.momentum for m in model["decoder"].modules() if isinstance(m, torch.nn.BatchNorm2d)} == {3e-4}

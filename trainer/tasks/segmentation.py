@@ -51,9 +51,12 @@ class SegmentationConfig:
     num_classes: int = 19
     """Classes trained (train ids 0..num_classes-1; 255 = ignore)."""
     head: str = "unet"
-    """unet (Monodepth2-style decoder) | deeplabv3 (ASPP); protocol=linear uses a 1x1 probe instead."""
+    """unet (Monodepth2-style decoder) | deeplabv3 (torchvision's) | aspp (the reference code's
+    DeepLabV3 head); protocol=linear uses a 1x1 probe instead."""
     output_stride: int = 32
     """Encoder output stride: 32 (plain) | 16 | 8 (last strides replaced by dilation; DeepLab uses 16)."""
+    encoder_bn_momentum: Optional[float] = None
+    """BatchNorm momentum of the encoder (None = PyTorch's 0.1; the Cityscapes reference uses 0.05)."""
     atrous_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
     """DeepLabV3 ASPP dilation rates."""
     init: str = "random"
@@ -213,8 +216,8 @@ class SegmentationTask(Task):
             raise ValueError(f"task.init={c.init!r}: expected one of {', '.join(INITS)}")
         if c.protocol not in PROTOCOLS:
             raise ValueError(f"task.protocol={c.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
-        if c.head not in HEADS[:2]:
-            raise ValueError(f"task.head={c.head!r}: expected unet or deeplabv3")
+        if c.head not in HEADS or c.head == "linear":
+            raise ValueError(f"task.head={c.head!r}: expected unet, deeplabv3 or aspp")
         if c.init in PRETRAINING_MARKERS or c.init == "checkpoint":
             if not c.weights:
                 raise ValueError(f"task.init={c.init} needs task.weights=<path to an exported weights.pt>")
@@ -229,6 +232,8 @@ class SegmentationTask(Task):
         if model_init != "random" and c.init != model_init:
             raise ValueError(f"model.init={model_init} conflicts with task.init={c.init}: "
                              f"segmentation initialises from task.init (set task.init={model_init})")
+        if c.encoder_bn_momentum is not None and not 0 < c.encoder_bn_momentum <= 1:
+            raise ValueError(f"task.encoder_bn_momentum={c.encoder_bn_momentum}: must be in (0, 1]")
         if c.class_weights is not None and len(c.class_weights) != c.num_classes:
             raise ValueError(f"task.class_weights has {len(c.class_weights)} values for {c.num_classes} classes")
         if len(c.crop) != 2 or len(c.scale_range) != 2 or not 0 < c.scale_range[0] <= c.scale_range[1]:
@@ -250,6 +255,10 @@ class SegmentationTask(Task):
                                 m.imagenet_weights)
         if c.output_stride != 32:
             dilate_encoder(encoder, c.output_stride)
+        if c.encoder_bn_momentum is not None:
+            for m in encoder.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.momentum = c.encoder_bn_momentum
         head = "linear" if c.protocol == "linear" else c.head
         model = nn.ModuleDict({"encoder": encoder,
                                "decoder": build_seg_head(head, encoder.num_ch, c.num_classes, c.atrous_rates)})
