@@ -30,11 +30,11 @@ def test_kitti_semantics_reference():
 
 def test_cityscapes_reference():
     cfg = _compose(["+experiment=cityscapes_reference"])
-    assert (cfg.task.head, cfg.task.output_stride, cfg.model.encoder) == ("deeplabv3", 16, "resnet50")
+    assert (cfg.task.head, cfg.task.output_stride, cfg.model.encoder) == ("aspp", 16, "resnet50")  # the reference's own head
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 0.01, 0.9, 1e-4)
     assert (cfg.schedule.name, cfg.schedule.poly_power, cfg.train.steps) == ("poly", 0.9, 50000)
     assert list(cfg.task.crop) == [512, 512]
-    assert SegmentationTask(cfg.task, cfg).cfg.scale_range == [0.5, 2.0]
+    assert SegmentationTask(cfg.task, cfg).cfg.scale_range == [1.0, 1.0]  # the reference crops, never rescales
 
 
 def test_task_configs_reject_unknown_fields():

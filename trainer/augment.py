@@ -59,8 +59,12 @@ def apply_jitter(image: Tensor, params: JitterParams) -> Tensor:
         lambda x: TF.adjust_saturation(x, params.saturation),
         lambda x: TF.adjust_hue(x, params.hue),
     )
+    # an adjustment at its identity is skipped, as torchvision's ColorJitter skips a zero range
+    # (a hue shift of 0 would still round-trip uint8 through HSV)
+    identity = (params.brightness == 1, params.contrast == 1, params.saturation == 1, params.hue == 0)
     for i in params.order:
-        image = ops[i](image)
+        if not identity[i]:
+            image = ops[i](image)
     return image
 
 

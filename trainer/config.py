@@ -98,7 +98,7 @@ class ScheduleConfig:
     warmup_steps: int = 0
     """Linear warm-up steps from 0 to the peak lr."""
     min_lr_ratio: float = 0.0
-    """cosine: final lr as a fraction of the peak."""
+    """cosine: final lr as a fraction of the peak; poly: lower bound of the lr, as a fraction of the peak."""
     poly_power: float = 0.9
     """poly: lr = peak * (1 - t/T) ** power."""
     step_size: int = 1000

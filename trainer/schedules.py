@@ -32,8 +32,8 @@ def lr_multiplier(cfg: Any, total_steps: int) -> Callable[[int], float]:
         if name == "cosine":
             lo = float(cfg.min_lr_ratio)
             return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * t))
-        if name == "poly":
-            return (1.0 - t) ** float(cfg.poly_power)
+        if name == "poly":  # min_lr_ratio is a floor, as the reference's PolyLR min_lr
+            return max(float(cfg.min_lr_ratio), (1.0 - t) ** float(cfg.poly_power))
         return float(cfg.gamma) ** ((step - warmup) // int(cfg.step_size))
 
     return f

@@ -66,8 +66,10 @@ class ResNetEncoder(nn.Module):
                 raise ValueError(f"in_channels={in_channels}: must be a multiple of 3")
             old = net.conv1.weight.data
             net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-            # Monodepth2's pose-encoder trick: replicate pretrained filters, keep the response scale.
-            net.conv1.weight.data = old.repeat(1, in_channels // 3, 1, 1) / (in_channels // 3)
+            if init == "imagenet":  # Monodepth2: replicate pretrained filters, keep the response scale
+                net.conv1.weight.data = old.repeat(1, in_channels // 3, 1, 1) / (in_channels // 3)
+            else:  # independent filters per frame (copies would see only the frames' sum, not their order)
+                nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
         self.layers = nn.ModuleDict({
             "stem": nn.Sequential(net.conv1, net.bn1, net.relu),
             "layer1": nn.Sequential(net.maxpool, net.layer1),

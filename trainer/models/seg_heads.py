@@ -4,6 +4,8 @@
   output at full resolution, so a depth decoder can initialise it (all but the last layer).
 - ``deeplabv3``: torchvision's ``DeepLabHead`` (ASPP + 3x3 conv + 1x1 classifier) on the last
   feature map of an encoder dilated to output stride 16 (:func:`dilate_encoder`).
+- ``aspp``: the reference study's own DeepLabV3 head (its ``Cityscapes/deeplab.py``): ASPP, a
+  1x1 projection and a 1x1 classifier, without torchvision's 3x3 conv and dropout.
 - ``linear``: a linear probe, a 1x1 conv on the last features, bilinearly upsampled.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from trainer.models.unet import UNetDecoder
 
-HEADS = ("unet", "deeplabv3", "linear")
+HEADS = ("unet", "deeplabv3", "aspp", "linear")
 
 
 def dilate_encoder(encoder: nn.Module, output_stride: int = 16) -> nn.Module:
@@ -76,6 +78,36 @@ class DeepLabV3SegHead(nn.Module):
         return F.interpolate(self.head(features[-1]), size=size, mode="bilinear", align_corners=False)
 
 
+class ReferenceASPPHead(nn.Module):
+    """The reference study's Cityscapes head (``ASPP`` of its ``Cityscapes/deeplab.py``): a 1x1
+    branch, 3x3 branches at ``atrous_rates`` and an image-pooling branch, each conv + BN + ReLU,
+    concatenated, 1x1 conv + BN + ReLU to 256, 1x1 classifier. BatchNorm momentum 0.0003 and
+    convs drawn from N(0, 2 / fan_out) as there; logits upsampled with ``align_corners=True``."""
+
+    def __init__(self, num_ch_enc: Sequence[int], num_classes: int,
+                 atrous_rates: Sequence[int] = (6, 12, 18), depth: int = 256, bn_momentum: float = 3e-4) -> None:
+        super().__init__()
+        cin = num_ch_enc[-1]
+
+        def conv_bn_relu(c_in: int, k: int, d: int = 1) -> nn.Sequential:
+            conv = nn.Conv2d(c_in, depth, k, padding=d if k == 3 else 0, dilation=d, bias=False)
+            return nn.Sequential(conv, nn.BatchNorm2d(depth, momentum=bn_momentum), nn.ReLU(inplace=True))
+
+        self.branches = nn.ModuleList([conv_bn_relu(cin, 1)] + [conv_bn_relu(cin, 3, r) for r in atrous_rates])
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), *conv_bn_relu(cin, 1))
+        self.project = conv_bn_relu(depth * (len(atrous_rates) + 2), 1)
+        self.classifier = nn.Conv2d(depth, num_classes, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, features: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        x = features[-1]
+        pooled = self.pool(x).expand(-1, -1, *x.shape[-2:])  # bilinear upsampling of a 1x1 map
+        y = self.classifier(self.project(torch.cat([b(x) for b in self.branches] + [pooled], 1)))
+        return F.interpolate(y, size=size, mode="bilinear", align_corners=True)
+
+
 class LinearSegHead(nn.Module):
     """Linear probe: 1x1 conv on the last encoder features, upsampled bilinearly."""
 
@@ -94,6 +126,8 @@ def build_seg_head(kind: str, num_ch_enc: Sequence[int], num_classes: int,
         return UNetSegHead(num_ch_enc, num_classes)
     if kind == "deeplabv3":
         return DeepLabV3SegHead(num_ch_enc, num_classes, atrous_rates)
+    if kind == "aspp":
+        return ReferenceASPPHead(num_ch_enc, num_classes, atrous_rates)
     if kind == "linear":
         return LinearSegHead(num_ch_enc, num_classes)
     raise ValueError(f"task.head={kind!r}: expected one of {', '.join(HEADS)}")

@@ -12,6 +12,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
+#: Input sides must be a multiple of this (5 stride-2 levels) for the skips to line up.
+STRIDE = 32
+#: Smallest padded side: the stride-32 map must be >= 2 px for the decoder's reflection padding.
+MIN_SIDE = 64
+
+
+def pad_to_stride(x: torch.Tensor) -> torch.Tensor:
+    """Pad (replicated border, bottom / right) a (B, C, H, W) batch so that H and W are multiples
+    of :data:`STRIDE` and at least :data:`MIN_SIDE`; crop outputs back with ``[..., :H, :W]``
+    (at full resolution). Any size works then, e.g. KITTI's 375x1242 (padded to 384x1248)."""
+    h, w = x.shape[-2:]
+    ph, pw = max((-h) % STRIDE, MIN_SIDE - h), max((-w) % STRIDE, MIN_SIDE - w)
+    return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+
+
 class ConvBlock(nn.Module):
     """3x3 conv (reflection padded) followed by ELU."""
 

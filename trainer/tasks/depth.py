@@ -94,6 +94,10 @@ class DepthTaskConfig:
     """Evaluation cap: ground truth above is ignored, predictions are clamped down to it (metres)."""
     eval_crop: str = "none"
     """Evaluation region: none | garg | eigen (KITTI crops)."""
+    eval_resize: list[int] = field(default_factory=lambda: [0, 0])
+    """Network input (height, width) at evaluation, e.g. [192, 640] as Monodepth2 (the training
+    resolution); [0, 0] = the image's own size, padded to a multiple of 32. The prediction is
+    upsampled to the ground truth's size either way."""
     vis_samples: int = 4
     """Validation images written as depth colour-map PNGs by visualize()."""
 
@@ -117,6 +121,8 @@ class DepthTask(Task):
             raise ValueError(f"task.supervised_loss={cfg.supervised_loss!r}: expected l1 or silog")
         if cfg.photometric_impl not in IMPLS:
             raise ValueError(f"task.photometric_impl={cfg.photometric_impl!r}: expected one of {', '.join(IMPLS)}")
+        if len(cfg.eval_resize) != 2 or min(cfg.eval_resize) < 0 or (0 in cfg.eval_resize and any(cfg.eval_resize)):
+            raise ValueError(f"task.eval_resize={list(cfg.eval_resize)}: expected [height, width] > 0, or [0, 0]")
         if cfg.eval_scaling not in ("auto", "median", "fixed"):
             raise ValueError(f"task.eval_scaling={cfg.eval_scaling!r}: expected auto, median or fixed")
         if not cfg.scales or any(s not in range(4) for s in cfg.scales) or 0 not in cfg.scales:
@@ -235,8 +241,12 @@ class DepthTask(Task):
 
     # ------------------------------------------------------------ evaluation
     def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
-        """Full-resolution predicted depth (B, 1, H, W) in metres from the unaugmented frame."""
-        return predict_depth(model, _float(batch["rgb"]), self.cfg.min_depth, self.cfg.max_depth)
+        """Predicted depth (B, 1, H, W) in metres from the unaugmented frame, at the ground
+        truth's size (the frame's without one), for any frame size (e.g. KITTI's 375x1242)."""
+        images = _float(batch["rgb"])
+        out_size = tuple(batch["depth"].shape[-2:]) if "depth" in batch else tuple(images.shape[-2:])
+        net_size = tuple(self.cfg.eval_resize) if all(self.cfg.eval_resize) else None
+        return predict_depth(model, images, self.cfg.min_depth, self.cfg.max_depth, out_size, net_size)
 
     def eval_scaling(self) -> str:
         """median for monocular training (scale ambiguous), fixed otherwise, unless configured."""

@@ -4,7 +4,7 @@ One config value picks the initialisation (random, ImageNet, our depth / classif
 pre-trainings, the depth encoder + decoder, or any exported checkpoint), one the head (U-Net or
 DeepLabV3) and one the protocol (full fine-tuning, frozen encoder, linear probe). Loss:
 cross-entropy with ignore index 255 and optional class weights. Augmentation: random scale,
-crop and horizontal flip applied to image and label together.
+crop and horizontal flip applied to image and label together, then optional colour jitter.
 """
 from __future__ import annotations
 
@@ -21,11 +21,14 @@ from PIL import Image
 from torch import nn
 
 from data_shards.schema import CITYSCAPES_CLASSES, IGNORE_INDEX
+from trainer.augment import apply_jitter, sample_jitter
+from trainer.metrics.seg_reference import MetricSet, ReferencePerImageMetric
 from trainer.metrics.segmentation import SegmentationMetric
 from trainer.models.encoders import ResNetEncoder
 from trainer.models.pretrained import load_pretrained, read_state_dict
 from trainer.models.seg_heads import HEADS, build_seg_head, dilate_encoder
-from trainer.tasks.base import Task
+from trainer.models.unet import pad_to_stride
+from trainer.tasks.base import Metric, Task
 
 INITS = ("random", "imagenet", "depth", "depth_full", "classification", "flow", "checkpoint")
 PROTOCOLS = ("full", "frozen", "linear")
@@ -48,9 +51,12 @@ class SegmentationConfig:
     num_classes: int = 19
     """Classes trained (train ids 0..num_classes-1; 255 = ignore)."""
     head: str = "unet"
-    """unet (Monodepth2-style decoder) | deeplabv3 (ASPP); protocol=linear uses a 1x1 probe instead."""
+    """unet (Monodepth2-style decoder) | deeplabv3 (torchvision's) | aspp (the reference code's
+    DeepLabV3 head); protocol=linear uses a 1x1 probe instead."""
     output_stride: int = 32
     """Encoder output stride: 32 (plain) | 16 | 8 (last strides replaced by dilation; DeepLab uses 16)."""
+    encoder_bn_momentum: Optional[float] = None
+    """BatchNorm momentum of the encoder (None = PyTorch's 0.1; the Cityscapes reference uses 0.05)."""
     atrous_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
     """DeepLabV3 ASPP dilation rates."""
     init: str = "random"
@@ -73,8 +79,21 @@ class SegmentationConfig:
     """Random training rescale factor range [min, max] (1, 1 = no rescale)."""
     hflip: bool = True
     """Random horizontal flip (p = 0.5) in training."""
+    jitter_prob: float = 0.0
+    """Probability of colour jitter of a training image, after the crop (0 = off; Cityscapes reference: 1)."""
+    jitter_brightness: float = 0.5
+    """Colour jitter brightness range: factor in [1 - x, 1 + x]."""
+    jitter_contrast: float = 0.5
+    """Colour jitter contrast range: factor in [1 - x, 1 + x]."""
+    jitter_saturation: float = 0.5
+    """Colour jitter saturation range: factor in [1 - x, 1 + x]."""
+    jitter_hue: float = 0.0
+    """Colour jitter hue range: shift in [-x, x] (0 = no hue change)."""
     eval_subset: list[int] = field(default_factory=list)
     """Train ids also scored as a subset (miou_subset, miou_subset_per_image); empty = none."""
+    parity_classes: list[int] = field(default_factory=list)
+    """Train ids scored by the reference code's KITTI per-image metric (parity/*, predictions on
+    unlabelled pixels count as false positives); empty = off. See trainer/metrics/seg_reference.py."""
     export_predictions: Optional[str] = None
     """Folder to write evaluation predictions to (None = off), in ``export_format``."""
     export_format: str = "cityscapes"
@@ -197,8 +216,8 @@ class SegmentationTask(Task):
             raise ValueError(f"task.init={c.init!r}: expected one of {', '.join(INITS)}")
         if c.protocol not in PROTOCOLS:
             raise ValueError(f"task.protocol={c.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
-        if c.head not in HEADS[:2]:
-            raise ValueError(f"task.head={c.head!r}: expected unet or deeplabv3")
+        if c.head not in HEADS or c.head == "linear":
+            raise ValueError(f"task.head={c.head!r}: expected unet, deeplabv3 or aspp")
         if c.init in PRETRAINING_MARKERS or c.init == "checkpoint":
             if not c.weights:
                 raise ValueError(f"task.init={c.init} needs task.weights=<path to an exported weights.pt>")
@@ -213,11 +232,17 @@ class SegmentationTask(Task):
         if model_init != "random" and c.init != model_init:
             raise ValueError(f"model.init={model_init} conflicts with task.init={c.init}: "
                              f"segmentation initialises from task.init (set task.init={model_init})")
+        if c.encoder_bn_momentum is not None and not 0 < c.encoder_bn_momentum <= 1:
+            raise ValueError(f"task.encoder_bn_momentum={c.encoder_bn_momentum}: must be in (0, 1]")
         if c.class_weights is not None and len(c.class_weights) != c.num_classes:
             raise ValueError(f"task.class_weights has {len(c.class_weights)} values for {c.num_classes} classes")
         if len(c.crop) != 2 or len(c.scale_range) != 2 or not 0 < c.scale_range[0] <= c.scale_range[1]:
             raise ValueError(f"task.crop={list(c.crop)} / task.scale_range={list(c.scale_range)}: "
                              "expected [h, w] and [min, max] with 0 < min <= max")
+        if not 0 <= c.jitter_prob <= 1 or min(c.jitter_brightness, c.jitter_contrast, c.jitter_saturation) < 0 \
+                or not 0 <= c.jitter_hue <= 0.5:
+            raise ValueError(f"task.jitter_prob={c.jitter_prob} must be in [0, 1], task.jitter_brightness / "
+                             f"contrast / saturation >= 0 and task.jitter_hue in [0, 0.5]")
         if len(c.export_size) != 2 or min(c.export_size) < 0:
             raise ValueError(f"task.export_size={list(c.export_size)}: expected [height, width] >= 0")
         if c.export_format not in ("cityscapes", "trainid"):
@@ -230,6 +255,10 @@ class SegmentationTask(Task):
                                 m.imagenet_weights)
         if c.output_stride != 32:
             dilate_encoder(encoder, c.output_stride)
+        if c.encoder_bn_momentum is not None:
+            for m in encoder.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.momentum = c.encoder_bn_momentum
         head = "linear" if c.protocol == "linear" else c.head
         model = nn.ModuleDict({"encoder": encoder,
                                "decoder": build_seg_head(head, encoder.num_ch, c.num_classes, c.atrous_rates)})
@@ -272,9 +301,15 @@ class SegmentationTask(Task):
     # ---- data --------------------------------------------------------------------------------
     def train_transform(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         out = keep_keys(sample, ("rgb", "seg"))
+        c = self.cfg
         out["rgb"], (out["seg"],) = random_scale_crop_flip(
-            sample["rgb"], [sample["seg"]], generator, self.cfg.scale_range, self.cfg.crop,
-            self.cfg.hflip, self.cfg.ignore_index)
+            sample["rgb"], [sample["seg"]], generator, c.scale_range, c.crop, c.hflip, c.ignore_index)
+        if c.jitter_prob > 0:  # when on, always the same draws per sample (exact resume)
+            apply = float(torch.rand(1, generator=generator)) < c.jitter_prob
+            params = sample_jitter(generator, c.jitter_brightness, c.jitter_contrast, c.jitter_saturation,
+                                   c.jitter_hue)
+            if apply:
+                out["rgb"] = apply_jitter(out["rgb"], params)
         return out
 
     def eval_transform(self, sample: dict[str, Any]) -> dict[str, Any]:
@@ -288,10 +323,7 @@ class SegmentationTask(Task):
         at least 64, and the logits cropped back to the input size."""
         x = to_unit_float(rgb, model["decoder"])
         h, w = x.shape[-2:]
-        # multiple of 32, and >= 64 so the stride-32 map is >= 2 px (the U-Net's reflection padding)
-        ph, pw = max((-h) % 32, 64 - h), max((-w) % 32, 64 - w)
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        x = pad_to_stride(x)
         if self.frozen:
             with torch.no_grad():
                 feats = model["encoder"](x)
@@ -319,9 +351,13 @@ class SegmentationTask(Task):
             self.export_predictions(batch, pred, Path(self.cfg.export_predictions))
         return {"pred": pred}
 
-    def new_metric(self) -> SegmentationMetric:
-        return SegmentationMetric(self.cfg.num_classes, self.cfg.ignore_index, self.class_names,
-                                  self.cfg.eval_subset)
+    def new_metric(self) -> Metric:
+        c = self.cfg
+        metric = SegmentationMetric(c.num_classes, c.ignore_index, self.class_names, c.eval_subset)
+        if not c.parity_classes:
+            return metric
+        parity = ReferencePerImageMetric(c.num_classes, c.ignore_index, self.class_names, c.parity_classes)
+        return MetricSet([metric, parity])
 
     # ---- outputs -----------------------------------------------------------------------------
     def export_predictions(self, batch: dict[str, Any], pred: torch.Tensor, out_dir: Path) -> list[Path]:
