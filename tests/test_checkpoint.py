@@ -113,18 +113,30 @@ def test_metrics_json_is_never_partial(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
-def _resume_matches_uninterrupted(tmp_path: Path, *args: str) -> None:
+def _resume_matches_uninterrupted(tmp_path: Path, *args: str, kill_rank: int = 0) -> None:
     base = ["train.steps=7", "train.ckpt_every=2", *args]
-    run_torchrun([WORKER, f"out_dir={tmp_path / 'ref'}", *base], nproc=2, timeout=150)
+    run_torchrun([WORKER, f"out_dir={tmp_path / 'ref'}", *base], nproc=2, timeout=300)
     # first run: dies right after step 5 (checkpoints at 2 and 4); the second run resumes at 4
-    first = run_torchrun([WORKER, f"out_dir={tmp_path / 'run'}", *base], nproc=2, timeout=150, check=False,
-                         env={"GEOPRIME_TEST_KILL_AT_STEP": "5", "GEOPRIME_TEST_KILL_RANK": "0"})
+    first = run_torchrun([WORKER, f"out_dir={tmp_path / 'run'}", *base], nproc=2, timeout=300, check=False,
+                         env={"GEOPRIME_TEST_KILL_AT_STEP": "5", "GEOPRIME_TEST_KILL_RANK": str(kill_rank)})
     assert first.returncode != 0 and not (tmp_path / "run" / "weights.pt").exists()
-    run_torchrun([WORKER, f"out_dir={tmp_path / 'run'}", *base], nproc=2, timeout=150)
+    run_torchrun([WORKER, f"out_dir={tmp_path / 'run'}", *base], nproc=2, timeout=300)
     assert "resumed from" in (tmp_path / "run" / "logs" / "rank0.log").read_text()
     ref, got = load_weights(tmp_path / "ref"), load_weights(tmp_path / "run")
+    assert ref.keys() == got.keys()
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed"])
+def test_exact_resume_with_batchnorm(tmp_path, strategy):
+    """Each rank keeps its own BatchNorm running statistics: the resumed run must get back every
+    rank's own, so its final weights equal the uninterrupted run's, buffers included."""
+    extra = ["parallel.zero_stage=2"] if strategy == "deepspeed" else []
+    _resume_matches_uninterrupted(tmp_path, f"parallel.strategy={strategy}", "task.bn=true", *extra, kill_rank=1)
 
 
 @pytest.mark.dist

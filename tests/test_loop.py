@@ -43,12 +43,15 @@ class TinyMetric(Metric):
 
 
 class TinyTask(Task):
-    """Per-pixel regression with a 2-part conv net (no BatchNorm: ranks agree with one process)."""
+    """Per-pixel regression with a 2-part conv net (no BatchNorm unless ``task.bn=true``: without it,
+    ranks agree with one process)."""
 
     required_keys = ("rgb",)
 
     def build_model(self) -> nn.ModuleDict:
-        return nn.ModuleDict({"enc": nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU()),
+        # task.bn=true: with BatchNorm, whose running statistics each rank keeps for itself
+        norm = [nn.BatchNorm2d(6)] if self.cfg.get("bn") else []
+        return nn.ModuleDict({"enc": nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), *norm, nn.ReLU()),
                               "head": nn.Conv2d(6, 1, 1)})
 
     def training_step(self, model, batch):

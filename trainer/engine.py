@@ -393,12 +393,44 @@ class Engine:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         msd, osd = get_state_dict(self.model, self.optimizer)
+        self._rank0_buffers_into(msd)
         with _quiet_single_process():
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(directory / DCP_DIR))
         if self.is_logging_rank:
             extra = {"scheduler": self.scheduler.state_dict(),
                      "scaler": self.scaler.state_dict() if self.scaler is not None else None}
             torch.save(extra, directory / ENGINE_STATE_FILE)
+
+    def _rank0_buffers_into(self, msd: dict[str, Any]) -> None:
+        """Put rank 0's copy of every plain buffer into ``msd``. Buffers such as BatchNorm running
+        statistics are per rank (each sees its own batches) but look replicated to DCP, which
+        saves one copy picked from any rank: without this, a checkpoint mixes ranks' statistics
+        while ``weights.pt`` is rank 0's. (Each rank's own copy goes into its rank file:
+        :meth:`rank_buffers`.)"""
+        if not self._dist or self.world_size == 1:
+            return
+        for name, _ in self.root.named_buffers():
+            value = msd.get(name)
+            if isinstance(value, torch.Tensor) and type(value) is torch.Tensor:  # not a DTensor shard
+                value = value.detach().clone()
+                dist.broadcast(value, src=0)
+                msd[name] = value
+
+    def rank_buffers(self) -> dict[str, torch.Tensor]:
+        """This rank's own module buffers (BatchNorm running statistics...) on CPU, for its rank
+        file: restoring each rank's own is what makes a resumed run bit-equal to an uninterrupted
+        one (DDP broadcasts rank 0's at each forward; FSDP2 and DeepSpeed never sync them)."""
+        return {name: b.detach().to("cpu", copy=True) for name, b in self.root.named_buffers()}
+
+    def load_rank_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`rank_buffers` (after :meth:`load_state`, same world size only)."""
+        own = dict(self.root.named_buffers())
+        if own.keys() != buffers.keys():
+            raise ValueError(f"rank buffers do not match the model: missing {sorted(own.keys() - buffers.keys())}, "
+                             f"unexpected {sorted(buffers.keys() - own.keys())}")
+        with torch.no_grad():
+            for name, b in own.items():
+                b.copy_(buffers[name].to(b.device))
 
     def load_state(self, directory: str | Path, saved_world_size: Optional[int] = None) -> None:
         """Restore what :meth:`save_state` wrote by ``saved_world_size`` ranks (None: this many).

@@ -212,6 +212,8 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
             tstate, rstate = ckpt.load(resume_from, validate=same_experiment)
             start_step, run_id = int(tstate["step"]), tstate.get("run_id")
             if rstate is not None:
+                if "buffers" in rstate:
+                    engine.load_rank_buffers(rstate["buffers"])
                 train_loader.load_state_dict(rstate["data"])
                 set_rng_state(rstate["rng"])
             else:
@@ -332,7 +334,7 @@ def _run(cfg: Any, engine: Engine, task: Any, tracker: Any, train_loader: Any, m
                desc="train", dynamic_ncols=True, unit="step")
 
     def save(step: int) -> None:
-        rank_state = {"rng": rng_state(), "data": train_loader.state_dict()}
+        rank_state = {"rng": rng_state(), "data": train_loader.state_dict(), "buffers": engine.rank_buffers()}
         train_state = {"run_id": run_id, "config": _config_yaml(cfg), "data": train_loader.state_dict(),
                        "batch_size": int(tc.batch_size), "epoch": int(train_loader.state_dict()["epoch"])}
         ckpt.save(step, train_state, rank_state)
