@@ -282,6 +282,27 @@ def test_resumed_run_continues_the_same_tracking_run(tmp_path):
     assert ids[0] and ids[0] == ids[1] == state["run_id"]
 
 
+@pytest.mark.timeout(180)
+def test_resumed_run_logs_each_step_once(tmp_path):
+    """Steps re-done after a resume (between the checkpoint and the interruption) are not logged twice."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from trainer.loop import train
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tiny_cfg(str(tmp_path / "run"), "train.steps=6", "train.ckpt_every=3", "train.keep_last=5", "train.log_every=1",
+                   "tracking.enabled=true", f"tracking.uri={uri}", "tracking.system_metrics_every=0")
+    train(cfg, task=TinyTask(cfg.task, cfg), loaders=tiny_loaders(cfg, 0, 1))
+    ck = tmp_path / "run" / "checkpoints"
+    shutil.rmtree(ck / "step_00000006")  # interrupted after logging step 6, before its checkpoint
+    train(cfg, task=TinyTask(cfg.task, cfg), loaders=tiny_loaders(cfg, 0, 1))
+    run_id = json.loads((tmp_path / "run" / "metrics.json").read_text())["run_id"]
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(run_id, "train/loss")]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+
+
 @pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.timeout(300)

@@ -339,6 +339,13 @@ def _run(cfg: Any, engine: Engine, task: Any, tracker: Any, train_loader: Any, m
                        "batch_size": int(tc.batch_size), "epoch": int(train_loader.state_dict()["epoch"])}
         ckpt.save(step, train_state, rank_state)
 
+    # a resumed run re-does the steps between its checkpoint and the interruption: log each step once
+    logged_until = tracker.last_step() if start_step and engine.is_logging_rank else 0
+
+    def log_once(metrics: dict[str, float], at: int) -> None:
+        if at > logged_until:
+            tracker.log_metrics(metrics, step=at)
+
     step = start_step
     while step < total:
         for micro in range(engine.grad_accum):
@@ -373,7 +380,7 @@ def _run(cfg: Any, engine: Engine, task: Any, tracker: Any, train_loader: Any, m
             if vec[-1] > 0:
                 metrics.update(_system_metrics(engine))
                 last_sys = now
-            tracker.log_metrics(metrics, step=step)
+            log_once(metrics, step)
             bar.set_postfix(loss=f"{train_logs['train/loss']:.4f}",
                             sps=f"{train_logs['train/samples_per_s']:.1f}")
             log.info("step %d/%d loss %.5f lr %.3g %.1f samples/s", step, total, train_logs["train/loss"],
@@ -383,7 +390,7 @@ def _run(cfg: Any, engine: Engine, task: Any, tracker: Any, train_loader: Any, m
         if int(tc.eval_every) and step % int(tc.eval_every) == 0 and step < total and plan.val_split:
             val_loader = val_loader or make_loader(plan.val_split, False)
             val_metrics = evaluate(engine, task, val_loader, int(tc.eval_max_batches))
-            tracker.log_metrics({f"val/{k}": v for k, v in val_metrics.items()}, step=step)
+            log_once({f"val/{k}": v for k, v in val_metrics.items()}, step)
 
         stop, due = control.poll()
         if stop or (step < total and (due or (int(tc.ckpt_every) and step % int(tc.ckpt_every) == 0))):

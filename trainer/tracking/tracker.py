@@ -46,6 +46,11 @@ class Tracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         """Set run tags."""
 
+    def last_step(self, key: str = "train/loss") -> int:
+        """The highest step at which ``key`` was logged in this run (0: none or unknown). A resumed
+        run re-does the steps after its checkpoint and skips logging those already logged."""
+        return 0
+
     def close(self, status: str = "FINISHED") -> None:
         """End the run: FINISHED | FAILED | KILLED (a second call does nothing)."""
         if status not in RUN_STATUSES:
@@ -182,6 +187,14 @@ class MlflowTracker(Tracker):
         params = {k: v for k, v in params.items() if k not in known}
         known.update(params)
         return params
+
+    def last_step(self, key: str = "train/loss") -> int:
+        if not self.run_id or not self._online:
+            return 0
+        try:
+            return max((int(m.step) for m in self.client.get_metric_history(self.run_id, key)), default=0)
+        except Exception:  # noqa: BLE001 - unknown: at worst a re-done step is logged twice
+            return 0
 
     def log_params(self, flat: dict) -> None:
         params = self._new_params(sanitize_params(flat))
