@@ -16,6 +16,7 @@ the loss compares unaugmented frames.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -128,6 +129,10 @@ def with_mode_defaults(cfg: Any) -> DepthTaskConfig:
     if cfg.supervision not in MODE_DEFAULTS:
         raise ValueError(f"task.supervision={cfg.supervision!r}: expected one of {', '.join(SUPERVISION_MODES)}")
     min_depth, init_depth = MODE_DEFAULTS[cfg.supervision]
+    if cfg.min_depth is None or cfg.init_depth is None:
+        logging.getLogger("geoprime.depth").info(
+            "supervision=%s: min_depth %s, init_depth %s (None = Monodepth2's init)", cfg.supervision,
+            min_depth if cfg.min_depth is None else cfg.min_depth, init_depth if cfg.init_depth is None else cfg.init_depth)
     return dataclasses.replace(cfg, min_depth=min_depth if cfg.min_depth is None else cfg.min_depth,
                                init_depth=init_depth if cfg.init_depth is None else cfg.init_depth)
 
