@@ -101,6 +101,15 @@ def test_prediction_follows_the_ground_truth_size_and_plain_frames():
     assert task.eval_step(model, batch).shape == (1, 1, 40, 90)
 
 
+@torch.no_grad()
+def test_any_eval_resize_is_padded_too():
+    task = _task(supervision="stereo", eval_resize=[40, 100])
+    model = task.build_model().eval()
+    seen = _encoder_inputs(model)
+    assert task.eval_step(model, _batch(hw=(50, 120))).shape == (1, 1, 50, 120)
+    assert seen == [(64, 128)]
+
+
 def test_bad_eval_resize_is_named():
     for bad in ([192], [0, 640], [-1, 640]):
         with pytest.raises(ValueError, match="eval_resize"):

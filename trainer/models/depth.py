@@ -54,18 +54,17 @@ def predict_depth(model: nn.ModuleDict, images: Tensor, min_depth: float, max_de
     """Metric depth (B, 1, *out_size) from float images in [0, 1] (scale-0 head), any image size.
 
     The network sees the images resized (bilinear) to ``net_size`` -- Monodepth2's evaluation,
-    at the resolution it trained on -- or, with ``net_size`` None, at their own size padded to
-    a multiple of 32 (:func:`pad_to_stride`; the padded part of the output is cropped off).
+    at the resolution it trained on -- or, with ``net_size`` None, at their own size; either is
+    padded to a multiple of 32 (:func:`pad_to_stride`; the padded part of the output is cropped off).
     The disparity is then bilinearly upsampled to ``out_size`` (default: the input size; e.g.
     the ground truth's 375x1242) and only then turned into depth, as Monodepth2 resizes its
     disparity to the ground truth before inverting it.
     """
     h, w = images.shape[-2:]
     out_size = tuple(out_size) if out_size is not None else (h, w)
+    x = images
     if net_size is not None and tuple(net_size) != (h, w):
         x = F.interpolate(images, size=tuple(net_size), mode="bilinear", align_corners=False)
-        crop = tuple(net_size)
-    else:
-        x, crop = pad_to_stride(images), (h, w)
-    disp = model["depth_decoder"](model["encoder"](x))[0][..., :crop[0], :crop[1]]  # scale 0: full resolution
+    nh, nw = x.shape[-2:]
+    disp = model["depth_decoder"](model["encoder"](pad_to_stride(x)))[0][..., :nh, :nw]  # scale 0: full size
     return upsampled_depths({0: disp}, out_size, min_depth, max_depth)[0][1]

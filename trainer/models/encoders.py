@@ -90,6 +90,14 @@ class ResNetEncoder(nn.Module):
         return feats
 
 
+def set_bn_momentum(module: nn.Module, momentum: float) -> nn.Module:
+    """Set the running-statistics momentum of every BatchNorm in ``module`` (in place)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = momentum
+    return module
+
+
 def build_encoder(model_cfg, in_channels: int = 3) -> ResNetEncoder:
     """Encoder from a :class:`trainer.config.ModelConfig`."""
     return ResNetEncoder(model_cfg.encoder, model_cfg.init, model_cfg.imagenet_weights, in_channels)

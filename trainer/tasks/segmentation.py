@@ -24,7 +24,7 @@ from data_shards.schema import CITYSCAPES_CLASSES, IGNORE_INDEX
 from trainer.augment import apply_jitter, sample_jitter
 from trainer.metrics.seg_reference import MetricSet, ReferencePerImageMetric
 from trainer.metrics.segmentation import SegmentationMetric
-from trainer.models.encoders import ResNetEncoder
+from trainer.models.encoders import ResNetEncoder, set_bn_momentum
 from trainer.models.pretrained import load_pretrained, read_state_dict
 from trainer.models.seg_heads import HEADS, build_seg_head, dilate_encoder
 from trainer.models.unet import pad_to_stride
@@ -256,9 +256,7 @@ class SegmentationTask(Task):
         if c.output_stride != 32:
             dilate_encoder(encoder, c.output_stride)
         if c.encoder_bn_momentum is not None:
-            for m in encoder.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.momentum = c.encoder_bn_momentum
+            set_bn_momentum(encoder, c.encoder_bn_momentum)
         head = "linear" if c.protocol == "linear" else c.head
         model = nn.ModuleDict({"encoder": encoder,
                                "decoder": build_seg_head(head, encoder.num_ch, c.num_classes, c.atrous_rates)})
