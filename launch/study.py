@@ -34,7 +34,7 @@ from pathlib import Path
 
 from launch.runstore import TrackingStore, pretraining_experiment
 from launch.study_config import CONFIG_TAG, StudyConfig, load_study
-from launch.study_notes import describe_study
+from launch.study_notes import HELP_EPILOG, describe_study
 from trainer import tracking
 
 REPO = Path(__file__).resolve().parents[1]
@@ -500,34 +500,14 @@ def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-HELP_EPILOG = """\
-Flags go before the Hydra overrides. --only takes several job ids: end them with `--`, else the
-overrides after it are read as job ids too.
-  python -m launch study --dry-run +experiment=demo
-  python -m launch study --verbose --only pre-depth_mono ft-random-synthetic-full-nall-s0 -- +experiment=demo
-
-Quote overrides with [ ] { } or spaces for the shell; a list element that contains `=` needs its
-own double quotes inside the single ones (Hydra refuses [train.steps=20]). A list override
-replaces the whole list: repeat the entries you keep (--dry-run shows what each job gets).
-
-Common changes (study fields: launch/study_config.py; the demo: configs/experiment/demo.yaml):
-  fewer steps      'study.finetune=["train.steps=20","train.batch_size=8","optim.lr=1e-3"]'
-                   'study.pretrainings.depth_mono.overrides=["task.supervision=mono","train.steps=50"]'
-  other data root  'study.common=["data.root=/data/shards","data.num_workers=2","model.encoder=resnet18"]'
-  more seeds       'study.seeds=[0,1,2,3,4]'
-  part of the grid 'study.seeds=[0]' 'study.shots=[0]', or --only <job id ...> -- (ids: --dry-run)
-  MLflow server    study.tracking_uri=http://127.0.0.1:5000
-Re-running the same command skips finished jobs and resumes interrupted ones.
-"""
-
-
 def main(argv: list[str]) -> int:
     """CLI: ``study +experiment=<name> [overrides] [--dry-run] [--emit k8s ...]`` | ``study replay <spool>``."""
     if argv and argv[0] == "replay":
         return tracking.main(argv)
     emit = "--emit" in argv
     p = argparse.ArgumentParser(prog="python -m launch study", description="Run a study grid (see configs/experiment/).",
-                                epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=HELP_EPILOG,  # flags before overrides, quoting, examples
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="+experiment=<name> and Hydra overrides of the study, after the flags "
                                                 "('study.seeds=[0,1]')")
     p.add_argument("--dry-run", action="store_true", help="print every job's command and stop")

@@ -5,12 +5,34 @@ run per fine-tuning (the transfer grid: every run has the same metric names, so 
 "show differences only" and charts compare like with like), and ``<experiment>-pretraining`` holds
 the pre-trainings (different tasks, different metrics). :func:`describe_study` writes the
 descriptions that say how to read them; :func:`note_with_comparison` puts the latest comparison
-table under the parent run's description.
+table under the parent run's description. :data:`HELP_EPILOG` ends ``python -m launch study --help``.
 """
 from __future__ import annotations
 
 from launch.runstore import TrackingStore, pretraining_experiment
 from launch.study_config import StudyConfig
+
+#: The end of ``python -m launch study --help``: the command-line rules users trip over, and examples.
+HELP_EPILOG = """\
+Flags go before the Hydra overrides. --only takes several job ids: end them with `--`, else the
+overrides after it are read as job ids too.
+  python -m launch study --dry-run +experiment=demo
+  python -m launch study --verbose --only pre-depth_mono ft-random-synthetic-full-nall-s0 -- +experiment=demo
+
+Quote overrides with [ ] { } or spaces for the shell; a list element that contains `=` needs its
+own double quotes inside the single ones (Hydra refuses [train.steps=20]). A list override
+replaces the whole list: repeat the entries you keep (--dry-run shows what each job gets).
+
+Common changes (study fields: launch/study_config.py; the demo: configs/experiment/demo.yaml):
+  fewer steps      'study.finetune=["train.steps=20","train.batch_size=8","optim.lr=1e-3"]'
+                   'study.pretrainings.depth_mono.overrides=["task.supervision=mono","train.steps=50"]'
+  other data root  'study.common=["data.root=/data/shards","data.num_workers=2","model.encoder=resnet18"]'
+  more seeds       'study.seeds=[0,1,2,3,4]'
+  part of the grid 'study.seeds=[0]' 'study.shots=[0]', or --only <job id ...> -- (ids: --dry-run)
+  MLflow server    study.tracking_uri=http://127.0.0.1:5000
+Re-running the same command skips finished jobs and resumes interrupted ones.
+"""
+
 
 #: The heading under which the parent run's description carries the latest comparison.
 COMPARISON_HEADING = "## Latest comparison"

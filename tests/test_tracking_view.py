@@ -94,6 +94,10 @@ study:
 """
 
 
+def _job_logs(runs: Path) -> str:
+    return "\n".join(p.read_text()[-3000:] for p in runs.glob("*/job.log"))
+
+
 def _png_size(client, run_id: str, folder: str) -> list[tuple[int, int]]:
     sizes = []
     for art in client.list_artifacts(run_id, folder):
@@ -117,11 +121,11 @@ def test_tiny_study_on_a_real_server_is_readable_in_mlflow(tmp_path, monkeypatch
     try:
         cfg_dir = tmp_path / "configs"
         (cfg_dir / "experiment").mkdir(parents=True)
-        (cfg_dir / "experiment" / "view.yaml").write_text(STUDY.format(out=tmp_path / "out", uri=server.uri, data=data))
+        text = STUDY.format(out=tmp_path / "out", uri=server.uri, data=data)
+        (cfg_dir / "experiment" / "view.yaml").write_text(text)
         study = load_study(["+experiment=view"], cfg_dir)
         monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-        logs = lambda: "\n".join(p.read_text()[-3000:] for p in (tmp_path / "out" / "runs").glob("*/job.log"))  # noqa: E731
-        assert study_mod.run_study(study) == 0, logs()
+        assert study_mod.run_study(study) == 0, _job_logs(tmp_path / "out" / "runs")
         _check_view(MlflowClient(server.uri), data)
     finally:
         server.stop()
@@ -133,7 +137,8 @@ def _check_view(client, data: Path) -> None:
         assert exp.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
         assert exp.tags[NOTE_TAG].startswith("geoprime study `view`")
     runs = {r.info.run_name: r for r in client.search_runs([transfer.experiment_id, pre.experiment_id])}
-    assert set(runs) == {"study-view", "pre-depth", "ft-depth-synthetic-full-nall-s0", "ft-random-synthetic-full-nall-s0"}
+    assert set(runs) == {"study-view", "pre-depth", "ft-depth-synthetic-full-nall-s0",
+                         "ft-random-synthetic-full-nall-s0"}
     assert runs["pre-depth"].info.experiment_id == pre.experiment_id
     parent = runs["study-view"]
     assert "## Latest comparison" in parent.data.tags[NOTE_TAG] and "random" in parent.data.tags[NOTE_TAG]

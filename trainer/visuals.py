@@ -192,18 +192,18 @@ def _draw_colorbar(fig, bar: ColorBar, foot: float) -> None:
 
 
 def depth_figure(image, pred, gt=None, *, path: str | os.PathLike, title: str | None = None) -> Path:
-    """Input | predicted depth | ground-truth depth (when given; 0 = no measurement, black), the
-    depths on one inverse-depth colour scale (the prediction's 95th percentile), with a colour bar."""
+    """Input | predicted depth | ground-truth depth (when given; 0 = no measurement, black), with a
+    colour bar. Each depth panel is scaled to its own 95th percentile of inverse depth (Monodepth2's
+    display): a self-supervised prediction has no metric scale, so one shared scale would paint
+    one of the two flat."""
     rgb = as_hwc_uint8(image)
     h, w = rgb.shape[:2]
     pred = resize_nearest(np.asarray(pred, dtype=np.float64), h, w)
-    inv = 1.0 / np.clip(pred, 1e-6, None)
-    vmax = float(np.percentile(inv, 95))
-    panels = [("input", rgb), ("predicted depth", inverse_depth_colors(pred, vmax=vmax))]
+    panels = [("input", rgb), ("predicted depth", inverse_depth_colors(pred))]
     if gt is not None:
         gt = resize_nearest(np.asarray(gt, dtype=np.float64), h, w)
-        panels.append(("ground-truth depth (black: no measurement)", inverse_depth_colors(gt, gt > 0, vmax=vmax)))
-    bar = ColorBar("inverse depth (same scale in every panel)", "magma", "far", "near")
+        panels.append(("ground-truth depth (black: no measurement)", inverse_depth_colors(gt, gt > 0)))
+    bar = ColorBar("inverse depth, each panel scaled to its 95th percentile", "magma", "far", "near")
     return save_figure(panels, path, title=title, colorbar=bar)
 
 

@@ -249,7 +249,7 @@ class DepthTask(Task):
 
     def visualize(self, model: nn.Module, batch: dict[str, Any], outputs: Any, out_dir: Path) -> list[Path]:
         """``depth_<key>.png``: input | predicted depth | ground truth (if any), titled, as magma colour
-        maps of inverse depth on one scale with a colour bar (near = bright; no ground truth = black)."""
+        maps of inverse depth with a colour bar (near = bright; no ground truth = black)."""
         from trainer.visuals import depth_figure
 
         keys = batch.get("__key__", [str(i) for i in range(batch["rgb"].shape[0])])
