@@ -4,8 +4,9 @@ Rows are pre-trainings, columns dataset x protocol x N-shot; each cell is mIoU a
 accuracy (in %) as mean ± sample std over the fine-tuning seeds, plus the difference of the
 means to the baselines (ImageNet, random init) when the study has them, ± the 95 % interval of
 the per-seed (paired) difference. Writes
-``comparison.md``, ``comparison.csv`` and a bar chart ``comparison.png`` (error bars = std)
-into ``<study out_dir>/comparison/``, logs them to the study's parent run and prints the table
+``comparison.md``, ``comparison.csv`` and a chart ``comparison.png`` (means ± std, and the paired
+differences with their 95 % intervals: :mod:`launch.chart`) into ``<study out_dir>/comparison/``,
+logs them to the study's parent run (the table also under its description) and prints the table
 followed by a plain statement of what came out (a difference smaller than the seed spread is
 reported as such, not as a win).
 
@@ -26,11 +27,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch.study_config import CONFIG_DIR, CONFIG_TAG, CompareConfig, StudyConfig, load_study
+from launch.chart import bar_chart
+from launch.chart import column_name as _col_name
 from launch.runstore import RunRecord, TrackingStore
+from launch.study_config import CONFIG_DIR, CONFIG_TAG, CompareConfig, StudyConfig, load_study
+from launch.study_notes import note_with_comparison
 
 METRICS = ("miou", "pixel_acc")
-LABELS = {"miou": "mIoU", "pixel_acc": "pixel acc"}
 
 
 @dataclass
@@ -127,11 +130,6 @@ def find_metric(metrics: dict[str, float], name: str, prefixes: list[str]) -> fl
     if len(ends) == 1:
         return metrics[ends[0]]
     return None
-
-
-def _col_name(col: tuple[str, str, str]) -> str:
-    dataset, protocol, shots = col
-    return f"{dataset} · {protocol} · {'all' if shots == '0' else 'N=' + shots}"
 
 
 def build_table(runs: list[RunRecord], compare: CompareConfig, *, row_order: list[str] | None = None,
@@ -299,42 +297,6 @@ def verdict(table: Table) -> list[str]:
     return out
 
 
-def bar_chart(table: Table, path: Path, title: str) -> Path:
-    """Grouped bars (one group per column, one bar per pre-training), error bars = std; mIoU and pixel acc."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 2.5 + 1.6 * len(table.columns) * 2), 4.2), squeeze=False)
-    width = 0.8 / max(len(table.rows), 1)
-    for ax, metric in zip(axes[0], METRICS):
-        for i, row in enumerate(table.rows):
-            xs, means, stds = [], [], []
-            for j, col in enumerate(table.columns):
-                c = table.cell(row, col)
-                if c is None:
-                    continue
-                xs.append(j + (i - (len(table.rows) - 1) / 2) * width)
-                means.append(c.mean(metric))
-                stds.append(c.std(metric))
-            ax.bar(xs, means, width, yerr=stds, capsize=3, label=row)
-        ax.set_xticks(range(len(table.columns)))
-        ax.set_xticklabels([_col_name(c) for c in table.columns], rotation=15, ha="right", fontsize=8)
-        ax.set_ylabel(f"{LABELS[metric]} (%)")
-        ax.set_title(LABELS[metric])
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
 def _write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -363,10 +325,11 @@ def compare_runs(store: TrackingStore, study_name: str, compare: CompareConfig, 
     if table.skipped:
         md += "\nRuns left out:\n" + "\n".join(f"- {s}" for s in table.skipped) + "\n"
     files = [_write(out_dir / "comparison.md", md), _write(out_dir / "comparison.csv", to_csv(table)),
-             bar_chart(table, out_dir / "comparison.png", f"study {study_name}: mean ± std over seeds")]
+             bar_chart(table, out_dir / "comparison.png", f"study {study_name}: segmentation after each pre-training")]
     if parent_run_id:
         for f in files:
             store.log_artifact(parent_run_id, f, "comparison")
+        note_with_comparison(store, parent_run_id, md)
         summary = {}
         for row in table.rows:
             for col in table.columns:

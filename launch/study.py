@@ -32,8 +32,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch.runstore import TrackingStore
+from launch.runstore import TrackingStore, pretraining_experiment
 from launch.study_config import CONFIG_TAG, StudyConfig, load_study
+from launch.study_notes import HELP_EPILOG, describe_study
 from trainer import tracking
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,7 +157,8 @@ def job_overrides(study: StudyConfig, job: Job, by_id: dict[str, Job], *, uri: s
         out.append(job.weights_override.format(weights=_q(weights)))
     if out_dir is not None:
         out.append(f"out_dir={_q(out_dir)}")
-    out += ["tracking.enabled=true", f"tracking.experiment={_q(study.experiment)}", f"tracking.run_name={_q(job.job_id)}"]
+    experiment = pretraining_experiment(study.experiment) if job.kind == "pretrain" else study.experiment
+    out += ["tracking.enabled=true", f"tracking.experiment={_q(experiment)}", f"tracking.run_name={_q(job.job_id)}"]
     if uri:
         out.append(f"tracking.uri={_q(uri)}")
     if parent_run_id:
@@ -359,6 +361,7 @@ def run_study(study: StudyConfig, *, dry_run: bool = False, compare: bool = True
         return 0
     store = TrackingStore(uri, study.experiment)
     parent = _parent_run(store, study)
+    describe_study(store, study, parent)
     configs = finished_configs(store, study)
     print(f"[study] {study.name}: {len(jobs)} jobs, tracking {uri} (experiment {study.experiment!r}, "
           f"parent run {parent})", flush=True)
@@ -502,12 +505,15 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] == "replay":
         return tracking.main(argv)
     emit = "--emit" in argv
-    p = argparse.ArgumentParser(prog="python -m launch study", description="Run a study grid (see configs/experiment/).")
-    p.add_argument("overrides", nargs="*", help="+experiment=<name> and Hydra overrides of the study (study.seeds=[0,1])")
+    p = argparse.ArgumentParser(prog="python -m launch study", description="Run a study grid (see configs/experiment/).",
+                                epilog=HELP_EPILOG,  # flags before overrides, quoting, examples
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="+experiment=<name> and Hydra overrides of the study, after the flags "
+                                                "('study.seeds=[0,1]')")
     p.add_argument("--dry-run", action="store_true", help="print every job's command and stop")
     p.add_argument("--no-compare", action="store_true", help="skip the comparison table at the end")
     p.add_argument("--verbose", action="store_true", help="show the jobs' output (always kept in <run>/job.log)")
-    p.add_argument("--only", nargs="+", default=None, help="run only these job ids")
+    p.add_argument("--only", nargs="+", default=None, help="run only these job ids (end the list with --)")
     p.add_argument("--emit", choices=["k8s"], default=None, help="write Kubernetes manifests instead of running")
     if emit:
         from launch import k8s

@@ -333,7 +333,8 @@ def test_hydra_entry_point_under_torchrun(tmp_path):
     assert any(k.startswith("depth") or k.startswith("encoder") for k in weights), list(weights)[:5]
     assert list((out / "qualitative").rglob("*.png")), "the depth task's qualitative PNGs"
     keys = {r[0] for r in sqlite3.connect(out / "mlflow.db").execute("select key from metrics")}
-    assert {"train/loss", "train/samples_per_s", "val/abs_rel", "test/abs_rel", "sys/node0/cpu_percent"} <= keys
+    assert {"train/loss", "train/samples_per_s", "val/abs_rel", "test/abs_rel",
+            "system/node_0/cpu_utilization_percentage"} <= keys
 
 
 if __name__ == "__main__":

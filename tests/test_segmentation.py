@@ -217,7 +217,7 @@ def test_deeplab_head_odd_size_export_and_overlays(tmp_path, exports):
     assert [f.name for f in files] == ["a_leftImg8bit.png"]  # padding sample not exported
     assert np.array_equal(np.asarray(Image.open(files[0])), out["pred"][0].numpy().astype(np.uint8))
     pngs = task.visualize(model, batch, out, tmp_path / "vis")
-    assert len(pngs) == 2 and Image.open(pngs[0]).size == (3 * 70, 50)
+    assert len(pngs) == 2 and Image.open(pngs[0]).size[0] >= 800  # titled panels at a readable size
 
 
 def test_cityscapes_export_writes_label_ids_in_the_official_layout(tmp_path):

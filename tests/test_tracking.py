@@ -242,9 +242,9 @@ def test_system_metrics_without_gpu():
     import torch
 
     metrics = T.sample_system_metrics()
-    assert 0.0 <= metrics["memory_percent"] <= 100.0
-    assert 0.0 <= metrics["cpu_percent"] <= 100.0 * (os.cpu_count() or 1)
-    assert metrics["process_rss_gb"] > 0.01
+    assert 0.0 <= metrics["system_memory_usage_percentage"] <= 100.0
+    assert 0.0 <= metrics["cpu_utilization_percentage"] <= 100.0 * (os.cpu_count() or 1)
+    assert metrics["process_rss_megabytes"] > 10
     if not torch.cuda.is_available():
         assert not any(k.startswith("gpu") for k in metrics)
 
@@ -272,9 +272,11 @@ def test_system_metrics_reads_every_gpu_through_nvml(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     monkeypatch.setattr(system, "_NVML_OK", None)
     metrics = T.sample_system_metrics()
-    assert metrics["gpu0_utilization_percent"] == 40.0 and metrics["gpu1_utilization_percent"] == 41.0
-    assert metrics["gpu0_memory_used_gb"] == 2.0 and metrics["gpu1_memory_percent"] == 25.0
-    assert metrics["gpu0_power_w"] == 250.0 and "gpu1_power_w" not in metrics
+    assert metrics["gpu_0_utilization_percentage"] == 40.0 and metrics["gpu_1_utilization_percentage"] == 41.0
+    assert metrics["gpu_0_memory_usage_megabytes"] == 2048.0 and metrics["gpu_1_memory_usage_percentage"] == 25.0
+    assert metrics["gpu_0_power_usage_watts"] == 250.0 and "gpu_1_power_usage_watts" not in metrics
+    # logged per node under system/, where MLflow's UI charts them (node and GPU selectors)
+    assert system.node_metrics(1, metrics)["system/node_1/gpu_0_utilization_percentage"] == 40.0
 
     def no_library():
         raise NVMLError("NVML Shared Library Not Found")

@@ -136,15 +136,16 @@ def _maybe_kill(step: int, rank: int) -> None:
 
 
 def _system_metrics(engine: Engine) -> dict[str, float]:
-    """Each node's local-rank-0 system metrics, gathered and tagged ``sys/node<N>/...``."""
-    from trainer.tracking import sample_system_metrics
+    """Each node's local-rank-0 system metrics, gathered and named ``system/node_<N>/...`` (MLflow's UI charts
+    metrics under ``system/`` in a run's System metrics tab)."""
+    from trainer.tracking import node_metrics, sample_system_metrics
 
     mine = (engine.env.node_rank, sample_system_metrics()) if engine.env.is_local_leader else None
     out: dict[str, float] = {}
     for item in engine.all_gather_object(mine):
         if item is not None:
             node, metrics = item
-            out.update({f"sys/node{node}/{k}": float(v) for k, v in metrics.items()})
+            out.update(node_metrics(node, metrics))
     return out
 
 

@@ -15,10 +15,13 @@ the loss compares unaugmented frames.
 """
 from __future__ import annotations
 
+<<<<<<< HEAD
 import dataclasses
 import logging
 import os
 import tempfile
+=======
+>>>>>>> track
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -32,7 +35,7 @@ from trainer.geometry import stereo_pose, warp_frame
 from trainer.losses.depth_supervised import masked_l1, scale_invariant_log, valid_depth_mask
 from trainer.kernels.dispatch import IMPLS, fused_reprojection_loss
 from trainer.losses.smoothness import edge_aware_smoothness, normalize_disp
-from trainer.metrics.depth import DepthMetric, depth_panel
+from trainer.metrics.depth import DepthMetric
 from trainer.models.depth import build_depth_net, predict_depth, upsampled_depths
 from trainer.models.pose import build_pose_net, predict_pose
 from trainer.tasks.base import Metric, Task
@@ -289,28 +292,19 @@ class DepthTask(Task):
                            cfg.eval_fixed_scale, cfg.eval_crop)
 
     def visualize(self, model: nn.Module, batch: dict[str, Any], outputs: Any, out_dir: Path) -> list[Path]:
-        """``<key>.png``: input | predicted depth | ground truth (if any), as magma colour maps of
-        inverse depth (near = bright); invalid ground truth is black."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        """``depth_<key>.png``: input | predicted depth | ground truth (if any), titled, as magma colour
+        maps of inverse depth with a colour bar (near = bright; no ground truth = black)."""
+        from trainer.visuals import depth_figure
+
         keys = batch.get("__key__", [str(i) for i in range(batch["rgb"].shape[0])])
         valid = batch.get("__valid__")
         written = []
         for i in range(min(self.cfg.vis_samples, batch["rgb"].shape[0])):
             if valid is not None and not bool(valid[i]):
                 continue
-            gt = batch["depth"][i, 0] if "depth" in batch else None
-            panel = depth_panel(batch["rgb"][i], outputs[i, 0], gt)
-            path = out_dir / f"depth_{keys[i]}.png"
-            fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".png.tmp")
-            os.close(fd)
-            try:
-                panel.save(tmp, format="PNG")
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            written.append(path)
+            gt = batch["depth"][i, 0].float().cpu().numpy() if "depth" in batch else None
+            written.append(depth_figure(batch["rgb"][i], outputs[i, 0].float().cpu().numpy(), gt,
+                                        path=Path(out_dir) / f"depth_{keys[i]}.png", title=f"depth: {keys[i]}"))
         return written
 
 

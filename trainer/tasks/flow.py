@@ -27,7 +27,7 @@ from trainer.metrics.flow import FlowMetric
 from trainer.models.encoders import build_encoder
 from trainer.models.flow_net import FlowDecoder, flow_to_pixel_coords
 from trainer.tasks.base import Task
-from trainer.tasks.segmentation import as_dataclass, keep_keys, to_unit_float, write_png_atomic
+from trainer.tasks.segmentation import as_dataclass, keep_keys, to_unit_float
 
 FRAME_KEYS = ("rgb", "rgb_next")
 
@@ -147,7 +147,9 @@ class FlowTask(Task):
         return FlowMetric()
 
     def visualize(self, model: nn.Module, batch: dict[str, Any], outputs: Any, out_dir: Path) -> list[Path]:
-        """Frame t | predicted flow | ground-truth flow (if any), one PNG per sample."""
+        """Frame t | predicted flow | ground-truth flow (if any), titled, one PNG per sample."""
+        from trainer.visuals import flow_figure
+
         pred = outputs["flow"].cpu().numpy()
         rgb = batch["rgb"].cpu()
         rgb = (rgb if rgb.dtype == torch.uint8 else (rgb * 255).round().clamp(0, 255).byte()).permute(0, 2, 3, 1).numpy()
@@ -159,7 +161,8 @@ class FlowTask(Task):
             panels = [rgb[i], flow_to_color(pred[i], top)]
             if gt is not None:
                 panels.append(flow_to_color(gt[i][:2] * (gt[i][2:3] > 0.5), top))
-            written.append(write_png_atomic(np.concatenate(panels, 1), Path(out_dir) / f"flow_{keys[i]}.png"))
+            written.append(flow_figure(rgb[i], panels[1], panels[2] if gt is not None else None,
+                                       path=Path(out_dir) / f"flow_{keys[i]}.png", title=f"flow: {keys[i]}"))
         return written
 
 

@@ -379,20 +379,16 @@ class SegmentationTask(Task):
         return written
 
     def visualize(self, model: nn.Module, batch: dict[str, Any], outputs: Any, out_dir: Path) -> list[Path]:
-        """Image | prediction overlay | ground-truth overlay, one PNG per sample."""
+        """Image | prediction overlay | ground-truth overlay, titled, with a legend of the classes shown;
+        one PNG per sample (trainer.visuals)."""
+        from trainer.visuals import segmentation_figure
+
         pred = outputs["pred"].cpu().numpy()
-        rgb = batch["rgb"].cpu()
-        rgb = (rgb.float() if rgb.dtype == torch.uint8 else rgb.float() * 255).permute(0, 2, 3, 1).numpy()
         gt = batch["seg"].cpu().numpy()
         keys = batch.get("__key__", [str(i) for i in range(len(pred))])
-        written = []
-        for i in range(min(len(pred), self.cfg.visualize_max)):
-            img = rgb[i]
-            over_p = 0.5 * img + 0.5 * colorize(pred[i])
-            over_g = np.where((gt[i] == self.cfg.ignore_index)[..., None], img, 0.5 * img + 0.5 * colorize(gt[i]))
-            panel = np.concatenate([img, over_p, over_g], axis=1).round().clip(0, 255).astype(np.uint8)
-            written.append(write_png_atomic(panel, Path(out_dir) / f"seg_{keys[i]}.png"))
-        return written
+        return [segmentation_figure(batch["rgb"][i], pred[i], gt[i], self.class_names, self.cfg.ignore_index,
+                                    path=Path(out_dir) / f"seg_{keys[i]}.png", title=f"segmentation: {keys[i]}")
+                for i in range(min(len(pred), self.cfg.visualize_max))]
 
 
 CONFIG = SegmentationConfig

@@ -9,7 +9,8 @@ The only package in geoprime that imports ``mlflow``; one module a job:
 - :mod:`~trainer.tracking.spool`: the append-only offline spool.
 - :mod:`~trainer.tracking.replay`: spool replay and its CLI
   ``python -m trainer.tracking replay <spool> [--uri URI]``.
-- :mod:`~trainer.tracking.system`: CPU / memory / GPU (NVML) samples.
+- :mod:`~trainer.tracking.datasets`: the shard manifests a run reads, as MLflow dataset inputs.
+- :mod:`~trainer.tracking.system`: CPU / memory / GPU (NVML) samples, logged under ``system/``.
 
 Where runs go: ``cfg.tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else an embedded sqlite
 store ``<parent of out_dir>/mlflow/mlflow.db`` with artifacts beside it in ``artifacts/``.
@@ -24,9 +25,9 @@ from trainer.tracking.client import (default_uri, git_commit, resolve_uri, sqlit
 from trainer.tracking.params import flatten
 from trainer.tracking.replay import main, replay_spool
 from trainer.tracking.spool import Spool, SpoolError
-from trainer.tracking.system import sample_system_metrics
+from trainer.tracking.system import node_metrics, sample_system_metrics
 from trainer.tracking.tracker import MlflowTracker, Tracker, create_tracker
 
 __all__ = ["MlflowTracker", "Spool", "SpoolError", "Tracker", "create_tracker", "default_uri", "flatten",
-           "git_commit", "main", "replay_spool", "resolve_uri", "sample_system_metrics", "sqlite_path",
+           "git_commit", "main", "node_metrics", "replay_spool", "resolve_uri", "sample_system_metrics", "sqlite_path",
            "sqlite_uri_for", "ui_command"]

@@ -35,6 +35,13 @@ PERMANENT_ERROR_CODES = {
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+#: MLflow 3's UI opens an experiment by this tag: without it, on the empty GenAI traces overview;
+#: with "custom_model_development" (checked in the UI of the pinned mlflow 3.17.2), on the
+#: model-training runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+#: The description MLflow shows for an experiment or a run (Markdown).
+NOTE_TAG = "mlflow.note.content"
 
 
 def now_ms() -> int:
@@ -118,25 +125,37 @@ def connect(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def experiment_id(client, uri: str, name: str) -> str:
-    """Id of experiment ``name``, created if missing (sqlite: artifacts in ``<db dir>/artifacts``)."""
+def experiment_id(client, uri: str, name: str, description: str | None = None) -> str:
+    """Id of experiment ``name``, created if missing (sqlite: artifacts in ``<db dir>/artifacts``) and
+    marked as model training; ``description`` is set when the experiment has none yet."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            raise ValueError(f"MLflow experiment {name!r} at {uri} is deleted; restore it or pick another name")
-        return exp.experiment_id
-    location = None
-    path = sqlite_path(uri)
-    if path is not None:
-        location = (path.parent / "artifacts" / name).resolve().as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except MlflowException as e:  # created meanwhile by another process
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        return client.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        location = None
+        path = sqlite_path(uri)
+        if path is not None:
+            location = (path.parent / "artifacts" / name).resolve().as_uri()
+        try:
+            exp_id = client.create_experiment(name, artifact_location=location)
+        except MlflowException as e:  # created meanwhile by another process
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            exp_id = client.get_experiment_by_name(name).experiment_id
+        exp = client.get_experiment(exp_id)
+    if exp.lifecycle_stage == "deleted":
+        raise ValueError(f"MLflow experiment {name!r} at {uri} is deleted; restore it or pick another name")
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    if description and not exp.tags.get(NOTE_TAG):
+        client.set_experiment_tag(exp.experiment_id, NOTE_TAG, description)
+    return exp.experiment_id
+
+
+def metric_key(name: str) -> str:
+    """A metric name without white space (``test/iou/traffic sign`` -> ``test/iou/traffic_sign``): names
+    with spaces are awkward to filter on and to read as column headers."""
+    return "_".join(str(name).split())
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:
@@ -145,14 +164,14 @@ def _chunks(items: list, size: int) -> Iterable[list]:
 
 
 def apply(client, record: dict, run_id: str) -> None:
-    """Send one tracking record (``{"op": metrics | params | tags | artifact | status, ...}``) to
+    """Send one tracking record (``{"op": metrics | params | tags | inputs | artifact | status, ...}``) to
     MLflow; used live, when replaying the spool and by the study's run store."""
     from mlflow.entities import Metric, Param, RunTag
 
     op = record["op"]
     if op == "metrics":
         ts, step = int(record["t"]), int(record["step"])
-        metrics = [Metric(k, float(v), ts, step) for k, v in record["metrics"].items()]
+        metrics = [Metric(metric_key(k), float(v), ts, step) for k, v in record["metrics"].items()]
         for chunk in _chunks(metrics, MAX_METRICS_PER_BATCH):
             client.log_batch(run_id, metrics=chunk, synchronous=True)
     elif op == "params":
@@ -163,6 +182,8 @@ def apply(client, record: dict, run_id: str) -> None:
         tags = [RunTag(k, str(v)) for k, v in record["tags"].items()]
         for chunk in _chunks(tags, MAX_PARAMS_PER_BATCH):
             client.log_batch(run_id, tags=chunk, synchronous=True)
+    elif op == "inputs":
+        client.log_inputs(run_id, datasets=[_dataset_input(d) for d in record["datasets"]])
     elif op == "artifact":
         path = Path(record["path"])
         if not path.exists():
@@ -181,14 +202,25 @@ def apply(client, record: dict, run_id: str) -> None:
         raise SpoolError(f"unknown tracking record op {op!r}")
 
 
+def _dataset_input(d: dict):
+    """A :class:`mlflow.entities.DatasetInput` from a plain dict (name, digest, source_type, source,
+    schema, profile, context), as :mod:`trainer.tracking.datasets` builds and the spool stores them."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(d["name"], d["digest"], d["source_type"], d["source"], d.get("schema"), d.get("profile"))
+    tags = [InputTag("mlflow.data.context", d["context"])] if d.get("context") else []
+    return DatasetInput(dataset, tags)
+
+
 def create_run(client, uri: str, record: dict) -> str:
     """Create the run a ``create_run`` record describes (its experiment made if missing); its id."""
-    exp_id = experiment_id(client, uri, record["experiment"])
+    exp_id = experiment_id(client, uri, record["experiment"], record.get("experiment_description"))
     run = client.create_run(exp_id, start_time=int(record["t"]), tags=record["tags"],
                             run_name=record.get("run_name"))
     return run.info.run_id
 
 
-__all__ = ["HTTP_ENV_DEFAULTS", "PERMANENT_ERROR_CODES", "RUN_STATUSES", "apply", "connect", "create_run",
-           "default_uri", "experiment_id", "git_commit", "is_transient", "now_ms", "resolve_uri",
+__all__ = ["EXPERIMENT_KIND_TAG", "HTTP_ENV_DEFAULTS", "MODEL_TRAINING_KIND", "NOTE_TAG", "PERMANENT_ERROR_CODES",
+           "RUN_STATUSES", "apply", "connect", "create_run",
+           "default_uri", "experiment_id", "git_commit", "is_transient", "metric_key", "now_ms", "resolve_uri",
            "sqlite_path", "sqlite_uri_for", "ui_command"]

@@ -35,3 +35,30 @@ def sanitize_params(flat: dict) -> dict[str, str]:
             text = text[:MAX_PARAM_VALUE - 15] + "...[truncated]"
         out[str(key)] = text
     return out
+
+
+#: Config keys (a trailing '.' means "and everything under it") whose values differ from run to run
+#: without being training settings: paths, the tracking set-up, progress bars. Logged as tags
+#: ``config.<key>`` so that MLflow's "show differences only" compares settings, not folders.
+RUN_SPECIFIC = ("out_dir", "tracking.", "task.weights", "train.resume", "train.progress", "data.root")
+#: Config keys already on the run as MLflow attributes (run name, parent, tags): not logged again.
+ALREADY_ON_RUN = ("tracking.run_name", "tracking.parent_run_id", "tracking.tags.")
+#: Prefix of the tags that hold :data:`RUN_SPECIFIC` config values.
+CONFIG_TAG_PREFIX = "config."
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(key.startswith(p) if p.endswith(".") else key == p for p in patterns)
+
+
+def split_settings(flat: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Flattened config -> (params: the settings, tags: ``config.<key>`` for run-specific values)."""
+    params, tags = {}, {}
+    for key, value in flat.items():
+        if _matches(key, ALREADY_ON_RUN):
+            continue
+        if _matches(key, RUN_SPECIFIC):
+            tags[CONFIG_TAG_PREFIX + key] = value
+        else:
+            params[key] = value
+    return params, sanitize_params(tags)

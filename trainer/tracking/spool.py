@@ -2,9 +2,10 @@
 
 When the MLflow server cannot be reached, the run tracker (``trainer.tracking.tracker``)
 appends each operation (metrics, params, tags, artifacts, run status) here instead of
-dropping it, and ``trainer.tracking.replay`` sends the log when the server is back. Replay progress is a byte offset kept beside the log
-(``<spool>.done``, written atomically), so a replay interrupted half way resumes where it
-stopped and nothing is sent twice by design (MLflow also de-duplicates identical metrics).
+dropping it, and ``trainer.tracking.replay`` sends the log when the server is back. Replay
+progress is a byte offset kept beside the log (``<spool>.done``, written atomically), so a
+replay interrupted half way resumes where it stopped and nothing is sent twice by design
+(MLflow also de-duplicates identical metrics).
 This module knows nothing of MLflow: it only stores and hands back plain dicts.
 """
 from __future__ import annotations

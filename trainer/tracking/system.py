@@ -3,8 +3,17 @@
 Sampled by each node's local leader and logged by the training loop every
 ``tracking.system_metrics_every`` seconds. Without pynvml, an NVML library or a GPU, the GPU
 keys are simply absent (never an error).
+
+Names follow MLflow's own system metrics (``cpu_utilization_percentage``,
+``gpu_0_utilization_percentage``, ...) and are logged as ``system/node_<N>/<name>``
+(:func:`node_metrics`): MLflow's UI charts metrics under ``system/`` in a run's *System metrics*
+tab, with per-node and per-GPU selectors for keys of the form ``node_<N>/`` and ``gpu_<i>_``
+(checked in the UI of the pinned mlflow 3.17.2). Memory is in megabytes, as MLflow's.
 """
 from __future__ import annotations
+
+#: MLflow's UI shows metrics under this prefix in the System metrics tab.
+SYSTEM_PREFIX = "system/"
 
 _NVML_OK: bool | None = None
 
@@ -33,11 +42,11 @@ def _gpu_metrics(nvml) -> dict[str, float]:
             h = nvml.nvmlDeviceGetHandleByIndex(i)
             util = nvml.nvmlDeviceGetUtilizationRates(h)
             mem = nvml.nvmlDeviceGetMemoryInfo(h)
-            out[f"gpu{i}_utilization_percent"] = float(util.gpu)
-            out[f"gpu{i}_memory_used_gb"] = mem.used / 2**30
-            out[f"gpu{i}_memory_percent"] = 100.0 * mem.used / max(mem.total, 1)
+            out[f"gpu_{i}_utilization_percentage"] = float(util.gpu)
+            out[f"gpu_{i}_memory_usage_megabytes"] = mem.used / 2**20
+            out[f"gpu_{i}_memory_usage_percentage"] = 100.0 * mem.used / max(mem.total, 1)
             try:
-                out[f"gpu{i}_power_w"] = nvml.nvmlDeviceGetPowerUsage(h) / 1000.0
+                out[f"gpu_{i}_power_usage_watts"] = nvml.nvmlDeviceGetPowerUsage(h) / 1000.0
             except nvml.NVMLError:
                 pass  # some boards do not report power
     except nvml.NVMLError:
@@ -51,12 +60,17 @@ def sample_system_metrics() -> dict[str, float]:
 
     vm = psutil.virtual_memory()
     out = {
-        "cpu_percent": float(psutil.cpu_percent(interval=None)),
-        "memory_used_gb": (vm.total - vm.available) / 2**30,
-        "memory_percent": float(vm.percent),
-        "process_rss_gb": psutil.Process().memory_info().rss / 2**30,
+        "cpu_utilization_percentage": float(psutil.cpu_percent(interval=None)),
+        "system_memory_usage_megabytes": (vm.total - vm.available) / 2**20,
+        "system_memory_usage_percentage": float(vm.percent),
+        "process_rss_megabytes": psutil.Process().memory_info().rss / 2**20,
     }
     nvml = _nvml()
     if nvml is not None:
         out.update(_gpu_metrics(nvml))
     return out
+
+
+def node_metrics(node: int, sample: dict[str, float]) -> dict[str, float]:
+    """One node's sample as logged: ``system/node_<node>/<name>``."""
+    return {f"{SYSTEM_PREFIX}node_{int(node)}/{k}": float(v) for k, v in sample.items()}

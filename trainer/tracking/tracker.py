@@ -8,6 +8,7 @@ the run closes. :meth:`Tracker.close` ends the run FINISHED, FAILED or KILLED (e
 """
 from __future__ import annotations
 
+import getpass
 import os
 import socket
 import time
@@ -17,12 +18,34 @@ from pathlib import Path
 
 from trainer.tracking.client import (RUN_STATUSES, apply, connect, create_run, git_commit, is_transient,
                                      now_ms, resolve_uri, ui_command)
-from trainer.tracking.params import flatten, sanitize_params
+from trainer.tracking.datasets import manifest_inputs
+from trainer.tracking.params import flatten, sanitize_params, split_settings
 from trainer.tracking.replay import load_runs_map, replay, runs_map_path
 from trainer.tracking.spool import Spool
 
 #: Seconds between reconnection attempts while the server is unreachable.
 RETRY_INTERVAL_S = 30.0
+#: What MLflow shows as a training run's source ("Source" column).
+SOURCE_NAME = "python -m trainer"
+#: Description of an experiment the trainer creates (a study describes its own experiments).
+EXPERIMENT_NOTE = """geoprime training runs: one run per `python -m trainer` (run name: task-strategy-seed).
+
+- **Params** are the training settings (the resolved config); per-run values that are not settings
+  (output folder, tracking set-up, weights and data paths) are tags `config.*`.
+- **Metrics**: `train/*` every `train.log_every` steps, `val/*` and `test/*` evaluations, and the node's
+  CPU / memory / GPU use under *System metrics* (`system/node_<N>/*`).
+- **Datasets**: the shard manifests of the splits read, with their digests.
+- **Artifacts**: `config.yaml`, `metrics.json` and, under `qualitative/`, labelled pictures of the
+  first evaluation batch (depth colour maps, segmentation overlays with a class legend, flow).
+"""
+
+
+def current_user() -> str:
+    """The OS user name (MLflow's "Created by"), or "unknown" where there is none (some containers)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
 
 
 class Tracker:
@@ -50,6 +73,9 @@ class Tracker:
         """The highest step at which ``key`` was logged in this run (0: none or unknown). A resumed
         run re-does the steps after its checkpoint and skips logging those already logged."""
         return 0
+
+    def log_inputs(self, datasets: list[dict]) -> None:
+        """Log dataset inputs (dicts as :func:`trainer.tracking.datasets.manifest_input` builds)."""
 
     def close(self, status: str = "FINISHED") -> None:
         """End the run: FINISHED | FAILED | KILLED (a second call does nothing)."""
@@ -88,7 +114,8 @@ class MlflowTracker(Tracker):
 
     @staticmethod
     def _run_tags(parent_run_id: str | None, tags: dict[str, str] | None) -> dict[str, str]:
-        run_tags = {"geoprime.host": socket.gethostname()}
+        run_tags = {"geoprime.host": socket.gethostname(), "mlflow.source.name": SOURCE_NAME,
+                    "mlflow.source.type": "LOCAL", "mlflow.user": current_user()}
         commit = git_commit()
         if commit:
             run_tags["mlflow.source.git.commit"] = commit
@@ -100,7 +127,7 @@ class MlflowTracker(Tracker):
     def _start_run(self, run_name: str | None, run_tags: dict[str, str]) -> None:
         """Create the run now, or spool its creation (with a local reference) when MLflow is away."""
         record = {"op": "create_run", "experiment": self.experiment, "run_name": run_name,
-                  "tags": run_tags, "t": now_ms()}
+                  "tags": run_tags, "experiment_description": EXPERIMENT_NOTE, "t": now_ms()}
         try:
             if not self._online:
                 raise ConnectionError("spooled records pending")
@@ -227,11 +254,17 @@ class MlflowTracker(Tracker):
         os.replace(tmp, target)
         self.log_artifact(target)
         tree = yaml.safe_load(yaml_text) or {}
-        self.log_params(flatten(tree))
+        params, tags = split_settings(flatten(tree))
+        self.log_params(params)
+        self.set_tags(tags)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if tags:
             self._submit({"op": "tags", "tags": {str(k): str(v) for k, v in tags.items()}, "t": now_ms()})
+
+    def log_inputs(self, datasets: list[dict]) -> None:
+        if datasets:
+            self._submit({"op": "inputs", "datasets": list(datasets), "t": now_ms()})
 
     def close(self, status: str = "FINISHED") -> None:
         """End the run with ``status`` (FINISHED | FAILED | KILLED), sending what is spooled; a
@@ -258,7 +291,8 @@ def create_tracker(cfg, *, is_logging_rank: bool, run_id: str | None) -> Tracker
     """The tracker for this process: MLflow on the logging rank, a do-nothing tracker elsewhere.
 
     ``cfg`` is the whole run config (``cfg.tracking`` a TrackingConfig); ``run_id`` continues an
-    existing run (resume, or a run id broadcast by rank 0).
+    existing run (resume, or a run id broadcast by rank 0). A new run gets the shard manifests of
+    ``cfg.data`` as dataset inputs.
     """
     tcfg = cfg.tracking
     if not is_logging_rank or not tcfg.enabled:
@@ -266,6 +300,9 @@ def create_tracker(cfg, *, is_logging_rank: bool, run_id: str | None) -> Tracker
     uri = resolve_uri(tcfg.uri, cfg.out_dir)
     task_name = getattr(cfg.task, "name", None) or "run"
     run_name = tcfg.run_name or f"{task_name}-{cfg.parallel.strategy}-seed{cfg.seed}"
-    return MlflowTracker(uri, tcfg.experiment, run_id=run_id, run_name=run_name,
-                         parent_run_id=tcfg.parent_run_id, tags=dict(tcfg.tags or {}),
-                         spool_dir=Path(cfg.out_dir) / "tracking")
+    tracker = MlflowTracker(uri, tcfg.experiment, run_id=run_id, run_name=run_name,
+                            parent_run_id=tcfg.parent_run_id, tags=dict(tcfg.tags or {}),
+                            spool_dir=Path(cfg.out_dir) / "tracking")
+    if run_id is None and getattr(cfg, "data", None) is not None:
+        tracker.log_inputs(manifest_inputs(cfg.data))
+    return tracker

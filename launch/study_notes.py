@@ -1,0 +1,111 @@
+"""What a study's MLflow experiments and parent run say about themselves (MLflow descriptions, Markdown).
+
+A study writes into two experiments: ``<experiment>`` holds the study's parent run with one child
+run per fine-tuning (the transfer grid: every run has the same metric names, so MLflow's table,
+"show differences only" and charts compare like with like), and ``<experiment>-pretraining`` holds
+the pre-trainings (different tasks, different metrics). :func:`describe_study` writes the
+descriptions that say how to read them; :func:`note_with_comparison` puts the latest comparison
+table under the parent run's description. :data:`HELP_EPILOG` ends ``python -m launch study --help``.
+"""
+from __future__ import annotations
+
+from launch.runstore import TrackingStore, pretraining_experiment
+from launch.study_config import StudyConfig
+
+#: The end of ``python -m launch study --help``: the command-line rules users trip over, and examples.
+HELP_EPILOG = """\
+Flags go before the Hydra overrides. --only takes several job ids: end them with `--`, else the
+overrides after it are read as job ids too.
+  python -m launch study --dry-run +experiment=demo
+  python -m launch study --verbose --only pre-depth_mono ft-random-synthetic-full-nall-s0 -- +experiment=demo
+
+Quote overrides with [ ] { } or spaces for the shell; a list element that contains `=` needs its
+own double quotes inside the single ones (Hydra refuses [train.steps=20]). A list override
+replaces the whole list: repeat the entries you keep (--dry-run shows what each job gets).
+
+Common changes (study fields: launch/study_config.py; the demo: configs/experiment/demo.yaml):
+  fewer steps      'study.finetune=["train.steps=20","train.batch_size=8","optim.lr=1e-3"]'
+                   'study.pretrainings.depth_mono.overrides=["task.supervision=mono","train.steps=50"]'
+  other data root  'study.common=["data.root=/data/shards","data.num_workers=2","model.encoder=resnet18"]'
+  more seeds       'study.seeds=[0,1,2,3,4]'
+  part of the grid 'study.seeds=[0]' 'study.shots=[0]', or --only <job id ...> -- (ids: --dry-run)
+  MLflow server    study.tracking_uri=http://127.0.0.1:5000
+Re-running the same command skips finished jobs and resumes interrupted ones.
+"""
+
+
+#: The heading under which the parent run's description carries the latest comparison.
+COMPARISON_HEADING = "## Latest comparison"
+#: MLflow keeps at most this many characters in a run tag (the run description is one).
+MAX_RUN_NOTE = 8000
+
+
+def _grid(study: StudyConfig) -> str:
+    shots = ", ".join("all" if s == 0 else str(s) for s in study.shots)
+    return (f"pre-training `grid_pretraining` ({', '.join(study.pretrainings)}) × dataset `grid_dataset` "
+            f"({', '.join(study.datasets)}) × protocol `grid_protocol` ({', '.join(study.protocols)}) × "
+            f"N-shot `grid_shots` ({shots}; 0 = all) × seed `grid_seed` ({', '.join(map(str, study.seeds))})")
+
+
+def transfer_note(study: StudyConfig) -> str:
+    """Description of the study's transfer experiment (the fine-tuning grid)."""
+    return f"""geoprime study `{study.name}`: segmentation after each pre-training (the transfer grid).
+
+- **Runs**: the study run `study-{study.name}` holds one child run per fine-tuning: expand it (▸ next to
+  its name) or switch off run nesting to see them. Grid: {_grid(study)}.
+- **Compare**: group the runs table by the tag `grid_pretraining` (or select runs → Compare); metrics
+  `test/miou`, `test/pixel_acc`, per class `test/iou/<class>`. The study run's description and its
+  artifacts `comparison/` hold the table with the paired 95 % intervals the verdicts use.
+- **Params** are the settings (only they differ between rows); paths and tracking set-up are tags
+  `config.*`. **Datasets**: the shard manifests read, with digests. Pictures: artifacts `qualitative/`.
+- Pre-trainings are in the experiment `{pretraining_experiment(study.experiment)}`.
+"""
+
+
+def pretraining_note(study: StudyConfig) -> str:
+    """Description of the study's pre-training experiment."""
+    rows = ", ".join(f"`{name}` (task={pre.task})" for name, pre in study.pretrainings.items() if pre.task)
+    return f"""geoprime study `{study.name}`: the pre-trainings ({rows or 'none'}).
+
+Each run exports the weights that start the fine-tunings in the experiment `{study.experiment}` (tag
+`grid_pretraining` names the row of the comparison). Metrics differ by task (depth: `val/abs_rel`, ...;
+flow: `val/epe`, ...; classification: `val/map`, ...). Artifacts `qualitative/` hold labelled pictures
+(depth colour maps: input, prediction, ground truth) when the run has an evaluation split to draw from.
+"""
+
+
+def parent_note(study: StudyConfig) -> str:
+    """Description of the study's parent run."""
+    return f"""geoprime study `{study.name}`: one child run per fine-tuning; grid: {_grid(study)}.
+
+Read the comparison below (or artifacts `comparison/comparison.md`, `.csv`, `.png`): cells are mean ± std over
+seeds in %; Δ is the difference of means to a baseline ({', '.join(study.compare.baselines)}) ± the 95 %
+interval of the per-seed (paired) difference. A difference is called better / worse only when that interval
+excludes 0. Re-running the same command skips finished jobs and resumes interrupted ones.
+"""
+
+
+def describe_study(store: TrackingStore, study: StudyConfig, parent_run_id: str) -> None:
+    """Write the descriptions of the study's experiments and of its parent run (keeping a comparison
+    already under the parent's description)."""
+    store.set_experiment_note(study.experiment, transfer_note(study))
+    if any(pre.task for pre in study.pretrainings.values()):
+        store.set_experiment_note(pretraining_experiment(study.experiment), pretraining_note(study))
+    old = store.run_note(parent_run_id)
+    tail = old[old.index(COMPARISON_HEADING):] if COMPARISON_HEADING in old else ""
+    store.set_run_note(parent_run_id, _fit(parent_note(study) + ("\n" + tail if tail else "")))
+
+
+def note_with_comparison(store: TrackingStore, parent_run_id: str, comparison_md: str) -> None:
+    """Put ``comparison_md`` under the parent run's description, replacing an older comparison."""
+    old = store.run_note(parent_run_id)
+    head = old.split(COMPARISON_HEADING)[0].rstrip()
+    body = comparison_md.split("\n", 1)[1] if comparison_md.startswith("# ") else comparison_md
+    store.set_run_note(parent_run_id, _fit(f"{head}\n\n{COMPARISON_HEADING}\n{body}"))
+
+
+def _fit(text: str) -> str:
+    if len(text) <= MAX_RUN_NOTE:
+        return text
+    cut = "\n\n… (cut here: the whole table is in the artifacts `comparison/comparison.md`)\n"
+    return text[:MAX_RUN_NOTE - len(cut)] + cut
