@@ -15,13 +15,8 @@ the loss compares unaugmented frames.
 """
 from __future__ import annotations
 
-<<<<<<< HEAD
 import dataclasses
 import logging
-import os
-import tempfile
-=======
->>>>>>> track
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
