@@ -166,6 +166,8 @@ def cmd_verify(argv: list[str]) -> int:
     p.add_argument("split", help="DIR/SPLIT or URL/SPLIT")
     a = p.parse_args(argv)
     rep = verify_split(a.split)
+    for line in rep.notes:
+        print(f"note: {line}")
     for line in rep.problems:
         print(f"BAD: {line}", file=sys.stderr)
     print(f"{a.split}: {rep.shards} shards, {rep.samples} samples decoded, "

@@ -15,10 +15,10 @@ import numpy as np
 from PIL import Image
 
 from data_shards import schema
-from data_shards.manifest import Manifest
+from data_shards.manifest import MANIFEST_NAME, Manifest
 from data_shards.openers import OpenError, is_remote, join, open_stream
 from data_shards.reader import ShardError, iter_members
-from data_shards.stream import load_manifest
+from data_shards.stream import check_members, load_manifest
 
 #: Cityscapes' official colours for the 19 train ids (ignore = black).
 CITYSCAPES_COLORS = np.array([
@@ -114,6 +114,8 @@ class VerifyReport:
     shards: int = 0
     samples: int = 0
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Things worth knowing that are not problems (e.g. a manifest without member checksums)."""
 
     @property
     def ok(self) -> bool:
@@ -149,20 +151,37 @@ def verify_split(path: str) -> VerifyReport:
             rep.problems.append(f"{url}: checksum mismatch (size {size}, manifest {s.bytes}; "
                                 f"sha256 {digest[:12]}..., manifest {s.sha256[:12]}...)")
         try:
-            for _, raw in iter_members(url, range(s.count), s.count):
-                missing = sorted(set(m.keys) - raw.keys())
-                try:
-                    if missing:
-                        raise schema.SchemaError(f"{url}: sample {raw['__key__']}: members {missing} missing")
-                    schema.decode_sample({k: v for k, v in raw.items() if k != "__url__"}, where=url)
-                    rep.samples += 1
-                except schema.SchemaError as e:  # a bad sample: report it and go on with the shard
-                    rep.problems.append(str(e))
+            # one index past the manifest's count: a shard holding more samples than it says is found
+            for j, raw in iter_members(url, range(s.count + 1), s.count):
+                if j >= s.count:
+                    rep.problems.append(f"{url}: holds more samples than the manifest's count {s.count} "
+                                        f"(sample {raw['__key__']} is never read)")
+                    break
+                _verify_sample(url, raw, s.crc32[j] if s.crc32 else None, m, rep)
         except ShardError as e:  # the tar itself is broken: the rest of the shard is unreadable
             rep.problems.append(str(e))
+    if m.num_samples == 0:
+        rep.problems.append(f"{join(root, split, MANIFEST_NAME)}: the split is empty (no samples)")
+    if m.shards and not any(s.crc32 for s in m.shards):
+        rep.notes.append("the manifest has no member checksums (built before they existed): "
+                         "rebuild the shards so that readers can detect corrupt members")
     extra = _unlisted_shards(root, split, m)
     rep.problems += [f"{p}: shard not listed in the manifest (left over from another build?)" for p in extra]
     return rep
+
+
+def _verify_sample(url: str, raw: dict, crc32: dict | None, m: Manifest, rep: VerifyReport) -> None:
+    """Members present, checksums equal, sample decodes; a bad sample is reported, the shard goes on."""
+    missing = sorted(set(m.keys) - raw.keys())
+    try:
+        if missing:
+            raise schema.SchemaError(f"{url}: sample {raw['__key__']}: members {missing} missing")
+        if crc32:
+            check_members({**raw, "__crc32__": crc32})
+        schema.decode_sample({k: v for k, v in raw.items() if k != "__url__"}, where=url)
+        rep.samples += 1
+    except (schema.SchemaError, ShardError) as e:
+        rep.problems.append(str(e))
 
 
 def _unlisted_shards(root: str, split: str, m: Manifest) -> list[str]:

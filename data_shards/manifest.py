@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,6 +33,10 @@ class ShardInfo:
     sha256: str
     offsets: tuple[int, ...] = ()
     """Byte offset of each sample's first tar header (lets readers start mid-shard); may be empty."""
+    crc32: tuple[dict[str, str], ...] = ()
+    """Per sample, ``{member extension: crc32 hex}``: readers check each member they read (PIL
+    does not check PNG CRCs, so a flipped bit can decode into other pixels); may be empty
+    (shards built before checksums existed)."""
 
 
 @dataclass
@@ -80,7 +85,8 @@ class Manifest:
                                 f"versions {', '.join(map(str, schema.READABLE_SCHEMA_VERSIONS))}; rebuild the shards")
         try:
             shards = [ShardInfo(name=str(s["name"]), count=int(s["count"]), bytes=int(s["bytes"]),
-                                sha256=str(s["sha256"]), offsets=tuple(int(o) for o in s.get("offsets", ())))
+                                sha256=str(s["sha256"]), offsets=tuple(int(o) for o in s.get("offsets", ())),
+                                crc32=tuple({str(k): str(v) for k, v in c.items()} for c in s.get("crc32", ())))
                       for s in d["shards"]]
             m = cls(split=str(d["split"]), shards=shards, keys=list(d["keys"]), meta_fields=list(d["meta_fields"]),
                     source=dict(d["source"]), schema_version=int(d["schema_version"]), format=d["format"],
@@ -92,6 +98,8 @@ class Manifest:
                 raise ManifestError(f"{where}: shard name {s.name!r} is not a plain .tar file name")
             if s.count < 0:
                 raise ManifestError(f"{where}: shard {s.name} has a negative count")
+            if s.crc32 and len(s.crc32) != s.count:
+                raise ManifestError(f"{where}: shard {s.name}: {len(s.crc32)} member checksums for {s.count} samples")
             if s.offsets and (len(s.offsets) != s.count or list(s.offsets) != sorted(s.offsets)
                               or s.offsets[-1] >= s.bytes):
                 raise ManifestError(f"{where}: shard {s.name}: offsets do not match its {s.count} samples")
@@ -115,3 +123,8 @@ def write_manifest(split_dir: str, manifest: Manifest) -> str:
     path = os.path.join(split_dir, MANIFEST_NAME)
     atomic_write_bytes(path, manifest.to_json().encode("utf-8"))
     return path
+
+
+def member_crc32(data: bytes) -> str:
+    """The checksum recorded for one tar member (crc32, 8 hex digits: cheap enough for every read)."""
+    return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_shards import schema
 from data_shards import split as layout
-from data_shards.manifest import MANIFEST_NAME, Manifest, ManifestError
+from data_shards.manifest import MANIFEST_NAME, Manifest, ManifestError, member_crc32
 from data_shards.openers import OpenError, join, read_bytes
 from data_shards.reader import Corrupt, ShardError, iter_members
 
@@ -79,6 +79,21 @@ def resolve_keys(manifest: Manifest, keys: Sequence[str] | None, split: str, roo
                            f"(the manifest's keys: {sorted(have)})")
         exts.add(by_name[k])
     return frozenset(exts)
+
+
+def check_members(raw: dict) -> None:
+    """Compare each member read with the manifest's crc32 (when the manifest has them); a
+    mismatch is a :class:`ShardError` naming shard and member (on_corrupt decides what happens)."""
+    expected = raw.get("__crc32__")
+    if not expected:
+        return
+    for ext, data in raw.items():
+        if ext.startswith("__") or ext not in expected:
+            continue
+        got = member_crc32(data)
+        if got != expected[ext]:
+            raise ShardError(f"{raw['__url__']}: member {raw['__key__']}.{ext}: checksum mismatch (crc32 {got}, "
+                             f"manifest {expected[ext]}): the shard changed after it was written")
 
 
 @dataclass(frozen=True)
@@ -170,8 +185,10 @@ class ShardStream(IterableDataset):
                 done = 0
                 try:
                     info = self.manifest.shards[p.shard]
-                    for _, raw in iter_members(url, [p.members[i] for i in idx], info.count, self.exts,
+                    for j, raw in iter_members(url, [p.members[i] for i in idx], info.count, self.exts,
                                                info.offsets, info.bytes):
+                        if info.crc32:
+                            raw["__crc32__"] = info.crc32[j]
                         yield pos0 + idx[done], raw, p.valid
                         done += 1
                 except ShardError as e:
@@ -190,7 +207,8 @@ class ShardStream(IterableDataset):
             if missing:
                 raise ShardError(f"{url}: sample {key}: members {', '.join(key + '.' + m for m in missing)} missing "
                                  f"(the manifest says every sample has them)")
-            members = {k: v for k, v in raw.items() if k != "__url__"}
+            check_members(raw)
+            members = {k: v for k, v in raw.items() if k not in ("__url__", "__crc32__")}
             sample = schema.decode_sample(members, where=url)
         except (ShardError, schema.SchemaError) as e:
             if self.on_corrupt == "raise":

@@ -29,7 +29,8 @@ import webdataset as wds
 from tqdm import tqdm
 
 from data_shards import schema
-from data_shards.manifest import MANIFEST_NAME, Manifest, ManifestError, ShardInfo, atomic_write_bytes, write_manifest
+from data_shards.manifest import (MANIFEST_NAME, Manifest, ManifestError, ShardInfo, atomic_write_bytes, member_crc32,
+                                  write_manifest)
 
 DEFAULT_MAX_COUNT = 256
 DEFAULT_MAX_SIZE = 256 * 2**20
@@ -72,6 +73,7 @@ class _ShardStats:
     meta_fields: list[str] | None = None
     sample_keys: list[str] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
+    crc32: list[dict[str, str]] = field(default_factory=list)
 
 
 def _intersect(a: list[str] | None, b: Iterable[str]) -> list[str]:
@@ -94,6 +96,7 @@ class _ShardFile:
         """Encode and append one sample."""
         enc = schema.encode_sample(sample)
         self.stats.offsets.append(self._tar.tarstream.offset)
+        self.stats.crc32.append({k: member_crc32(v) for k, v in enc.items() if k != "__key__"})
         self._tar.write(enc)
         st = self.stats
         st.count += 1
@@ -179,7 +182,7 @@ def _finalize(split_dir: str, split: str, stats: list[_ShardStats], source: dict
     keys = meta = None
     for st in stats:
         keys, meta = _intersect(keys, st.keys or []), _intersect(meta, st.meta_fields or [])
-    m = Manifest(split=split, shards=[ShardInfo(st.name, st.count, st.bytes, st.sha256, tuple(st.offsets)) for st in stats],
+    m = Manifest(split=split, shards=[ShardInfo(st.name, st.count, st.bytes, st.sha256, tuple(st.offsets), tuple(st.crc32)) for st in stats],
                  keys=keys or [], meta_fields=meta or [], source=json.loads(_canon(source)), writer=writer)
     write_manifest(split_dir, m)
     return m

@@ -354,3 +354,52 @@ def test_too_few_samples_name_the_tail_policy_in_use(tmp_path):
     for tail in ("drop", "pad"):
         with pytest.raises(ValueError, match=r"no samples to read \(the manifest lists 0\)"):
             ShardStream(empty, "train", tail=tail)
+
+
+def _flip_bit_in_png_data(path, member: str) -> None:
+    """Flip one bit inside a PNG's compressed image data (after its IHDR): PIL decodes it without
+    complaint (it does not check chunk CRCs) into different pixels."""
+    with tarfile.open(path) as t:
+        info = t.getmember(member)
+    with open(path, "r+b") as f:
+        f.seek(info.offset_data)
+        data = bytearray(f.read(info.size))
+        idat = data.index(b"IDAT") + 4
+        data[idat + (info.size - idat) // 2] ^= 0x10
+        f.seek(info.offset_data)
+        f.write(bytes(data))
+
+
+def test_a_flipped_bit_in_a_member_is_caught_on_read(tmp_path):
+    root = build(str(tmp_path), "train", [3, 3])
+    shard = os.path.join(root, "train", "train-000001.tar")
+    _flip_bit_in_png_data(shard, "seq000_f000004.rgb.png")
+    with pytest.raises(ShardError, match=r"train-000001\.tar: member seq000_f000004\.rgb\.png: checksum mismatch"):
+        list(ShardStream(root, "train", shuffle=False, keys=("rgb",)))
+    s = ShardStream(root, "train", shuffle=False, keys=("rgb",), on_corrupt="skip")
+    batches = list(build_loader(s, 2))
+    assert s.corrupt_count == 1 and sum(b["__valid__"].sum().item() for b in batches) == 5
+    # a member the run does not read is not checked (and not read)
+    assert len(list(ShardStream(root, "train", shuffle=False, keys=("depth",)))) == 6
+
+
+def test_verify_flags_flipped_bits_extra_samples_and_empty_splits(tmp_path, capsys):
+    from data_shards.__main__ import main
+
+    root = build(str(tmp_path), "train", [3, 3])
+    assert main(["verify", os.path.join(root, "train")]) == 0
+    _flip_bit_in_png_data(os.path.join(root, "train", "train-000000.tar"), "seq000_f000001.seg.png")
+    manifest = os.path.join(root, "train", "manifest.json")
+    m = json.loads(open(manifest).read())
+    last = m["shards"][1]  # its count lowered by one: one sample would never be trained on
+    last.update(count=2, offsets=last["offsets"][:2], crc32=last["crc32"][:2])
+    m["num_samples"] = 5
+    open(manifest, "w").write(json.dumps(m))
+    capsys.readouterr()
+    assert main(["verify", os.path.join(root, "train")]) == 1
+    err = capsys.readouterr().err
+    assert "member seq000_f000001.seg.png: checksum mismatch" in err
+    assert "train-000001.tar: holds more samples than the manifest's count 2" in err
+    open(manifest, "w").write(json.dumps({**m, "shards": [], "num_samples": 0}))
+    assert main(["verify", os.path.join(root, "train")]) == 1
+    assert "the split is empty" in capsys.readouterr().err
