@@ -341,7 +341,8 @@ def _run(cfg: Any, engine: Engine, task: Any, tracker: Any, train_loader: Any, m
         ckpt.save(step, train_state, rank_state)
 
     # a resumed run re-does the steps between its checkpoint and the interruption: log each step once
-    logged_until = tracker.last_step() if start_step and engine.is_logging_rank else 0
+    last_step = getattr(tracker, "last_step", None)  # optional in the tracker interface
+    logged_until = last_step() if last_step and start_step and engine.is_logging_rank else 0
 
     def log_once(metrics: dict[str, float], at: int) -> None:
         if at > logged_until:
