@@ -241,6 +241,17 @@ def test_exact_resume_single_process(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_wall_clock_checkpoint_cadence_is_the_default(tmp_path):
+    from trainer.config import TrainConfig
+
+    assert TrainConfig().ckpt_every_minutes == 30.0 and TrainConfig().ckpt_every == 0
+    _train_single(tmp_path, "train.steps=4", "train.ckpt_every_minutes=0.00001", "train.keep_last=10")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
+    _train_single(tmp_path / "off", "train.steps=4", "train.ckpt_every_minutes=0", "train.keep_last=10")
+    assert sorted(p.name for p in (tmp_path / "off" / "checkpoints").glob("step_*")) == ["step_00000004"]
+
+
+@pytest.mark.timeout(120)
 def test_lowering_steps_below_the_checkpoint_is_refused(tmp_path):
     """A finished 8-step run asked for 6 steps must not report step 6 with step-8 weights."""
     _train_single(tmp_path, "train.steps=8", "train.ckpt_every=3", "train.keep_last=5")
