@@ -534,6 +534,11 @@ class Engine:
             d["deepspeed_config"] = json.dumps(deepspeed_config(self.pcfg, self.ocfg, self.micro_batch_size))
         return d
 
+    def abandon_group(self) -> None:
+        """After a failure on this rank: do not wait for peers at :meth:`close` (they may never
+        reach the barrier); the process group is left to process exit."""
+        self._owns_group = False
+
     def close(self) -> None:
         """Release DeepSpeed's engine (its ZeRO-3 hooks and threads) and tear down the process
         group if this engine created it."""

@@ -246,7 +246,7 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
         if own_tracker and tracker is not None:
             tracker.close("FAILED")
         if own_engine and engine is not None:
-            engine._owns_group = False  # a failed rank cannot rely on its peers reaching a barrier
+            engine.abandon_group()  # a failed rank cannot rely on its peers reaching a barrier
         raise
     finally:  # leave the process as found: other code in it (tests) must not inherit our settings
         if lock is not None:
