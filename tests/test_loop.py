@@ -50,7 +50,7 @@ class TinyTask(Task):
 
     def build_model(self) -> nn.ModuleDict:
         # task.bn=true: with BatchNorm, whose running statistics each rank keeps for itself
-        norm = [nn.BatchNorm2d(6)] if self.cfg.get("bn") else []
+        norm = [nn.BatchNorm2d(6)] if (self.cfg or {}).get("bn") else []
         return nn.ModuleDict({"enc": nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), *norm, nn.ReLU()),
                               "head": nn.Conv2d(6, 1, 1)})
 
@@ -290,7 +290,7 @@ def test_resumed_run_continues_the_same_tracking_run(tmp_path):
         train(cfg, task=TinyTask(cfg.task, cfg), loaders=tiny_loaders(cfg, 0, 1))
         ids.append(json.loads((tmp_path / "run" / "metrics.json").read_text())["run_id"])
     state = torch.load(tmp_path / "run" / "checkpoints" / "step_00000004" / "train_state.pt", weights_only=True)
-    assert ids[0] and ids[0] == ids[1] == state["run_id"]
+    assert ids[0] and ids[0] == ids[1] == state["progress"]["run_id"]
 
 
 @pytest.mark.timeout(180)

@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -130,10 +130,9 @@ def find_latest_whole(root: str | Path) -> Optional[Path]:
 
 
 class Checkpointer:
-    """Saves and restores a run through an :class:`~trainer.engine.Engine` (collective calls).
-
-    ``train_state`` (rank 0's: step, epoch, run id, config...) and ``rank_state`` (each rank's:
-    RNG, data position) are plain dicts of tensors / numbers / strings / lists.
+    """Saves and restores a run through an :class:`~trainer.engine.Engine` (collective calls),
+    with the run's other ``Stateful`` objects taken by name (``trainer/run_state.py``): shared
+    ones (rank 0's) and per-rank ones. Their state dicts hold tensors / numbers / strings / lists.
     """
 
     def __init__(self, root: str | Path, engine: Any, keep_last: int = 2) -> None:
@@ -143,8 +142,10 @@ class Checkpointer:
         self.engine = engine
         self.keep_last = int(keep_last)
 
-    def save(self, step: int, train_state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
-        """Write checkpoint ``step`` atomically; returns its final directory."""
+    def save(self, step: int, shared: Mapping[str, Any], per_rank: Mapping[str, Any]) -> Path:
+        """Write checkpoint ``step`` atomically: the engine's state, each ``shared`` Stateful's
+        ``state_dict()`` (rank 0's, in ``train_state.pt``) and each ``per_rank`` one's (every
+        rank's, in its rank file), by name. Collective; returns the final directory."""
         eng = self.engine
         final = self.root / step_dir_name(step)
         partial = self.root / f".{final.name}.partial"
@@ -154,11 +155,11 @@ class Checkpointer:
                 shutil.rmtree(partial)
             partial.mkdir()
         eng.barrier()
-        _atomic_torch_save(rank_state, partial / rank_file(eng.rank))
+        _atomic_torch_save({name: obj.state_dict() for name, obj in per_rank.items()}, partial / rank_file(eng.rank))
         eng.save_state(partial)
         if eng.is_logging_rank:
-            _atomic_torch_save({**train_state, "step": int(step), "world_size": eng.world_size},
-                               partial / TRAIN_STATE)
+            train_state = {name: obj.state_dict() for name, obj in shared.items()}
+            _atomic_torch_save({**train_state, "step": int(step), "world_size": eng.world_size}, partial / TRAIN_STATE)
         eng.barrier()
         if eng.is_logging_rank:
             write_marker(partial, step, eng.world_size)
@@ -201,13 +202,14 @@ class Checkpointer:
             raise CheckpointError(err)
         return Path(path) if path else None
 
-    def load(self, ckpt: str | Path, validate: Optional[Callable[[dict[str, Any]], None]] = None,
-             ) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
-        """Restore engine state from ``ckpt``; returns (train_state, this rank's rank_state).
+    def load(self, ckpt: str | Path, shared: Mapping[str, Any], per_rank: Mapping[str, Any],
+             validate: Optional[Callable[[dict[str, Any]], None]] = None) -> bool:
+        """Restore the engine's state and each named Stateful from ``ckpt``; returns whether the
+        per-rank ones were restored (False when the checkpoint was written by another world
+        size: the caller then re-derives RNG and data position).
 
         ``validate(train_state)`` runs before anything is loaded (or converted) and may raise to
-        refuse the checkpoint. rank_state is None when the checkpoint was written by a different
-        world size (the caller then re-derives RNG and data position).
+        refuse the checkpoint.
         """
         ckpt = Path(ckpt)
         eng = self.engine
@@ -216,9 +218,20 @@ class Checkpointer:
             validate(train_state)
         saved_world = int(train_state["world_size"])
         eng.load_state(ckpt, saved_world_size=saved_world)
-        rank_state = None
-        if saved_world == eng.world_size:
-            rank_state = torch.load(ckpt / rank_file(eng.rank), map_location="cpu", weights_only=True)
+        _restore(shared, train_state, ckpt / TRAIN_STATE)
+        same_world = saved_world == eng.world_size
+        if same_world:
+            path = ckpt / rank_file(eng.rank)
+            _restore(per_rank, torch.load(path, map_location="cpu", weights_only=True), path)
         eng.barrier()
         log.info("resumed from %s (step %d)", ckpt, int(train_state["step"]))
-        return train_state, rank_state
+        return same_world
+
+
+def _restore(objects: Mapping[str, Any], state: dict[str, Any], path: Path) -> None:
+    missing = [name for name in objects if name not in state]
+    if missing:
+        raise CheckpointError(f"{path}: no saved state for {missing} (written by an older geoprime?); "
+                              "resume it with that version or start a new out_dir")
+    for name, obj in objects.items():
+        obj.load_state_dict(state[name])

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any, Optional
 
@@ -61,3 +62,30 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+class StepControl:
+    """Decisions every rank must take together after a step: stop on a signal (any rank got it),
+    checkpoint on the wall clock (rank 0's clock decides). One all-reduce of two numbers."""
+
+    def __init__(self, engine: Any, signals: StopSignals, every_minutes: float) -> None:
+        self.engine, self.signals = engine, signals
+        self.every_s = max(0.0, float(every_minutes)) * 60.0
+        self.last = time.monotonic()
+
+    @property
+    def signum(self) -> int:
+        """The signal to report (SIGTERM on ranks that only heard of it from a peer)."""
+        return int(self.signals.received or signal.SIGTERM)
+
+    def poll(self) -> tuple[bool, bool]:
+        """(stop now, checkpoint due). Collective."""
+        import torch
+
+        due = self.engine.is_logging_rank and self.every_s > 0 and time.monotonic() - self.last >= self.every_s
+        vec = torch.tensor([float(self.signals.received is not None), float(due)], dtype=torch.float64)
+        vec = self.engine.all_reduce_sum(vec)
+        return bool(vec[0] > 0), bool(vec[1] > 0)
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
