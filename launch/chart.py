@@ -44,7 +44,7 @@ def _means_row(ax, table: "Table", metric: str, colors: dict[str, str]) -> None:
                 stds.append(c.std(metric))
         ax.bar(xs, means, width, yerr=stds, capsize=3, label=row, color=colors[row])
     ax.set_ylabel(f"{LABELS[metric]} (%)")
-    ax.set_title(f"{LABELS[metric]}: mean ± std over seeds")
+    ax.set_title(f"{LABELS[metric]}\nmean ± std over seeds", fontsize=11)
 
 
 def _paired_row(ax, table: "Table", metric: str, baseline: str, colors: dict[str, str]) -> None:
@@ -62,7 +62,7 @@ def _paired_row(ax, table: "Table", metric: str, baseline: str, colors: dict[str
                 ax.annotate("n<2", (j + off, pair.mean), ha="center", va="bottom", fontsize=8)
     ax.axhline(0.0, color="black", linestyle="--", linewidth=1)
     ax.set_ylabel(f"Δ {LABELS[metric]} (points)")
-    ax.set_title(f"Δ {LABELS[metric]} vs {baseline}: paired mean, 95 % interval")
+    ax.set_title(f"Δ {LABELS[metric]} vs {baseline}\nper-seed (paired) mean, 95 % interval", fontsize=11)
 
 
 def bar_chart(table: "Table", path: Path, title: str) -> Path:
@@ -73,7 +73,7 @@ def bar_chart(table: "Table", path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     panels = 1 + len(table.baselines)
-    fig, axes = plt.subplots(panels, 2, figsize=(max(8.0, 3.0 + 2.4 * len(table.columns) * 2), 4.2 * panels),
+    fig, axes = plt.subplots(panels, 2, figsize=(max(10.0, 3.0 + 2.4 * len(table.columns) * 2), 4.4 * panels),
                              squeeze=False)
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colors = {row: cycle[i % len(cycle)] for i, row in enumerate(table.rows)}

@@ -43,3 +43,22 @@ def test_figures_are_readable_size_and_written_atomically(tmp_path):
     square = V.flow_figure(torch.zeros(3, 100, 100), np.zeros((100, 100, 3), np.uint8), path=tmp_path / "f.png")
     assert Image.open(square).size[0] >= 1000  # side by side, 500 px a panel
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.png", "f.png", "s.png"]  # no temporary left
+
+
+def test_comparison_chart_adds_a_paired_interval_row_per_baseline(tmp_path):
+    from launch.chart import bar_chart
+    from launch.compare import build_table
+    from launch.runstore import RunRecord
+    from launch.study_config import CompareConfig
+
+    runs = [RunRecord(f"{pre}{seed}", "", "FINISHED",
+                      {"study_job": f"{pre}-{seed}", "grid_pretraining": pre, "grid_dataset": "d", "grid_protocol": "full",
+                       "grid_shots": "0", "grid_seed": str(seed)},
+                      {}, {"test/miou": base + 0.01 * seed, "test/pixel_acc": base + 0.3}, seed)
+            for pre, base in (("depth", 0.6), ("random", 0.5)) for seed in range(3)]
+    sizes = []
+    for baselines in ([], ["random"]):
+        table = build_table(runs, CompareConfig(baselines=baselines))
+        assert table.paired("depth", table.columns[0], "random", "miou").n == 3
+        sizes.append(Image.open(bar_chart(table, tmp_path / f"c{len(baselines)}.png", "t")).size)
+    assert sizes[1][1] > 1.8 * sizes[0][1]  # the means row, then one Δ row with the 95 % intervals
