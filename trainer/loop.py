@@ -331,18 +331,20 @@ def _finish(run: _Run, train_logs: dict[str, float], val_loader: Any) -> dict[st
     """Final val / test evaluation, export, ``metrics.json``; checkpoints dropped if asked."""
     cfg, engine, task, tracker, tc = run.cfg, run.engine, run.task, run.tracker, run.cfg.train
     total, out_dir = int(tc.steps), Path(cfg.out_dir)
+    # the pictures come from the test split, or from val when there is none (pre-trainings)
+    qual = out_dir / "qualitative"
     val_metrics: dict[str, float] = {}
     if run.plan.val_split:
         val_loader = val_loader or run.make_loader(run.plan.val_split, False)
-        val_metrics = evaluate(engine, task, val_loader, int(tc.eval_max_batches))
+        val_metrics = evaluate(engine, task, val_loader, int(tc.eval_max_batches),
+                               visualize_to=None if run.plan.test_split else qual)
         tracker.log_metrics({f"val/{k}": v for k, v in val_metrics.items()}, step=total)
     test_metrics: dict[str, float] = {}
     if run.plan.test_split:
-        qual = out_dir / "qualitative"
         test_metrics = evaluate(engine, task, run.make_loader(run.plan.test_split, False), 0, visualize_to=qual)
         tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}, step=total)
-        if engine.is_logging_rank and qual.is_dir() and any(qual.iterdir()):
-            tracker.log_artifact(str(qual), "qualitative")
+    if engine.is_logging_rank and qual.is_dir() and any(qual.iterdir()):
+        tracker.log_artifact(str(qual), "qualitative")
     weights = engine.export_weights(out_dir / "weights.pt") if tc.export else None
     result = {"step": total, "run_id": run.progress.run_id, "train": train_logs, "val": val_metrics,
               "test": test_metrics, "world_size": engine.world_size, "strategy": engine.strategy,
