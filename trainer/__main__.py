@@ -25,7 +25,9 @@ def _rank_overrides(argv: list[str]) -> list[str]:
 def run(cfg) -> dict:
     """Train the run described by the composed config; returns the final metrics."""
     from trainer.loop import train
+    from trainer.threads import configure_threads
 
+    configure_threads(int(cfg.data.num_workers))  # no oversubscription with loader workers / ranks
     return train(cfg)
 
 

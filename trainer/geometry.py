@@ -139,3 +139,37 @@ def warp_frame(src_image: Tensor, depth_t: Tensor, T_src_from_t: Tensor, K: Tens
     valid = in_bounds(pix, h, w) & (points[:, 2] > 1e-3).reshape(b, 1, h, w)
     return bilinear_warp(src_image, pix, padding), valid
 
+
+
+def reprojection_coefficients(T_src_from_t: Tensor, K: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """The depth-independent part of warping target pixels into a source camera.
+
+    For target pixel p = [u, v, 1] at depth d, the source camera sees ``K (R d K^-1 p + t)`` =
+    ``d * (K R K^-1 p) + K t``. Returns (M (B, H*W, 3) with rows ``K R K^-1 p``, Kt (B, 1, 3)),
+    so that warping with several depth maps (e.g. every decoder scale, upsampled) costs one
+    multiply-add per depth instead of a backprojection, a transform and a projection each."""
+    dtype = T_src_from_t.dtype if T_src_from_t.is_floating_point() else torch.float32
+    Kf = K.to(dtype)
+    T = T_src_from_t.to(dtype)
+    KRKinv = Kf @ T[:, :3, :3] @ torch.linalg.inv(Kf)
+    grid = pixel_grid(T.shape[0], height, width, dtype, T.device)  # (B, 3, N)
+    return grid.transpose(1, 2) @ KRKinv.transpose(1, 2), (Kf @ T[:, :3, 3:4]).transpose(1, 2)
+
+
+def warp_depths(src_image: Tensor, depths: Tensor, M: Tensor, Kt: Tensor, padding: str = "border",
+                eps: float = 1e-7) -> Tensor:
+    """Warp ``src_image`` (B, C, H, W) into the target view once per depth map in ``depths``
+    (S, B, 1, H, W), with :func:`reprojection_coefficients` (M, Kt) of the source's pose.
+
+    Returns (S*B, C, H, W), scale-major. Same sampling as :func:`warp_frame` (bilinear,
+    ``align_corners=True``, source depth clamped at ``eps``), without its validity mask."""
+    s, b, _, h, w = depths.shape
+    if src_image.shape[0] != b or src_image.shape[-2:] != (h, w):
+        raise ValueError(f"warp_depths: source {tuple(src_image.shape)} and depths {tuple(depths.shape)} "
+                         "must share B, H, W")
+    cam = depths.reshape(s, b, h * w, 1) * M.to(depths.dtype) + Kt.to(depths.dtype)  # (S, B, N, 3)
+    uv = cam[..., :2] / cam[..., 2:].clamp(min=eps)
+    scale = uv.new_tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)])
+    grid = (uv * scale - 1.0).reshape(s * b, h, w, 2)
+    src = src_image.unsqueeze(0).expand(s, *src_image.shape).reshape(s * b, *src_image.shape[1:])
+    return F.grid_sample(src, grid.to(src.dtype), mode="bilinear", padding_mode=padding, align_corners=True)

@@ -154,3 +154,40 @@ def fused_reprojection_loss(target: Tensor, warped: Sequence[Tensor],
     if return_argmin:
         return loss, argmin.to(torch.int64).unsqueeze(1)
     return loss
+
+
+def multiscale_reprojection_loss(target: Tensor, warped: Sequence[Tensor], identity: Sequence[Tensor] | None,
+                                 ssim_weight: float = 0.85, impl: str = "auto") -> tuple[Tensor, Tensor]:
+    """The min-reprojection loss at S scales in one call (the depth task's training loss).
+
+    ``target`` (B, C, H, W); ``warped``: one (S*B, C, H, W) tensor per source frame, scale-major
+    (rows s*B .. s*B+B-1 hold scale s); ``identity``: the unwarped sources (B, C, H, W) or None.
+    Returns (per-scale mean of the per-pixel minimum (S,), argmin (S, B, 1, H, W) int64 over
+    [identity..., warped...]). Which code runs:
+
+    * ``triton`` (or ``auto`` on CUDA with Triton): the fused kernels, one call per scale;
+    * ``auto`` otherwise: ``trainer.kernels.photometric_cpu`` (identity and target statistics
+      computed once for all scales, hand-written backward, cache-sized chunks);
+    * ``reference``: ``trainer.losses.photometric.min_reprojection`` at each scale.
+    """
+    identity = list(identity) if identity is not None else []
+    warped = list(warped)
+    b = target.shape[0]
+    if not warped or any(w.dim() != 4 or w.shape[0] % b or w.shape[1:] != target.shape[1:] for w in warped):
+        raise ValueError(f"warped: expected one (S*B, C, H, W) tensor per source with B={b} and C, H, W of the "
+                         f"target {tuple(target.shape)}, got {[tuple(w.shape) for w in warped]}")
+    s = warped[0].shape[0] // b
+    per_scale = [[w[i * b:(i + 1) * b] for w in warped] for i in range(s)]
+    _validate(target, per_scale[0], identity, impl)
+    if resolve_impl(impl, target) == "triton" or impl == "reference":
+        losses, argmins = zip(*(fused_reprojection_loss(target, ws, identity, ssim_weight, impl, return_argmin=True)
+                                for ws in per_scale))
+        return torch.stack(losses), torch.stack(argmins)
+    from trainer.kernels.photometric_cpu import multiscale_min_reprojection
+
+    dtype = target.dtype
+    for t in identity + warped:
+        dtype = torch.promote_types(dtype, t.dtype)
+    losses, argmin = multiscale_min_reprojection(target.to(dtype), [w.to(dtype) for w in warped],
+                                                 [t.to(dtype) for t in identity], ssim_weight)
+    return losses.to(torch.promote_types(dtype, torch.float32)), argmin

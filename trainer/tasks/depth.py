@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.augment import hflip_sample, jitter_frames, sample_jitter
-from trainer.geometry import stereo_pose, warp_frame
+from trainer.geometry import disp_to_depth, reprojection_coefficients, stereo_pose, warp_depths
 from trainer.losses.depth_supervised import masked_l1, scale_invariant_log, valid_depth_mask
-from trainer.kernels.dispatch import IMPLS, fused_reprojection_loss
+from trainer.kernels.dispatch import IMPLS, multiscale_reprojection_loss
 from trainer.losses.smoothness import edge_aware_smoothness, normalize_disp
 from trainer.metrics.depth import DepthMetric
 from trainer.models.depth import build_depth_net, predict_depth, upsampled_depths
@@ -66,7 +66,8 @@ class DepthTaskConfig:
     ssim_weight: float = 0.85
     """Weight of (1 - SSIM) / 2 in the photometric error; 1 - ssim_weight goes to L1."""
     photometric_impl: str = "auto"
-    """Reprojection loss implementation: auto (fused Triton on CUDA, reference on CPU) | triton | reference."""
+    """Reprojection loss implementation: auto (fused Triton on CUDA; elsewhere trainer/kernels/photometric_cpu,
+    the same loss with a hand-written backward) | triton | reference (plain autograd, per scale)."""
     smoothness_weight: float = 1e-3
     """Edge-aware smoothness weight (divided by 2^scale); 0 disables it (self-supervised modes)."""
     automask: bool = True
@@ -227,8 +228,8 @@ class DepthTask(Task):
         feats = model["encoder"](self._net_input(batch, "rgb"))
         disps = model["depth_decoder"](feats)
         size = tuple(batch["rgb"].shape[-2:])
-        depths = upsampled_depths(disps, size, cfg.min_depth, cfg.max_depth)
         if self.mode == "supervised":
+            depths = upsampled_depths(disps, size, cfg.min_depth, cfg.max_depth)
             gt = batch["depth"].float()
             valid = valid_depth_mask(gt, cfg.min_depth, cfg.max_depth)
             terms = []
@@ -245,26 +246,31 @@ class DepthTask(Task):
         target = _float(batch["rgb"])
         K = batch["K"].float()
         sources = self._source_poses(model, batch, feats)
+        # every scale's disparity at the input size, stacked (S, B, 1, H, W): one warp per source
+        full = [d if d.shape[-2:] == target.shape[-2:] else
+                F.interpolate(d, size=size, mode="bilinear", align_corners=False) for d in
+                (disps[s] for s in cfg.scales)]
+        depth = disp_to_depth(torch.stack(full), cfg.min_depth, cfg.max_depth)[1]
+        warped = [warp_depths(img, depth, *reprojection_coefficients(T, K, *size)) for img, T in sources]
         identity = [img for img, _ in sources] if cfg.automask else None
-        reproj_terms, smooth_terms, masked = [], [], []
-        for s in cfg.scales:
-            depth = depths[s][1]
-            warped = [warp_frame(img, depth, T, K)[0] for img, T in sources]
-            err, argmin = fused_reprojection_loss(target, warped, identity, cfg.ssim_weight,
-                                                  cfg.photometric_impl, return_argmin=True)
-            reproj_terms.append(err)
-            masked.append((argmin >= len(identity or ())).float().mean())
-            if cfg.smoothness_weight > 0:
-                disp_s = disps[s]
-                image_s = target if disp_s.shape[-2:] == target.shape[-2:] else F.interpolate(
-                    target, size=disp_s.shape[-2:], mode="area")
-                smooth_terms.append(edge_aware_smoothness(normalize_disp(disp_s), image_s) / (2 ** s))
-        reproj = torch.stack(reproj_terms).mean()
-        smooth = torch.stack(smooth_terms).mean() if smooth_terms else reproj.new_zeros(())
+        reproj_terms, argmin = multiscale_reprojection_loss(target, warped, identity, cfg.ssim_weight,
+                                                            cfg.photometric_impl)
+        masked = (argmin >= len(identity or ())).float().mean()
+        reproj = reproj_terms.mean()
+        smooth = reproj.new_zeros(())
+        if cfg.smoothness_weight > 0:
+            smooth = torch.stack([self._smoothness(disps[s], target, s) for s in cfg.scales]).mean()
         loss = reproj + cfg.smoothness_weight * smooth
         logs = {"loss": loss.detach(), "reprojection": reproj.detach(), "smoothness": smooth.detach(),
-                "automask_fraction": torch.stack(masked).mean().detach()}
+                "automask_fraction": masked.detach()}
         return loss, logs
+
+    @staticmethod
+    def _smoothness(disp: Tensor, target: Tensor, scale: int) -> Tensor:
+        """Edge-aware smoothness of one scale's disparity against the target at that size, / 2^s."""
+        image = target if disp.shape[-2:] == target.shape[-2:] else F.interpolate(
+            target, size=disp.shape[-2:], mode="area")
+        return edge_aware_smoothness(normalize_disp(disp), image) / (2 ** scale)
 
     # ------------------------------------------------------------ evaluation
     def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
