@@ -1,0 +1,203 @@
+"""The native PyTorch family: ``single`` (plain module), ``ddp`` (``DistributedDataParallel``)
+and ``fsdp`` (FSDP2 ``fully_shard``), with torch autocast + grad scaler for mixed precision and
+``torch.distributed.checkpoint`` (DCP) for model + optimizer state.
+
+:func:`parallelize` is applied to the root that :func:`trainer.engine.core.prepare_root` made
+(device, channels_last, compile, already in that order), so the whole order is fixed:
+device -> layout -> compile -> data parallelism (FSDP2: each part, then the root; DDP: the root).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainer.distributed import DistEnv
+from trainer.engine.core import PRECISIONS, Backend, GroupsFn, TaskModule, quiet_single_process
+from trainer.optim import build_optimizer
+from trainer.safe_dcp import SafeFileSystemReader, check_metadata
+from trainer.schedules import build_scheduler
+
+#: name of the torch.distributed.checkpoint folder inside a checkpoint directory
+DCP_DIR = "dcp"
+#: small replicated training state (scheduler, scaler) written by rank 0
+ENGINE_STATE_FILE = "engine_state.pt"
+
+
+def _fully_shard(root: TaskModule) -> nn.Module:
+    """FSDP2: each top-level part with parameters, then the root; fp32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+    for part in root.parts.values():
+        if any(True for _ in part.parameters()):
+            fully_shard(part, mp_policy=mp)
+    fully_shard(root, mp_policy=mp)
+    return root
+
+
+def _replicate(root: TaskModule, pcfg: Any, device: torch.device) -> nn.Module:
+    """DDP around the root (gradient all-reduce in backward)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(root, device_ids=[device.index] if device.type == "cuda" else None,
+               find_unused_parameters=bool(pcfg.find_unused_parameters))
+
+
+def parallelize(root: TaskModule, pcfg: Any, device: torch.device) -> nn.Module:
+    """The data-parallel step of the fixed order for ``pcfg.strategy``; returns the module to call
+    (the root itself for ``single`` and FSDP2, which shards in place; a DDP wrapper for ``ddp``)."""
+    strategy = str(pcfg.strategy)
+    if strategy == "fsdp":
+        return _fully_shard(root)
+    if strategy == "ddp":
+        return _replicate(root, pcfg, device)
+    if strategy == "single":
+        return root
+    raise ValueError(f"parallel.strategy={strategy!r} is not a native strategy (single, ddp, fsdp)")
+
+
+def is_fsdp(model: Optional[nn.Module]) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def is_ddp(model: Optional[nn.Module]) -> bool:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return isinstance(model, DDP)
+
+
+def grad_scaler(pcfg: Any, device: torch.device) -> Optional[torch.amp.GradScaler]:
+    """fp16 only: FSDP2 gets a ShardedGradScaler (all-reduces found-inf so every shard skips the
+    same steps), the others torch's GradScaler; None for fp32 / bf16."""
+    if pcfg.precision != "fp16":
+        return None
+    if str(pcfg.strategy) == "fsdp":
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type)
+    return torch.amp.GradScaler(device.type)
+
+
+class NativeBackend(Backend):
+    """single / DDP / FSDP2: our optimizer, scheduler and scaler driven directly."""
+
+    @staticmethod
+    def check(pcfg: Any, env: DistEnv) -> None:
+        if str(pcfg.strategy) == "single" and env.world_size > 1:
+            raise ValueError(f"parallel.strategy=single but WORLD_SIZE={env.world_size}: "
+                             "pick ddp, fsdp or a zero stage for multi-process runs")
+
+    def setup(self, root: TaskModule, groups_fn: GroupsFn) -> nn.Module:
+        s = self.s
+        self.root = root
+        self.model = parallelize(root, s.pcfg, s.device)
+        self.optimizer = build_optimizer(groups_fn(root.parts), s.ocfg)
+        self.scheduler = build_scheduler(self.optimizer, s.scfg, s.total_steps)
+        self.scaler = grad_scaler(s.pcfg, s.device)
+        return self.model
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = PRECISIONS[self.s.pcfg.precision]
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.s.device.type, dtype=dtype)
+
+    def accumulate(self, last: bool) -> contextlib.AbstractContextManager:
+        """DDP: ``no_sync`` off the last micro-batch; FSDP2: ``set_requires_gradient_sync(last)``."""
+        if is_ddp(self.model) and not last:
+            return self.model.no_sync()  # type: ignore[union-attr]
+        if is_fsdp(self.model):
+            self.model.set_requires_gradient_sync(last)  # type: ignore[union-attr]
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss = loss / int(self.s.ocfg.grad_accum)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def step(self) -> float:
+        assert self.optimizer is not None and self.scheduler is not None
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        max_norm = float(self.s.ocfg.clip_grad_norm) or math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    # ------------------------------------------------------------------ state
+    def save(self, directory: Path) -> None:
+        """Model + optimizer through DCP (sharded, reshardable); scheduler + scaler by rank 0."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(self.model, self.optimizer)
+        self._rank0_buffers_into(msd)
+        with quiet_single_process():
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(directory / DCP_DIR))
+        if self.s.env.is_logging_rank:
+            extra = {"scheduler": self.scheduler.state_dict(),
+                     "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+            torch.save(extra, directory / ENGINE_STATE_FILE)
+
+    def _rank0_buffers_into(self, msd: dict[str, Any]) -> None:
+        """Put rank 0's copy of every plain buffer into ``msd``. Buffers such as BatchNorm running
+        statistics are per rank (each sees its own batches) but look replicated to DCP, which
+        saves one copy picked from any rank: without this, a checkpoint mixes ranks' statistics
+        while ``weights.pt`` is rank 0's. (Each rank's own copy goes into its rank file:
+        :meth:`Engine.rank_buffers`.)"""
+        if not self.s.group.active or self.s.env.world_size == 1:
+            return
+        for name, _ in self.root.named_buffers():
+            value = msd.get(name)
+            if isinstance(value, torch.Tensor) and type(value) is torch.Tensor:  # not a DTensor shard
+                value = value.detach().clone()
+                dist.broadcast(value, src=0)
+                msd[name] = value
+
+    def load(self, directory: Path, saved_world_size: Optional[int]) -> None:
+        """DCP reshards to this world size by itself, so ``saved_world_size`` is not needed. The
+        metadata is checked before DCP unpickles it (a checkpoint folder is data)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        msd, osd = get_state_dict(self.model, self.optimizer)
+        state = {"model": msd, "optim": osd}
+        with quiet_single_process():
+            check_metadata(directory / DCP_DIR)
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(directory / DCP_DIR)))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        extra = torch.load(directory / ENGINE_STATE_FILE, map_location="cpu", weights_only=True)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        if self.scaler is not None and extra.get("scaler") is not None:
+            self.scaler.load_state_dict(extra["scaler"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """FSDP2 gathers the shards (rank 0 complete, CPU); otherwise the root's own copy."""
+        if is_fsdp(self.model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.root.state_dict().items()}
+
+    def __repr__(self) -> str:
+        return f"NativeBackend({self.s.pcfg.strategy})"
+
