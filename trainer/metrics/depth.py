@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.tasks.base import Metric
+from trainer.metrics.base import Metric
 
 METRIC_NAMES = ("abs_rel", "sq_rel", "rmse", "rmse_log", "a1", "a2", "a3")
 #: crop boxes as fractions (top, bottom, left, right) of the ground truth's height / width

@@ -27,7 +27,7 @@ from trainer.metrics.flow import FlowMetric
 from trainer.models.encoders import build_encoder
 from trainer.models.flow_net import FlowDecoder, flow_to_pixel_coords
 from trainer.tasks.base import Task
-from trainer.tasks.segmentation import as_dataclass, keep_keys, to_unit_float
+from trainer.tasks.common import as_dataclass, keep_keys, to_unit_float
 
 FRAME_KEYS = ("rgb", "rgb_next")
 
