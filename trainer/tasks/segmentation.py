@@ -37,14 +37,6 @@ PROTOCOLS = ("full", "frozen", "linear")
 PRETRAINING_MARKERS = {"depth": "depth_decoder.", "depth_full": "depth_decoder.",
                        "classification": "classifier.", "flow": "flow_decoder."}
 
-#: Cityscapes colours per train id (for overlays); 255 (ignore) is drawn black.
-CITYSCAPES_PALETTE = np.array([
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
-    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
-    (0, 80, 100), (0, 0, 230), (119, 11, 32)], dtype=np.uint8)
-
-
 @dataclass
 class SegmentationConfig:
     name: str = "segmentation"
@@ -128,15 +120,6 @@ def write_png_atomic(array: np.ndarray, path: Path) -> Path:
             os.unlink(tmp)
         raise
     return path
-
-
-def colorize(labels: np.ndarray) -> np.ndarray:
-    """(H, W) train ids -> (H, W, 3) uint8 colours (ignore and unknown ids black)."""
-    pal = np.zeros((256, 3), dtype=np.uint8)
-    pal[: len(CITYSCAPES_PALETTE)] = CITYSCAPES_PALETTE
-    extra = np.arange(len(CITYSCAPES_PALETTE), 255)
-    pal[extra] = np.stack([(extra * 53) % 256, (extra * 97) % 256, (extra * 151) % 256], 1)
-    return pal[labels.astype(np.int64)]
 
 
 class SegmentationTask(Task):
