@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_shards.atomic import atomic_write_json
 from launch.grid import Job, weights_path
 from launch.runstore import TrackingStore
 from launch.study_config import CONFIG_TAG, StudyConfig
@@ -43,13 +44,10 @@ def folder_fingerprint(job: Job) -> str | None:
 
 def write_stamp(job: Job) -> None:
     """Record the job's fingerprint (and what it covers) in its run folder, atomically."""
-    job.out_dir.mkdir(parents=True, exist_ok=True)
-    path = job.out_dir / STAMP_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"job_id": job.job_id, "fingerprint": job.fingerprint, "overrides": job.overrides,
-                               "nproc": job.nproc, "needs": job.needs,
-                               "last_started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_json(job.out_dir / STAMP_FILE, {
+        "job_id": job.job_id, "fingerprint": job.fingerprint, "overrides": job.overrides, "nproc": job.nproc,
+        "needs": job.needs, "last_started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        mkdir=True, trailing_newline=True, indent=1)
 
 
 def move_aside(job: Job) -> Path:

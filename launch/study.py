@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+from data_shards.atomic import atomic_write_text
 from launch import k8s
 from launch.compare import compare_study
 from launch.grid import Job, job_command, job_overrides, k8s_name, plan, study_root, study_uri, weights_path
@@ -249,9 +250,7 @@ def emit_k8s(study: StudyConfig, args: argparse.Namespace) -> int:
         spec = k8s.job_from_args(args, name, kept, labels={"geoprime/study": study.name[:63],
                                                          "geoprime/kind": job.kind})
         path = out / f"{'0' if job.kind == 'pretrain' else '1'}-{name}.yaml"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(k8s.to_yaml(k8s.render(args.kind, spec)))
-        tmp.replace(path)
+        atomic_write_text(path, k8s.to_yaml(k8s.render(args.kind, spec)))
         written.append(path)
     print(f"[study] wrote {len(written)} manifests to {out}: apply 0-*.yaml (pre-trainings) first, "
           f"then 1-*.yaml once they completed; then: python -m launch compare --experiment {study.experiment} "

@@ -18,13 +18,13 @@ nearest-neighbour scaling: the pixels shown are the pixels the model saw.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from data_shards.atomic import atomic_write
 from data_shards.palette import (CITYSCAPES_PALETTE, LABEL_LUT, flow_to_color,  # noqa: F401 - re-exported
                                  inverse_depth_colors, label_colors)
 
@@ -89,20 +89,10 @@ def save_figure(panels: Sequence[tuple[str, np.ndarray]], path: str | os.PathLik
     import matplotlib.pyplot as plt
 
     fig = _draw(panels, title, legend, colorbar, plt)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI), mkdir=True)
     finally:
         plt.close(fig)
-    return path
 
 
 def _footer_height(legend: Legend | None, colorbar: ColorBar | None) -> float:

@@ -8,8 +8,6 @@ crop and horizontal flip applied to image and label together, then optional colo
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from data_shards.atomic import atomic_write
 from data_shards.schema import CITYSCAPES_CLASSES, IGNORE_INDEX
 from trainer.augment import apply_jitter, sample_jitter
 from trainer.metrics.seg_reference import MetricSet, ReferencePerImageMetric
@@ -109,17 +108,7 @@ def sample_name(sample: dict[str, Any]) -> str:
 
 def write_png_atomic(array: np.ndarray, path: Path) -> Path:
     """Write a PNG under a temporary name in the same folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"), mkdir=True)
 
 
 class SegmentationTask(Task):
