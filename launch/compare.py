@@ -29,6 +29,7 @@ from pathlib import Path
 
 from launch.chart import bar_chart
 from launch.chart import column_name as _col_name
+from launch.grid import plan, study_root, study_uri
 from launch.runstore import RunRecord, TrackingStore
 from launch.study_config import CONFIG_DIR, CONFIG_TAG, CompareConfig, StudyConfig, load_study
 from launch.study_notes import note_with_comparison
@@ -349,8 +350,6 @@ def compare_study(study: StudyConfig, *, store: TrackingStore | None = None,
                   parent_run_id: str | None = None, echo: bool = True) -> Table:
     """The comparison of a study config (its tracking URI, experiment and out_dir): each fine-tuning of
     the study's grid with its newest FINISHED run made with the job's current configuration fingerprint."""
-    from launch.study import plan, study_root, study_uri
-
     store = store or TrackingStore(study_uri(study), study.experiment)
     if parent_run_id is None:
         parents = store.find_runs({"study": study.name, "study_kind": "study"})
