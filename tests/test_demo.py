@@ -28,7 +28,7 @@ def test_demo_skips_built_shards_and_runs_the_demo_study(tmp_path, monkeypatch, 
     assert {"depth_mono", "depth_mono_full", "flow", "classification_other_domain", "random"} <= set(study.pretrainings)
     # the honest semantic baseline reads the other world; everything else the demo's own
     assert f"data.root='{other}'" in study.pretrainings["classification_other_domain"].overrides
-    assert not any(o.startswith("data.root") for o in study.pretrainings["classification_in_domain"].overrides)
+    assert not any(o.startswith("data.root") for o in study.pretrainings["flow"].overrides)
     assert capsys.readouterr().out.count("already in") == 2
 
 
