@@ -45,6 +45,7 @@ def _synthetic_parser() -> argparse.ArgumentParser:
                                 description="Render the synthetic world into shards (idempotent).")
     p.add_argument("--out", default="data/synthetic", help="output folder (one sub-folder per split)")
     p.add_argument("--seed", type=int, default=0, help="world seed")
+    p.add_argument("--palette", default="default", help="colour domain: default | gbr (SyntheticConfig.palette)")
     p.add_argument("--height", type=int, default=None, help="image height (default: the world's)")
     p.add_argument("--width", type=int, default=None, help="image width (default: the world's)")
     p.add_argument("--splits", nargs="+", default=None, help="splits to build (default: all)")
@@ -64,7 +65,7 @@ def build_synthetic(args: argparse.Namespace) -> dict[str, Any]:
     from data_shards.sources.synthetic import SyntheticConfig
     from data_shards.writer import write_split_parallel
 
-    cfg = SyntheticConfig(seed=args.seed)
+    cfg = SyntheticConfig(seed=args.seed, palette=getattr(args, "palette", "default"))
     changes: dict[str, Any] = {}
     if args.height is not None:
         changes["height"] = args.height

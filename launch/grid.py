@@ -96,7 +96,7 @@ def _finetune_jobs(study: StudyConfig, root: Path, base_tags: dict[str, str]) ->
     for name, pre in study.pretrainings.items():
         for dataset, data_overrides in study.datasets.items():
             for protocol, protocol_overrides in study.protocols.items():
-                for shots in study.shots:
+                for shots in study.protocol_shots.get(protocol, study.shots):
                     for seed in study.seeds:
                         job_id = f"ft-{name}-{dataset}-{protocol}-n{shots or 'all'}-s{seed}"
                         overrides = ["task=segmentation", *study.common, *study.finetune, *data_overrides,
@@ -107,9 +107,10 @@ def _finetune_jobs(study: StudyConfig, root: Path, base_tags: dict[str, str]) ->
                         tags = {**base_tags, "study_job": job_id, "study_kind": "finetune",
                                 "grid_pretraining": name, "grid_dataset": dataset, "grid_protocol": protocol,
                                 "grid_shots": str(shots), "grid_seed": str(seed)}
+                        run = pre.weights_from or (name if pre.task else None)  # whose weights
                         jobs.append(Job(job_id, "finetune", overrides, root / job_id, study.nproc_per_job, tags,
-                                        needs=f"pre-{name}" if pre.task else None,
-                                        weights_override="task.weights={weights}" if pre.task else None))
+                                        needs=f"pre-{run}" if run else None,
+                                        weights_override="task.weights={weights}" if run else None))
     return jobs
 
 

@@ -40,6 +40,9 @@ class PretrainingConfig:
     """Extra overrides for every fine-tuning from this pre-training (e.g. model.imagenet_weights=...)."""
     nproc: int = 0
     """Processes for the pre-training run (0 = ``study.nproc_per_job``)."""
+    weights_from: str = ""
+    """Name of another pre-training whose run this row fine-tunes from (no run of its own; ``task``
+    unset), e.g. the depth run once with init=depth (encoder) and once with init=depth_full."""
 
 
 @dataclass
@@ -86,6 +89,9 @@ class StudyConfig:
     """Fine-tuning datasets by name -> their overrides (data.root=..., data.name=...)."""
     shots: list[int] = field(default_factory=lambda: [0])
     """N-shot training-set sizes (0 = the whole training split)."""
+    protocol_shots: dict[str, list[int]] = field(default_factory=dict)
+    """Per protocol, N-shot sizes replacing ``shots`` (e.g. frozen: [0], full: [4]): columns chosen
+    one by one instead of the whole protocol x shots product."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Fine-tuning seeds (also choose the N-shot subsets)."""
     compare: CompareConfig = field(default_factory=CompareConfig)
@@ -114,6 +120,9 @@ def validate(study: StudyConfig, source: str) -> StudyConfig:
             if not _NAME.match(name):
                 fail(f"study.{group}.{name}: names must be lowercase letters, digits, '-' or '_'")
     for name, pre in study.pretrainings.items():
+        if pre.weights_from:
+            _check_weights_from(study, name, pre, fail)
+            continue
         if pre.task is None and pre.init not in NO_RUN_INITS:
             fail(f"study.pretrainings.{name}: init={pre.init!r} needs a pre-training run; set task "
                  f"(or use one of {NO_RUN_INITS})")
@@ -123,6 +132,11 @@ def validate(study: StudyConfig, source: str) -> StudyConfig:
             fail(f"study.pretrainings.{name}.nproc={pre.nproc} must be >= 0")
     if any(s < 0 for s in study.shots):
         fail(f"study.shots={study.shots}: sizes must be >= 0 (0 = all)")
+    for protocol, sizes in study.protocol_shots.items():
+        if protocol not in study.protocols:
+            fail(f"study.protocol_shots.{protocol}: no such protocol (study.protocols has {sorted(study.protocols)})")
+        if not sizes or any(s < 0 for s in sizes):
+            fail(f"study.protocol_shots.{protocol}={sizes}: needs sizes >= 0 (0 = all)")
     if study.nproc_per_job < 1:
         fail(f"study.nproc_per_job={study.nproc_per_job} must be >= 1")
     for o in [*study.common, *study.finetune]:
@@ -130,6 +144,19 @@ def validate(study: StudyConfig, source: str) -> StudyConfig:
         if key in ("out_dir", "seed", "task", "task.init", "task.weights"):
             fail(f"override {o!r}: {key} is set by the study for each job")
     return study
+
+
+def _check_weights_from(study: StudyConfig, name: str, pre: PretrainingConfig, fail) -> None:
+    """A ``weights_from`` row: names a pre-training that has a run, has no run of its own."""
+    src = study.pretrainings.get(pre.weights_from)
+    if src is None or src.task is None or src.weights_from:
+        fail(f"study.pretrainings.{name}.weights_from={pre.weights_from!r} must name a pre-training with a run "
+             f"(task set; known: {sorted(n for n, p in study.pretrainings.items() if p.task and not p.weights_from)})")
+    if pre.task is not None:
+        fail(f"study.pretrainings.{name}: weights_from={pre.weights_from!r} and task={pre.task!r} exclude each "
+             f"other (a weights_from row has no run of its own)")
+    if pre.init in NO_RUN_INITS:
+        fail(f"study.pretrainings.{name}: weights_from with init={pre.init!r} would ignore the weights")
 
 
 def load_study(overrides: list[str], config_dir: Path = CONFIG_DIR) -> StudyConfig:

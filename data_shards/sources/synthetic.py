@@ -20,6 +20,8 @@ from .synthetic_render import Frame, camera_rays, render, rotate
 from .synthetic_scene import SKY, Scene, build_scene
 
 DATASET = "synthetic"
+#: Colour domains (SyntheticConfig.palette): the RGB channel order each rendered image is re-read in.
+PALETTE_CHANNELS: dict[str, tuple[int, int, int]] = {"default": (0, 1, 2), "gbr": (1, 2, 0)}
 
 
 @dataclass
@@ -50,6 +52,10 @@ class SyntheticConfig:
     """Render distance: hits beyond it are hazed into the sky colour, depth 0, label 255."""
     haze_start_m: float = 60.0
     """Distance where the haze starts (it reaches the sky colour at ``far_m``)."""
+    palette: str = "default"
+    """Colour domain of the rendered images: ``default``, or ``gbr`` (each pixel's RGB rotated to
+    GBR: green vegetation turns red, the blue sky yellow-green...): the same geometry, textures and
+    labels in other colours, e.g. a different-domain world for a pre-training (launch/demo.py)."""
 
     def __post_init__(self) -> None:
         if self.height < 8 or self.width < 8:
@@ -63,6 +69,8 @@ class SyntheticConfig:
         lo, hi = self.speed_m
         if not 0 < lo <= hi:
             raise ValueError(f"SyntheticConfig.speed_m must satisfy 0 < lo <= hi, got {self.speed_m}")
+        if self.palette not in PALETTE_CHANNELS:
+            raise ValueError(f"SyntheticConfig.palette={self.palette!r}: expected one of {sorted(PALETTE_CHANNELS)}")
         if not 0 < self.haze_start_m < self.far_m <= 255.0:
             raise ValueError(f"SyntheticConfig: need 0 < haze_start_m < far_m <= 255 (16-bit depth), "
                              f"got {self.haze_start_m}, {self.far_m}")
@@ -207,12 +215,20 @@ class SequenceWorld:
 
     def render_left(self, frame: int) -> Frame:
         """Render the left camera at ``frame``."""
-        return render(self.scene, self._rays, self.poses[frame], self.K, self.cfg.far_m, self.cfg.haze_start_m)
+        return self._recolour(render(self.scene, self._rays, self.poses[frame], self.K, self.cfg.far_m,
+                                     self.cfg.haze_start_m))
 
     def render_right(self, frame: int) -> Frame:
         """Render the right camera at ``frame``."""
-        return render(self.scene, self._rays, right_pose(self.poses[frame], self.cfg.baseline_m), self.K,
-                      self.cfg.far_m, self.cfg.haze_start_m)
+        return self._recolour(render(self.scene, self._rays, right_pose(self.poses[frame], self.cfg.baseline_m),
+                                     self.K, self.cfg.far_m, self.cfg.haze_start_m))
+
+    def _recolour(self, frame: Frame) -> Frame:
+        """Apply the config's palette (a channel re-ordering; ``default`` leaves the frame as rendered)."""
+        order = PALETTE_CHANNELS[self.cfg.palette]
+        if order != (0, 1, 2):
+            frame.rgb = np.ascontiguousarray(frame.rgb[..., list(order)])
+        return frame
 
 
 def make_sequence(cfg: SyntheticConfig, split: str, sequence: int) -> SequenceWorld:
