@@ -28,7 +28,6 @@ RUN python -m pip install \
     "numpy==2.4.6" \
     "pillow==13.0.0" \
     "tqdm==4.70.1" \
-    "torchmetrics==1.9.0" \
     "matplotlib==3.11.2" \
     "boto3==1.44.8" \
     "h5py==3.16.0" \
