@@ -134,6 +134,23 @@ def find_metric(metrics: dict[str, float], name: str, prefixes: list[str]) -> fl
     return None
 
 
+def _fingerprint_notes(other_config: list[str], unfingerprinted: list[str], not_in_study: set[str]) -> list[str]:
+    """The "runs left out" lines for runs :func:`build_table` passed over because of their fingerprint."""
+    notes = []
+    if other_config:
+        notes.append(f"{len(other_config)} FINISHED run(s) made with another configuration of their job "
+                     f"(tag {CONFIG_TAG} differs from the study's current one): "
+                     f"{', '.join(sorted(set(other_config)))}")
+    if unfingerprinted:
+        notes.append(f"{len(unfingerprinted)} FINISHED run(s) without a {CONFIG_TAG} tag (made before configuration "
+                     f"fingerprints; re-run the study, or compare them as they are with --study <name> --uri ...): "
+                     f"{', '.join(sorted(set(unfingerprinted)))}")
+    if not_in_study:
+        notes.append(f"FINISHED run(s) of {len(not_in_study)} job(s) not in the study's current grid: "
+                     f"{', '.join(sorted(not_in_study))}")
+    return notes
+
+
 def build_table(runs: list[RunRecord], compare: CompareConfig, *, row_order: list[str] | None = None,
                 expected_seeds: int = 0, fingerprints: dict[str, str] | None = None) -> Table:
     """Group FINISHED fine-tuning runs into the table (the newest run of each job counts once).
@@ -189,17 +206,7 @@ def build_table(runs: list[RunRecord], compare: CompareConfig, *, row_order: lis
                 rows_found.append(row)
             if col not in cols_found:
                 cols_found.append(col)
-    if other_config:
-        skipped.append(f"{len(other_config)} FINISHED run(s) made with another configuration of their job "
-                       f"(tag {CONFIG_TAG} differs from the study's current one): "
-                       f"{', '.join(sorted(set(other_config)))}")
-    if unfingerprinted:
-        skipped.append(f"{len(unfingerprinted)} FINISHED run(s) without a {CONFIG_TAG} tag (made before configuration "
-                       f"fingerprints; re-run the study, or compare them as they are with --study <name> --uri ...): "
-                       f"{', '.join(sorted(set(unfingerprinted)))}")
-    if not_in_study:
-        skipped.append(f"FINISHED run(s) of {len(not_in_study)} job(s) not in the study's current grid: "
-                       f"{', '.join(sorted(not_in_study))}")
+    skipped += _fingerprint_notes(other_config, unfingerprinted, not_in_study)
     order = [r for r in (row_order or []) if r in rows_found] + sorted(r for r in rows_found if r not in (row_order or []))
     cols = sorted(cols_found, key=lambda c: (c[0], c[1], int(c[2]) if c[2].isdigit() else 0))
     baselines = [b for b in compare.baselines if b in rows_found]
