@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -120,6 +121,7 @@ def _run(cmd: list[str], timeout: int, what: str) -> str:
 
 def run_ours(args: argparse.Namespace, shards: Path, out: Path, steps: int) -> list[float]:
     """The real ``python -m trainer`` on the converted shards; per-step seconds (step 2 on)."""
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run folder: no resume, no old log lines
     cmd = [sys.executable, "-m", "trainer", "task=depth", "task.supervision=mono", "data=kitti",
            f"data.root={shards}", "data.val_split=", "data.test_split=", f"data.num_workers={args.workers}",
            "model=resnet18", f"train.batch_size={args.batch}", f"train.steps={steps}", "train.log_every=1",
@@ -133,7 +135,7 @@ def run_reference(args: argparse.Namespace, raw: Path, split: Path, steps: int) 
     """Monodepth2's step (benchmarks/monodepth2_reference.py) in its own process."""
     cmd = [sys.executable, __file__, "reference-worker", "--raw", str(raw), "--split", str(split),
            "--steps", str(steps), "--batch", str(args.batch), "--height", str(args.height),
-           "--width", str(args.width), "--workers", str(args.workers)]
+           "--width", str(args.width), "--workers", str(args.workers), "--threads", str(args.reference_threads)]
     return json.loads(_run(cmd, args.timeout, "reference").strip().splitlines()[-1])["step_s"]
 
 
@@ -143,6 +145,8 @@ def reference_worker(args: argparse.Namespace) -> None:
 
     from benchmarks.monodepth2_reference import KittiRawJpegs, Monodepth2Step
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     lines = [ln for ln in Path(args.split).read_text().splitlines() if ln.strip()]
     dataset = KittiRawJpegs(args.raw, lines, args.height, args.width)
@@ -191,14 +195,17 @@ def bench(args: argparse.Namespace) -> dict:
                 raise RuntimeError(f"{name} round {r}: timed {len(times)} steps, expected {steps - 1}")
             times = times[args.warmup:]
             all_times[name] += times
-            print(json.dumps({"round": r, **_summary(name, times, args.batch)}), flush=True)
+            print(json.dumps({"round": r, **_summary(name, times, args.batch),
+                              "load_avg_1min": round(os.getloadavg()[0], 2)}), flush=True)
     ours, ref = (_summary(n, all_times[n], args.batch) for n in ("ours", "reference"))
     result = {"summary": True, "ours_samples_per_s": ours["samples_per_s"],
               "reference_samples_per_s": ref["samples_per_s"],
               "ratio": round(ours["samples_per_s"] / ref["samples_per_s"], 3),
               "settings": {"batch": args.batch, "hw": [args.height, args.width], "workers": args.workers,
                            "steps_per_run": args.steps, "warmup": args.warmup, "rounds": args.rounds,
-                           "cpus": os.cpu_count(), "ours_overrides": args.ours}}
+                           "cpus": os.cpu_count(), "ours_overrides": args.ours,
+                           "reference_threads": args.reference_threads or "torch default",
+                           "ours_threads": os.environ.get("GEOPRIME_THREADS", "trainer default")}}
     print(json.dumps(result), flush=True)
     return result
 
@@ -217,6 +224,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of both")
     p.add_argument("--timeout", type=int, default=900, help="seconds per run")
     p.add_argument("--ours", nargs="*", default=[], help="extra Hydra overrides for python -m trainer")
+    p.add_argument("--reference-threads", type=int, default=0,
+                   help="intra-op threads of the reference (0: torch's default, one per core, as Monodepth2 runs)")
+    p.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--raw", help=argparse.SUPPRESS)
     p.add_argument("--split", help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -14,19 +14,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data_shards import schema
+from data_shards import palette, schema
 from data_shards.manifest import MANIFEST_NAME, Manifest
 from data_shards.openers import OpenError, is_remote, join, open_stream
 from data_shards.reader import ShardError, iter_members
 from data_shards.stream import check_members, load_manifest
-
-#: Cityscapes' official colours for the 19 train ids (ignore = black).
-CITYSCAPES_COLORS = np.array([
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
-], dtype=np.uint8)
-
 
 def split_location(path: str) -> tuple[str, str]:
     """``DIR/SPLIT`` (or ``URL/SPLIT``) -> (root, split)."""
@@ -38,25 +30,16 @@ def split_location(path: str) -> tuple[str, str]:
 
 
 def colorize_depth(depth: np.ndarray) -> np.ndarray:
-    """(H, W) metres -> uint8 RGB with the magma map on inverse depth; invalid (0) is black."""
-    from matplotlib import colormaps
-
+    """(H, W) metres -> uint8 RGB with the magma map on inverse depth, its 1st..99th percentiles
+    stretched to the whole map; invalid (0) is black."""
     valid = depth > 0
-    inv = np.zeros_like(depth, dtype=np.float64)
-    inv[valid] = 1.0 / depth[valid]
-    if valid.any():
-        lo, hi = np.percentile(inv[valid], [1, 99])
-        inv = np.clip((inv - lo) / max(hi - lo, 1e-9), 0, 1)
-    rgb = (colormaps["magma"](inv)[..., :3] * 255).astype(np.uint8)
-    rgb[~valid] = 0
-    return rgb
+    lo, hi = np.percentile(1.0 / depth[valid].astype(np.float64), [1, 99]) if valid.any() else (0.0, 1.0)
+    return palette.inverse_depth_colors(depth, valid, vmax=float(hi), vmin=float(lo))
 
 
 def colorize_seg(seg: np.ndarray) -> np.ndarray:
     """(H, W) train ids -> uint8 RGB in the Cityscapes colours; ignore (255) and unknown ids black."""
-    lut = np.zeros((256, 3), dtype=np.uint8)
-    lut[: len(CITYSCAPES_COLORS)] = CITYSCAPES_COLORS
-    return lut[seg]
+    return palette.label_colors(seg, unknown="black")
 
 
 def contact_sheet(samples: list[dict[str, Any]]) -> np.ndarray:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from data_shards import schema
+from data_shards.atomic import atomic_write_bytes
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "geoprime-shards/1"
@@ -108,20 +109,10 @@ class Manifest:
         return m
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, then rename."""
-    tmp = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_manifest(split_dir: str, manifest: Manifest) -> str:
     """Atomically write ``<split_dir>/manifest.json``; returns its path."""
     path = os.path.join(split_dir, MANIFEST_NAME)
-    atomic_write_bytes(path, manifest.to_json().encode("utf-8"))
+    atomic_write_bytes(path, manifest.to_json().encode("utf-8"), fsync=True)
     return path
 
 

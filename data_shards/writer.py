@@ -29,8 +29,8 @@ import webdataset as wds
 from tqdm import tqdm
 
 from data_shards import schema
-from data_shards.manifest import (MANIFEST_NAME, Manifest, ManifestError, ShardInfo, atomic_write_bytes, member_crc32,
-                                  write_manifest)
+from data_shards.atomic import atomic_write_bytes
+from data_shards.manifest import MANIFEST_NAME, Manifest, ManifestError, ShardInfo, member_crc32, write_manifest
 
 DEFAULT_MAX_COUNT = 256
 DEFAULT_MAX_SIZE = 256 * 2**20
@@ -261,7 +261,7 @@ def _write_chunk(split_dir: str, name: str, make_samples: Callable[[], Iterable[
     else:
         st = shard.finish()
     record = dict(asdict(st), fingerprint=fingerprint)
-    atomic_write_bytes(os.path.join(split_dir, _PROGRESS_DIR, name + ".json"), _canon(record).encode())
+    atomic_write_bytes(os.path.join(split_dir, _PROGRESS_DIR, name + ".json"), _canon(record).encode(), fsync=True)
     return st
 
 

@@ -10,9 +10,10 @@ interval and are marked "n<2".
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from data_shards.atomic import atomic_write
 
 if TYPE_CHECKING:  # launch.compare imports this module
     from launch.compare import Table
@@ -88,9 +89,7 @@ def bar_chart(table: "Table", path: Path, title: str) -> Path:
     axes[0][0].legend(fontsize=9, title="pre-training")
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), mkdir=True)
+    finally:
+        plt.close(fig)

@@ -27,8 +27,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_shards.atomic import atomic_write_text
 from launch.chart import bar_chart
 from launch.chart import column_name as _col_name
+from launch.grid import plan, study_root, study_uri
 from launch.runstore import RunRecord, TrackingStore
 from launch.study_config import CONFIG_DIR, CONFIG_TAG, CompareConfig, StudyConfig, load_study
 from launch.study_notes import note_with_comparison
@@ -298,11 +300,7 @@ def verdict(table: Table) -> list[str]:
 
 
 def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text, mkdir=True)
 
 
 def compare_runs(store: TrackingStore, study_name: str, compare: CompareConfig, out_dir: Path, *,
@@ -349,8 +347,6 @@ def compare_study(study: StudyConfig, *, store: TrackingStore | None = None,
                   parent_run_id: str | None = None, echo: bool = True) -> Table:
     """The comparison of a study config (its tracking URI, experiment and out_dir): each fine-tuning of
     the study's grid with its newest FINISHED run made with the job's current configuration fingerprint."""
-    from launch.study import plan, study_root, study_uri
-
     store = store or TrackingStore(study_uri(study), study.experiment)
     if parent_run_id is None:
         parents = store.find_runs({"study": study.name, "study_kind": "study"})

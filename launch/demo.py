@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from launch.study import REPO, _terminate, run_study, study_root, study_uri
+from launch.grid import study_root, study_uri
+from launch.study import REPO, _terminate, run_study
 from launch.study_config import load_study
 from trainer import tracking
 

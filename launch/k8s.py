@@ -12,11 +12,11 @@ import re
 import shlex
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from data_shards.atomic import atomic_write_text
 from launch.torchrun import DEFAULT_RDZV_PORT, TORCHRUN_ENV, TorchrunJob
 
 KINDS = ("job", "jobset", "pytorchjob")
@@ -323,10 +323,7 @@ def main(argv: list[str]) -> int:
         return 2
     text = to_yaml(docs)
     if args.out:
-        out = Path(args.out)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+        out = atomic_write_text(args.out, text)
         print(f"[launch] wrote {len(docs)} manifest(s) to {out}: kubectl apply -f {shlex.quote(str(out))}")
     else:
         sys.stdout.write(text)

@@ -8,7 +8,8 @@ import torch
 
 from trainer.losses.depth_supervised import masked_l1, scale_invariant_log
 from trainer.losses.smoothness import edge_aware_smoothness, normalize_disp
-from trainer.metrics.depth import DepthMetric, crop_mask, depth_errors, depth_panel, median
+from trainer.metrics.depth import DepthMetric, crop_mask, depth_errors, median
+from trainer.visuals import depth_panel
 
 
 def test_depth_errors_hand_computed():

@@ -246,6 +246,7 @@ def test_wall_clock_checkpoint_cadence_is_the_default(tmp_path):
 
     assert TrainConfig().ckpt_every_minutes == 30.0 and TrainConfig().ckpt_every == 0
     _train_single(tmp_path, "train.steps=4", "train.ckpt_every_minutes=0.00001", "train.keep_last=10")
+    assert "no whole checkpoint in" in (tmp_path / "logs" / "rank0.log").read_text()  # said in one line
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
     _train_single(tmp_path / "off", "train.steps=4", "train.ckpt_every_minutes=0", "train.keep_last=10")
     assert sorted(p.name for p in (tmp_path / "off" / "checkpoints").glob("step_*")) == ["step_00000004"]

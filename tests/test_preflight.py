@@ -59,10 +59,18 @@ def test_what_the_run_cannot_do_fails_before_step_one(kitti_no_lidar, tmp_path):
     # a typo added with '+' (Hydra accepts new keys that way) is refused, naming the key
     res = _trainer(tmp_path / "typo", "task=depth", f"data.root={kitti_no_lidar}", "+train.stepz=5")
     assert res.returncode == 2 and "unknown config key(s): train.stepz" in res.stderr, res.stderr[-2000:]
-    # a missing initialisation file is named before training
-    res = _trainer(tmp_path / "init", "task=segmentation", "task.init=depth", f"task.weights={tmp_path}/nope.pt",
-                   f"data.root={kitti_no_lidar}")
-    assert res.returncode == 2 and "nope.pt" in res.stderr, res.stderr[-2000:]
-    # more ranks' batches than the split holds: named with the numbers
-    res = _trainer(tmp_path / "big", "task=depth", f"data.root={kitti_no_lidar}", "train.batch_size=8")
-    assert res.returncode == 2 and "fewer than train.batch_size=8" in res.stderr, res.stderr[-2000:]
+
+
+@pytest.mark.timeout(300)
+def test_launch_side_check_names_init_files_and_batch_sizes(kitti_no_lidar, tmp_path):
+    """What `python -m launch run` checks before starting torchrun (in-process: no subprocess)."""
+    from trainer.__main__ import check_job
+    from trainer.errors import ConfigError
+
+    base = ["data=kitti", f"data.root={kitti_no_lidar}", "data.test_split=val", "tracking=none", "train.batch_size=2"]
+    with pytest.raises(ConfigError, match="nope.pt"):  # a missing initialisation file
+        check_job([*base, f"out_dir={tmp_path / 'init'}", "task=segmentation", "task.init=depth",
+                   f"task.weights={tmp_path}/nope.pt"], world_size=1)
+    with pytest.raises(ConfigError, match=r"4 samples give each of 2 ranks 2 .* fewer than train.batch_size=3"):
+        check_job([*base, f"out_dir={tmp_path / 'big'}", "task=depth", "train.batch_size=3"], world_size=2)
+    check_job([*base, f"out_dir={tmp_path / 'ok'}", "task=depth"], world_size=2)  # 2 per rank: fine

@@ -17,8 +17,8 @@ from trainer.models.pretrained import PretrainedMismatchError
 from trainer.models.seg_heads import dilate_encoder
 from trainer.tasks.classification import ClassificationConfig, ClassificationTask
 from trainer.tasks.flow import FlowConfig, FlowTask
-from trainer.tasks.segmentation import (INITS, PROTOCOLS, SegmentationConfig, SegmentationTask,
-                                        random_scale_crop_flip)
+from trainer.tasks.common import random_scale_crop_flip
+from trainer.tasks.segmentation import INITS, PROTOCOLS, SegmentationConfig, SegmentationTask
 
 H, W = 32, 64
 

@@ -16,7 +16,8 @@ from trainer.config import ModelConfig, register_configs
 from trainer.metrics.seg_reference import MetricSet, ReferencePerImageMetric
 from trainer.metrics.segmentation import SegmentationMetric
 from trainer.schedules import lr_multiplier
-from trainer.tasks.segmentation import SegmentationConfig, SegmentationTask, random_scale_crop_flip
+from trainer.tasks.common import random_scale_crop_flip
+from trainer.tasks.segmentation import SegmentationConfig, SegmentationTask
 
 KITTI_8 = [0, 1, 2, 8, 9, 10, 13, 18]  # the paper's 8 scored classes
 KITTI_7 = KITTI_8[:-1]  # what its code scores: iou[-1] (bicycle) is in its ignore list

@@ -15,7 +15,7 @@ import yaml
 
 import launch.study as study_mod
 from launch.runstore import TrackingStore
-from launch.study import job_overrides, k8s_name, plan
+from launch.grid import job_overrides, k8s_name, plan
 from launch.study_config import from_dict, load_study
 from trainer import tracking
 

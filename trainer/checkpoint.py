@@ -28,6 +28,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
+from data_shards.atomic import atomic_save, atomic_write_text
+
 log = logging.getLogger("geoprime.checkpoint")
 
 MARKER = "COMPLETE.json"
@@ -59,18 +61,11 @@ def _sha256(path: Path) -> str:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_save(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, text, fsync=True)
 
 
 def write_marker(ckpt: Path, step: int, world_size: int) -> None:

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from data_shards.atomic import atomic_write_text
 from trainer.checkpoint import Checkpointer, step_dir_name
 from trainer.config import check_known_keys
 from trainer.distributed import dist_env, rank_seed, seed_everything, setup_logging, teardown_logging
@@ -70,9 +71,7 @@ def shard_loader_factory(cfg: Any, task: Any, engine: Engine) -> LoaderFactory:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def _config_yaml(cfg: Any) -> str:

@@ -2,12 +2,13 @@
 
 One home for what the tasks' ``visualize`` hooks draw, so every run's qualitative PNGs look alike:
 
-- :data:`CITYSCAPES_PALETTE` and :func:`label_colors`: train id -> colour (ignore and unknown ids black);
-- :func:`inverse_depth_colors`: depth -> magma colour map of inverse depth (near = bright, Monodepth2's
-  display), invalid pixels black;
+- :data:`CITYSCAPES_PALETTE`, :func:`label_colors`, :func:`inverse_depth_colors`, :func:`flow_to_color`:
+  the palette and colour maps, from :mod:`data_shards.palette` (the one home of the project's colours,
+  shared with the shard inspector's contact sheet), re-exported here;
 - :func:`depth_figure`, :func:`segmentation_figure`, :func:`flow_figure`: panels with titles, and a
   colour bar (depth) or a class legend (segmentation: only the classes in the picture), laid out one
-  panel per row for wide images, side by side otherwise;
+  panel per row for wide images, side by side otherwise; :func:`depth_panel`, the untitled
+  input | prediction | ground-truth strip on one colour scale;
 - :func:`save_figure`: PNG under a temporary name, then renamed (a reader never sees half a file).
 
 Small inputs (a 64x192 synthetic frame) are drawn at :data:`PANEL_WIDTH_IN` inches a panel and
@@ -17,19 +18,16 @@ nearest-neighbour scaling: the pixels shown are the pixels the model saw.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-#: Cityscapes colours per train id (for overlays); 255 (ignore) is drawn black.
-CITYSCAPES_PALETTE = np.array([
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
-    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
-    (0, 80, 100), (0, 0, 230), (119, 11, 32)], dtype=np.uint8)
+from data_shards.atomic import atomic_write
+from data_shards.palette import (CITYSCAPES_PALETTE, LABEL_LUT, flow_to_color,  # noqa: F401 - re-exported
+                                 inverse_depth_colors, label_colors)
+
 #: Width of a panel in inches when panels are stacked (wide images) / side by side, and the
 #: resolution figures are saved at: 800 px / 500 px a panel.
 PANEL_WIDTH_IN = 8.0
@@ -41,37 +39,6 @@ LEGEND_COLUMNS = 4
 WIDE_ASPECT = 2.0
 #: Share of the label colour in a segmentation overlay (the rest is the image).
 OVERLAY_ALPHA = 0.55
-
-
-def _lut() -> np.ndarray:
-    pal = np.zeros((256, 3), dtype=np.uint8)
-    pal[: len(CITYSCAPES_PALETTE)] = CITYSCAPES_PALETTE
-    extra = np.arange(len(CITYSCAPES_PALETTE), 255)
-    pal[extra] = np.stack([(extra * 53) % 256, (extra * 97) % 256, (extra * 151) % 256], 1)
-    return pal
-
-
-_LUT = _lut()
-
-
-def label_colors(labels: np.ndarray) -> np.ndarray:
-    """(H, W) train ids -> (H, W, 3) uint8 colours (Cityscapes' for 0..18, fixed others; 255 black)."""
-    return _LUT[np.asarray(labels).astype(np.int64) & 255]
-
-
-def inverse_depth_colors(depth: np.ndarray, valid: np.ndarray | None = None, vmax: float | None = None) -> np.ndarray:
-    """(H, W) depth -> uint8 (H, W, 3) magma map of inverse depth normalised by ``vmax`` (default:
-    the 95th percentile of the valid pixels); pixels not ``valid`` are black."""
-    from matplotlib import colormaps
-
-    depth = np.asarray(depth, dtype=np.float64)
-    valid = np.ones(depth.shape, bool) if valid is None else np.asarray(valid, bool)
-    inv = 1.0 / np.clip(depth, 1e-6, None)
-    if vmax is None:
-        vmax = float(np.percentile(inv[valid], 95)) if valid.any() else 1.0
-    rgb = (colormaps["magma"](np.clip(inv / max(vmax, 1e-12), 0, 1))[..., :3] * 255).round().astype(np.uint8)
-    rgb[~valid] = 0
-    return rgb
 
 
 def as_hwc_uint8(image) -> np.ndarray:
@@ -122,20 +89,10 @@ def save_figure(panels: Sequence[tuple[str, np.ndarray]], path: str | os.PathLik
     import matplotlib.pyplot as plt
 
     fig = _draw(panels, title, legend, colorbar, plt)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI), mkdir=True)
     finally:
         plt.close(fig)
-    return path
 
 
 def _footer_height(legend: Legend | None, colorbar: ColorBar | None) -> float:
@@ -230,7 +187,7 @@ def segmentation_figure(image, pred, gt, class_names: Sequence[str], ignore_inde
 def class_legend(pred: np.ndarray, gt_scored: np.ndarray, class_names: Sequence[str]) -> Legend:
     """Legend of the classes in the prediction or the scored ground truth, in train-id order."""
     present = sorted(set(np.unique(pred).tolist()) | set(np.unique(gt_scored).tolist()))
-    entries = [(class_names[k] if 0 <= k < len(class_names) else str(k), tuple(int(c) for c in _LUT[k & 255]))
+    entries = [(class_names[k] if 0 <= k < len(class_names) else str(k), tuple(int(c) for c in LABEL_LUT[k & 255]))
                for k in present]
     return Legend("classes", entries)
 
@@ -243,3 +200,24 @@ def flow_figure(image, pred_rgb: np.ndarray, gt_rgb: np.ndarray | None = None, *
     if gt_rgb is not None:
         panels.append(("ground-truth flow (black: no measurement)", gt_rgb))
     return save_figure(panels, path, title=title)
+
+
+def depth_panel(image, pred, gt=None):
+    """PIL image: input (3, H, W) uint8 | predicted depth | ground truth (if given, on the same
+    colour scale as the prediction), side by side, no titles; the prediction is resized (bilinear)
+    to the input. :func:`depth_figure` is the titled figure the depth task writes."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    h, w = image.shape[-2:]
+    if pred.shape != (h, w):
+        pred = F.interpolate(pred[None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    inv = 1.0 / pred.double().clamp(min=1e-6)
+    vmax = float(torch.quantile(inv.flatten(), 0.95))
+    rgb = image if image.dtype == torch.uint8 else (image.clamp(0, 1) * 255).round().to(torch.uint8)
+    tiles = [rgb.permute(1, 2, 0).cpu().numpy(), inverse_depth_colors(pred.double().cpu().numpy(), vmax=vmax)]
+    if gt is not None:
+        gt = gt.double().cpu().numpy()
+        tiles.append(inverse_depth_colors(gt, gt > 0, vmax=vmax))
+    return Image.fromarray(np.concatenate(tiles, axis=1))

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -31,6 +29,7 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
+from data_shards.atomic import atomic_write
 from data_shards.sources.labels import labelid_to_trainid, trainid_to_labelid
 from data_shards.sources.resize import (
     Geometry, SourceError, add_common_arguments, geometry_from_args, read_png_gray, read_rgb, require,
@@ -202,16 +201,7 @@ def write_cityscapes_predictions(pred_trainids: np.ndarray, input_name: str, out
     if size is not None and label_ids.shape != tuple(size):
         label_ids = Geometry(size=tuple(size)).labels(label_ids)
     target = Path(out_dir) / city / f"{city}_{seq:06d}_{frame:06d}_leftImg8bit.png"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(label_ids.astype(np.uint8)).save(fh, format="PNG")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(target, lambda f: Image.fromarray(label_ids.astype(np.uint8)).save(f, format="PNG"), mkdir=True)
 
 
 # --------------------------------------------------------------------------- CLI

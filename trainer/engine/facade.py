@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from trainer.distributed import DistEnv, dist_env
+from data_shards.atomic import atomic_save
 from trainer.engine import core
 from trainer.engine.core import PRECISIONS, STRATEGIES, Backend, ProcessGroup, Setting, TaskModule
 from trainer.engine.deepspeed_backend import DeepSpeedBackend
@@ -216,11 +216,7 @@ class Engine:
         sd = self.full_state_dict()
         out = None
         if self.is_logging_rank:
-            out = Path(path)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-            torch.save(sd, tmp)
-            os.replace(tmp, out)
+            out = atomic_save(path, lambda tmp: torch.save(sd, tmp), mkdir=True)
         self.barrier()
         return out
 

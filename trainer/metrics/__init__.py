@@ -1,1 +1,1 @@
-"""Evaluation metrics: summable accumulators (see trainer.tasks.base.Metric)."""
+"""Evaluation metrics: summable accumulators (see trainer.metrics.base.Metric)."""

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from trainer.tasks.base import Metric
+from trainer.metrics.base import Metric
 
 
 class TopKAccuracy(Metric):

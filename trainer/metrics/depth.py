@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.tasks.base import Metric
+from trainer.metrics.base import Metric
 
 METRIC_NAMES = ("abs_rel", "sq_rel", "rmse", "rmse_log", "a1", "a2", "a3")
 #: crop boxes as fractions (top, bottom, left, right) of the ground truth's height / width
@@ -118,39 +118,3 @@ class DepthMetric(Metric):
         if self.scaling == "median":
             out["median_ratio"] = float(state[-1]) / n
         return out
-
-
-def colorize_inverse_depth(depth: Tensor, valid: Tensor | None = None, vmax: float | None = None):
-    """(H, W) depth -> uint8 (H, W, 3) magma colour map of inverse depth (near = bright),
-    normalised by the 95th percentile (Monodepth2's display); ``valid`` False -> black."""
-    import numpy as np
-    from matplotlib import colormaps
-
-    inv = 1.0 / depth.double().clamp(min=1e-6)
-    if valid is None:
-        valid = torch.ones_like(inv, dtype=torch.bool)
-    if vmax is None:
-        vmax = float(torch.quantile(inv[valid], 0.95)) if valid.any() else 1.0
-    norm = (inv / max(vmax, 1e-12)).clamp(0, 1).numpy()
-    rgb = (colormaps["magma"](norm)[..., :3] * 255).round().astype(np.uint8)
-    rgb[~valid.numpy()] = 0
-    return rgb
-
-
-def depth_panel(image: Tensor, pred: Tensor, gt: Tensor | None = None):
-    """PIL image: input (3, H, W) uint8 | predicted depth | ground truth (if given, on the same
-    colour scale as the prediction), side by side; the prediction is resized to the input."""
-    import numpy as np
-    from PIL import Image
-
-    h, w = image.shape[-2:]
-    if pred.shape != (h, w):
-        pred = F.interpolate(pred[None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-    inv = 1.0 / pred.double().clamp(min=1e-6)
-    vmax = float(torch.quantile(inv.flatten(), 0.95))
-    rgb = image if image.dtype == torch.uint8 else (image.clamp(0, 1) * 255).round().to(torch.uint8)
-    tiles = [rgb.permute(1, 2, 0).cpu().numpy(), colorize_inverse_depth(pred.cpu(), vmax=vmax)]
-    if gt is not None:
-        gt = gt.cpu()
-        tiles.append(colorize_inverse_depth(gt, gt > 0, vmax=vmax))
-    return Image.fromarray(np.concatenate(tiles, axis=1))

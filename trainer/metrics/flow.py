@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from trainer.tasks.base import Metric
+from trainer.metrics.base import Metric
 
 
 def flow_error_sums(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from trainer.tasks.base import Metric
+from trainer.metrics.base import Metric
 
 
 def reference_image_ious(gt: torch.Tensor, pred: torch.Tensor, classes: torch.Tensor,

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from trainer.tasks.base import Metric
+from trainer.metrics.base import Metric
 
 
 def confusion_matrix(gt: torch.Tensor, pred: torch.Tensor, num_classes: int,

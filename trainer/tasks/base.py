@@ -2,7 +2,8 @@
 
 A task owns model construction, per-sample transforms, the loss and the metrics. It
 knows nothing of DDP / FSDP / DeepSpeed: the engine wraps whatever ``build_model``
-returns, and the loop calls only the methods below.
+returns, and the loop calls only the methods below. ``Metric`` (what :meth:`Task.new_metric`
+returns) lives in :mod:`trainer.metrics.base` and is re-exported here.
 """
 from __future__ import annotations
 
@@ -13,25 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-class Metric(abc.ABC):
-    """Accumulates evaluation statistics as one summable float64 vector.
-
-    Distributed evaluation all-reduces (sums) :meth:`state` over ranks, then calls
-    :meth:`compute` on the sum, so every sample counts exactly once whatever the world size.
-    """
-
-    @abc.abstractmethod
-    def update(self, batch: dict[str, Any], outputs: Any) -> None:
-        """Add one batch. Samples with ``batch['__valid__'] == False`` (padding) must be ignored."""
-
-    @abc.abstractmethod
-    def state(self) -> torch.Tensor:
-        """1-D float64 CPU tensor of sums (e.g. a flattened confusion matrix, metric sums + count)."""
-
-    @abc.abstractmethod
-    def compute(self, state: torch.Tensor) -> dict[str, float]:
-        """Final metrics from a (possibly all-reduced) state vector."""
+from trainer.metrics.base import Metric  # noqa: F401 - re-exported: the task contract names it
 
 
 class Task(abc.ABC):

@@ -22,7 +22,7 @@ from trainer.models.classifier import PooledLinear
 from trainer.metrics.classification import TopKAccuracy
 from trainer.models.encoders import build_encoder
 from trainer.tasks.base import Metric, Task
-from trainer.tasks.segmentation import as_dataclass, keep_keys, random_scale_crop_flip, to_unit_float
+from trainer.tasks.common import as_dataclass, keep_keys, random_scale_crop_flip, to_unit_float
 
 log = logging.getLogger("geoprime.classification")
 

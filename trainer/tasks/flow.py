@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.colors import hsv_to_rgb
 from torch import nn
 
 from trainer.augment import hflip_sample, jitter_frames, sample_jitter
@@ -27,7 +26,8 @@ from trainer.metrics.flow import FlowMetric
 from trainer.models.encoders import build_encoder
 from trainer.models.flow_net import FlowDecoder, flow_to_pixel_coords
 from trainer.tasks.base import Task
-from trainer.tasks.segmentation import as_dataclass, keep_keys, to_unit_float
+from trainer.tasks.common import as_dataclass, keep_keys, to_unit_float
+from trainer.visuals import flow_to_color
 
 FRAME_KEYS = ("rgb", "rgb_next")
 
@@ -50,15 +50,6 @@ class FlowConfig:
     """Qualitative flow images written per ``visualize`` call."""
     gt_flow: bool = True
     """Read ground-truth flow (key ``flow``) so evaluation reports EPE; false for data without it."""
-
-
-def flow_to_color(flow: np.ndarray, max_mag: float | None = None) -> np.ndarray:
-    """(2, H, W) flow -> (H, W, 3) uint8: hue = direction, value = magnitude / max."""
-    u, v = flow[0], flow[1]
-    mag = np.hypot(u, v)
-    top = max_mag if max_mag else max(float(mag.max()), 1e-6)
-    hsv = np.stack([(np.arctan2(-v, -u) / np.pi + 1) / 2, np.ones_like(u), np.clip(mag / top, 0, 1)], -1)
-    return (hsv_to_rgb(hsv) * 255).round().astype(np.uint8)
 
 
 def warp_by_flow(image: torch.Tensor, flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,8 +8,6 @@ crop and horizontal flip applied to image and label together, then optional colo
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from data_shards.atomic import atomic_write
 from data_shards.schema import CITYSCAPES_CLASSES, IGNORE_INDEX
 from trainer.augment import apply_jitter, sample_jitter
 from trainer.metrics.seg_reference import MetricSet, ReferencePerImageMetric
@@ -29,20 +28,13 @@ from trainer.models.pretrained import load_pretrained, read_state_dict
 from trainer.models.seg_heads import HEADS, build_seg_head, dilate_encoder
 from trainer.models.unet import pad_to_stride
 from trainer.tasks.base import Metric, Task
+from trainer.tasks.common import as_dataclass, keep_keys, random_scale_crop_flip, to_unit_float
 
 INITS = ("random", "imagenet", "depth", "depth_full", "classification", "flow", "checkpoint")
 PROTOCOLS = ("full", "frozen", "linear")
 #: The part each of our pre-trainings exports beside ``encoder.``: proof the file is what init says.
 PRETRAINING_MARKERS = {"depth": "depth_decoder.", "depth_full": "depth_decoder.",
                        "classification": "classifier.", "flow": "flow_decoder."}
-
-#: Cityscapes colours per train id (for overlays); 255 (ignore) is drawn black.
-CITYSCAPES_PALETTE = np.array([
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
-    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
-    (0, 80, 100), (0, 0, 230), (119, 11, 32)], dtype=np.uint8)
-
 
 @dataclass
 class SegmentationConfig:
@@ -104,50 +96,6 @@ class SegmentationConfig:
     """Qualitative overlays written per ``visualize`` call."""
 
 
-def as_dataclass(cfg: Any, cls: type) -> Any:
-    """The task config as its dataclass (Hydra hands over a DictConfig; plain lists, not ListConfig)."""
-    if isinstance(cfg, cls):
-        return cfg
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(cfg, DictConfig):
-        obj = OmegaConf.to_object(cfg)
-        return obj if isinstance(obj, cls) else cls(**obj)
-    return cls(**dict(cfg))
-
-
-def random_scale_crop_flip(rgb: torch.Tensor, labels: list[torch.Tensor], generator: torch.Generator,
-                           scale_range=(1.0, 1.0), crop=(0, 0), hflip: bool = True,
-                           label_fill: int = IGNORE_INDEX) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Rescale (bilinear image, nearest labels), pad (image 0, labels ``label_fill``), crop and
-    flip an uint8 (3, H, W) image and its (H, W) label maps the same way. Always draws the same
-    number of values from ``generator`` (scale, y, x, flip), whatever the sizes."""
-    _, h, w = rgb.shape
-    ch, cw = (crop[0] or h), (crop[1] or w)
-    lo, hi = float(scale_range[0]), float(scale_range[1])
-    u = torch.rand(4, generator=generator, dtype=torch.float64)
-    s = lo + (hi - lo) * float(u[0])
-    nh, nw = max(1, round(h * s)), max(1, round(w * s))
-    if (nh, nw) != (h, w):
-        img = F.interpolate(rgb[None].float(), size=(nh, nw), mode="bilinear", align_corners=False,
-                            antialias=s < 1)
-        rgb = img[0].round().clamp(0, 255).to(torch.uint8)
-        labels = [F.interpolate(l[None, None].float(), size=(nh, nw), mode="nearest-exact")[0, 0].to(l.dtype)
-                  for l in labels]
-    ph, pw = max(ch - nh, 0), max(cw - nw, 0)
-    if ph or pw:
-        rgb = F.pad(rgb, (0, pw, 0, ph), value=0)
-        labels = [F.pad(l, (0, pw, 0, ph), value=label_fill) for l in labels]
-    y0 = int(float(u[1]) * (rgb.shape[1] - ch + 1))
-    x0 = int(float(u[2]) * (rgb.shape[2] - cw + 1))
-    rgb = rgb[:, y0:y0 + ch, x0:x0 + cw]
-    labels = [l[y0:y0 + ch, x0:x0 + cw] for l in labels]
-    if hflip and float(u[3]) < 0.5:
-        rgb = rgb.flip(-1)
-        labels = [l.flip(-1) for l in labels]
-    return rgb.contiguous(), [l.contiguous() for l in labels]
-
-
 def sample_name(sample: dict[str, Any]) -> str:
     """File stem for exported predictions: the source image's stem when the meta names a file,
     else the sample key."""
@@ -158,44 +106,9 @@ def sample_name(sample: dict[str, Any]) -> str:
     return str(sample["__key__"])
 
 
-def keep_keys(sample: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    """The keys a task uses plus the stream's bookkeeping keys (``__key__``, ``__valid__`` ...)."""
-    out = {k: v for k, v in sample.items() if k.startswith("__")}
-    for k in keys:
-        if k in sample:
-            out[k] = sample[k]
-    return out
-
-
-def to_unit_float(x: torch.Tensor, like: nn.Module) -> torch.Tensor:
-    """uint8 images -> float [0, 1] on the model's device."""
-    dev = next(like.parameters()).device
-    x = x.to(dev, non_blocking=True)
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-
-
 def write_png_atomic(array: np.ndarray, path: Path) -> Path:
     """Write a PNG under a temporary name in the same folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def colorize(labels: np.ndarray) -> np.ndarray:
-    """(H, W) train ids -> (H, W, 3) uint8 colours (ignore and unknown ids black)."""
-    pal = np.zeros((256, 3), dtype=np.uint8)
-    pal[: len(CITYSCAPES_PALETTE)] = CITYSCAPES_PALETTE
-    extra = np.arange(len(CITYSCAPES_PALETTE), 255)
-    pal[extra] = np.stack([(extra * 53) % 256, (extra * 97) % 256, (extra * 151) % 256], 1)
-    return pal[labels.astype(np.int64)]
+    return atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"), mkdir=True)
 
 
 class SegmentationTask(Task):

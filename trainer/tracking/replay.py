@@ -14,6 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from data_shards.atomic import atomic_write_json
 from trainer.tracking.client import apply, connect, create_run, is_transient
 from trainer.tracking.spool import Spool, SpoolError
 
@@ -33,9 +34,7 @@ def load_runs_map(path: Path) -> dict[str, str]:
 
 
 def _save_runs_map(path: Path, mapping: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(mapping), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(path, mapping)
 
 
 def replay(spool: Spool, client, uri: str, runs_map: Path, default_run_id: str | None = None) -> int:

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from data_shards.atomic import atomic_write_text
+
 
 class SpoolError(RuntimeError):
     """A spool file that cannot be read back (names the file and line)."""
@@ -49,12 +51,7 @@ class Spool:
 
     def set_offset(self, offset: int) -> None:
         """Record that everything before ``offset`` has been replayed (atomic write)."""
-        tmp = self.done_path.with_name(self.done_path.name + f".tmp{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(str(int(offset)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.done_path)
+        atomic_write_text(self.done_path, str(int(offset)), fsync=True)
 
     def pending(self) -> Iterator[tuple[dict, int]]:
         """Yield ``(record, end_offset)`` for every record not yet replayed, oldest first.

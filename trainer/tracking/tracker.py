@@ -16,6 +16,7 @@ import uuid
 import warnings
 from pathlib import Path
 
+from data_shards.atomic import atomic_write_text
 from trainer.tracking.client import (RUN_STATUSES, apply, connect, create_run, git_commit, is_transient,
                                      now_ms, resolve_uri, ui_command)
 from trainer.tracking.datasets import manifest_inputs
@@ -249,9 +250,7 @@ class MlflowTracker(Tracker):
 
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         target = self.spool_dir / "config.yaml"
-        tmp = target.with_name(f".config.yaml.tmp{os.getpid()}")
-        tmp.write_text(yaml_text, encoding="utf-8")
-        os.replace(tmp, target)
+        atomic_write_text(target, yaml_text)
         self.log_artifact(target)
         tree = yaml.safe_load(yaml_text) or {}
         params, tags = split_settings(flatten(tree))

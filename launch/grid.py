@@ -1,0 +1,174 @@
+"""The study's job plan: the grid expanded into :class:`Job` s, their fingerprints and trainer commands.
+
+Pure planning, no side effects: :func:`plan` turns a :class:`~launch.study_config.StudyConfig` into
+the jobs of its grid (pre-trainings first, then pre-training x dataset x protocol x N-shot x seed
+fine-tunings), each with its configuration fingerprint (:func:`job_fingerprint`, also the MLflow tag
+``study_job_config``); :func:`job_overrides` / :func:`job_command` give the full trainer command line
+a job runs with. ``launch.study`` runs the plan, ``launch.compare`` reads it to know which runs count,
+and neither imports the other for it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launch.k8s import CHECKPOINT_MOUNT
+from launch.runstore import pretraining_experiment
+from launch.study_config import CONFIG_TAG, StudyConfig
+from trainer import tracking
+
+
+@dataclass
+class Job:
+    """One run of the grid."""
+
+    job_id: str
+    """Unique within the study: pre-<name> or ft-<pretraining>-<dataset>-<protocol>-n<shots>-s<seed>."""
+    kind: str
+    """pretrain | finetune."""
+    overrides: list[str]
+    """Trainer Hydra overrides, without the tracking ones (added at launch)."""
+    out_dir: Path
+    """The job's run folder."""
+    nproc: int
+    """Processes (torchrun when > 1)."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """Grid coordinates (MLflow tags)."""
+    needs: str | None = None
+    """Job id of the pre-training this job starts from."""
+    weights_override: str | None = None
+    """'task.weights' override template for the pre-training's weights ('{weights}' is replaced)."""
+    fingerprint: str = ""
+    """Configuration fingerprint (:func:`job_fingerprint`); also the tag ``study_job_config``."""
+
+
+def job_fingerprint(overrides: list[str], nproc: int, needs_fingerprint: str | None = None) -> str:
+    """16 hex digits of sha256 over what decides a job's training: its planned trainer overrides (not
+    the output folder / tracking ones added at launch), its process count and, for a fine-tuning, the
+    fingerprint of the pre-training it starts from (a re-trained pre-training re-runs its fine-tunings)."""
+    payload = json.dumps({"overrides": list(overrides), "nproc": int(nproc), "needs": needs_fingerprint},
+                         sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _q(value) -> str:
+    """Quote a value for a Hydra override (paths and URIs hold ':' '/' and maybe spaces)."""
+    text = str(value)
+    if "'" in text:
+        raise ValueError(f"value {text!r} contains a single quote, which this launcher does not pass to Hydra")
+    return f"'{text}'"
+
+
+def study_root(study: StudyConfig) -> Path:
+    """Absolute output folder of the study."""
+    root = Path(study.out_dir)
+    return root if root.is_absolute() else (Path.cwd() / root)
+
+
+def study_uri(study: StudyConfig) -> str:
+    """Tracking URI of the study: the config's, else $MLFLOW_TRACKING_URI, else sqlite in <out_dir>/mlflow."""
+    return study.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.sqlite_uri_for(
+        study_root(study) / "mlflow")
+
+
+def _pretrain_jobs(study: StudyConfig, root: Path, base_tags: dict[str, str]) -> list[Job]:
+    """One job per pre-training that trains (``task`` set), in config order."""
+    jobs = []
+    for name, pre in study.pretrainings.items():
+        if pre.task is None:
+            continue
+        job_id = f"pre-{name}"
+        overrides = [f"task={pre.task}", *study.common, *pre.overrides, f"seed={study.pretrain_seed}",
+                     "train.export=true"]
+        jobs.append(Job(job_id, "pretrain", overrides, root / job_id, pre.nproc or study.nproc_per_job,
+                        {**base_tags, "study_job": job_id, "study_kind": "pretrain", "grid_pretraining": name}))
+    return jobs
+
+
+def _finetune_jobs(study: StudyConfig, root: Path, base_tags: dict[str, str]) -> list[Job]:
+    """pre-training x dataset x protocol x N-shot x seed, in that nesting order."""
+    jobs = []
+    for name, pre in study.pretrainings.items():
+        for dataset, data_overrides in study.datasets.items():
+            for protocol, protocol_overrides in study.protocols.items():
+                for shots in study.protocol_shots.get(protocol, study.shots):
+                    for seed in study.seeds:
+                        job_id = f"ft-{name}-{dataset}-{protocol}-n{shots or 'all'}-s{seed}"
+                        overrides = ["task=segmentation", *study.common, *study.finetune, *data_overrides,
+                                     *protocol_overrides, *pre.finetune_overrides, f"task.init={pre.init}",
+                                     f"seed={seed}"]
+                        if shots:
+                            overrides += [f"data.subset={shots}", f"data.subset_seed={seed}"]
+                        tags = {**base_tags, "study_job": job_id, "study_kind": "finetune",
+                                "grid_pretraining": name, "grid_dataset": dataset, "grid_protocol": protocol,
+                                "grid_shots": str(shots), "grid_seed": str(seed)}
+                        run = pre.weights_from or (name if pre.task else None)  # whose weights
+                        jobs.append(Job(job_id, "finetune", overrides, root / job_id, study.nproc_per_job, tags,
+                                        needs=f"pre-{run}" if run else None,
+                                        weights_override="task.weights={weights}" if run else None))
+    return jobs
+
+
+def plan(study: StudyConfig) -> list[Job]:
+    """Every job of the grid, pre-trainings first, in a fixed order."""
+    root = study_root(study) / "runs"
+    base_tags = {"study": study.name}
+    jobs = _pretrain_jobs(study, root, base_tags) + _finetune_jobs(study, root, base_tags)
+    ids = [j.job_id for j in jobs]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"study {study.name}: job ids collide: {sorted({i for i in ids if ids.count(i) > 1})}")
+    by_id = {j.job_id: j for j in jobs}
+    for job in jobs:  # pre-trainings come first, so a fine-tuning's `needs` is already fingerprinted
+        job.fingerprint = job_fingerprint(job.overrides, job.nproc,
+                                          by_id[job.needs].fingerprint if job.needs else None)
+        job.tags[CONFIG_TAG] = job.fingerprint
+    return jobs
+
+
+def weights_path(study: StudyConfig, job: Job) -> Path:
+    """Where a pre-training job's exported weights land."""
+    return job.out_dir / study.weights_file
+
+
+def job_overrides(study: StudyConfig, job: Job, by_id: dict[str, Job], *, uri: str | None,
+                  parent_run_id: str | None, out_dir: str | None) -> list[str]:
+    """The job's full trainer overrides: grid + weights + output folder + tracking."""
+    out = list(job.overrides)
+    if job.needs:
+        if out_dir is None:  # k8s: the pre-training wrote to the checkpoint volume
+            weights = f"{CHECKPOINT_MOUNT}/{k8s_name(study, by_id[job.needs])}/{study.weights_file}"
+        else:
+            weights = str(weights_path(study, by_id[job.needs]))
+        out.append(job.weights_override.format(weights=_q(weights)))
+    if out_dir is not None:
+        out.append(f"out_dir={_q(out_dir)}")
+    experiment = pretraining_experiment(study.experiment) if job.kind == "pretrain" else study.experiment
+    out += ["tracking.enabled=true", f"tracking.experiment={_q(experiment)}", f"tracking.run_name={_q(job.job_id)}"]
+    if uri:
+        out.append(f"tracking.uri={_q(uri)}")
+    if parent_run_id:
+        out.append(f"tracking.parent_run_id={_q(parent_run_id)}")
+    out += [f"++tracking.tags.{k}={_q(v)}" for k, v in job.tags.items()]
+    return out
+
+
+def job_command(overrides: list[str], nproc: int) -> list[str]:
+    """``python -m trainer ...``, or torchrun --standalone when the job asks for several processes."""
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "-m", "trainer", *overrides]
+    return [sys.executable, "-m", "trainer", *overrides]
+
+
+def k8s_name(study: StudyConfig, job: Job) -> str:
+    """A DNS-1123 name of at most 40 characters for the job (short hash when shortened)."""
+    name = re.sub(r"[^a-z0-9-]+", "-", f"{study.name}-{job.job_id}".lower()).strip("-")
+    if len(name) > 40:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:6]
+        name = f"{name[:33].rstrip('-')}-{digest}"
+    return name
