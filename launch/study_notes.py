@@ -17,7 +17,7 @@ HELP_EPILOG = """\
 Flags go before the Hydra overrides. --only takes several job ids: end them with `--`, else the
 overrides after it are read as job ids too.
   python -m launch study --dry-run +experiment=demo
-  python -m launch study --verbose --only pre-depth_mono ft-random-synthetic-full-nall-s0 -- +experiment=demo
+  python -m launch study --verbose --only pre-depth_mono ft-random-synthetic-full-n4-s0 -- +experiment=demo
 
 Quote overrides with [ ] { } or spaces for the shell; a list element that contains `=` needs its
 own double quotes inside the single ones (Hydra refuses [train.steps=20]). A list override

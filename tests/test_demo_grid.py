@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data_shards.sources.synthetic import SyntheticConfig, iter_samples
-from launch.study import plan
+from launch.grid import plan
 from launch.study_config import from_dict, load_study
 
 BASE = {

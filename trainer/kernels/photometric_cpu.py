@@ -187,11 +187,12 @@ def multiscale_min_reprojection(target: Tensor, warped: Sequence[Tensor], identi
         id_errs = [photometric_error(i, target, ssim_weight) for i in identity]
     else:
         stats = target_stats(target)
-        errs = list(PhotometricError.apply(stacked.reshape(-1, *target.shape), target, *stats, ssim_weight, CHUNK)
+        chunk = CHUNK if target.device.type == "cpu" else b  # on a GPU, big launches are what is cheap
+        errs = list(PhotometricError.apply(stacked.reshape(-1, *target.shape), target, *stats, ssim_weight, chunk)
                     .reshape(*stacked.shape[:3], 1, *target.shape[2:]))
         id_errs = []
         if identity:
-            id_errs = list(PhotometricError.apply(torch.stack(list(identity)), target, *stats, ssim_weight, CHUNK))
+            id_errs = list(PhotometricError.apply(torch.stack(list(identity)), target, *stats, ssim_weight, chunk))
     best, index = _running_min(id_errs)
     best, index = _running_min(errs, best, index, offset=len(id_errs))
     return best.mean(dim=(1, 2, 3, 4)), index.expand(s, *index.shape[-4:])
