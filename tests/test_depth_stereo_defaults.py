@@ -1,6 +1,6 @@
-"""Depth range and initial depth follow the supervision mode: Monodepth2's for scale-free mono
-video, a start at 10 m for the metric stereo modes, whose 0.54 m baseline makes Monodepth2's
-initial 0.2 m depth ask for disparities wider than the image (a flat loss: training collapsed)."""
+"""The initial depth follows the supervision mode: Monodepth2's init for scale-free mono video,
+a start at 10 m for the metric stereo modes, whose 0.54 m baseline makes Monodepth2's initial
+0.2 m depth ask for disparities wider than the image (a flat loss: training collapsed)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from trainer.config import ModelConfig
-from trainer.tasks.depth import MODE_DEFAULTS, DepthTask, DepthTaskConfig, with_mode_defaults
+from trainer.tasks.depth import MODE_INIT_DEPTH, DepthTask, DepthTaskConfig, with_mode_defaults
 
 RUN = SimpleNamespace(model=ModelConfig())
 
@@ -40,16 +40,16 @@ def stereo_batch():
 
 
 def test_defaults_follow_the_mode_and_explicit_values_win():
-    for mode, (lo, init) in MODE_DEFAULTS.items():
+    assert MODE_INIT_DEPTH == {"mono": None, "supervised": None, "stereo": 10.0, "mono_stereo": 10.0}
+    for mode, init in MODE_INIT_DEPTH.items():
         cfg = DepthTask(DepthTaskConfig(supervision=mode), RUN).cfg
-        assert (cfg.min_depth, cfg.init_depth) == (lo, init)
-    assert (MODE_DEFAULTS["mono"], MODE_DEFAULTS["stereo"]) == ((0.1, None), (0.5, 10.0))
+        assert (cfg.min_depth, cfg.init_depth) == (0.1, init)
     cfg = DepthTask(DepthTaskConfig(supervision="stereo", min_depth=0.2, init_depth=5.0), RUN).cfg
     assert (cfg.min_depth, cfg.init_depth) == (0.2, 5.0)
     # Hydra's DictConfig is resolved the same way, without touching the run's config
     node = OmegaConf.structured(DepthTaskConfig(supervision="mono_stereo"))
     resolved = with_mode_defaults(node)
-    assert (resolved.min_depth, resolved.init_depth) == (0.5, 10.0) and node.min_depth is None
+    assert isinstance(resolved, DepthTaskConfig) and resolved.init_depth == 10.0 and node.init_depth is None
     with pytest.raises(ValueError, match="supervision"):
         with_mode_defaults(DepthTaskConfig(supervision="sonar"))
 

@@ -54,15 +54,14 @@ class DepthTaskConfig:
     """Pose net layout (mono / mono_stereo): separate (own 6-channel ResNet) | shared (depth encoder features)."""
     scales: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     """Decoder output scales (s = 1/2^s resolution) used in the loss; each upsampled to the input size."""
-    min_depth: Optional[float] = None
-    """Smallest depth the network can output (metres; disparity sigmoid maps to [1/max, 1/min]);
-    None = by mode (MODE_DEFAULTS): 0.1 (mono, supervised), 0.5 (stereo, mono_stereo)."""
+    min_depth: float = 0.1
+    """Smallest depth the network can output (metres); disparity sigmoid maps to [1/max, 1/min]."""
     max_depth: float = 100.0
     """Largest depth the network can output (metres)."""
     init_depth: Optional[float] = None
-    """Depth (metres) the untrained network predicts (disparity-head bias); None = by mode:
-    Monodepth2's init (sigmoid 0.5, i.e. ~2 x min_depth) for mono / supervised, 10 m for the
-    metric stereo modes (MODE_DEFAULTS)."""
+    """Depth (metres) the untrained network predicts (disparity-head bias); None = by mode
+    (MODE_INIT_DEPTH): Monodepth2's init (sigmoid 0.5, ~2 x min_depth) for mono / supervised,
+    10 m for the metric stereo modes."""
     ssim_weight: float = 0.85
     """Weight of (1 - SSIM) / 2 in the photometric error; 1 - ssim_weight goes to L1."""
     photometric_impl: str = "auto"
@@ -111,29 +110,27 @@ def _float(images: Tensor) -> Tensor:
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 
-#: mode -> (min_depth, init_depth) used where the config leaves them None. Monodepth2's init
-#: (untrained depth ~2 x min_depth = 0.2 m) suits scale-free mono video; with a metric 0.54 m
-#: baseline it asks for ~300 px stereo disparities, every warp samples the border and training
-#: collapses (abs_rel 0.99), so the stereo modes start at 10 m with min_depth 0.5 (docs/depth.md).
-MODE_DEFAULTS = {"mono": (0.1, None), "supervised": (0.1, None), "stereo": (0.5, 10.0), "mono_stereo": (0.5, 10.0)}
+#: mode -> init_depth used where the config leaves it None (None = Monodepth2's init). Its
+#: untrained depth, ~2 x min_depth = 0.2 m, suits scale-free mono video; with a metric 0.54 m
+#: baseline it asks for ~300 px stereo disparities, every warp samples the border and stereo
+#: training collapses (abs_rel 0.99), so the stereo modes start at 10 m (docs/depth.md).
+MODE_INIT_DEPTH = {"mono": None, "supervised": None, "stereo": 10.0, "mono_stereo": 10.0}
 
 
 def with_mode_defaults(cfg: Any) -> DepthTaskConfig:
     """The config as a :class:`DepthTaskConfig` (Hydra hands over a DictConfig) with
-    ``min_depth`` / ``init_depth`` left None filled in from :data:`MODE_DEFAULTS`."""
+    ``init_depth`` left None filled in from :data:`MODE_INIT_DEPTH`."""
     if not isinstance(cfg, DepthTaskConfig):
         from omegaconf import DictConfig, OmegaConf
         obj = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else DepthTaskConfig(**dict(cfg))
         cfg = obj if isinstance(obj, DepthTaskConfig) else DepthTaskConfig(**obj)
-    if cfg.supervision not in MODE_DEFAULTS:
+    if cfg.supervision not in MODE_INIT_DEPTH:
         raise ValueError(f"task.supervision={cfg.supervision!r}: expected one of {', '.join(SUPERVISION_MODES)}")
-    min_depth, init_depth = MODE_DEFAULTS[cfg.supervision]
-    if cfg.min_depth is None or cfg.init_depth is None:
-        logging.getLogger("geoprime.depth").info(
-            "supervision=%s: min_depth %s, init_depth %s (None = Monodepth2's init)", cfg.supervision,
-            min_depth if cfg.min_depth is None else cfg.min_depth, init_depth if cfg.init_depth is None else cfg.init_depth)
-    return dataclasses.replace(cfg, min_depth=min_depth if cfg.min_depth is None else cfg.min_depth,
-                               init_depth=init_depth if cfg.init_depth is None else cfg.init_depth)
+    if cfg.init_depth is not None or MODE_INIT_DEPTH[cfg.supervision] is None:
+        return cfg
+    logging.getLogger("geoprime.depth").info("supervision=%s: the untrained network predicts %s m (task.init_depth)",
+                                             cfg.supervision, MODE_INIT_DEPTH[cfg.supervision])
+    return dataclasses.replace(cfg, init_depth=MODE_INIT_DEPTH[cfg.supervision])
 
 
 class DepthTask(Task):
