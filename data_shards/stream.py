@@ -245,5 +245,14 @@ class ShardStream(IterableDataset):
         return sample
 
 
-# the loader lives in its own module; these names stay importable from here
-from data_shards.loader import ResumableLoader, build_loader, collate  # noqa: E402,F401
+_LOADER_NAMES = ("ResumableLoader", "build_loader", "collate")
+
+
+def __getattr__(name: str) -> Any:
+    """The loader lives in :mod:`data_shards.loader` (which imports this module); its names stay
+    importable from here, resolved on first use so that neither module imports the other at load."""
+    if name in _LOADER_NAMES:
+        from data_shards import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
