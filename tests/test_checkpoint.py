@@ -1,5 +1,5 @@
 """Checkpoints: completion marker + sizes + sha256, damaged / partial ones skipped with a warning
-naming them, keep-last-K, and exact resume under FSDP2 and DeepSpeed ZeRO-2 (2 ranks, gloo).
+naming them, keep-last-K, and exact resume under DDP, FSDP2 and DeepSpeed ZeRO-2 with BatchNorm (2 ranks, gloo).
 """
 from __future__ import annotations
 
@@ -131,26 +131,14 @@ def _resume_matches_uninterrupted(tmp_path: Path, *args: str, kill_rank: int = 0
 @pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed"])
-def test_exact_resume_with_batchnorm(tmp_path, strategy):
-    """Each rank keeps its own BatchNorm running statistics: the resumed run must get back every
-    rank's own, so its final weights equal the uninterrupted run's, buffers included."""
+@pytest.mark.parametrize("strategy,kill_rank", [("ddp", 1), ("fsdp", 0), ("deepspeed", 1)])
+def test_exact_resume_with_batchnorm(tmp_path, strategy, kill_rank):
+    """Exact resume under FSDP2 and ZeRO-2 (and DDP) after one rank is killed: each rank keeps its
+    own BatchNorm running statistics, so the resumed run must get back every rank's own; its final
+    weights equal the uninterrupted run's, buffers included."""
     extra = ["parallel.zero_stage=2"] if strategy == "deepspeed" else []
-    _resume_matches_uninterrupted(tmp_path, f"parallel.strategy={strategy}", "task.bn=true", *extra, kill_rank=1)
-
-
-@pytest.mark.dist
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_exact_resume_fsdp(tmp_path):
-    _resume_matches_uninterrupted(tmp_path, "parallel.strategy=fsdp")
-
-
-@pytest.mark.dist
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_exact_resume_zero2(tmp_path):
-    _resume_matches_uninterrupted(tmp_path, "parallel.strategy=deepspeed", "parallel.zero_stage=2")
+    _resume_matches_uninterrupted(tmp_path, f"parallel.strategy={strategy}", "task.bn=true", *extra,
+                                  kill_rank=kill_rank)
 
 
 def _resume_on_world_size(tmp_path: Path, before: int, after: int, *args: str) -> str:
