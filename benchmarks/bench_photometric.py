@@ -130,7 +130,7 @@ def time_step(fn, target, warped, identity, device: torch.device, warmup: int, i
     return statistics.median(times), min(times), warmup_s
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--sizes", default="kitti,cityscapes", help=f"comma list of {list(SIZES)}")
@@ -150,19 +150,53 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-warps", type=int, default=0,
                         help="fused kernels' warps per tile (default: the module's NUM_WARPS)")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _measure_case(name: str, args: argparse.Namespace, device: torch.device, card: str, fns: dict,
+                  impls: list[str], ref_peak: float | None) -> dict:
+    """Time every implementation on one size case; fused rows also get achieved bandwidth."""
+    B, H, W = SIZES[name]
+    B = args.batch or (B if device.type == "cuda" else 2)
+    target, warped, identity = make_inputs(B, H, W, DTYPES[args.dtype], device, args.warped, args.identity)
+    row = {"case": name, "batch": B, "H": H, "W": W, "dtype": args.dtype, "device": card}
+    for impl in impls:
+        med, best, warmup_s = time_step(fns[impl], target, warped, identity, device, args.warmup, args.iters)
+        row[f"{impl}_ms"] = med
+        row[f"{impl}_min_ms"] = best
+        row[f"{impl}_warmup_s"] = warmup_s
+    if "fused" in impls:
+        nbytes = fused_bytes(B, 3, H, W, args.warped + args.identity, args.warped, target.element_size())
+        row["fused_gbps"] = nbytes / (row["fused_ms"] / 1e3) / 1e9
+        row["fused_pct_peak"] = 100 * row["fused_gbps"] / ref_peak
+    return row
+
+
+def _format_row(row: dict, impls: list[str]) -> str:
+    line = f"{row['case']:<11} B={row['batch']:<3} {row['H']}x{row['W']}"
+    for impl in impls:
+        line += f" | {impl} {row[f'{impl}_ms']:9.2f} ms (min {row[f'{impl}_min_ms']:.2f})"
+    if "eager" in impls and "compiled" in impls:
+        line += f" | compiled/eager speed-up {row['eager_ms'] / row['compiled_ms']:.2f}x"
+    if "fused" in impls:
+        for other in ("eager", "compiled"):
+            if other in impls:
+                line += f" | fused vs {other} {row[f'{other}_ms'] / row['fused_ms']:.2f}x"
+        line += f" | fused {row['fused_gbps']:.0f} GB/s = {row['fused_pct_peak']:.0f}% of peak"
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.tile or args.num_warps:
         set_launch_config(args.tile, args.num_warps)
-
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
-    dtype = DTYPES[args.dtype]
     impls = [i for i in args.impls.split(",") if i]
     if device.type != "cuda" and "fused" in impls:
         print("fused: skipped on CPU (the Triton kernels need a GPU; the interpreter is for tests)")
         impls.remove("fused")
-    compiled_ref = torch.compile(reprojection_loss)
-    fns = {"eager": reprojection_loss, "compiled": compiled_ref,
+    fns = {"eager": reprojection_loss, "compiled": torch.compile(reprojection_loss),
            "fused": lambda t, w, i: fused_reprojection_loss(t, w, i, impl="triton")}
 
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -181,34 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for name in [s for s in args.sizes.split(",") if s]:
-        B, H, W = SIZES[name]
-        B = args.batch or (B if device.type == "cuda" else 2)
-        target, warped, identity = make_inputs(B, H, W, dtype, device, args.warped, args.identity)
-        row = {"case": name, "batch": B, "H": H, "W": W, "dtype": args.dtype, "device": card}
-        for impl in impls:
-            med, best, warmup_s = time_step(fns[impl], target, warped, identity, device,
-                                            args.warmup, args.iters)
-            row[f"{impl}_ms"] = med
-            row[f"{impl}_min_ms"] = best
-            row[f"{impl}_warmup_s"] = warmup_s
-        if "fused" in impls:
-            nbytes = fused_bytes(B, 3, H, W, args.warped + args.identity, args.warped,
-                                 target.element_size())
-            row["fused_gbps"] = nbytes / (row["fused_ms"] / 1e3) / 1e9
-            ref_peak = peak or copy_gbps
-            row["fused_pct_peak"] = 100 * row["fused_gbps"] / ref_peak
-        results.append(row)
-        line = f"{name:<11} B={B:<3} {H}x{W}"
-        for impl in impls:
-            line += f" | {impl} {row[f'{impl}_ms']:9.2f} ms (min {row[f'{impl}_min_ms']:.2f})"
-        if "eager" in impls and "compiled" in impls:
-            line += f" | compiled/eager speed-up {row['eager_ms'] / row['compiled_ms']:.2f}x"
-        if "fused" in impls:
-            for other in ("eager", "compiled"):
-                if other in impls:
-                    line += f" | fused vs {other} {row[f'{other}_ms'] / row['fused_ms']:.2f}x"
-            line += f" | fused {row['fused_gbps']:.0f} GB/s = {row['fused_pct_peak']:.0f}% of peak"
-        print(line, flush=True)
+        results.append(_measure_case(name, args, device, card, fns, impls, peak or copy_gbps))
+        print(_format_row(results[-1], impls), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

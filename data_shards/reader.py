@@ -40,6 +40,34 @@ def _check_name(url: str, name: str) -> tuple[str, str]:
     return key, ext
 
 
+def _open_at(url: str, offset: int, shard_bytes: int | None):
+    """Open ``url`` at byte ``offset``; with ``shard_bytes``, refuse a shard whose size changed."""
+    try:
+        f, size = open_range(url, offset)
+    except OpenError as e:
+        raise ShardError(str(e)) from None
+    if shard_bytes is not None and size is not None and size != shard_bytes:
+        f.close()  # offsets from the manifest would point into the wrong place
+        raise ShardError(f"{url}: {size} bytes but its manifest says {shard_bytes}: the shard changed after the "
+                         f"manifest was written; run `python -m data_shards verify` or rebuild")
+    return f
+
+
+def _add_member(url: str, tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str, cur: dict,
+                exts: frozenset[str] | None) -> None:
+    """Check one member's key and add its bytes to the sample ``cur`` when ``exts`` wants it."""
+    if ext not in schema.KNOWN_KEYS:
+        raise ShardError(f"{url}: member {info.name}: unknown key {ext!r} "
+                         f"(schema v{schema.SCHEMA_VERSION} keys: {', '.join(schema.KNOWN_KEYS)})")
+    if ext in cur:
+        raise ShardError(f"{url}: member {info.name}: duplicate member in sample {cur['__key__']}")
+    if exts is None or ext in exts:
+        data = tar.extractfile(info).read()
+        if len(data) != info.size:
+            raise ShardError(f"{url}: member {info.name}: truncated ({len(data)} of {info.size} bytes)")
+        cur[ext] = data
+
+
 def iter_members(url: str, members: Sequence[int], expected: int,
                  exts: frozenset[str] | None = None, offsets: Sequence[int] = (),
                  shard_bytes: int | None = None) -> Iterator[tuple[int, dict]]:
@@ -56,14 +84,7 @@ def iter_members(url: str, members: Sequence[int], expected: int,
     last_wanted = members[-1]
     first = members[0] if offsets else 0
     idx, cur_key, cur, last_member = first - 1, None, None, "(start of shard)"
-    try:
-        f, size = open_range(url, offsets[first] if first else 0)
-    except OpenError as e:
-        raise ShardError(str(e)) from None
-    if first and size is not None and size != shard_bytes:
-        f.close()  # offsets from the manifest would point into the wrong place
-        raise ShardError(f"{url}: {size} bytes but its manifest says {shard_bytes}: the shard changed after the "
-                         f"manifest was written; run `python -m data_shards verify` or rebuild")
+    f = _open_at(url, offsets[first] if first else 0, shard_bytes if first else None)
     try:
         tar = tarfile.open(fileobj=f, mode="r|" if is_remote(url) else "r:")
         for info in tar:
@@ -82,16 +103,7 @@ def iter_members(url: str, members: Sequence[int], expected: int,
                     cur = {"__key__": key, "__url__": url}
             last_member = info.name
             if cur is not None:
-                if ext not in schema.KNOWN_KEYS:
-                    raise ShardError(f"{url}: member {info.name}: unknown key {ext!r} "
-                                     f"(schema v{schema.SCHEMA_VERSION} keys: {', '.join(schema.KNOWN_KEYS)})")
-                if ext in cur:
-                    raise ShardError(f"{url}: member {info.name}: duplicate member in sample {key}")
-                if exts is None or ext in exts:
-                    data = tar.extractfile(info).read()
-                    if len(data) != info.size:
-                        raise ShardError(f"{url}: member {info.name}: truncated ({len(data)} of {info.size} bytes)")
-                    cur[ext] = data
+                _add_member(url, tar, info, ext, cur, exts)
         if cur is not None:
             yield idx, cur
             cur = None

@@ -14,10 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .synthetic_scene import (
-    K_BUILDING, K_CAR_BODY, K_CAR_CABIN, K_CAR_WHEEL, K_CROWN, K_GROUND, K_POLE, K_SIDEWALK,
-    K_TRUNK, KIND_TRAIN_ID, P_BOX, P_CYL, P_SPHERE, ROAD, SKY, TERRAIN, Scene,
-)
+from .synthetic_paint import albedo, value_noise
+from .synthetic_scene import K_GROUND, KIND_TRAIN_ID, P_BOX, P_CYL, P_SPHERE, ROAD, SKY, TERRAIN, Scene
 
 NEAR = 0.05
 _EDGES = np.array([(0, 1), (2, 3), (4, 5), (6, 7), (0, 2), (1, 3), (4, 6), (5, 7),
@@ -56,37 +54,6 @@ def rotate(v: np.ndarray, R: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- noise
-_N = 64  # lattice period of the value noise (cells); objects are decorrelated by seed offsets
-_TABLE = np.random.default_rng(1234567).random(_N ** 3).astype(np.float32)
-_SEED_MUL = np.array([7, 13, 29], dtype=np.int64)  # per-axis lattice offsets per unit of seed
-
-
-def value_noise(p: np.ndarray, scale: float, seed: np.ndarray | int) -> np.ndarray:
-    """Smooth 3D value noise in [0, 1] at points ``p`` (n, 3), per-point integer ``seed``."""
-    q = p * scale
-    i = np.floor(q)
-    f = (q - i).astype(np.float32)
-    f = f * f * (3.0 - 2.0 * f)
-    s = np.asarray(seed, dtype=np.int64)
-    i = i.astype(np.int64) + (s[..., None] * _SEED_MUL) % _N
-    m = _N - 1
-    ax = ((i[:, 0] & m) * _N * _N, ((i[:, 0] + 1) & m) * _N * _N)
-    ay = ((i[:, 1] & m) * _N, ((i[:, 1] + 1) & m) * _N)
-    az = (i[:, 2] & m, (i[:, 2] + 1) & m)
-    fx, fy, fz = f[:, 0], f[:, 1], f[:, 2]
-    out = None
-    for dx in (0, 1):
-        acc_y = None
-        for dy in (0, 1):
-            base = ax[dx] + ay[dy]
-            lo, hi = _TABLE[base + az[0]], _TABLE[base + az[1]]
-            vz = lo + (hi - lo) * fz
-            acc_y = vz if acc_y is None else acc_y + (vz - acc_y) * fy
-        out = acc_y if out is None else out + (acc_y - out) * fx
-    return out
-
-
-# ----------------------------------------------------------------------------- culling
 def screen_rects(aabbs: np.ndarray, R: np.ndarray, o: np.ndarray, K: np.ndarray, height: int,
                  width: int, far: float) -> np.ndarray:
     """Pixel rectangles (n, 4) = r0, r1, c0, c1 (half-open) covering each AABB; empty if culled.
@@ -264,92 +231,6 @@ def _normals(scene: Scene, p: np.ndarray, d: np.ndarray, obj: np.ndarray, face: 
     return n
 
 
-def _stripes(x: np.ndarray, period: float, width: float) -> np.ndarray:
-    """True on the first ``width`` metres of every ``period`` along ``x`` (markings, tile joints)."""
-    return np.mod(x, period) < width
-
-
-def _albedo(scene: Scene, p: np.ndarray, face: np.ndarray, obj: np.ndarray, cls: np.ndarray) -> np.ndarray:
-    """Surface colour (n, 3) of each hit: base colour x surface-anchored noise and patterns.
-
-    Hits are sorted by object kind once, so each kind's code works on contiguous slices.
-    """
-    kind = scene.kind[obj]
-    order = np.argsort(kind, kind="stable")
-    bounds = np.searchsorted(kind[order], np.arange(int(KIND_TRAIN_ID.size) + 1))
-    p, face, obj, cls = p[order], face[order], obj[order], cls[order]
-
-    def rows(k: int) -> slice:
-        return slice(int(bounds[k]), int(bounds[k + 1]))
-
-    seed = scene.tex_seed[obj]
-    base = scene.colour[obj].copy()
-    alt = scene.colour2[obj]
-    coarse = value_noise(p, 0.7, seed)
-    fine = value_noise(p, 3.1, seed + 17)
-    mod = 0.7 + 0.35 * coarse + 0.25 * fine
-    # Ground: road (markings) or terrain.
-    g = rows(K_GROUND)
-    if g.stop > g.start:
-        terr = cls[g] == TERRAIN
-        col = np.where(terr[:, None], alt[g], base[g])
-        x, z = p[g, 0], p[g, 2]
-        rh = scene.road_half
-        dash = scene.param[1, 1]
-        mark = (~terr) & (((np.abs(x) < 0.09) & _stripes(z, dash, dash * 0.45))
-                          | (np.abs(np.abs(x) - (rh - 0.35)) < 0.08))
-        col = np.where(mark[:, None], scene.param[1, 0], col)
-        tm = np.where(terr, 0.55 + 0.7 * coarse[g] * fine[g] + 0.2 * fine[g], mod[g])
-        mod[g] = np.where(mark, 0.95 + 0.1 * fine[g], tm)
-        base[g] = col
-    m = rows(K_SIDEWALK)
-    if m.stop > m.start:
-        top = face[m] == 1
-        tile = _stripes(p[m, 0] + 0.02, 0.6, 0.05) | _stripes(p[m, 2], 0.6, 0.05)
-        col = np.where(top[:, None], base[m], alt[m] * 1.1)
-        col = np.where((top & tile)[:, None], col * 0.7, col)
-        base[m] = col
-    m = rows(K_BUILDING)
-    if m.stop > m.start:
-        spacing, floor = scene.param[obj[m], 0], scene.param[obj[m], 1]
-        ax = face[m]
-        h = np.where(ax == 0, p[m, 2], p[m, 0])
-        up = -p[m, 1]
-        win = ((np.mod(h, spacing) > 0.3 * spacing) & (np.mod(h, spacing) < 0.8 * spacing)
-               & (np.mod(up, floor) > 0.9) & (np.mod(up, floor) < floor - 0.5) & (up > floor))
-        ledge = np.mod(up, floor) < 0.18
-        col = np.where(win[:, None], alt[m], base[m])
-        col = np.where((ledge & ~win)[:, None], col * 0.8, col)
-        base[m] = col
-    m = rows(K_CAR_BODY)
-    if m.stop > m.start:
-        low = p[m, 1] > -0.5
-        base[m] = np.where(low[:, None], base[m] * 0.55, base[m])
-        mod[m] = 0.9 + 0.1 * fine[m] + 0.1 * coarse[m]
-    m = rows(K_CAR_CABIN)
-    if m.stop > m.start:
-        glass = p[m, 1] > scene.boxes[scene.prim_index[obj[m]], 1] + 0.09
-        base[m] = np.where(glass[:, None], alt[m], base[m])
-    m = rows(K_CAR_WHEEL)
-    if m.stop > m.start:
-        mod[m] = 0.8 + 0.4 * fine[m]
-    m = rows(K_TRUNK)
-    if m.stop > m.start:
-        bark = value_noise(p[m] * np.array([4.0, 0.4, 4.0]), 2.0, seed[m] + 5)
-        mod[m] = 0.6 + 0.7 * bark
-    m = rows(K_CROWN)
-    if m.stop > m.start:
-        leaf = value_noise(p[m], 6.0, seed[m] + 9)
-        base[m] = base[m] * (1 - leaf[:, None] * 0.5) + alt[m] * (leaf[:, None] * 0.5)
-        mod[m] = 0.55 + 0.5 * coarse[m] + 0.45 * leaf
-    m = rows(K_POLE)
-    if m.stop > m.start:
-        mod[m] = 0.85 + 0.2 * coarse[m] + 0.1 * fine[m]
-    out = np.empty_like(base)
-    out[order] = base * mod[:, None]
-    return out
-
-
 def sky_colour(scene: Scene, d: np.ndarray) -> np.ndarray:
     """Sky colour (n, 3) as a function of the world direction only (consistent under rotation)."""
     dn = d / np.linalg.norm(d, axis=-1, keepdims=True)
@@ -380,7 +261,7 @@ def render(scene: Scene, rays_c: np.ndarray, T_wc: np.ndarray, K: np.ndarray, fa
     ground = scene.kind[obj] == K_GROUND
     cls[ground] = np.where(np.abs(p[ground, 0]) < scene.road_half, ROAD, TERRAIN)
     n = _normals(scene, p, df[hit], obj, ff[hit])
-    col = _albedo(scene, p, ff[hit], obj, cls)
+    col = albedo(scene, p, ff[hit], obj, cls)
     lam = scene.ambient + (1.0 - scene.ambient) * np.clip(rotate(n, scene.sun[None])[:, 0], 0.0, None)
     col = col * lam[:, None].astype(np.float32)
     haze = np.clip((zf[hit] - haze_start) / (far - haze_start), 0.0, 1.0)[:, None]
