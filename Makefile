@@ -30,7 +30,7 @@ demo: setup
 	$(PY) -m launch demo
 
 bench: setup
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_vs_reference.py
 
 clean-demo:
 	rm -rf outputs/demo

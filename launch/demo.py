@@ -4,7 +4,8 @@
    a second, different-domain world (world seed 1, palette ``gbr``: other scenes, other colours;
    train and val only) for the honest semantic baseline's classification pre-training,
 2. runs the study ``configs/experiment/demo.yaml`` (depth, flow and classification pre-training,
-   then segmentation from each and from random init, frozen-encoder and 4-shot, 3 seeds) with
+   then segmentation from each and from random init with the encoder frozen, 4 seeds, two jobs
+   at a time) with
    ``launch.study``,
 3. prints the comparison table (also in ``outputs/demo/comparison/``) and how long it all took.
 

@@ -20,11 +20,8 @@ renamed ``<job id>.stale-<UTC time>`` (kept, never deleted) and the job runs fre
 from __future__ import annotations
 
 import argparse
-import os
 import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,6 +29,7 @@ from data_shards.atomic import atomic_write_text
 from launch import k8s
 from launch.compare import compare_study
 from launch.grid import Job, job_command, job_overrides, k8s_name, plan, study_root, study_uri, weights_path
+from launch.job_runner import run_all, run_job, thread_env
 from launch.job_state import finished_configs, job_state, move_aside, write_stamp
 from launch.runstore import TrackingStore
 from launch.study_config import StudyConfig, load_study
@@ -42,51 +40,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- local run
-
-
-def _copy_output(src, log, echo: bool) -> None:
-    """Copy a child's output lines into its log file (and the terminal when ``echo``)."""
-    for line in src:
-        log.write(line)
-        log.flush()
-        if echo:
-            sys.stdout.buffer.write(line)
-            sys.stdout.flush()
-
-
-def _run_job(cmd: list[str], log_path: Path, timeout: float, verbose: bool) -> tuple[int, float]:
-    """Run one job, its output to ``log_path`` (and the terminal if verbose); (exit code, seconds).
-
-    The job runs in its own process group: a timeout or Ctrl-C ends it and every process it started.
-    """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(log_path, "ab") as log:
-        log.write(("\n$ " + " ".join(cmd) + "\n").encode())
-        log.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE if verbose else log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        copier = None
-        if verbose:
-            copier = threading.Thread(target=_copy_output, args=(proc.stdout, log, True), daemon=True)
-            copier.start()
-        try:
-            rc = proc.wait(timeout=timeout or None)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = 124
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-        finally:
-            if copier is not None:
-                copier.join(timeout=10)
-        if rc == 124:
-            log.write(f"\n[study] killed after {timeout:.0f} s (study.timeout_s)\n".encode())
-    return rc, time.monotonic() - start
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -163,48 +116,61 @@ def _dry_run_configs(study: StudyConfig, uri: str) -> tuple[dict[str, list[str]]
         return None, f"MLflow at {uri} not readable ({type(e).__name__}: {e}); what each job would do is unknown"
 
 
+def _blocked(study: StudyConfig, job: Job, by_id: dict[str, Job], failed: dict[str, str]) -> str:
+    """Why ``job`` cannot run ('' when it can): its pre-training failed or left no weights."""
+    if job.needs and job.needs in failed:
+        return f"its pre-training {job.needs} failed"
+    if job.needs and not weights_path(study, by_id[job.needs]).exists():
+        return f"pre-training weights {weights_path(study, by_id[job.needs])} missing"
+    return ""
+
+
+def _run_one(study: StudyConfig, job: Job, prefix: str, by_id: dict[str, Job], configs: dict[str, list[str]],
+             uri: str, parent: str, verbose: bool, failed: dict[str, str]) -> None:
+    """Skip, resume or run one job and print its outcome; a failure is recorded in ``failed``."""
+    state = job_state(study, job, configs)
+    if state.action == "skip":
+        print(f"{prefix}: already finished, skipped", flush=True)
+        return
+    blocked = _blocked(study, job, by_id, failed)
+    if blocked:
+        failed[job.job_id] = blocked
+        print(f"{prefix}: skipped, {blocked}", flush=True)
+        return
+    if state.action == "stale":
+        moved = move_aside(job)
+        print(f"{prefix}: {state.reason}: old run folder kept as {moved}, running fresh", flush=True)
+    elif state.action == "fresh" and state.old is not None:
+        print(f"{prefix}: {state.reason}, running fresh", flush=True)
+    write_stamp(job)
+    resumed = " (resuming)" if state.action == "resume" else ""
+    print(f"{prefix}: running{resumed} ...", flush=True)
+    cmd = job_command(job_overrides(study, job, by_id, uri=uri, parent_run_id=parent,
+                                    out_dir=str(job.out_dir)), job.nproc)
+    rc, secs = run_job(cmd, job.out_dir / "job.log", study.timeout_s, verbose, env=thread_env(study.parallel_jobs))
+    if rc == 0 and job.kind == "pretrain" and not weights_path(study, job).exists():
+        failed[job.job_id] = f"exited 0 but wrote no {weights_path(study, job)}"
+    elif rc != 0:
+        failed[job.job_id] = f"exit code {rc}; log {job.out_dir / 'job.log'}"
+    if job.job_id in failed:
+        print(f"{prefix}: FAILED after {secs:.0f} s ({failed[job.job_id]})\n{_tail(job.out_dir / 'job.log')}",
+              flush=True)
+    else:
+        print(f"{prefix}: done in {secs:.0f} s", flush=True)
+
+
 def _run_jobs(study: StudyConfig, jobs: list[Job], by_id: dict[str, Job], store: TrackingStore,
               parent: str, configs: dict[str, list[str]], uri: str, compare: bool, verbose: bool) -> int:
-    """The loop of :func:`run_study` over jobs, then the comparison; returns the exit code.
+    """The jobs of :func:`run_study` (``study.parallel_jobs`` at a time), then the comparison; the exit code.
 
     ``configs`` (:func:`finished_configs`) says which fingerprints each job FINISHED with in MLflow."""
     failed: dict[str, str] = {}
     t_start = time.monotonic()
-    for i, job in enumerate(jobs, 1):
-        prefix = f"[study] {i:>3}/{len(jobs)} {job.job_id}"
-        state = job_state(study, job, configs)
-        if state.action == "skip":
-            print(f"{prefix}: already finished, skipped", flush=True)
-            continue
-        if job.needs and job.needs in failed:
-            failed[job.job_id] = f"its pre-training {job.needs} failed"
-            print(f"{prefix}: skipped, {failed[job.job_id]}", flush=True)
-            continue
-        if job.needs and not weights_path(study, by_id[job.needs]).exists():
-            failed[job.job_id] = f"pre-training weights {weights_path(study, by_id[job.needs])} missing"
-            print(f"{prefix}: skipped, {failed[job.job_id]}", flush=True)
-            continue
-        if state.action == "stale":
-            moved = move_aside(job)
-            print(f"{prefix}: {state.reason}: old run folder kept as {moved}, running fresh", flush=True)
-        elif state.action == "fresh" and state.old is not None:
-            print(f"{prefix}: {state.reason}, running fresh", flush=True)
-        write_stamp(job)
-        resumed = " (resuming)" if state.action == "resume" else ""
-        print(f"{prefix}: running{resumed} ...", flush=True)
-        cmd = job_command(job_overrides(study, job, by_id, uri=uri, parent_run_id=parent,
-                                        out_dir=str(job.out_dir)), job.nproc)
-        rc, secs = _run_job(cmd, job.out_dir / "job.log", study.timeout_s, verbose)
-        if rc == 0 and job.kind == "pretrain" and not weights_path(study, job).exists():
-            rc = -1
-            failed[job.job_id] = f"exited 0 but wrote no {weights_path(study, job)}"
-        elif rc != 0:
-            failed[job.job_id] = f"exit code {rc}; log {job.out_dir / 'job.log'}"
-        if job.job_id in failed:
-            print(f"{prefix}: FAILED after {secs:.0f} s ({failed[job.job_id]})\n{_tail(job.out_dir / 'job.log')}",
-                  flush=True)
-        else:
-            print(f"{prefix}: done in {secs:.0f} s", flush=True)
+    number = {job.job_id: i for i, job in enumerate(jobs, 1)}
+    run_all(jobs, lambda job: by_id.get(job.needs) if job.needs else None,
+            lambda job: _run_one(study, job, f"[study] {number[job.job_id]:>3}/{len(jobs)} {job.job_id}", by_id,
+                                 configs, uri, parent, verbose, failed),
+            study.parallel_jobs)
     elapsed = time.monotonic() - t_start
     store.log_metrics(parent, {"jobs_failed": float(len(failed)), "grid_seconds": elapsed})
     if compare:

@@ -75,6 +75,10 @@ class StudyConfig:
     """File a pre-training exports into its run folder (what fine-tuning loads)."""
     nproc_per_job: int = 1
     """Processes per job (> 1: torchrun --standalone --nproc_per_node=N)."""
+    parallel_jobs: int = 1
+    """Jobs run at once on this machine, each with its share of the cores (a fine-tuning waits for
+    its pre-training). Only the intra-op thread count of each job changes (floating-point summation
+    order), nothing the grid plans or fingerprints."""
     common: list[str] = field(default_factory=list)
     """Hydra overrides for every job."""
     pretrain_seed: int = 0
@@ -139,6 +143,8 @@ def validate(study: StudyConfig, source: str) -> StudyConfig:
             fail(f"study.protocol_shots.{protocol}={sizes}: needs sizes >= 0 (0 = all)")
     if study.nproc_per_job < 1:
         fail(f"study.nproc_per_job={study.nproc_per_job} must be >= 1")
+    if study.parallel_jobs < 1:
+        fail(f"study.parallel_jobs={study.parallel_jobs} must be >= 1")
     for o in [*study.common, *study.finetune]:
         key = o.split("=", 1)[0].lstrip("+~")
         if key in ("out_dir", "seed", "task", "task.init", "task.weights"):
@@ -190,8 +196,10 @@ def load_study(overrides: list[str], config_dir: Path = CONFIG_DIR) -> StudyConf
 def from_dict(raw, source: str = "<study>") -> StudyConfig:
     """Validate a plain dict / DictConfig against the schema and return the typed study."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(StudyConfig),
-                                 raw if isinstance(raw, DictConfig) else OmegaConf.create(raw))
+        raw = raw if isinstance(raw, DictConfig) else OmegaConf.create(raw)
+        merged = OmegaConf.merge(OmegaConf.structured(StudyConfig), raw)
+        if "protocols" in raw:  # a study's protocols replace the default one (a merge would keep "full")
+            merged.protocols = raw.protocols
     except OmegaConfBaseException as e:
         raise ValueError(f"{source}: {e}") from e
     study: StudyConfig = OmegaConf.to_object(merged)

@@ -62,10 +62,17 @@ def test_demo_grid_is_the_informative_one():
     study = load_study(["+experiment=demo"])
     jobs = plan(study)
     cols = {(j.tags["grid_protocol"], j.tags["grid_shots"]) for j in jobs if j.kind == "finetune"}
-    assert cols == {("frozen", "0"), ("full", "4")}  # no full-data fine-tuning, no linear probe
-    assert len(study.seeds) >= 3
-    assert study.pretrainings["depth_mono_full"].weights_from == "depth_mono"
+    assert cols == {("frozen", "0")}  # the study's protocols replace the schema's default "full"
+    assert len(study.seeds) >= 4 and study.parallel_jobs == 2
+    assert study.pretrainings["depth_mono_full"].task == "depth"
     assert study.pretrainings["depth_mono_full"].init == "depth_full"
+    assert sorted(study.pretrainings) == ["classification_other_domain", "depth_mono_full", "flow", "random"]
+    # the columns and rows measured and left out of the budget are an override away
+    more = load_study(["+experiment=demo", "+study.protocols.full=['task.protocol=full','train.steps=80']",
+                       "+study.protocol_shots.full=[4]",
+                       "+study.pretrainings.depth_mono_encoder={weights_from:depth_mono_full,init:depth}"])
+    cols = {(j.tags["grid_protocol"], j.tags["grid_shots"]) for j in plan(more) if j.kind == "finetune"}
+    assert cols == {("frozen", "0"), ("full", "4")} and more.pretrainings["depth_mono_encoder"].init == "depth"
     assert "data.root=data/synthetic_demo_gbr" in study.pretrainings["classification_other_domain"].overrides
     assert study.compare.miou == "miou_subset"
     assert "task.eval_subset=[0,1,2,5,8,9,10,13]" in study.finetune

@@ -8,6 +8,7 @@ import csv
 import json
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -127,7 +128,7 @@ def test_bad_studies_name_the_problem(tmp_path):
 
 def test_demo_study_is_valid():
     study = load_study(["+experiment=demo"])
-    assert set(study.pretrainings) >= {"depth_mono", "depth_mono_full", "flow", "classification_other_domain", "random"}
+    assert set(study.pretrainings) >= {"depth_mono_full", "flow", "classification_other_domain", "random"}
     assert len(study.seeds) >= 2
 
 
@@ -161,8 +162,9 @@ def test_emit_k8s_one_manifest_per_job(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_study_runs_grid_skips_finished_and_reruns_interrupted(tmp_path, monkeypatch, capsys):
+    """Real job processes, two at a time (study.parallel_jobs=2), all logging to one sqlite MLflow."""
     cfg_dir = _mini(tmp_path)
-    study = load_study(["+experiment=mini"], cfg_dir)
+    study = load_study(["+experiment=mini", "++study.parallel_jobs=2"], cfg_dir)
     fake = tmp_path / "fake_trainer.py"
     fake.write_text(FAKE_TRAINER.format(tests=str(TESTS)))
     calls = tmp_path / "calls.txt"
@@ -172,7 +174,8 @@ def test_study_runs_grid_skips_finished_and_reruns_interrupted(tmp_path, monkeyp
 
     assert study_mod.run_study(study) == 1
     first = calls.read_text().split()
-    assert first == [j.job_id for j in plan(study)]
+    assert sorted(first) == sorted(j.job_id for j in plan(study))
+    assert all(first.index("pre-depth") < first.index(j) for j in first if j.startswith("ft-depth"))
     out = capsys.readouterr().out
     assert "ft-random-syn-full-nall-s1: FAILED" in out and "(n=1)" in out  # the table still shows what finished
 
@@ -195,6 +198,38 @@ def test_study_runs_grid_skips_finished_and_reruns_interrupted(tmp_path, monkeyp
     assert float(rows["random"]["miou_mean"]) == pytest.approx(30.5)
     assert float(rows["depth"]["delta_miou_vs_random"]) == pytest.approx(20.0)
     assert float(rows["depth"]["pixel_acc_mean"]) == pytest.approx(89.0)
+
+
+@pytest.mark.timeout(120)
+def test_parallel_jobs_overlap_wait_for_their_pretraining_and_share_the_cores(tmp_path, monkeypatch):
+    from trainer.threads import available_cores
+
+    monkeypatch.delenv("GEOPRIME_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cfg_dir = _mini(tmp_path)
+    _in_process_trainer(monkeypatch, set())
+    fake, spans, envs = study_mod.run_job, {}, set()
+
+    def timed(cmd, log_path, timeout, verbose, env=None):
+        name = log_path.parent.name
+        start = time.monotonic()
+        time.sleep(0.3)
+        rc = fake(cmd, log_path, timeout, verbose, env)
+        spans[name] = (start, time.monotonic())
+        envs.add(tuple(sorted((env or {}).items())))
+        return rc
+
+    monkeypatch.setattr(study_mod, "run_job", timed)
+    study = load_study(["+experiment=mini", "++study.parallel_jobs=2"], cfg_dir)
+    assert study_mod.run_study(study) == 0
+    assert sorted(spans) == sorted(j.job_id for j in plan(study))
+    for job in ("ft-depth-syn-full-nall-s0", "ft-depth-syn-full-nall-s1"):
+        assert spans[job][0] >= spans["pre-depth"][1]  # a fine-tuning waits for its pre-training
+    events = sorted([(a, 1) for a, _ in spans.values()] + [(b, -1) for _, b in spans.values()])
+    running = [sum(d for _, d in events[:i + 1]) for i in range(len(events))]
+    assert max(running) == 2  # two at a time, never more
+    assert envs == {(("GEOPRIME_THREADS", str(max(1, available_cores() // 2))),)}
+    assert _depth_miou(tmp_path) == pytest.approx(50.5)  # the same table as one at a time
 
 
 # ----------------------------------------------------------------------------- configuration fingerprints
@@ -220,7 +255,7 @@ def test_fingerprint_covers_the_jobs_config_only(tmp_path):
 
 
 def _in_process_trainer(monkeypatch, fail_once: set[str]) -> list[str]:
-    """Replace study._run_job with an in-process stand-in of the trainer: it logs a child run through
+    """Replace study.run_job with an in-process stand-in of the trainer: it logs a child run through
     TrackingStore with the tags it is given, resumes its MLflow run when its folder holds one (the way
     the trainer resumes from a checkpoint), and exports 'weights' naming the pre-training's train.steps;
     a fine-tuning's mIoU is 0.5 (depth) / 0.3 (random) + 0.01 * seed + 0.01 * (pre-training steps - 3)."""
@@ -229,7 +264,7 @@ def _in_process_trainer(monkeypatch, fail_once: set[str]) -> list[str]:
     calls: list[str] = []
     stores: dict = {}
 
-    def fake_run_job(cmd, log_path, timeout, verbose):
+    def fake_run_job(cmd, log_path, timeout, verbose, env=None):
         ov = cmd[cmd.index("trainer") + 1:]
         vals = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(ov)}
         out = Path(vals["out_dir"])
@@ -264,7 +299,7 @@ def _in_process_trainer(monkeypatch, fail_once: set[str]) -> list[str]:
         store.set_status(run_id, "FINISHED")
         return 0, 0.0
 
-    monkeypatch.setattr(study_mod, "_run_job", fake_run_job)
+    monkeypatch.setattr(study_mod, "run_job", fake_run_job)
     return calls
 
 
