@@ -41,6 +41,8 @@ class CompactShardFile(_ShardFile):
 
     def __init__(self, split_dir: str, name: str):
         super().__init__(split_dir, name)
+        # An integer mtime: tarfile writes a float one (the plain writer's 0.0) as a 1 KiB PAX header per member.
+        self._tar.mtime = 0
         self._spool = tempfile.TemporaryFile(dir=split_dir)  # frames wait here until the records are written
         self._frames: dict[str, tuple[int, int, str]] = {}  # name -> (spool offset, size, pixels digest)
         self._names: list[dict[str, str]] = []  # per sample: image member -> frame name
