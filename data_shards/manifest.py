@@ -158,6 +158,9 @@ def _check_frames(where: str, m: Manifest) -> None:
     if m.compact != (m.format == COMPACT_FORMAT):
         raise ManifestError(f"{where}: format {m.format!r} but frame_slots {m.frame_slots}: a compact manifest "
                             f"has both {COMPACT_FORMAT!r} and frame slots, a plain one neither")
+    if len(set(m.frame_slots)) != len(m.frame_slots) or not set(m.frame_slots) <= set(schema.IMAGE_KEYS):
+        raise ManifestError(f"{where}: frame_slots {m.frame_slots} must be distinct image members of "
+                            f"{', '.join(schema.IMAGE_KEYS)}")
     for s in m.shards:
         if not m.compact:
             if s.frames or s.refs:

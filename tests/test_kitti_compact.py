@@ -19,7 +19,7 @@ from data_shards.__main__ import main
 from data_shards.manifest import Manifest, ManifestError
 from data_shards.reader import ShardError
 from data_shards.sources import kitti
-from data_shards.stream import ShardStream, build_loader
+from data_shards.stream import Plan, ShardStream, build_loader
 from fixtures_real import KITTI_DATE, write_kitti_raw
 
 D1, D2 = f"{KITTI_DATE}_drive_0001_sync", f"{KITTI_DATE}_drive_0002_sync"
@@ -88,7 +88,8 @@ def test_compact_samples_equal_plain_ones_bit_for_bit(built, raw, tmp_path):
     mp = Manifest.from_json((built["plain"] / "train" / "manifest.json").read_text(), "plain")
     assert mc.compact and mc.format == "geoprime-shards/2" and mc.source["layout"] == "compact"
     assert not mp.compact and mp.format == "geoprime-shards/1"
-    assert '"frames"' not in (built["plain"] / "train" / "manifest.json").read_text()  # plain manifests unchanged
+    plain_text = (built["plain"] / "train" / "manifest.json").read_text()
+    assert '"refs"' not in plain_text and '"frame_slots"' not in plain_text  # plain manifests as before
     assert mc.keys == mp.keys and mc.num_samples == mp.num_samples == 18  # (5 + 4) time steps x 2 cameras
     _assert_same(_samples(built["compact"]), _samples(built["plain"]))
     _assert_same(_samples(built["compact"], keys=["rgb", "rgb_right"]), _samples(built["plain"], keys=["rgb", "rgb_right"]))
@@ -111,7 +112,6 @@ def test_exactly_once_over_2_ranks_x_2_workers(built):
         for rank in range(2):
             stream = ShardStream(str(built["compact"]), "train", rank=rank, world_size=2, seed=3, tail=tail,
                                  shuffle_buffer=4)
-            from data_shards.stream import Plan
             plan = Plan(batch_size=2, num_workers=2)
             counts = []
             for worker in range(2):
