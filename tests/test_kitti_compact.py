@@ -228,3 +228,19 @@ def test_compact_over_http_equals_local(built):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_truncated_frames_section_loses_only_that_shard(built, tmp_path):
+    import shutil
+
+    root = tmp_path / "cut"
+    shutil.copytree(built["compact"], root)
+    m = Manifest.from_json((root / "train" / "manifest.json").read_text(), "m")
+    last = m.shards[-1]
+    path = root / "train" / last.name
+    path.write_bytes(path.read_bytes()[:last.frames[-1].offset + 10])  # records intact, frames cut short
+    with pytest.raises(ShardError, match=rf"{last.name}: \d+ bytes but its manifest says {last.bytes}"):
+        list(ShardStream(str(root), "train", shuffle=False))
+    loader = build_loader(ShardStream(str(root), "train", shuffle=False, on_corrupt="skip"), 3)
+    valid = [k for b in loader for k, v in zip(b["__key__"], b["__valid__"].tolist()) if v]
+    assert loader.corrupt_count == last.count and len(valid) == 18 - last.count
