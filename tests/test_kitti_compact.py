@@ -244,3 +244,32 @@ def test_a_truncated_frames_section_loses_only_that_shard(built, tmp_path):
     loader = build_loader(ShardStream(str(root), "train", shuffle=False, on_corrupt="skip"), 3)
     valid = [k for b in loader for k, v in zip(b["__key__"], b["__valid__"].tolist()) if v]
     assert loader.corrupt_count == last.count and len(valid) == 18 - last.count
+
+
+def test_compact_over_s3_range_requests_equals_local(built, monkeypatch):
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(k, v)
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
+        s3.create_bucket(Bucket="geoprime")
+        for p in (built["compact"] / "train").iterdir():
+            s3.upload_file(str(p), "geoprime", f"kitti/train/{p.name}")
+        local = _samples(built["compact"])
+        stream = ShardStream("s3://geoprime/kitti", "train", seed=4, rank=0, world_size=2, shuffle_buffer=3)
+        got = {s["__key__"]: s for s in stream}
+        assert len(got) == 9
+        _assert_same(got, {k: local[k] for k in got})
+    finally:
+        server.stop()
