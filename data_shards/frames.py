@@ -136,5 +136,6 @@ def layout_problems(url: str, info: ShardInfo) -> list[str]:
     problems += [f"{url}: member {name}: listed in the manifest (offset {off}, {size} bytes) but not in the shard"
                  for name, off, size in sorted(expected - tail, key=lambda t: t[1])]
     used = {i for r in info.refs for i in r if i >= 0}
-    problems += [f"{url}: member {fr.name}: a frame no sample uses" for i, fr in enumerate(info.frames) if i not in used]
+    problems += [f"{url}: member {fr.name}: a frame no sample uses"
+                 for i, fr in enumerate(info.frames) if i not in used]
     return problems

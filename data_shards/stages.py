@@ -36,8 +36,9 @@ def check_members(raw: dict) -> None:
             continue
         got = member_crc32(data)
         if got != expected[ext]:
-            raise ShardError(f"{raw['__url__']}: member {names.get(ext, raw['__key__'] + '.' + ext)}: checksum "
-                             f"mismatch (crc32 {got}, manifest {expected[ext]}): the shard changed after it was written")
+            member = names.get(ext, f"{raw['__key__']}.{ext}")
+            raise ShardError(f"{raw['__url__']}: member {member}: checksum mismatch (crc32 {got}, "
+                             f"manifest {expected[ext]}): the shard changed after it was written")
 
 
 def read_positions(pieces: Sequence[layout.Piece], need: set[int], manifest: Manifest, urls: Sequence[str],

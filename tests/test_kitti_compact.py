@@ -92,7 +92,8 @@ def test_compact_samples_equal_plain_ones_bit_for_bit(built, raw, tmp_path):
     assert '"refs"' not in plain_text and '"frame_slots"' not in plain_text  # plain manifests as before
     assert mc.keys == mp.keys and mc.num_samples == mp.num_samples == 18  # (5 + 4) time steps x 2 cameras
     _assert_same(_samples(built["compact"]), _samples(built["plain"]))
-    _assert_same(_samples(built["compact"], keys=["rgb", "rgb_right"]), _samples(built["plain"], keys=["rgb", "rgb_right"]))
+    two = ["rgb", "rgb_right"]
+    _assert_same(_samples(built["compact"], keys=two), _samples(built["plain"], keys=two))
     # with depth and a resize too (left camera only: annotated depth exists for image_02)
     extra = ("--depth", "groundtruth", "--resize", "6", "20", "--max-samples-per-shard", "3")
     _build(raw, tmp_path / "c", *extra)
