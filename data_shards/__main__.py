@@ -151,6 +151,9 @@ def cmd_inspect(argv: list[str]) -> int:
         print(f"split {info['split']}: {info['samples']} samples in {info['shards']} shards "
               f"({info['min_shard']}..{info['max_shard']} per shard), {info['bytes'] / 2**20:.1f} MiB")
         print(f"keys: {', '.join(info['keys'])}")
+        if info["layout"] == "compact":
+            print(f"layout: compact, {info['frames_stored']} frame images stored for the "
+                  f"{info['images_referenced']} images its samples hold")
         print(f"meta fields: {', '.join(info['meta_fields'])}")
         print(f"source: {json.dumps(info['source'], sort_keys=True)[:300]}")
         if "contact_sheet" in info:

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from data_shards import palette, schema
+from data_shards.frames import attach_frames, layout_problems
 from data_shards.manifest import MANIFEST_NAME, Manifest
 from data_shards.openers import OpenError, is_remote, join, open_stream
 from data_shards.reader import ShardError, iter_members
@@ -62,10 +63,14 @@ def contact_sheet(samples: list[dict[str, Any]]) -> np.ndarray:
 
 def summarize(m: Manifest) -> dict[str, Any]:
     """Counts, keys and sizes of a split, from its manifest."""
-    return {"split": m.split, "samples": m.num_samples, "shards": len(m.shards),
+    info = {"split": m.split, "samples": m.num_samples, "shards": len(m.shards),
             "bytes": sum(s.bytes for s in m.shards), "keys": m.keys, "meta_fields": m.meta_fields,
             "min_shard": min(s.count for s in m.shards), "max_shard": max(s.count for s in m.shards),
-            "source": m.source}
+            "source": m.source, "layout": "compact" if m.compact else "plain"}
+    if m.compact:  # frames stored vs the images the samples hold (what a plain layout would store)
+        info["frames_stored"] = sum(len(s.frames) for s in m.shards)
+        info["images_referenced"] = sum(i >= 0 for s in m.shards for r in s.refs for i in r)
+    return info
 
 
 def inspect_split(path: str, out_png: str | None, n: int = 4) -> dict[str, Any]:
@@ -135,7 +140,11 @@ def verify_split(path: str) -> VerifyReport:
                                 f"sha256 {digest[:12]}..., manifest {s.sha256[:12]}...)")
         try:
             # one index past the manifest's count: a shard holding more samples than it says is found
-            for j, raw in iter_members(url, range(s.count + 1), s.count):
+            # (compact shards: what follows the records is checked against the frame list instead)
+            records = iter_members(url, range(s.count + (0 if m.compact else 1)), s.count)
+            if m.compact:
+                records = attach_frames(url, s, m.frame_slots, range(s.count), records)
+            for j, raw in records:
                 if j >= s.count:
                     rep.problems.append(f"{url}: holds more samples than the manifest's count {s.count} "
                                         f"(sample {raw['__key__']} is never read)")
@@ -143,6 +152,8 @@ def verify_split(path: str) -> VerifyReport:
                 _verify_sample(url, raw, s.crc32[j] if s.crc32 else None, m, rep)
         except ShardError as e:  # the tar itself is broken: the rest of the shard is unreadable
             rep.problems.append(str(e))
+        if m.compact and s.count:
+            rep.problems += layout_problems(url, s)
     if m.num_samples == 0:
         rep.problems.append(f"{join(root, split, MANIFEST_NAME)}: the split is empty (no samples)")
     if m.shards and not any(s.crc32 for s in m.shards):

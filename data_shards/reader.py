@@ -40,7 +40,7 @@ def _check_name(url: str, name: str) -> tuple[str, str]:
     return key, ext
 
 
-def _open_at(url: str, offset: int, shard_bytes: int | None):
+def open_at(url: str, offset: int, shard_bytes: int | None):
     """Open ``url`` at byte ``offset``; with ``shard_bytes``, refuse a shard whose size changed."""
     try:
         f, size = open_range(url, offset)
@@ -84,7 +84,7 @@ def iter_members(url: str, members: Sequence[int], expected: int,
     last_wanted = members[-1]
     first = members[0] if offsets else 0
     idx, cur_key, cur, last_member = first - 1, None, None, "(start of shard)"
-    f = _open_at(url, offsets[first] if first else 0, shard_bytes if first else None)
+    f = open_at(url, offsets[first] if first else 0, shard_bytes if first else None)
     try:
         tar = tarfile.open(fileobj=f, mode="r|" if is_remote(url) else "r:")
         for info in tar:

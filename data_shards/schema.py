@@ -109,10 +109,7 @@ def encode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"__key__": key}
     for name in ("rgb", "rgb_prev", "rgb_next", "rgb_right"):
         if name in sample:
-            img = np.asarray(sample[name])
-            if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-                raise SchemaError(f"sample {key}: {name} must be uint8 (H, W, 3), got {img.dtype} {img.shape}")
-            out[f"{name}.png"] = _png_bytes(img)
+            out[f"{name}.png"] = encode_rgb(sample[name], key, name)
     if "depth" in sample:
         out["depth.png"] = encode_depth(sample["depth"])
     if "seg" in sample:
@@ -127,6 +124,15 @@ def encode_sample(sample: dict[str, Any]) -> dict[str, Any]:
         raise SchemaError(f"sample {key}: meta with a 'source' (provenance) field is required")
     out["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
     return out
+
+
+def encode_rgb(img: Any, key: str = "?", name: str = "rgb") -> bytes:
+    """uint8 (H, W, 3) image -> the PNG bytes of an ``rgb*.png`` member (the one RGB encoder, so
+    compact shards' shared frames are byte-identical to the members of plain shards)."""
+    img = np.asarray(img)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise SchemaError(f"sample {key}: {name} must be uint8 (H, W, 3), got {img.dtype} {img.shape}")
+    return _png_bytes(img)
 
 
 def encode_flow(flow: Any, key: str = "?") -> bytes:

@@ -16,6 +16,7 @@ import logging
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from data_shards import split as layout
+from data_shards.frames import attach_frames
 from data_shards.manifest import Manifest, member_crc32
 from data_shards.reader import Corrupt, ShardError, iter_members
 
@@ -23,17 +24,20 @@ log = logging.getLogger("data_shards.stream")
 
 
 def check_members(raw: dict) -> None:
-    """Compare each member read with the manifest's crc32 (when the manifest has them); a
-    mismatch is a :class:`ShardError` naming shard and member (on_corrupt decides what happens)."""
-    expected = raw.get("__crc32__")
-    if not expected:
-        return
+    """Compare each member read with the manifest's crc32 (when the manifest has them; a compact
+    shard's frames always have one); a mismatch is a :class:`ShardError` naming shard and member,
+    for a shared frame also the sample and image it fills (on_corrupt decides what happens)."""
+    expected = dict(raw.get("__crc32__") or {})
+    names = {}
+    for ext, (frame, crc) in raw.get("__frames__", {}).items():
+        expected[ext], names[ext] = crc, f"{frame} (frame used as {ext} of sample {raw['__key__']})"
     for ext, data in raw.items():
         if ext.startswith("__") or ext not in expected:
             continue
         got = member_crc32(data)
         if got != expected[ext]:
-            raise ShardError(f"{raw['__url__']}: member {raw['__key__']}.{ext}: checksum mismatch (crc32 {got}, "
+            member = names.get(ext, f"{raw['__key__']}.{ext}")
+            raise ShardError(f"{raw['__url__']}: member {member}: checksum mismatch (crc32 {got}, "
                              f"manifest {expected[ext]}): the shard changed after it was written")
 
 
@@ -41,15 +45,19 @@ def read_positions(pieces: Sequence[layout.Piece], need: set[int], manifest: Man
                    exts: frozenset[str], on_corrupt: str) -> Iterator[tuple[int, Any, bool]]:
     """(position, raw sample or Corrupt, valid) for the ``need``-ed positions of ``pieces``,
     ascending. Shards with no needed position are not opened; other members are skipped unread.
-    With ``on_corrupt="skip"`` an unreadable shard's remaining positions become Corrupt."""
+    With ``on_corrupt="skip"`` an unreadable shard's remaining positions become Corrupt.
+    Compact shards: each record gets its frame images (:func:`frames.attach_frames`)."""
     pos0 = 0
     for p in pieces:
         idx = [i for i in range(len(p)) if pos0 + i in need]
         if idx:
             url, info, done = urls[p.shard], manifest.shards[p.shard], 0
+            members = [p.members[i] for i in idx]
             try:
-                for j, raw in iter_members(url, [p.members[i] for i in idx], info.count, exts, info.offsets,
-                                           info.bytes):
+                records = iter_members(url, members, info.count, exts, info.offsets, info.bytes)
+                if manifest.compact:
+                    records = attach_frames(url, info, manifest.frame_slots, members, records, exts)
+                for j, raw in records:
                     if info.crc32:
                         raw["__crc32__"] = info.crc32[j]
                     yield pos0 + idx[done], raw, p.valid

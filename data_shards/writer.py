@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from data_shards import schema
 from data_shards.atomic import atomic_write_bytes
-from data_shards.manifest import MANIFEST_NAME, Manifest, ManifestError, ShardInfo, member_crc32, write_manifest
+from data_shards.manifest import (COMPACT_FORMAT, MANIFEST_FORMAT, MANIFEST_NAME, FrameInfo, Manifest, ManifestError,
+                                  ShardInfo, member_crc32, write_manifest)
 
 DEFAULT_MAX_COUNT = 256
 DEFAULT_MAX_SIZE = 256 * 2**20
@@ -74,6 +75,10 @@ class _ShardStats:
     sample_keys: list[str] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
     crc32: list[dict[str, str]] = field(default_factory=list)
+    frames: list[list] = field(default_factory=list)
+    """Compact shards: ``[name, offset, size, crc32]`` of each frame stored once (see data_shards.compact)."""
+    refs: list[list[int]] = field(default_factory=list)
+    """Compact shards: per sample, the frame index of each of ``schema.IMAGE_KEYS`` (-1: none)."""
 
 
 def _intersect(a: list[str] | None, b: Iterable[str]) -> list[str]:
@@ -182,8 +187,13 @@ def _finalize(split_dir: str, split: str, stats: list[_ShardStats], source: dict
     keys = meta = None
     for st in stats:
         keys, meta = _intersect(keys, st.keys or []), _intersect(meta, st.meta_fields or [])
-    m = Manifest(split=split, shards=[ShardInfo(st.name, st.count, st.bytes, st.sha256, tuple(st.offsets), tuple(st.crc32)) for st in stats],
-                 keys=keys or [], meta_fields=meta or [], source=json.loads(_canon(source)), writer=writer)
+    compact = writer.get("layout") == "compact"
+    shards = [ShardInfo(st.name, st.count, st.bytes, st.sha256, tuple(st.offsets), tuple(st.crc32),
+                        frames=tuple(FrameInfo(*f) for f in st.frames), refs=tuple(tuple(r) for r in st.refs))
+              for st in stats]
+    m = Manifest(split=split, shards=shards, keys=keys or [], meta_fields=meta or [], source=json.loads(_canon(source)),
+                 writer=writer, format=COMPACT_FORMAT if compact else MANIFEST_FORMAT,
+                 frame_slots=list(schema.IMAGE_KEYS) if compact else [])
     write_manifest(split_dir, m)
     return m
 
@@ -246,9 +256,16 @@ def _chunk_fingerprint(source: dict, n_chunks: int, index: int) -> str:
                                   "schema": schema.SCHEMA_VERSION}).encode()).hexdigest()
 
 
-def _write_chunk(split_dir: str, name: str, make_samples: Callable[[], Iterable[dict]], fingerprint: str) -> _ShardStats:
-    """Write one chunk's shard, then its completion record (in ``.progress/``)."""
-    shard = _ShardFile(split_dir, name)
+def _write_chunk(split_dir: str, name: str, make_samples: Callable[[], Iterable[dict]], fingerprint: str,
+                 compact: bool = False) -> _ShardStats:
+    """Write one chunk's shard (compact: frames stored once, :mod:`data_shards.compact`), then its
+    completion record (in ``.progress/``)."""
+    if compact:
+        from data_shards.compact import CompactShardFile  # it builds on _ShardFile: imported when used
+
+        shard: _ShardFile = CompactShardFile(split_dir, name)
+    else:
+        shard = _ShardFile(split_dir, name)
     try:
         for sample in make_samples():
             shard.add(sample)
@@ -285,23 +302,26 @@ def _finished_chunk(split_dir: str, name: str, fingerprint: str) -> _ShardStats 
 
 
 def write_split_parallel(chunks: Sequence[Callable[[], Iterable[dict]]], out_dir: str, split: str, *,
-                         source: dict, workers: int = 1, progress: bool = True) -> Manifest:
+                         source: dict, workers: int = 1, progress: bool = True, compact: bool = False) -> Manifest:
     """Write chunk ``i`` (a picklable zero-argument callable yielding samples) as shard ``i``.
 
     Chunks run in ``workers`` processes. An interrupted build resumes: a chunk whose shard
     and completion record (``<split>/.progress/<shard>.json``, matching ``source`` and the
     chunk count) are intact is not recomputed. Empty chunks give no shard. The chunking must
     be deterministic (e.g. sorted frame list cut every N frames) for resume to be sound.
+    ``compact``: each distinct frame image (the samples' ``__frames__`` names) is stored once per
+    shard and samples refer to it (:mod:`data_shards.compact`); readers assemble the same samples.
     """
     if workers < 1:
         raise WriteError(f"workers={workers} must be >= 1")
-    writer = {"mode": "chunks", "n_chunks": len(chunks)}
+    writer = {"mode": "chunks", "n_chunks": len(chunks), **({"layout": "compact"} if compact else {})}
     split_dir, done = _start(out_dir, split, source, writer)
     if done is not None:
         return done
     os.makedirs(os.path.join(split_dir, _PROGRESS_DIR), exist_ok=True)
     names = [shard_name(split, i) for i in range(len(chunks))]
-    prints = [_chunk_fingerprint(source, len(chunks), i) for i in range(len(chunks))]
+    keyed = {**source, "__layout__": "compact"} if compact else source  # a plain chunk never passes for compact
+    prints = [_chunk_fingerprint(keyed, len(chunks), i) for i in range(len(chunks))]
     stats: list[_ShardStats | None] = [_finished_chunk(split_dir, n, fp) for n, fp in zip(names, prints)]
     todo = [i for i, st in enumerate(stats) if st is None]
     bar = tqdm(total=len(chunks), initial=len(chunks) - len(todo), desc=f"write {split}", unit="shard",
@@ -310,14 +330,15 @@ def write_split_parallel(chunks: Sequence[Callable[[], Iterable[dict]]], out_dir
         if workers == 1 or len(todo) <= 1:
             for i in todo:
                 try:
-                    stats[i] = _write_chunk(split_dir, names[i], chunks[i], prints[i])
+                    stats[i] = _write_chunk(split_dir, names[i], chunks[i], prints[i], compact)
                 except Exception as e:
                     e.add_note(f"while writing chunk {i} ({names[i]}) of {split_dir}")
                     raise
                 bar.update(1)
         else:
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = {pool.submit(_write_chunk, split_dir, names[i], chunks[i], prints[i]): i for i in todo}
+                futures = {pool.submit(_write_chunk, split_dir, names[i], chunks[i], prints[i], compact): i
+                           for i in todo}
                 for fut in as_completed(futures):
                     i = futures[fut]
                     try:

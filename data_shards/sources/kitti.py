@@ -31,8 +31,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from data_shards.sources.resize import (
-    Geometry, SourceError, add_common_arguments, geometry_from_args, read_png_gray, read_rgb, require,
-    tar_safe, write_splits,
+    Geometry, SourceError, add_common_arguments, geometry_from_args, read_png_gray, read_rgb, require, tar_safe,
 )
 
 log = logging.getLogger(__name__)
@@ -375,6 +374,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true",
                         help="a listed frame without both neighbours or without the requested depth is an error "
                              "instead of being skipped")
+    from data_shards.sources import kitti_compact  # it builds on this module
+
+    kitti_compact.add_layout_argument(parser)
 
 
 def options_from_args(args: argparse.Namespace) -> KittiOptions:
@@ -409,9 +411,11 @@ def plan(args: argparse.Namespace) -> tuple[KittiOptions, dict[str, list[KittiFr
 
 
 def build(args: argparse.Namespace) -> dict[str, Any]:
-    """Convert KITTI raw into shards under ``args.out/<split>/``."""
+    """Convert KITTI raw into shards under ``args.out/<split>/`` (``--layout``: see kitti_compact)."""
+    from data_shards.sources import kitti_compact
+
     opts, splits, skipped = plan(args)
     extra = {"geometry": opts.geometry.describe(), "skipped": skipped, "depth": opts.depth,
              "velodyne_pixel_offset": opts.velo_pixel_offset if opts.depth == "velodyne" else None,
              "frames": "triplet" if opts.triplet else "single", "stereo": opts.stereo}
-    return write_splits(args, "kitti", splits, functools.partial(make_sample, opts), extra)
+    return kitti_compact.write(args, opts, splits, extra)

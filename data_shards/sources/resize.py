@@ -216,14 +216,16 @@ def _convert_chunk(make_sample: Callable[[Any], dict[str, Any]], items: Sequence
 
 
 def write_splits(args: argparse.Namespace, dataset: str, splits: dict[str, Sequence[Any]],
-                 make_sample: Callable[[Any], dict[str, Any]], extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                 make_sample: Callable[[Any], dict[str, Any]], extra: Optional[dict[str, Any]] = None,
+                 compact: bool = False) -> dict[str, Any]:
     """Convert each split's work items with ``make_sample`` (picklable) through the shard writer.
 
     Items are cut, in their deterministic order, into chunks of ``--max-samples-per-shard``;
     each chunk becomes one shard written by ``writer.write_split_parallel`` (worker
     processes, progress bar, finished shards kept and skipped on a re-run). The manifest's
     ``source`` records the dataset, its absolute root and ``extra`` (conversion settings).
-    Returns the manifest of each split.
+    ``compact``: frames shared by samples are stored once per shard (``data_shards.compact``;
+    samples must name them in ``__frames__``). Returns the manifest of each split.
     """
     from data_shards import writer
 
@@ -241,5 +243,5 @@ def write_splits(args: argparse.Namespace, dataset: str, splits: dict[str, Seque
                   for i in range(0, len(items), per_shard)]
         results[split] = writer.write_split_parallel(
             chunks, str(args.out), split, source=source, workers=int(getattr(args, "workers", 1) or 1),
-            progress=not getattr(args, "no_progress", False))
+            progress=not getattr(args, "no_progress", False), compact=compact)
     return results
