@@ -15,9 +15,10 @@ def restore_threads():
 
 
 @pytest.mark.parametrize("cores,workers,ranks,expected", [
-    (2, 0, 1, 2), (2, 1, 1, 1), (2, 2, 1, 1), (16, 2, 1, 5), (16, 3, 2, 2), (64, 7, 8, 1), (1, 4, 1, 1),
+    (2, 0, 1, 2), (2, 1, 1, 2), (2, 2, 1, 2), (16, 2, 1, 14), (16, 8, 1, 12), (16, 3, 2, 6), (64, 7, 8, 6),
+    (2, 0, 2, 1), (1, 4, 1, 1), (3, 1, 4, 1),
 ])
-def test_default_leaves_a_core_per_loader_worker(cores, workers, ranks, expected):
+def test_default_shares_cores_between_ranks_and_spares_some_for_loader_workers(cores, workers, ranks, expected):
     assert default_threads(workers, ranks, cores) == expected
 
 

@@ -63,8 +63,10 @@ class ParallelConfig:
     """DeepSpeed: offload optimizer state (and parameters in stage 3) to CPU."""
     precision: str = "fp32"
     """fp32 | bf16 | fp16 (fp16 uses loss scaling; bf16/fp16 need a GPU)."""
-    channels_last: bool = False
-    """Convert the model and image batches to channels_last memory format."""
+    channels_last: Optional[bool] = None
+    """Convert the model and image batches to channels_last memory format. None (auto): on for
+    single and DDP (the CPU depth step 7-9 % faster, benchmarks/profile_depth_step.py; the layout
+    GPU convolutions prefer), off for FSDP2 and DeepSpeed (not measured there)."""
     compile: bool = False
     """Wrap the model with torch.compile."""
     backend: str = "auto"
@@ -89,6 +91,10 @@ class OptimConfig:
     """Micro-batches accumulated per optimizer step."""
     clip_grad_norm: float = 0.0
     """Clip the global gradient norm to this value (0 = off)."""
+    fused: bool = True
+    """Adam(W) as torch's fused kernel (one pass over all parameters: 4x faster than the per-tensor
+    loop on the CPU) where every parameter is a plain CPU / CUDA float tensor; FSDP2's sharded
+    parameters and DeepSpeed keep the foreach / per-tensor implementation."""
 
 
 @dataclass

@@ -1,16 +1,18 @@
 """Intra-op thread defaults for a training process: do not oversubscribe the cores.
 
-torch starts one intra-op (OpenMP) thread per core in every process. A training rank with N
-DataLoader workers is 1 + N processes, and with torchrun several ranks share a machine: with the
-defaults they run more busy threads than there are cores. Every op that runs in parallel ends at
-a barrier that waits for its slowest thread, so as soon as one thread loses its core (to a
-loader worker, another rank, or another job on the machine) each op waits a scheduler time
-slice. On the 2-core machine this repository is developed on, with another process busy, the
-depth step went from ~2 s to ~16 s; the same tiny-op test went from 12 s to 0.7 s with one
-thread (docs/kernels.md, "Threads").
+torch starts one intra-op (OpenMP) thread per core in every process, and with torchrun several
+ranks share a machine: with the defaults they run more busy threads than there are cores. Every
+op that runs in parallel ends at a barrier that waits for its slowest thread, so as soon as one
+thread loses its core each op waits a scheduler time slice (on the 2-core development machine,
+with another process busy, the depth step went from ~2 s to ~16 s).
 
-Default: ``max(1, cores // (ranks_on_this_node * (1 + loader_workers)))`` intra-op threads, where
-``cores`` is what this process may run on (``os.sched_getaffinity``). Precedence:
+Default: each rank gets its share of the cores, ``cores // ranks_on_this_node``, less up to a
+quarter of that share for its DataLoader workers (one per worker). Loader workers run one thread
+each and mostly wait (decoding a batch is a small part of a step), so leaving a whole core per
+worker wasted half of a 2-core machine: the depth step with 2 workers took 2.8 s with 1 thread,
+1.7 s with 2 (``benchmarks/bench_vs_reference.py``, 2026-12-02). ``cores`` is what this process
+may run on (``os.sched_getaffinity``). On a machine shared with other work, set the count yourself.
+Precedence:
 
 1. ``GEOPRIME_THREADS=<n>`` (this variable, read here), then
 2. ``OMP_NUM_THREADS`` if set (torch already honours it; torchrun sets it to 1 for several ranks),
@@ -38,9 +40,10 @@ def available_cores() -> int:
 
 
 def default_threads(loader_workers: int, ranks_per_node: int = 1, cores: int | None = None) -> int:
-    """Intra-op threads that leave one core per loader worker and share the rest between ranks."""
+    """The rank's share of the cores, less one per loader worker up to a quarter of that share."""
     cores = available_cores() if cores is None else cores
-    return max(1, cores // (max(1, ranks_per_node) * (1 + max(0, loader_workers))))
+    share = max(1, cores // max(1, ranks_per_node))
+    return max(1, share - min(max(0, loader_workers), share // 4))
 
 
 def configure_threads(loader_workers: int, env: dict[str, str] | None = None) -> tuple[int, str]:

@@ -72,6 +72,12 @@ def pick_device(backend: str, env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
+def wants_channels_last(pcfg: Any) -> bool:
+    """``parallel.channels_last``, its auto value (None) resolved: on for single and DDP only."""
+    value = getattr(pcfg, "channels_last", None)
+    return bool(value) if value is not None else pcfg.strategy in ("single", "ddp")
+
+
 def prepare_root(model: nn.ModuleDict, pcfg: Any, device: torch.device) -> TaskModule:
     """The first, strategy-independent steps, always in this order: move to ``device``, convert
     to channels_last (``parallel.channels_last``), compile each part (``parallel.compile``), wrap
@@ -79,7 +85,7 @@ def prepare_root(model: nn.ModuleDict, pcfg: Any, device: torch.device) -> TaskM
     if not isinstance(model, nn.ModuleDict):
         raise TypeError(f"engine.setup expects the task's nn.ModuleDict, got {type(model).__name__}")
     model = model.to(device)
-    if pcfg.channels_last:
+    if wants_channels_last(pcfg):
         model = model.to(memory_format=torch.channels_last)
     if pcfg.compile:
         for part in model.values():

@@ -113,7 +113,7 @@ class DeepSpeedBackend(Backend):
         os.environ.setdefault("LOCAL_RANK", str(s.env.local_rank))
         import deepspeed
 
-        optimizer = build_optimizer(groups_fn(root.parts), s.ocfg)
+        optimizer = build_optimizer(groups_fn(root.parts), s.ocfg, allow_fused=False)
         scheduler = build_scheduler(optimizer, s.scfg, s.total_steps)
         ds, opt, _, sched = deepspeed.initialize(model=root, optimizer=optimizer, lr_scheduler=scheduler,
                                                  config=self.config(), dist_init_required=False)

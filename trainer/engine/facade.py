@@ -141,7 +141,7 @@ class Engine:
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Move a batch's tensors to this rank's device (channels_last for 4-D float images)."""
-        return core.batch_to_device(batch, self.device, bool(self.pcfg.channels_last))
+        return core.batch_to_device(batch, self.device, core.wants_channels_last(self.pcfg))
 
     @contextlib.contextmanager
     def accumulate(self, micro_step: int) -> Iterator[None]:
