@@ -23,7 +23,7 @@ import numpy as np
 
 from data_shards import schema
 from data_shards.manifest import member_crc32
-from data_shards.writer import _TAR_BLOCK, WriteError, _intersect, _ShardFile
+from data_shards.shard_file import TAR_BLOCK, ShardFile, WriteError
 
 IMAGE_NAMES = tuple(k[:-4] for k in schema.IMAGE_KEYS)  # rgb, rgb_prev, rgb_next, rgb_right
 FRAME_EXT = "png"
@@ -36,7 +36,7 @@ def _pixels_digest(img: np.ndarray) -> str:
     return hashlib.sha256(repr((a.dtype.str, a.shape)).encode() + a.tobytes()).hexdigest()
 
 
-class CompactShardFile(_ShardFile):
+class CompactShardFile(ShardFile):
     """A shard whose samples share frame images: records first, then each frame once."""
 
     def __init__(self, split_dir: str, name: str):
@@ -56,17 +56,8 @@ class CompactShardFile(_ShardFile):
             raise WriteError(f"{self.path}: sample {key}: a compact shard needs sample['__frames__'] naming the "
                              f"frame of each image {images}, got {frames!r}")
         enc = schema.encode_sample({k: v for k, v in sample.items() if k not in IMAGE_NAMES})
-        names = {}
-        for n in images:
-            names[f"{n}.png"] = self._store(str(frames[n]), sample[n], enc["__key__"], n)
-        st = self.stats
-        st.offsets.append(self._tar.tarstream.offset)
-        st.crc32.append({k: member_crc32(v) for k, v in enc.items() if k != "__key__"})
-        self._tar.write(enc)
-        st.count += 1
-        st.sample_keys.append(enc["__key__"])
-        st.keys = _intersect(st.keys, [k for k in enc if k != "__key__"] + list(names))
-        st.meta_fields = _intersect(st.meta_fields, sample["meta"].keys())
+        names = {f"{n}.png": self._store(str(frames[n]), sample[n], enc["__key__"], n) for n in images}
+        self._append(enc, sample["meta"].keys(), more_keys=names)
         self._names.append(names)
 
     def _store(self, name: str, img: Any, key: str, slot: str) -> str:
@@ -98,7 +89,7 @@ class CompactShardFile(_ShardFile):
             self._spool.seek(off)
             data = self._spool.read(size)
             self._tar.write({"__key__": n, FRAME_EXT: data})
-            start = self._tar.tarstream.offset - -(-size // _TAR_BLOCK) * _TAR_BLOCK
+            start = self._tar.tarstream.offset - -(-size // TAR_BLOCK) * TAR_BLOCK
             self.stats.frames.append([f"{n}.{FRAME_EXT}", start, size, member_crc32(data)])
         self.stats.refs = [[index[names[k]] if k in names else -1 for k in schema.IMAGE_KEYS] for names in self._names]
         self._spool.close()

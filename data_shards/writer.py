@@ -22,122 +22,26 @@ import hashlib
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import asdict
+from typing import Callable, Iterable, Sequence
 
-import webdataset as wds
 from tqdm import tqdm
 
 from data_shards import schema
 from data_shards.atomic import atomic_write_bytes
+from data_shards.compact import CompactShardFile
 from data_shards.manifest import (COMPACT_FORMAT, MANIFEST_FORMAT, MANIFEST_NAME, FrameInfo, Manifest, ManifestError,
-                                  ShardInfo, member_crc32, write_manifest)
+                                  ShardInfo, write_manifest)
+from data_shards.shard_file import ShardFile, ShardStats, WriteError, intersect, sha256_file  # noqa: F401 (WriteError: API)
 
 DEFAULT_MAX_COUNT = 256
 DEFAULT_MAX_SIZE = 256 * 2**20
-_TAR_BLOCK = 512
 _PROGRESS_DIR = ".progress"
-
-
-class WriteError(RuntimeError):
-    """A split could not be written; the message names the file or sample key."""
 
 
 def shard_name(split: str, index: int) -> str:
     """File name of shard ``index`` of ``split``."""
     return f"{split}-{index:06d}.tar"
-
-
-def sha256_file(path: str, bufsize: int = 1 << 20) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _member_bytes(encoded: dict[str, Any]) -> int:
-    """Bytes a sample takes in a tar: a header block per member plus padded data."""
-    return sum(_TAR_BLOCK + -(-len(v) // _TAR_BLOCK) * _TAR_BLOCK for k, v in encoded.items() if k != "__key__")
-
-
-@dataclass
-class _ShardStats:
-    """What a finished shard holds: count, digest, size, and the keys / meta fields all samples share."""
-
-    name: str
-    count: int = 0
-    bytes: int = 0
-    sha256: str = ""
-    keys: list[str] | None = None
-    meta_fields: list[str] | None = None
-    sample_keys: list[str] = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)
-    crc32: list[dict[str, str]] = field(default_factory=list)
-    frames: list[list] = field(default_factory=list)
-    """Compact shards: ``[name, offset, size, crc32]`` of each frame stored once (see data_shards.compact)."""
-    refs: list[list[int]] = field(default_factory=list)
-    """Compact shards: per sample, the frame index of each of ``schema.IMAGE_KEYS`` (-1: none)."""
-
-
-def _intersect(a: list[str] | None, b: Iterable[str]) -> list[str]:
-    return sorted(set(b) if a is None else set(a) & set(b))
-
-
-class _ShardFile:
-    """One shard being written to a temporary name; :meth:`finish` renames it into place."""
-
-    def __init__(self, split_dir: str, name: str):
-        self.path = os.path.join(split_dir, name)
-        self.tmp = os.path.join(split_dir, f".{name}.tmp-{os.getpid()}")
-        self.stats = _ShardStats(name)
-        self._file = open(self.tmp, "wb")
-        self._tar = wds.TarWriter(self._file, user="geoprime", group="geoprime", mode=0o444, mtime=0.0,
-                                  encoder=False)
-        self.size = 2 * _TAR_BLOCK
-
-    def add(self, sample: dict[str, Any]) -> None:
-        """Encode and append one sample."""
-        enc = schema.encode_sample(sample)
-        self.stats.offsets.append(self._tar.tarstream.offset)
-        self.stats.crc32.append({k: member_crc32(v) for k, v in enc.items() if k != "__key__"})
-        self._tar.write(enc)
-        st = self.stats
-        st.count += 1
-        st.sample_keys.append(enc["__key__"])
-        st.keys = _intersect(st.keys, (k for k in enc if k != "__key__"))
-        st.meta_fields = _intersect(st.meta_fields, sample["meta"].keys())
-        self.size += _member_bytes(enc)
-
-    def finish(self) -> _ShardStats:
-        """Close, fsync and move into place; an identical finished shard is kept untouched."""
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        st = self.stats
-        st.sha256 = sha256_file(self.tmp)
-        st.bytes = os.path.getsize(self.tmp)
-        if os.path.exists(self.path) and os.path.getsize(self.path) == st.bytes and sha256_file(self.path) == st.sha256:
-            os.remove(self.tmp)
-        else:
-            os.replace(self.tmp, self.path)
-        return st
-
-    def abort(self) -> None:
-        """Drop the temporary file (on error)."""
-        # The shard is discarded: mark tarfile's stream closed so that its finaliser does not try
-        # to write the end-of-archive blocks into the file we close here.
-        self._tar.tarstream.closed = True
-        stream = getattr(self._tar.tarstream, "fileobj", None)
-        if stream is not None and hasattr(stream, "closed"):
-            stream.closed = True
-        try:
-            self._file.close()
-        finally:
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
 
 
 def _remove_leftovers(split_dir: str) -> None:
@@ -169,7 +73,7 @@ def _canon(d: dict) -> str:
     return json.dumps(d, sort_keys=True, default=str)
 
 
-def _finalize(split_dir: str, split: str, stats: list[_ShardStats], source: dict, writer: dict) -> Manifest:
+def _finalize(split_dir: str, split: str, stats: list[ShardStats], source: dict, writer: dict) -> Manifest:
     """Check keys are unique, drop stale shards, and write the manifest last."""
     seen: dict[str, str] = {}
     for st in stats:
@@ -186,7 +90,7 @@ def _finalize(split_dir: str, split: str, stats: list[_ShardStats], source: dict
             os.remove(p)
     keys = meta = None
     for st in stats:
-        keys, meta = _intersect(keys, st.keys or []), _intersect(meta, st.meta_fields or [])
+        keys, meta = intersect(keys, st.keys or []), intersect(meta, st.meta_fields or [])
     compact = writer.get("layout") == "compact"
     shards = [ShardInfo(st.name, st.count, st.bytes, st.sha256, tuple(st.offsets), tuple(st.crc32),
                         frames=tuple(FrameInfo(*f) for f in st.frames), refs=tuple(tuple(r) for r in st.refs))
@@ -227,13 +131,13 @@ def write_split(samples: Iterable[dict], out_dir: str, split: str, *, source: di
     split_dir, done = _start(out_dir, split, source, writer)
     if done is not None:
         return done
-    stats: list[_ShardStats] = []
-    shard: _ShardFile | None = None
+    stats: list[ShardStats] = []
+    shard: ShardFile | None = None
     bar = tqdm(total=total, desc=f"write {split}", unit="sample", disable=not progress)
     try:
         for sample in samples:
             if shard is None:
-                shard = _ShardFile(split_dir, shard_name(split, len(stats)))
+                shard = ShardFile(split_dir, shard_name(split, len(stats)))
             shard.add(sample)
             bar.update(1)
             if shard.stats.count >= max_count or shard.size >= max_size:
@@ -257,15 +161,13 @@ def _chunk_fingerprint(source: dict, n_chunks: int, index: int) -> str:
 
 
 def _write_chunk(split_dir: str, name: str, make_samples: Callable[[], Iterable[dict]], fingerprint: str,
-                 compact: bool = False) -> _ShardStats:
+                 compact: bool = False) -> ShardStats:
     """Write one chunk's shard (compact: frames stored once, :mod:`data_shards.compact`), then its
     completion record (in ``.progress/``)."""
     if compact:
-        from data_shards.compact import CompactShardFile  # it builds on _ShardFile: imported when used
-
-        shard: _ShardFile = CompactShardFile(split_dir, name)
+        shard: ShardFile = CompactShardFile(split_dir, name)
     else:
-        shard = _ShardFile(split_dir, name)
+        shard = ShardFile(split_dir, name)
     try:
         for sample in make_samples():
             shard.add(sample)
@@ -282,7 +184,7 @@ def _write_chunk(split_dir: str, name: str, make_samples: Callable[[], Iterable[
     return st
 
 
-def _finished_chunk(split_dir: str, name: str, fingerprint: str) -> _ShardStats | None:
+def _finished_chunk(split_dir: str, name: str, fingerprint: str) -> ShardStats | None:
     """The record of a finished chunk if it matches this build and its shard is intact."""
     rec_path = os.path.join(split_dir, _PROGRESS_DIR, name + ".json")
     try:
@@ -292,7 +194,7 @@ def _finished_chunk(split_dir: str, name: str, fingerprint: str) -> _ShardStats 
         return None
     if rec.pop("fingerprint", None) != fingerprint:
         return None
-    st = _ShardStats(**rec)
+    st = ShardStats(**rec)
     if st.count == 0:
         return st
     p = os.path.join(split_dir, name)
@@ -322,7 +224,7 @@ def write_split_parallel(chunks: Sequence[Callable[[], Iterable[dict]]], out_dir
     names = [shard_name(split, i) for i in range(len(chunks))]
     keyed = {**source, "__layout__": "compact"} if compact else source  # a plain chunk never passes for compact
     prints = [_chunk_fingerprint(keyed, len(chunks), i) for i in range(len(chunks))]
-    stats: list[_ShardStats | None] = [_finished_chunk(split_dir, n, fp) for n, fp in zip(names, prints)]
+    stats: list[ShardStats | None] = [_finished_chunk(split_dir, n, fp) for n, fp in zip(names, prints)]
     todo = [i for i, st in enumerate(stats) if st is None]
     bar = tqdm(total=len(chunks), initial=len(chunks) - len(todo), desc=f"write {split}", unit="shard",
                disable=not progress)
