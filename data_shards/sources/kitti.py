@@ -31,7 +31,8 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from data_shards.sources.resize import (
-    Geometry, SourceError, add_common_arguments, geometry_from_args, read_png_gray, read_rgb, require, tar_safe,
+    Geometry, SourceError, add_common_arguments, add_layout_argument, geometry_from_args, read_png_gray, read_rgb,
+    require, tar_safe, write_splits,
 )
 
 log = logging.getLogger(__name__)
@@ -343,6 +344,26 @@ def make_sample(opts: KittiOptions, f: KittiFrame) -> dict[str, Any]:
     return sample
 
 
+def frame_name(folder: str, frame: int, side: str) -> str:
+    """The compact-shard member key of one camera frame, e.g.
+    ``2011_09_26_drive_0001_sync_0000000002_image_02`` (never a sample key: those end in _l / _r)."""
+    return tar_safe(f"{Path(folder).name}_{frame:010d}_{CAMERA[side]}")
+
+
+def make_compact_sample(opts: KittiOptions, f: KittiFrame) -> dict[str, Any]:
+    """:func:`make_sample` plus ``__frames__``: which camera frame each image is (data_shards.compact
+    stores each once per shard)."""
+    sample = make_sample(opts, f)
+    names = {"rgb": frame_name(f.folder, f.frame, f.side)}
+    if opts.triplet:
+        names["rgb_prev"] = frame_name(f.folder, f.frame - 1, f.side)
+        names["rgb_next"] = frame_name(f.folder, f.frame + 1, f.side)
+    if opts.stereo:
+        names["rgb_right"] = frame_name(f.folder, f.frame, OTHER_SIDE[f.side])
+    sample["__frames__"] = names
+    return sample
+
+
 def iter_samples(opts: KittiOptions, frames: Sequence[KittiFrame]) -> Iterator[dict[str, Any]]:
     """Schema samples for ``frames`` (already selected), in order."""
     for f in frames:
@@ -374,9 +395,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true",
                         help="a listed frame without both neighbours or without the requested depth is an error "
                              "instead of being skipped")
-    from data_shards.sources import kitti_compact  # it builds on this module
-
-    kitti_compact.add_layout_argument(parser)
+    add_layout_argument(parser)
 
 
 def options_from_args(args: argparse.Namespace) -> KittiOptions:
@@ -411,11 +430,15 @@ def plan(args: argparse.Namespace) -> tuple[KittiOptions, dict[str, list[KittiFr
 
 
 def build(args: argparse.Namespace) -> dict[str, Any]:
-    """Convert KITTI raw into shards under ``args.out/<split>/`` (``--layout``: see kitti_compact)."""
-    from data_shards.sources import kitti_compact
-
+    """Convert KITTI raw into shards under ``args.out/<split>/``, in the layout ``args.layout``:
+    compact (default) sorts samples by (drive, frame, side) so a frame's users share a shard, and
+    stores each camera frame once per shard; plain stores every sample's 4 images, in split order."""
     opts, splits, skipped = plan(args)
     extra = {"geometry": opts.geometry.describe(), "skipped": skipped, "depth": opts.depth,
              "velodyne_pixel_offset": opts.velo_pixel_offset if opts.depth == "velodyne" else None,
              "frames": "triplet" if opts.triplet else "single", "stereo": opts.stereo}
-    return kitti_compact.write(args, opts, splits, extra)
+    if getattr(args, "layout", "compact") == "plain":
+        return write_splits(args, "kitti", splits, functools.partial(make_sample, opts), extra)
+    ordered = {name: sorted(frames) for name, frames in splits.items()}  # neighbours land in the same shard
+    return write_splits(args, "kitti", ordered, functools.partial(make_compact_sample, opts),
+                        {**extra, "layout": "compact"}, compact=True)

@@ -185,6 +185,16 @@ def _add_if_missing(parser: argparse.ArgumentParser, *names: str, **kwargs: Any)
         parser.add_argument(*names, **kwargs)
 
 
+LAYOUTS = ("compact", "plain")
+
+
+def add_layout_argument(parser: argparse.ArgumentParser) -> None:
+    """``--layout compact|plain`` for converters of video data whose samples share frames."""
+    parser.add_argument("--layout", default="compact", choices=LAYOUTS,
+                        help="compact (default): each frame stored once per shard, samples sorted by drive and "
+                             "frame; plain: every sample stores its own images, in split-file order")
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every real-dataset converter has: root, out, workers, crop/resize, shard size."""
     _add_if_missing(parser, "--root", required=True, help="the dataset's root folder, as released")
