@@ -123,7 +123,8 @@ def throughput(args: argparse.Namespace) -> None:
 
 def baselines(args: argparse.Namespace) -> None:
     """abs_rel etc. of the untrained network and of a constant depth, median scaled, on a split."""
-    from data_shards.stream import ShardStream, build_loader
+    from data_shards.loader import build_loader
+    from data_shards.stream import ShardStream
 
     task = DepthTask(DepthTaskConfig(supervision="mono"), _Run(args.encoder))
     torch.manual_seed(args.seed)

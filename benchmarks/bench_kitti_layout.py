@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.bench_vs_reference import _env, write_fake_kitti  # noqa: E402
-from data_shards.stream import ShardStream, build_loader  # noqa: E402
+from data_shards.loader import build_loader  # noqa: E402
+from data_shards.stream import ShardStream  # noqa: E402
 
 KEYS = ("rgb", "rgb_prev", "rgb_next", "rgb_right", "K", "baseline")
 

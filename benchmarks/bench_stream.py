@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from data_shards.stream import ShardStream, build_loader  # noqa: E402
+from data_shards.loader import build_loader  # noqa: E402
+from data_shards.stream import ShardStream  # noqa: E402
 
 KEYSETS = {
     "all": None,

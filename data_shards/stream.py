@@ -7,7 +7,7 @@ buffer, skips already-consumed batches without reading them, decodes with
 ``schema.decode_sample`` (never webdataset's image decoder, which drops 16-bit depth to 8
 bits), then applies the per-sample transform with a generator seeded by (seed, epoch, key).
 
-``build_loader`` wraps it in a :class:`ResumableLoader` whose ``state_dict()`` is the number
+``data_shards.loader.build_loader`` wraps it in a ``ResumableLoader`` whose ``state_dict()`` is the number
 of batches handed out in the current epoch; after ``load_state_dict`` the rest of the epoch is
 exactly the unseen batches, in the uninterrupted order, for any number of workers.
 """
@@ -243,16 +243,3 @@ class ShardStream(IterableDataset):
         sample["__key__"] = key
         sample["__valid__"] = valid
         return sample
-
-
-_LOADER_NAMES = ("ResumableLoader", "build_loader", "collate")
-
-
-def __getattr__(name: str) -> Any:
-    """The loader lives in :mod:`data_shards.loader` (which imports this module); its names stay
-    importable from here, resolved on first use so that neither module imports the other at load."""
-    if name in _LOADER_NAMES:
-        from data_shards import loader
-
-        return getattr(loader, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

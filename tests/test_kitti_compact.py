@@ -19,7 +19,8 @@ from data_shards.__main__ import main
 from data_shards.manifest import Manifest, ManifestError
 from data_shards.reader import ShardError
 from data_shards.sources import kitti
-from data_shards.stream import Plan, ShardStream, build_loader
+from data_shards.loader import build_loader
+from data_shards.stream import Plan, ShardStream
 from fixtures_real import KITTI_DATE, write_kitti_raw
 
 D1, D2 = f"{KITTI_DATE}_drive_0001_sync", f"{KITTI_DATE}_drive_0002_sync"

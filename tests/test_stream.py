@@ -12,7 +12,8 @@ import torch
 
 from data_shards import split as layout
 from data_shards.reader import ShardError
-from data_shards.stream import ShardStream, build_loader
+from data_shards.loader import build_loader
+from data_shards.stream import ShardStream
 from shard_fixtures import all_keys, build
 
 UNEVEN = [5, 1, 3]  # 9 samples in 3 shards: fewer shards than 2 ranks x 2 workers
@@ -254,7 +255,8 @@ def test_skip_policy_counts_and_keeps_batch_count(broken):
 _DIST_SCRIPT = """
 import json, sys
 import torch.distributed as dist
-from data_shards.stream import ShardStream, build_loader
+from data_shards.loader import build_loader
+from data_shards.stream import ShardStream
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

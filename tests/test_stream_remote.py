@@ -11,7 +11,8 @@ import pytest
 
 from data_shards.manifest import ManifestError
 from data_shards.reader import ShardError
-from data_shards.stream import ShardStream, build_loader
+from data_shards.loader import build_loader
+from data_shards.stream import ShardStream
 from shard_fixtures import all_keys, build
 
 COUNTS = [4, 2, 3]

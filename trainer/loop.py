@@ -43,14 +43,15 @@ log = logging.getLogger("geoprime.loop")
 __all__ = ["train", "evaluate", "shard_loader_factory"]
 
 #: ``make_loader(split, train) -> loader`` with ``__iter__``, ``batches_per_epoch``, ``epoch``,
-#: ``state_dict()`` / ``load_state_dict()`` (a ``data_shards.stream.ResumableLoader``).
+#: ``state_dict()`` / ``load_state_dict()`` (a ``data_shards.loader.ResumableLoader``).
 LoaderFactory = Callable[[str, bool], Any]
 
 
 def shard_loader_factory(cfg: Any, task: Any, engine: Engine) -> LoaderFactory:
     """Loaders over ``data_shards`` streams: training shuffled with ``data.tail_policy``;
     evaluation in order with ``tail="pad"`` so every sample counts exactly once."""
-    from data_shards.stream import ShardStream, build_loader
+    from data_shards.loader import build_loader
+    from data_shards.stream import ShardStream
 
     d = cfg.data
 
