@@ -8,13 +8,16 @@
    * ours: ``python -m trainer task=depth data=kitti ...`` (mono, Adam, batch, workers as given),
      per-step wall time read from the trainer's own per-step log lines (``train.log_every=1``:
      the time between consecutive ``step N/M`` lines = data wait + forward + backward + step);
+   * ours in bf16 (``parallel.precision=bf16``: bf16 autocast, fp32 weights, heads, geometry and
+     loss), where the CPU has bf16 instructions (``--bf16`` / ``--no-bf16`` to choose): not the same
+     arithmetic as the fp32 reference, so it gets its own ratio (``ratio_bf16``);
    * reference: ``benchmarks/monodepth2_reference.py`` (Monodepth2's dataset on the raw JPEGs,
      DataLoader with the same workers, its training step and Adam), per-step wall time from
      the end of one step to the end of the next (data wait included, as for ours).
 4. Drops each run's first ``--warmup`` steps, prints JSON lines per run and a summary with the
-   median samples/s of each and their ratio (ours / reference).
+   median samples/s of each and their ratios (ours / reference; ``ratio`` is fp32 against fp32).
 
-    .venv/bin/python benchmarks/bench_vs_reference.py                       # ~4 min on 2 idle cores
+    .venv/bin/python benchmarks/bench_vs_reference.py                       # ~3 min on 2 idle cores
     .venv/bin/python benchmarks/bench_vs_reference.py --rounds 1 --steps 4  # a quick look
     .venv/bin/python benchmarks/bench_vs_reference.py --ours task.photometric_impl=reference
 """
@@ -119,14 +122,15 @@ def _run(cmd: list[str], timeout: int, what: str) -> str:
     return proc.stdout
 
 
-def run_ours(args: argparse.Namespace, shards: Path, out: Path, steps: int) -> list[float]:
-    """The real ``python -m trainer`` on the converted shards; per-step seconds (step 2 on)."""
+def run_ours(args: argparse.Namespace, shards: Path, out: Path, steps: int, extra: list[str]) -> list[float]:
+    """The real ``python -m trainer`` on the converted shards (``extra``: more overrides, e.g. bf16);
+    per-step seconds (step 2 on)."""
     shutil.rmtree(out, ignore_errors=True)  # a fresh run folder: no resume, no old log lines
     cmd = [sys.executable, "-m", "trainer", "task=depth", "task.supervision=mono", "data=kitti",
            f"data.root={shards}", "data.val_split=", "data.test_split=", f"data.num_workers={args.workers}",
            "model=resnet18", f"train.batch_size={args.batch}", f"train.steps={steps}", "train.log_every=1",
            "train.export=false", "train.progress=false", "train.resume=never", "tracking=none",
-           "optim.name=adam", "optim.lr=1e-4", "schedule.name=constant", f"out_dir={out}", *args.ours]
+           "optim.name=adam", "optim.lr=1e-4", "schedule.name=constant", f"out_dir={out}", *args.ours, *extra]
     _run(cmd, args.timeout, "python -m trainer")
     return step_times_from_log(out / "logs" / "rank0.log")
 
@@ -167,6 +171,16 @@ def reference_worker(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- rounds and summary
 
 
+def cpu_has_bf16() -> bool:
+    """True when the CPU has bf16 matrix / vector instructions (AMX-BF16 or AVX512-BF16), which
+    oneDNN uses for bf16 convolutions."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
 def _summary(name: str, times: list[float], batch: int) -> dict:
     med = statistics.median(times)
     return {"run": name, "steps": len(times), "median_s_per_step": round(med, 4),
@@ -183,29 +197,32 @@ def bench(args: argparse.Namespace) -> dict:
     print(json.dumps({"prepared_s": round(time.perf_counter() - t0, 1), "raw": str(raw), "shards": str(shards)}),
           flush=True)
     steps = 1 + args.warmup + args.steps
-    all_times: dict[str, list[float]] = {"ours": [], "reference": []}
+    names = ["reference", "ours"] + (["ours_bf16"] if args.bf16 else [])
+    all_times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
-        order = ("reference", "ours") if r % 2 == 0 else ("ours", "reference")
-        for name in order:
-            if name == "ours":
-                times = run_ours(args, shards, work / f"ours_round{r}", steps)
-            else:
+        for name in (names if r % 2 == 0 else names[::-1]):
+            if name == "reference":
                 times = run_reference(args, raw, split, steps)
+            else:
+                extra = ["parallel.precision=bf16"] if name == "ours_bf16" else []
+                times = run_ours(args, shards, work / f"{name}_round{r}", steps, extra)
             if len(times) != steps - 1:
                 raise RuntimeError(f"{name} round {r}: timed {len(times)} steps, expected {steps - 1}")
             times = times[args.warmup:]
             all_times[name] += times
             print(json.dumps({"round": r, **_summary(name, times, args.batch),
                               "load_avg_1min": round(os.getloadavg()[0], 2)}), flush=True)
-    ours, ref = (_summary(n, all_times[n], args.batch) for n in ("ours", "reference"))
-    result = {"summary": True, "ours_samples_per_s": ours["samples_per_s"],
-              "reference_samples_per_s": ref["samples_per_s"],
-              "ratio": round(ours["samples_per_s"] / ref["samples_per_s"], 3),
-              "settings": {"batch": args.batch, "hw": [args.height, args.width], "workers": args.workers,
-                           "steps_per_run": args.steps, "warmup": args.warmup, "rounds": args.rounds,
-                           "cpus": os.cpu_count(), "ours_overrides": args.ours,
-                           "reference_threads": args.reference_threads or "torch default",
-                           "ours_threads": os.environ.get("GEOPRIME_THREADS", "trainer default")}}
+    rate = {n: _summary(n, all_times[n], args.batch)["samples_per_s"] for n in names}
+    result = {"summary": True, "ours_samples_per_s": rate["ours"], "reference_samples_per_s": rate["reference"],
+              "ratio": round(rate["ours"] / rate["reference"], 3)}
+    if args.bf16:
+        result.update(ours_bf16_samples_per_s=rate["ours_bf16"],
+                      ratio_bf16=round(rate["ours_bf16"] / rate["reference"], 3))
+    result["settings"] = {"batch": args.batch, "hw": [args.height, args.width], "workers": args.workers,
+                          "steps_per_run": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+                          "cpus": os.cpu_count(), "cpu_bf16": cpu_has_bf16(), "ours_overrides": args.ours,
+                          "reference_threads": args.reference_threads or "torch default",
+                          "ours_threads": os.environ.get("GEOPRIME_THREADS", "trainer default")}
     print(json.dumps(result), flush=True)
     return result
 
@@ -226,10 +243,14 @@ def main() -> None:
     p.add_argument("--ours", nargs="*", default=[], help="extra Hydra overrides for python -m trainer")
     p.add_argument("--reference-threads", type=int, default=0,
                    help="intra-op threads of the reference (0: torch's default, one per core, as Monodepth2 runs)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time ours with parallel.precision=bf16 (default: when the CPU has AMX/AVX512 bf16)")
     p.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--raw", help=argparse.SUPPRESS)
     p.add_argument("--split", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.bf16 is None:
+        args.bf16 = cpu_has_bf16()
     if args.command == "reference-worker":
         reference_worker(args)
     else:

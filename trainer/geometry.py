@@ -6,14 +6,35 @@ centre of the first column), so pixel-coordinate grids line up with
 ``grid_sample(align_corners=True)``. Poses are (B, 4, 4) rigid transforms; ``T_a_from_b`` maps
 points in camera b's frame to camera a's frame. Points are (B, 3, N) with N = H * W in
 row-major pixel order.
+
+Under mixed precision the functions that turn depth and pose into pixel coordinates run in fp32
+(:func:`full_precision`): in bf16 a coordinate near u = 300 is off by ~1 px.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+_HALF = (torch.float16, torch.bfloat16)
 
+
+def full_precision(fn):
+    """Decorator: run ``fn`` with autocast off on its tensors' device and fp16 / bf16 tensor
+    arguments upcast to fp32 (fp32 and fp64 arguments pass through unchanged)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        args = [a.float() if isinstance(a, Tensor) and a.dtype in _HALF else a for a in args]
+        kwargs = {k: v.float() if isinstance(v, Tensor) and v.dtype in _HALF else v for k, v in kwargs.items()}
+        device = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@full_precision
 def disp_to_depth(disp: Tensor, min_depth: float, max_depth: float) -> tuple[Tensor, Tensor]:
     """Sigmoid output in [0, 1] -> (scaled disparity, depth), depth in [min_depth, max_depth]
     (Monodepth2: disparity is linear between 1/max_depth and 1/min_depth)."""
@@ -39,6 +60,7 @@ def pixel_grid(b: int, h: int, w: int, dtype: torch.dtype = torch.float32,
     return grid.unsqueeze(0).expand(b, 3, h * w)
 
 
+@full_precision
 def backproject(depth: Tensor, inv_K: Tensor) -> Tensor:
     """Depth (B, 1, H, W) z-depth + inverse intrinsics (B, 3, 3) -> camera points (B, 3, H*W)."""
     if depth.dim() != 4 or depth.shape[1] != 1:
@@ -48,11 +70,13 @@ def backproject(depth: Tensor, inv_K: Tensor) -> Tensor:
     return rays * depth.reshape(b, 1, h * w)
 
 
+@full_precision
 def transform(points: Tensor, T: Tensor) -> Tensor:
     """Apply rigid transforms T (B, 4, 4) to points (B, 3, N): R @ p + t."""
     return T[:, :3, :3] @ points + T[:, :3, 3:4]
 
 
+@full_precision
 def project(points: Tensor, K: Tensor, height: int, width: int, eps: float = 1e-7) -> Tensor:
     """Camera points (B, 3, H*W) -> pixel coordinates (B, H, W, 2) as (u, v); depths below
     ``eps`` are clamped to ``eps`` (points behind the camera land far outside the image)."""
@@ -94,6 +118,7 @@ def rot_from_axisangle(axisangle: Tensor) -> Tensor:
     return torch.cat(rows, dim=1).reshape(-1, 3, 3)
 
 
+@full_precision
 def pose_vec_to_mat(axisangle: Tensor, translation: Tensor, invert: bool = False) -> Tensor:
     """Axis-angle (B, 3) + translation (B, 3) -> (B, 4, 4) ``[R | t]``; ``invert`` returns the
     inverse transform ``[R^T | -R^T t]`` (Monodepth2's ``transformation_from_parameters``)."""
@@ -121,6 +146,7 @@ def stereo_pose(baseline: Tensor) -> Tensor:
     return T
 
 
+@full_precision
 def warp_frame(src_image: Tensor, depth_t: Tensor, T_src_from_t: Tensor, K: Tensor,
                padding: str = "border") -> tuple[Tensor, Tensor]:
     """Synthesise the target view from a source frame: for each target pixel, backproject with
@@ -141,6 +167,7 @@ def warp_frame(src_image: Tensor, depth_t: Tensor, T_src_from_t: Tensor, K: Tens
 
 
 
+@full_precision
 def reprojection_coefficients(T_src_from_t: Tensor, K: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
     """The depth-independent part of warping target pixels into a source camera.
 
@@ -156,6 +183,7 @@ def reprojection_coefficients(T_src_from_t: Tensor, K: Tensor, height: int, widt
     return grid.transpose(1, 2) @ KRKinv.transpose(1, 2), (Kf @ T[:, :3, 3:4]).transpose(1, 2)
 
 
+@full_precision
 def warp_depths(src_image: Tensor, depths: Tensor, M: Tensor, Kt: Tensor, padding: str = "border",
                 eps: float = 1e-7) -> Tensor:
     """Warp ``src_image`` (B, C, H, W) into the target view once per depth map in ``depths``

@@ -1,10 +1,16 @@
-"""Dispatch for the min-reprojection photometric loss: fused Triton kernels or the reference.
+"""Dispatch for the min-reprojection photometric loss: fused Triton kernels, the CPU path, or the reference.
 
-``fused_reprojection_loss`` is the one entry point the depth task calls. ``impl`` is the config
-switch: ``"auto"`` uses the Triton kernels for CUDA tensors and the reference
-(``trainer.losses.photometric``) otherwise; ``"triton"`` forces the kernels (on CPU tensors only
-under ``TRITON_INTERPRET=1``, set before the kernel module is imported); ``"reference"`` forces
-plain PyTorch. The Triton path is a ``torch.autograd.Function`` whose backward is fused too.
+``multiscale_reprojection_loss`` is the entry point the depth task calls (all scales at once),
+``fused_reprojection_loss`` the one-scale entry. ``impl`` is the config switch:
+
+* ``"triton"``: the fused kernels (on CPU tensors only under ``TRITON_INTERPRET=1``, set before
+  the kernel module is imported); a ``torch.autograd.Function`` whose backward is fused too;
+* ``"handwritten"``: ``trainer.kernels.photometric_cpu`` (plain torch ops in cache-sized chunks,
+  a hand-written backward); ``"compiled"``: the same with its per-chunk functions compiled by
+  inductor (``trainer.kernels.compiled_cpu``; needs a C++ compiler);
+* ``"reference"``: plain autograd on ``trainer.losses.photometric``;
+* ``"auto"``: Triton for CUDA tensors. Otherwise the multi-scale entry takes ``compiled`` where a
+  C++ compiler is found and ``handwritten`` where not, and the one-scale entry the reference.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from torch import Tensor
 
 from trainer.losses import photometric as reference
 
-IMPLS = ("auto", "triton", "reference")
+IMPLS = ("auto", "triton", "reference", "handwritten", "compiled")
 """Accepted values of ``impl`` (the depth task's ``photometric_impl`` config field)."""
 
 KERNEL_MODULE = "trainer.kernels.photometric_triton"
@@ -95,9 +101,12 @@ def _validate(target: Tensor, warped: Sequence[Tensor], identity: Sequence[Tenso
 
 
 def resolve_impl(impl: str, target: Tensor) -> str:
-    """``"triton"`` or ``"reference"``: what ``impl`` means for tensors on ``target``'s device."""
-    if impl == "reference":
-        return "reference"
+    """What ``impl`` means for tensors on ``target``'s device in the one-scale entry: ``"triton"``,
+    ``"reference"``, ``"handwritten"`` or ``"compiled"`` (``auto``: Triton or the reference)."""
+    if impl in ("reference", "handwritten"):
+        return impl
+    if impl == "compiled":
+        return _check_compiled(target)
     if impl == "auto":
         return "triton" if target.is_cuda and triton_available() else "reference"
     if not triton_available():
@@ -109,6 +118,50 @@ def resolve_impl(impl: str, target: Tensor) -> str:
             f"the GPU: set TRITON_INTERPRET=1 before {KERNEL_MODULE} is imported to run them on "
             "the CPU (slow; for tests), or use impl='auto'/'reference'")
     return "triton"
+
+
+def _check_compiled(target: Tensor) -> str:
+    """``"compiled"``, or a clear error where inductor cannot compile for ``target``'s device."""
+    from trainer.kernels import compiled_cpu
+
+    if target.is_cuda and not triton_available():
+        raise RuntimeError("photometric impl 'compiled' on CUDA tensors needs the triton package "
+                           "(inductor's GPU code); use impl='handwritten'")
+    if not target.is_cuda and not compiled_cpu.available():
+        raise RuntimeError("photometric impl 'compiled' needs a C++ compiler for inductor's CPU code "
+                           "(none found: install g++ or set CXX); use impl='handwritten'")
+    return "compiled"
+
+
+def resolve_multiscale_impl(impl: str, target: Tensor) -> str:
+    """What ``impl`` means in the multi-scale entry: as :func:`resolve_impl`, except that ``auto``
+    without Triton kernels takes the CPU path, compiled where a C++ compiler is found."""
+    if impl != "auto":
+        return resolve_impl(impl, target)
+    if target.is_cuda:
+        return "triton" if triton_available() else "handwritten"
+    from trainer.kernels import compiled_cpu
+
+    return "compiled" if compiled_cpu.available() else "handwritten"
+
+
+def _cpu_path(target: Tensor, warped: list[Tensor], identity: list[Tensor], ssim_weight: float,
+              kind: str, strict: bool) -> tuple[Tensor, Tensor]:
+    """``trainer.kernels.photometric_cpu`` on inputs promoted to one dtype, eager or compiled
+    (``strict``: a failed compilation raises instead of falling back to eager)."""
+    from trainer.kernels.photometric_cpu import multiscale_min_reprojection
+
+    fns = None
+    if kind == "compiled":
+        from trainer.kernels.compiled_cpu import chunk_functions
+
+        fns = chunk_functions(strict)
+    dtype = target.dtype
+    for t in identity + warped:
+        dtype = torch.promote_types(dtype, t.dtype)
+    losses, argmin = multiscale_min_reprojection(target.to(dtype), [w.to(dtype) for w in warped],
+                                                 [t.to(dtype) for t in identity], ssim_weight, fns)
+    return losses.to(torch.promote_types(dtype, torch.float32)), argmin
 
 
 @torch.compiler.disable
@@ -142,10 +195,14 @@ def fused_reprojection_loss(target: Tensor, warped: Sequence[Tensor],
     warped = [t.to(dtype) for t in warped]
     n_sources = len(identity) + len(warped)
     out_dtype = torch.promote_types(dtype, torch.float32)
-    if resolve_impl(impl, target) == "reference":
+    kind = resolve_impl(impl, target)
+    if kind == "reference":
         best, index, _ = reference.min_reprojection(target, warped, identity or None, ssim_weight)
         loss = best.mean().to(out_dtype)
         return (loss, index) if return_argmin else loss
+    if kind in ("handwritten", "compiled"):
+        losses, argmin = _cpu_path(target, warped, identity, ssim_weight, kind, strict=True)
+        return (losses[0], argmin[0]) if return_argmin else losses[0]
     if n_sources > _kernels().MAX_SOURCES:
         raise ValueError(f"fused photometric loss: {n_sources} sources exceed the kernel's "
                          f"maximum of {_kernels().MAX_SOURCES}; use impl='reference'")
@@ -166,8 +223,10 @@ def multiscale_reprojection_loss(target: Tensor, warped: Sequence[Tensor], ident
     [identity..., warped...]). Which code runs:
 
     * ``triton`` (or ``auto`` on CUDA with Triton): the fused kernels, one call per scale;
-    * ``auto`` otherwise: ``trainer.kernels.photometric_cpu`` (identity and target statistics
-      computed once for all scales, hand-written backward, cache-sized chunks);
+    * ``handwritten``: ``trainer.kernels.photometric_cpu`` (identity and target statistics
+      computed once for all scales, hand-written backward, cache-sized chunks); ``compiled``: the
+      same with inductor-compiled chunks; ``auto`` without Triton: compiled where a C++ compiler
+      is found, handwritten otherwise;
     * ``reference``: ``trainer.losses.photometric.min_reprojection`` at each scale.
     """
     identity = list(identity) if identity is not None else []
@@ -179,15 +238,9 @@ def multiscale_reprojection_loss(target: Tensor, warped: Sequence[Tensor], ident
     s = warped[0].shape[0] // b
     per_scale = [[w[i * b:(i + 1) * b] for w in warped] for i in range(s)]
     _validate(target, per_scale[0], identity, impl)
-    if resolve_impl(impl, target) == "triton" or impl == "reference":
-        losses, argmins = zip(*(fused_reprojection_loss(target, ws, identity, ssim_weight, impl, return_argmin=True)
+    kind = resolve_multiscale_impl(impl, target)
+    if kind in ("triton", "reference"):
+        losses, argmins = zip(*(fused_reprojection_loss(target, ws, identity, ssim_weight, kind, return_argmin=True)
                                 for ws in per_scale))
         return torch.stack(losses), torch.stack(argmins)
-    from trainer.kernels.photometric_cpu import multiscale_min_reprojection
-
-    dtype = target.dtype
-    for t in identity + warped:
-        dtype = torch.promote_types(dtype, t.dtype)
-    losses, argmin = multiscale_min_reprojection(target.to(dtype), [w.to(dtype) for w in warped],
-                                                 [t.to(dtype) for t in identity], ssim_weight)
-    return losses.to(torch.promote_types(dtype, torch.float32)), argmin
+    return _cpu_path(target, warped, identity, ssim_weight, kind, strict=impl == "compiled")

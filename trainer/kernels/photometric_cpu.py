@@ -115,15 +115,19 @@ class PhotometricError(torch.autograd.Function):
     variance. Returns (M, B, 1, H, W); gradient to ``x`` only.
 
     Runs ``chunk`` images at a time: each op's inputs then stay in cache (one 3x96x320 fp32 image
-    is 369 KB), where one op over the whole stack streams tens of MB through memory per op."""
+    is 369 KB), where one op over the whole stack streams tens of MB through memory per op.
+    ``fns``: the per-chunk (error, error_grad) pair to run, e.g. compiled ones
+    (``trainer.kernels.compiled_cpu``); None = this module's eager functions."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, mu_y: Tensor, sig_y: Tensor, w: float, chunk: int) -> Tensor:
+    def forward(ctx, x: Tensor, y: Tensor, mu_y: Tensor, sig_y: Tensor, w: float, chunk: int,
+                fns: tuple | None = None) -> Tensor:
         ctx.w, ctx.chunk = float(w), int(chunk)
+        ctx.error, ctx.error_grad = fns or (_error, _error_grad)
         ctx.save_for_backward(x, y, mu_y, sig_y)
         out = x.new_empty(*x.shape[:2], 1, *x.shape[3:])
         for i, b in _chunks(x.shape[0], x.shape[1], ctx.chunk):
-            out[i, b] = _error(x[i, b], y[b], mu_y[b], sig_y[b], ctx.w)
+            out[i, b] = ctx.error(x[i, b], y[b], mu_y[b], sig_y[b], ctx.w)
         return out
 
     @staticmethod
@@ -132,8 +136,8 @@ class PhotometricError(torch.autograd.Function):
         x, y, mu_y, sig_y = ctx.saved_tensors
         grad = torch.empty_like(x)
         for i, b in _chunks(x.shape[0], x.shape[1], ctx.chunk):
-            grad[i, b] = _error_grad(g[i, b], x[i, b], y[b], mu_y[b], sig_y[b], ctx.w)
-        return grad, None, None, None, None, None
+            grad[i, b] = ctx.error_grad(g[i, b], x[i, b], y[b], mu_y[b], sig_y[b], ctx.w)
+        return grad, None, None, None, None, None, None
 
 
 def target_stats(target: Tensor) -> tuple[Tensor, Tensor]:
@@ -168,14 +172,14 @@ def _running_min(errors: Sequence[Tensor], best: Tensor | None = None, index: Te
 
 
 def multiscale_min_reprojection(target: Tensor, warped: Sequence[Tensor], identity: Sequence[Tensor],
-                                ssim_weight: float = 0.85) -> tuple[Tensor, Tensor]:
+                                ssim_weight: float = 0.85, fns: tuple | None = None) -> tuple[Tensor, Tensor]:
     """Min-reprojection at S scales at once. ``target`` (B, C, H, W); ``warped``: one (S*B, C, H, W)
     tensor per source (scale-major: rows s*B..(s+1)*B-1 are scale s); ``identity``: unwarped
     sources (B, C, H, W), the same at every scale, so their errors are computed once.
 
     Returns (loss per scale (S,), argmin (S, B, 1, H, W) int64 over [identity..., warped...]),
     equal to :func:`trainer.losses.photometric.min_reprojection` at each scale up to float
-    rounding (different summation order of the window means)."""
+    rounding (different summation order of the window means). ``fns``: see :class:`PhotometricError`."""
     b = target.shape[0]
     s = warped[0].shape[0] // b
     stacked = torch.stack([w.reshape(s, *target.shape) for w in warped])  # (N, S, B, C, H, W)
@@ -188,11 +192,12 @@ def multiscale_min_reprojection(target: Tensor, warped: Sequence[Tensor], identi
     else:
         stats = target_stats(target)
         chunk = CHUNK if target.device.type == "cpu" else b  # on a GPU, big launches are what is cheap
-        errs = list(PhotometricError.apply(stacked.reshape(-1, *target.shape), target, *stats, ssim_weight, chunk)
+        errs = list(PhotometricError.apply(stacked.reshape(-1, *target.shape), target, *stats, ssim_weight, chunk, fns)
                     .reshape(*stacked.shape[:3], 1, *target.shape[2:]))
         id_errs = []
         if identity:
-            id_errs = list(PhotometricError.apply(torch.stack(list(identity)), target, *stats, ssim_weight, chunk))
+            id_errs = list(PhotometricError.apply(torch.stack(list(identity)), target, *stats, ssim_weight, chunk,
+                                                          fns))
     best, index = _running_min(id_errs)
     best, index = _running_min(errs, best, index, offset=len(id_errs))
     return best.mean(dim=(1, 2, 3, 4)), index.expand(s, *index.shape[-4:])

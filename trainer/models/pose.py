@@ -12,11 +12,13 @@ from torch import Tensor, nn
 
 from trainer.geometry import pose_vec_to_mat
 from trainer.models.encoders import build_encoder
+from trainer.models.precision import run_fp32
 
 
 class PoseDecoder(nn.Module):
     """Squeeze (1x1) each input's deepest feature map, two 3x3 convs, a 1x1 to 6 numbers,
-    global average, times 0.01 (keeps the initial motion small) -> (axisangle, translation)."""
+    global average, times 0.01 (keeps the initial motion small) -> (axisangle, translation).
+    The last conv and the average run in fp32 under mixed precision."""
 
     def __init__(self, num_ch_enc: Sequence[int], num_input_features: int) -> None:
         super().__init__()
@@ -33,7 +35,7 @@ class PoseDecoder(nn.Module):
         if len(deepest) != self.num_input_features:
             raise ValueError(f"PoseDecoder: expected {self.num_input_features} feature maps, got {len(deepest)}")
         x = torch.cat([self.relu(self.squeeze(f)) for f in deepest], dim=1)
-        out = 0.01 * self.convs(x).mean(dim=(2, 3))
+        out = 0.01 * run_fp32(self.convs[-1], self.convs[:-1](x)).mean(dim=(2, 3))  # fp32 under mixed precision
         return out[:, :3], out[:, 3:]
 
 

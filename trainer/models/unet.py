@@ -1,7 +1,8 @@
 """The Monodepth2-style U-Net decoder, shared by depth (disparity), flow and segmentation heads.
 
 Skips from the encoder pyramid, 3x3 convs with reflection padding + ELU, nearest 2x
-upsampling, and an output head at each requested scale (scale s = 1/2^s of the input).
+upsampling, and an output head at each requested scale (scale s = 1/2^s of the input), run
+in fp32 under mixed precision (``trainer.models.precision``).
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from trainer.models.precision import run_fp32
 
 
 #: Input sides must be a multiple of this (5 stride-2 levels) for the skips to line up.
@@ -79,6 +82,6 @@ class UNetDecoder(nn.Module):
                 x = torch.cat([x, features[i - 1]], dim=1)
             x = self.upconvs[f"{i}_1"](x)
             if i in self.scales:
-                y = self.heads[str(i)](x)
+                y = run_fp32(self.heads[str(i)], x)  # fp32 under mixed precision
                 outputs[i] = torch.sigmoid(y) if self.activation == "sigmoid" else y
         return outputs

@@ -1,0 +1,71 @@
+"""The CPU loss's per-chunk functions, compiled by ``torch.compile`` (inductor's C++/OpenMP loops).
+
+Eager, one chunk of :class:`trainer.kernels.photometric_cpu.PhotometricError` is ~25 separate
+element-wise ops forward and ~50 backward, each reading and writing whole images; inductor fuses
+them into a few loops (2.3x on the chunk on this machine, docs/depth.md "Speed against
+Monodepth2"). Same math in the same order: the outputs match the eager functions to float
+rounding (bit-equal where measured).
+
+Inductor needs a C++ compiler at run time. :func:`available` says whether one is there; under
+``impl="auto"`` a failed compilation warns once and the eager functions take over, under
+``impl="compiled"`` it raises.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from typing import Callable
+
+import torch
+
+from trainer.kernels import photometric_cpu as eager
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """True when inductor finds a C++ compiler (it compiles CPU kernels with one)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception:  # noqa: BLE001 -- any failure means "no usable compiler"
+        return False
+    return True
+
+
+class CompileFailed(RuntimeError):
+    """torch.compile could not compile the CPU loss (no compiler, a compiler error, ...)."""
+
+
+class _Compiled:
+    """A function compiled on first call. ``strict`` False: if compiling fails, warn once and
+    run the eager function from then on; True: raise :class:`CompileFailed`."""
+
+    def __init__(self, fn: Callable, strict: bool) -> None:
+        self.eager, self.strict = fn, strict
+        self.compiled = torch.compile(fn, fullgraph=True)
+        self.failed = False
+
+    def __call__(self, *args):
+        if self.failed:
+            return self.eager(*args)
+        try:
+            return self.compiled(*args)
+        except Exception as e:  # noqa: BLE001 -- inductor raises many kinds; all mean "not compiled"
+            if self.strict:
+                raise CompileFailed(f"photometric impl 'compiled': torch.compile of {self.eager.__name__} "
+                                    f"failed ({type(e).__name__}: {e}); use impl='handwritten'") from e
+            self.failed = True
+            warnings.warn(f"photometric loss: torch.compile of {self.eager.__name__} failed "
+                          f"({type(e).__name__}: {e}); running it eagerly", RuntimeWarning, stacklevel=2)
+            return self.eager(*args)
+
+
+@functools.lru_cache(maxsize=2)
+def chunk_functions(strict: bool) -> tuple[Callable, Callable]:
+    """(error, error_grad) for one chunk, compiled; one pair per process and strictness (the
+    compiled code is cached on disk by inductor, ``TORCHINDUCTOR_CACHE_DIR``)."""
+    return _Compiled(eager._error, strict), _Compiled(eager._error_grad, strict)
