@@ -100,3 +100,13 @@ def test_depth_config_names_the_new_impls():
         DepthTask(DepthTaskConfig(photometric_impl=impl), SimpleNamespace(model=ModelConfig()))
     with pytest.raises(ValueError, match="task.photometric_impl='fast'.*auto, triton, reference, handwritten, compiled"):
         DepthTask(DepthTaskConfig(photometric_impl="fast"), SimpleNamespace(model=ModelConfig()))
+
+
+@pytest.mark.skipif(not compiled_cpu.available(), reason="no C++ compiler for inductor")
+def test_signatures_beyond_the_limit_run_eagerly_instead_of_failing(monkeypatch):
+    """Dynamo fails hard after 8 compilations of one function under fullgraph (a long-lived
+    process seeing many shapes, e.g. this test suite): past MAX_VARIANTS new signatures run eagerly."""
+    monkeypatch.setattr(compiled_cpu, "MAX_VARIANTS", 0)
+    ref = _loss_and_grads("handwritten", seed=3)
+    got = _loss_and_grads("compiled", seed=3)  # strict: would raise if it tried and failed
+    assert torch.equal(got[0], ref[0]) and all(torch.equal(a, b) for a, b in zip(got[2], ref[2]))

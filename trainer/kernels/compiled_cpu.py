@@ -40,20 +40,57 @@ class CompileFailed(RuntimeError):
     """torch.compile could not compile the CPU loss (no compiler, a compiler error, ...)."""
 
 
+MAX_VARIANTS = 6
+"""Input signatures (shapes, dtypes, the SSIM weight) compiled per function and process; further
+ones run eagerly. Dynamo allows 8 compilations per code object (``recompile_limit``) and fails
+hard beyond them under ``fullgraph``; a training run needs 1-2 (its chunk, a shorter last chunk)."""
+
+
+_SEEN: dict[str, set[tuple]] = {}
+"""Function name -> the input signatures compiled for it in this process."""
+_EAGER: set[tuple] = set()
+"""Signatures beyond the limit (each logged once)."""
+
+
+def _signature(args: tuple) -> tuple:
+    """What dynamo's guards of a static compilation look at: each tensor's shape, strides, dtype
+    and device, the other arguments' values, and the intra-op thread count."""
+    return (torch.get_num_threads(), *((tuple(a.shape), a.stride(), a.dtype, a.device.type)
+                                       if isinstance(a, torch.Tensor) else a for a in args))
+
+
 class _Compiled:
     """A function compiled on first call. ``strict`` False: if compiling fails, warn once and
-    run the eager function from then on; True: raise :class:`CompileFailed`."""
+    run the eager function from then on; True: raise :class:`CompileFailed`. Signatures beyond
+    :data:`MAX_VARIANTS` run eagerly (each logged once)."""
 
     def __init__(self, fn: Callable, strict: bool) -> None:
         self.eager, self.strict = fn, strict
-        self.compiled = torch.compile(fn, fullgraph=True)
+        self.compiled = torch.compile(fn, fullgraph=True, dynamic=False)  # static: 1.5x the dynamic kernels' speed
         self.failed = False
+        self.seen = _SEEN.setdefault(fn.__name__, set())  # shared: dynamo's limit is per code object
 
     def __call__(self, *args):
         if self.failed:
             return self.eager(*args)
+        # detached: the caller's autograd.Function owns the gradient (and requires_grad is a guard)
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        key = _signature(args)
+        if key not in self.seen:
+            if len(self.seen) >= MAX_VARIANTS or key in _EAGER:
+                if key not in _EAGER:
+                    _EAGER.add(key)
+                    log.info("photometric loss: %s already compiled for %d input signatures; %s runs eagerly",
+                             self.eager.__name__, MAX_VARIANTS, key)
+                return self.eager(*args)
+            self.seen.add(key)
         try:
             return self.compiled(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:  # a guard not in _signature: not a failure
+            self.seen.discard(key)
+            _EAGER.add(key)
+            log.info("photometric loss: %s hit dynamo's recompile limit; %s runs eagerly", self.eager.__name__, key)
+            return self.eager(*args)
         except Exception as e:  # noqa: BLE001 -- inductor raises many kinds; all mean "not compiled"
             if self.strict:
                 raise CompileFailed(f"photometric impl 'compiled': torch.compile of {self.eager.__name__} "
