@@ -62,7 +62,8 @@ class ParallelConfig:
     offload: bool = False
     """DeepSpeed: offload optimizer state (and parameters in stage 3) to CPU."""
     precision: str = "fp32"
-    """fp32 | bf16 | fp16 (fp16 uses loss scaling; bf16/fp16 need a GPU)."""
+    """fp32 | bf16 | fp16 (autocast, fp32 weights; fp16 uses loss scaling). bf16 also runs on a CPU,
+    fast where it has AMX / AVX512-BF16 (2.4x Monodepth2's fp32 step on a 2-core Xeon, docs/depth.md)."""
     channels_last: Optional[bool] = None
     """Convert the model and image batches to channels_last memory format. None (auto): on for
     single and DDP (the CPU depth step 7-9 % faster, benchmarks/profile_depth_step.py; the layout
