@@ -9,7 +9,6 @@ device -> layout -> compile -> data parallelism (FSDP2: each part, then the root
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -130,8 +129,11 @@ class NativeBackend(Backend):
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        max_norm = float(self.s.ocfg.clip_grad_norm) or math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+        # the norm is logged every step; the grads are only rescaled when clipping is on (clip_grad_norm_
+        # with max_norm=inf would multiply every gradient by 1.0: a pass over all of them for nothing)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        if params and self.s.ocfg.clip_grad_norm:
+            torch.nn.utils.clip_grads_with_norm_(params, float(self.s.ocfg.clip_grad_norm), norm)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         if self.scaler is not None:
