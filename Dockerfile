@@ -15,6 +15,15 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /opt/geoprime
 
+# A C/C++ compiler: Triton (the fused depth loss on GPUs) builds its launcher stubs with one at run
+# time, inductor's CPU code (the compiled CPU loss) needs one, and DeepSpeed JIT-builds its ops;
+# the runtime base image has none (Triton then fails: "Failed to find C compiler"). The base
+# image's Ubuntu release decides the versions, hence no apt pins.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc g++ \
+    && rm -rf /var/lib/apt/lists/*
+
 # Dependencies first (their own layer, rebuilt only when the pins change). Keep this list
 # equal to pyproject.toml's [project.dependencies]: tests/test_dockerfile.py checks it.
 RUN python -m pip install \

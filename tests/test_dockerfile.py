@@ -74,3 +74,13 @@ def test_entrypoint_serves_trainer_and_torchrun(tmp_path, args, expected):
                        env=env, timeout=30)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == expected
+
+
+def test_image_installs_a_c_compiler_for_triton_and_inductor():
+    """The runtime base image has no compiler; without one Triton cannot build its launcher (the
+    fused depth loss fails at step 1 on a GPU) and the compiled CPU loss falls back to eager."""
+    text = DOCKERFILE.read_text()
+    assert "runtime" in re.search(r"^ARG BASE_IMAGE=(\S+)", text, flags=re.M).group(1)
+    installs = re.findall(r"apt-get install[^\n]*", text)
+    assert any(re.search(r"\bgcc\b", line) and re.search(r"\bg\+\+", line) for line in installs), installs
+    assert text.index("apt-get install") < text.index("USER ")  # as root, before dropping privileges
