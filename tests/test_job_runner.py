@@ -45,9 +45,15 @@ def test_interrupt_kills_every_running_job_group_and_starts_no_more(tmp_path):
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGINT)
 
-    threading.Thread(target=interrupt, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        job_runner.run_all(items, lambda item: None, work, parallel=2)
+    # Python's Ctrl-C handler, whatever the launcher left: a shell starts background jobs (`make
+    # test &`, nohup) with SIGINT ignored, and then no KeyboardInterrupt would ever come
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            job_runner.run_all(items, lambda item: None, work, parallel=2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     pids = [int(p) for i in "ab" for p in (tmp_path / i).read_text().split()]
     deadline = time.monotonic() + 10
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
