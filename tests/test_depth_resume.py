@@ -1,6 +1,7 @@
-"""A real depth pre-training (``python -m trainer task=depth``, the compiled CPU loss, 2 loader
-workers) killed with SIGKILL after step 3 resumes from its step-2 checkpoint and ends bit-equal to
-the uninterrupted run, in fp32 and in bf16 autocast."""
+"""A real depth pre-training (``python -m trainer task=depth`` with the default CPU loss, which is
+compiled where a C++ compiler is found, and 2 loader workers) killed with SIGKILL after step 3
+resumes from its step-2 checkpoint and ends bit-equal to the uninterrupted run, in fp32 and in
+bf16 autocast."""
 from __future__ import annotations
 
 import subprocess
@@ -30,7 +31,7 @@ def _train(out: Path, shards: Path, precision: str, kill_at: int | None = None) 
     if kill_at is not None:
         env.update(GEOPRIME_TEST_KILL_AT_STEP=str(kill_at), GEOPRIME_TEST_KILL_RANK="0")
     return subprocess.run([sys.executable, "-m", "trainer", "task=depth", "task.supervision=mono",
-                           "task.photometric_impl=compiled", f"data.root={shards}", "data.val_split=",
+                           f"data.root={shards}", "data.val_split=",
                            "data.test_split=", "data.num_workers=2", "train.batch_size=2", "train.steps=5",
                            "train.ckpt_every=2", "train.progress=false", "tracking=none",
                            f"parallel.precision={precision}", f"out_dir={out}"],
