@@ -45,11 +45,11 @@ MAX_VARIANTS = 6
 ones run eagerly. Dynamo allows 8 compilations per code object (``recompile_limit``) and fails
 hard beyond them under ``fullgraph``; a training run needs 1-2 (its chunk, a shorter last chunk)."""
 
-
-_SEEN: dict[str, set[tuple]] = {}
-"""Function name -> the input signatures compiled for it in this process."""
+_COMPILED: dict[str, set[tuple]] = {}
+"""Function name -> the input signatures compiled for it in this process (shared by the strict and
+the lenient wrapper: dynamo's limit is per code object)."""
 _EAGER: set[tuple] = set()
-"""Signatures beyond the limit (each logged once)."""
+"""Signatures that run eagerly: beyond the limit, or refused by dynamo's own limit."""
 
 
 def _signature(args: tuple) -> tuple:
@@ -68,7 +68,13 @@ class _Compiled:
         self.eager, self.strict = fn, strict
         self.compiled = torch.compile(fn, fullgraph=True, dynamic=False)  # static: 1.5x the dynamic kernels' speed
         self.failed = False
-        self.seen = _SEEN.setdefault(fn.__name__, set())  # shared: dynamo's limit is per code object
+        self.done = _COMPILED.setdefault(fn.__name__, set())
+
+    def _run_eagerly(self, key: tuple, why: str, args: tuple):
+        if key not in _EAGER:
+            _EAGER.add(key)
+            log.info("photometric loss: %s %s; %s runs eagerly", self.eager.__name__, why, key)
+        return self.eager(*args)
 
     def __call__(self, *args):
         if self.failed:
@@ -76,21 +82,14 @@ class _Compiled:
         # detached: the caller's autograd.Function owns the gradient (and requires_grad is a guard)
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         key = _signature(args)
-        if key not in self.seen:
-            if len(self.seen) >= MAX_VARIANTS or key in _EAGER:
-                if key not in _EAGER:
-                    _EAGER.add(key)
-                    log.info("photometric loss: %s already compiled for %d input signatures; %s runs eagerly",
-                             self.eager.__name__, MAX_VARIANTS, key)
-                return self.eager(*args)
-            self.seen.add(key)
+        if key in _EAGER or (key not in self.done and len(self.done) >= MAX_VARIANTS):
+            return self._run_eagerly(key, f"already compiled for {MAX_VARIANTS} input signatures", args)
+        self.done.add(key)
         try:
             return self.compiled(*args)
         except torch._dynamo.exc.FailOnRecompileLimitHit:  # a guard not in _signature: not a failure
-            self.seen.discard(key)
-            _EAGER.add(key)
-            log.info("photometric loss: %s hit dynamo's recompile limit; %s runs eagerly", self.eager.__name__, key)
-            return self.eager(*args)
+            self.done.discard(key)
+            return self._run_eagerly(key, "hit dynamo's recompile limit", args)
         except Exception as e:  # noqa: BLE001 -- inductor raises many kinds; all mean "not compiled"
             if self.strict:
                 raise CompileFailed(f"photometric impl 'compiled': torch.compile of {self.eager.__name__} "

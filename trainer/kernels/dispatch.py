@@ -145,6 +145,16 @@ def resolve_multiscale_impl(impl: str, target: Tensor) -> str:
     return "compiled" if compiled_cpu.available() else "handwritten"
 
 
+def _promoted(target: Tensor, warped: list[Tensor], identity: list[Tensor]
+              ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """All inputs in their common dtype: mixed dtypes (e.g. fp32 warps of bf16 frames) promote
+    like torch ops do, autograd-tracked (tensors already in it are returned as they are)."""
+    dtype = target.dtype
+    for t in identity + warped:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return target.to(dtype), [w.to(dtype) for w in warped], [t.to(dtype) for t in identity]
+
+
 def _cpu_path(target: Tensor, warped: list[Tensor], identity: list[Tensor], ssim_weight: float,
               kind: str, strict: bool) -> tuple[Tensor, Tensor]:
     """``trainer.kernels.photometric_cpu`` on inputs promoted to one dtype, eager or compiled
@@ -156,12 +166,9 @@ def _cpu_path(target: Tensor, warped: list[Tensor], identity: list[Tensor], ssim
         from trainer.kernels.compiled_cpu import chunk_functions
 
         fns = chunk_functions(strict)
-    dtype = target.dtype
-    for t in identity + warped:
-        dtype = torch.promote_types(dtype, t.dtype)
-    losses, argmin = multiscale_min_reprojection(target.to(dtype), [w.to(dtype) for w in warped],
-                                                 [t.to(dtype) for t in identity], ssim_weight, fns)
-    return losses.to(torch.promote_types(dtype, torch.float32)), argmin
+    target, warped, identity = _promoted(target, warped, identity)
+    losses, argmin = multiscale_min_reprojection(target, warped, identity, ssim_weight, fns)
+    return losses.to(torch.promote_types(target.dtype, torch.float32)), argmin
 
 
 @torch.compiler.disable
@@ -186,15 +193,9 @@ def fused_reprojection_loss(target: Tensor, warped: Sequence[Tensor],
     identity = list(identity) if identity is not None else []
     warped = list(warped)
     _validate(target, warped, identity, impl)
-    # Mixed dtypes (e.g. fp32 warps of bf16 frames) promote like torch ops do, autograd-tracked.
-    dtype = target.dtype
-    for t in identity + warped:
-        dtype = torch.promote_types(dtype, t.dtype)
-    target = target.to(dtype)
-    identity = [t.to(dtype) for t in identity]
-    warped = [t.to(dtype) for t in warped]
+    target, warped, identity = _promoted(target, warped, identity)
     n_sources = len(identity) + len(warped)
-    out_dtype = torch.promote_types(dtype, torch.float32)
+    out_dtype = torch.promote_types(target.dtype, torch.float32)
     kind = resolve_impl(impl, target)
     if kind == "reference":
         best, index, _ = reference.min_reprojection(target, warped, identity or None, ssim_weight)
