@@ -2,7 +2,8 @@
 
 Every launch has a hard timeout (an error on one rank hangs the others) and a free port, so
 tests can run side by side. Other test files reuse :func:`run_torchrun`
-(import as ``from dist_helpers import run_torchrun``; pytest puts ``tests/`` on the path).
+(import as ``from dist_helpers import run_torchrun``; pytest puts ``tests/`` on the path), and
+:func:`build_synthetic` builds the small synthetic-world shards those runs read.
 """
 from __future__ import annotations
 
@@ -40,6 +41,15 @@ def child_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     if extra:
         env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def build_synthetic(out: Path, *options: str, timeout: int = 120) -> Path:
+    """``python -m data_shards build synthetic --out <out> --height 64 <options>`` (one worker, no
+    progress bar) in a child process with :func:`child_env`; returns ``out``."""
+    subprocess.run([sys.executable, "-m", "data_shards", "build", "synthetic", "--out", str(out), "--height", "64",
+                    "--workers", "1", "--no-progress", *options], check=True, env=child_env(), timeout=timeout,
+                   capture_output=True, cwd=REPO_ROOT)
+    return out
 
 
 def torchrun_cmd(args: Sequence[str], nproc: int, *, nnodes: int = 1, node_rank: int = 0,

@@ -11,19 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_helpers import child_env
+from dist_helpers import build_synthetic, child_env
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    data = tmp_path_factory.mktemp("syn")
-    subprocess.run([sys.executable, "-m", "data_shards", "build", "synthetic", "--out", str(data), "--height", "64",
-                    "--width", "96", "--sequences", "train=2", "--frames-per-sequence", "6", "--splits", "train",
-                    "--workers", "1", "--no-progress"], check=True, env=child_env(), timeout=120,
-                   capture_output=True, cwd=REPO)
-    return data
+    return build_synthetic(tmp_path_factory.mktemp("syn"), "--width", "96", "--sequences", "train=2",
+                           "--frames-per-sequence", "6", "--splits", "train")
 
 
 def _train(out: Path, shards: Path, precision: str, kill_at: int | None = None) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_helpers import child_env, free_port
+from dist_helpers import build_synthetic, child_env, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,10 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.timeout(420)
 def test_two_node_launch_trains_one_job(tmp_path):
     data = tmp_path / "syn"
-    subprocess.run([sys.executable, "-m", "data_shards", "build", "synthetic", "--out", str(data), "--height", "64",
-                    "--width", "64", "--sequences", "train=1", "val=1", "test=1", "--frames-per-sequence", "6",
-                    "--workers", "1", "--no-progress"], check=True, env=child_env(), timeout=120,
-                   capture_output=True, cwd=ROOT)
+    build_synthetic(data, "--width", "64", "--sequences", "train=1", "val=1", "test=1", "--frames-per-sequence", "6")
     out = tmp_path / "run"
     port = free_port()
     overrides = ["task=classification", "parallel=ddp", f"data.root={data}", f"out_dir={out}", "train.steps=3",

@@ -322,15 +322,11 @@ def test_hydra_entry_point_under_torchrun(tmp_path):
     """`torchrun -m trainer` on real synthetic shards with the depth task, DDP on 2 ranks, MLflow:
     Hydra's folder written once (rank 0), per-rank logs, metrics, weights, system metrics."""
     import sqlite3
-    import subprocess
 
-    from dist_helpers import child_env, run_torchrun
+    from dist_helpers import build_synthetic, run_torchrun
 
     data = tmp_path / "syn"
-    subprocess.run([sys.executable, "-m", "data_shards", "build", "synthetic", "--out", str(data), "--height", "64",
-                    "--width", "64", "--sequences", "train=1", "val=1", "test=1", "--frames-per-sequence", "4",
-                    "--workers", "1", "--no-progress"], check=True, env=child_env(), timeout=120,
-                   capture_output=True, cwd=str(Path(__file__).resolve().parents[1]))
+    build_synthetic(data, "--width", "64", "--sequences", "train=1", "val=1", "test=1", "--frames-per-sequence", "4")
     out = tmp_path / "run"
     run_torchrun(["-m", "trainer", "task=depth", "parallel=ddp", f"data.root={data}", f"out_dir={out}",
                   "train.steps=2", "train.batch_size=1", "train.log_every=1", "train.progress=false",

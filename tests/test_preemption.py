@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_helpers import child_env
+from dist_helpers import build_synthetic, child_env
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -21,12 +21,8 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    data = tmp_path_factory.mktemp("syn")
-    subprocess.run([sys.executable, "-m", "data_shards", "build", "synthetic", "--out", str(data), "--height", "64",
-                    "--width", "64", "--sequences", "train=1", "val=1", "test=1", "--frames-per-sequence", "6",
-                    "--workers", "1", "--no-progress"], check=True, env=child_env(), timeout=120,
-                   capture_output=True, cwd=REPO)
-    return data
+    return build_synthetic(tmp_path_factory.mktemp("syn"), "--width", "64", "--sequences", "train=1", "val=1",
+                           "test=1", "--frames-per-sequence", "6")
 
 
 def _args(shards: Path, out: Path, *extra: str) -> list[str]:
