@@ -49,12 +49,29 @@ class _BatchView(IterableDataset):
             yield collate(batch)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """Loader workers ignore SIGTERM / SIGINT / SIGHUP: torchrun signals a rank's whole process group
     on shutdown, and the rank must outlive its save (workers exit when the loader closes or the
-    rank dies)."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    rank dies). They were forked with these signals blocked (:func:`_start`); unblocked once ignored."""
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _start(loader: DataLoader) -> Iterator[dict]:
+    """``iter(loader)`` (which forks its workers) with the stop signals blocked. Between a worker's
+    fork and :func:`_ignore_stop_signals`, torch's worker SIGTERM handler lets a SIGTERM from anyone
+    but the parent kill it, and torchrun's process-group SIGTERM then made the rank fail with
+    "DataLoader worker exited unexpectedly" instead of checkpointing (workers are forked every
+    epoch). The rank gets any signal that came meanwhile when its mask is restored."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _as_is(batch: dict) -> dict:
@@ -129,9 +146,9 @@ class ResumableLoader:
             if self.num_workers == 0 and not self.pin_memory:
                 source: Any = (collate(b) for b in stream.iter_batches(plan, 0, 1))
             else:
-                source = DataLoader(_BatchView(stream, plan), batch_size=None, num_workers=self.num_workers,
-                                    collate_fn=_as_is, pin_memory=self.pin_memory,
-                                    worker_init_fn=_ignore_stop_signals)
+                source = _start(DataLoader(_BatchView(stream, plan), batch_size=None, num_workers=self.num_workers,
+                                           collate_fn=_as_is, pin_memory=self.pin_memory,
+                                           worker_init_fn=_ignore_stop_signals))
             for batch in source:
                 for msg in batch.pop("__skipped__"):
                     stream.corrupt.record(msg)  # counted here only: workers just mark stand-ins

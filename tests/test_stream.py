@@ -405,3 +405,34 @@ def test_verify_flags_flipped_bits_extra_samples_and_empty_splits(tmp_path, caps
     open(manifest, "w").write(json.dumps({**m, "shards": [], "num_samples": 0}))
     assert main(["verify", os.path.join(root, "train")]) == 1
     assert "the split is empty" in capsys.readouterr().err
+
+
+def test_loader_workers_are_forked_with_stop_signals_blocked_until_they_ignore_them(tmp_path, monkeypatch):
+    """torchrun SIGTERMs a rank's whole process group; a worker reached before it ignores stop
+    signals used to die (torch's worker SIGTERM handler), failing the rank's checkpoint-and-stop.
+    Workers start with the signals blocked, end up ignoring them, and the rank's mask is restored."""
+    import signal
+
+    import data_shards.loader as loader_mod
+
+    seen = tmp_path / "worker_signals.txt"
+    original = loader_mod._ignore_stop_signals
+
+    def recording(worker_id: int) -> None:
+        blocked_at_start = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        original(worker_id)
+        seen.write_text(json.dumps({
+            "blocked_at_start": sorted(int(s) for s in blocked_at_start),
+            "blocked_after": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+            "ignored": [signal.getsignal(s) == signal.SIG_IGN for s in loader_mod.STOP_SIGNALS]}))
+
+    monkeypatch.setattr(loader_mod, "_ignore_stop_signals", recording)
+    root = build(str(tmp_path / "shards"), "train", [6])
+    mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    batches = list(build_loader(ShardStream(root, "train", shuffle=False), 2, num_workers=1))
+    assert len(batches) == 3
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask_before  # the rank's mask is back
+    got = json.loads(seen.read_text())
+    stop = sorted(int(s) for s in loader_mod.STOP_SIGNALS)
+    assert set(stop) <= set(got["blocked_at_start"])
+    assert not set(stop) & set(got["blocked_after"]) and all(got["ignored"])
