@@ -7,34 +7,15 @@ order, for any number of DataLoader workers (each worker runs the stream under t
 """
 from __future__ import annotations
 
-import signal
 from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from data_shards import split as layout
+from data_shards.collate import collate
 from data_shards.stream import Plan, ShardStream
-
-
-def collate(samples: list[dict]) -> dict:
-    """Stack a batch: tensors along dim 0, ``meta``/``__key__`` as lists, ``__valid__`` as bool."""
-    out: dict[str, Any] = {
-        "__key__": [s["__key__"] for s in samples],
-        "__valid__": torch.tensor([bool(s["__valid__"]) for s in samples], dtype=torch.bool),
-        "__skipped__": [s["__skipped__"] for s in samples if "__skipped__" in s],
-    }
-    for k, v in samples[0].items():
-        if k in out:
-            continue
-        if isinstance(v, torch.Tensor):
-            try:
-                out[k] = torch.stack([s[k] for s in samples])
-            except (KeyError, RuntimeError) as e:
-                raise ValueError(f"cannot batch key {k!r} over samples {out['__key__']}: {e}") from None
-        else:
-            out[k] = [s.get(k) for s in samples]
-    return out
+from data_shards.workers import ignore_stop_signals, start_workers
 
 
 class _BatchView(IterableDataset):
@@ -47,31 +28,6 @@ class _BatchView(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         for batch in self.stream.iter_batches(self.plan):
             yield collate(batch)
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers ignore SIGTERM / SIGINT / SIGHUP: torchrun signals a rank's whole process group
-    on shutdown, and the rank must outlive its save (workers exit when the loader closes or the
-    rank dies). They were forked with these signals blocked (:func:`_start`); unblocked once ignored."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
-def _start(loader: DataLoader) -> Iterator[dict]:
-    """``iter(loader)`` (which forks its workers) with the stop signals blocked. Between a worker's
-    fork and :func:`_ignore_stop_signals`, torch's worker SIGTERM handler lets a SIGTERM from anyone
-    but the parent kill it, and torchrun's process-group SIGTERM then made the rank fail with
-    "DataLoader worker exited unexpectedly" instead of checkpointing (workers are forked every
-    epoch). The rank gets any signal that came meanwhile when its mask is restored."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _as_is(batch: dict) -> dict:
@@ -146,9 +102,9 @@ class ResumableLoader:
             if self.num_workers == 0 and not self.pin_memory:
                 source: Any = (collate(b) for b in stream.iter_batches(plan, 0, 1))
             else:
-                source = _start(DataLoader(_BatchView(stream, plan), batch_size=None, num_workers=self.num_workers,
+                source = start_workers(DataLoader(_BatchView(stream, plan), batch_size=None, num_workers=self.num_workers,
                                            collate_fn=_as_is, pin_memory=self.pin_memory,
-                                           worker_init_fn=_ignore_stop_signals))
+                                           worker_init_fn=ignore_stop_signals))
             for batch in source:
                 for msg in batch.pop("__skipped__"):
                     stream.corrupt.record(msg)  # counted here only: workers just mark stand-ins

@@ -414,9 +414,10 @@ def test_loader_workers_are_forked_with_stop_signals_blocked_until_they_ignore_t
     import signal
 
     import data_shards.loader as loader_mod
+    import data_shards.workers as workers_mod
 
     seen = tmp_path / "worker_signals.txt"
-    original = loader_mod._ignore_stop_signals
+    original = workers_mod.ignore_stop_signals
 
     def recording(worker_id: int) -> None:
         blocked_at_start = signal.pthread_sigmask(signal.SIG_BLOCK, [])
@@ -424,15 +425,15 @@ def test_loader_workers_are_forked_with_stop_signals_blocked_until_they_ignore_t
         seen.write_text(json.dumps({
             "blocked_at_start": sorted(int(s) for s in blocked_at_start),
             "blocked_after": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
-            "ignored": [signal.getsignal(s) == signal.SIG_IGN for s in loader_mod.STOP_SIGNALS]}))
+            "ignored": [signal.getsignal(s) == signal.SIG_IGN for s in workers_mod.STOP_SIGNALS]}))
 
-    monkeypatch.setattr(loader_mod, "_ignore_stop_signals", recording)
+    monkeypatch.setattr(loader_mod, "ignore_stop_signals", recording)
     root = build(str(tmp_path / "shards"), "train", [6])
     mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     batches = list(build_loader(ShardStream(root, "train", shuffle=False), 2, num_workers=1))
     assert len(batches) == 3
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask_before  # the rank's mask is back
     got = json.loads(seen.read_text())
-    stop = sorted(int(s) for s in loader_mod.STOP_SIGNALS)
+    stop = sorted(int(s) for s in workers_mod.STOP_SIGNALS)
     assert set(stop) <= set(got["blocked_at_start"])
     assert not set(stop) & set(got["blocked_after"]) and all(got["ignored"])
