@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from benchmarks.bench_vs_reference import _env, write_fake_kitti  # noqa: E402
 from data_shards.loader import build_loader  # noqa: E402
-from data_shards.stream import ShardStream  # noqa: E402
+from data_shards.stream import ShardStream, StreamConfig  # noqa: E402
 
 KEYS = ("rgb", "rgb_prev", "rgb_next", "rgb_right", "K", "baseline")
 
@@ -48,7 +48,7 @@ def _cpu() -> float:
 
 def stream_rate(root: Path, epochs: int) -> tuple[int, float]:
     """(samples, samples per CPU-second) streaming the depth pre-training keys, 0 workers, batch 8."""
-    loader = build_loader(ShardStream(str(root), "train", keys=KEYS), 8)
+    loader = build_loader(ShardStream(StreamConfig(str(root), "train", keys=KEYS)), 8)
     n, c = 0, _cpu()
     for _ in range(epochs):
         for b in loader:

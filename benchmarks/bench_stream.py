@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from data_shards.loader import build_loader  # noqa: E402
-from data_shards.stream import ShardStream  # noqa: E402
+from data_shards.stream import ShardStream, StreamConfig  # noqa: E402
 
 KEYSETS = {
     "all": None,
@@ -51,7 +51,7 @@ def _cpu_seconds() -> float:
 
 def measure(root: str, split: str, keys, workers: int, batch: int, epochs: int) -> tuple[int, float, float]:
     """(samples, wall seconds, CPU seconds) for ``epochs`` full epochs, worker start-up included."""
-    loader = build_loader(ShardStream(root, split, keys=keys, shuffle_buffer=64), batch, num_workers=workers)
+    loader = build_loader(ShardStream(StreamConfig(root, split, keys=keys, shuffle_buffer=64)), batch, num_workers=workers)
     n, t, c = 0, time.perf_counter(), _cpu_seconds()
     for _ in range(epochs):
         for b in loader:
@@ -71,7 +71,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     root = ensure_shards(a.root, a.sequences)
-    stream = ShardStream(root, a.split)
+    stream = ShardStream(StreamConfig(root, a.split))
     m = stream.manifest
     print(f"# {root}/{a.split}: {m.num_samples} samples, {len(m.shards)} shards, "
           f"{sum(s.bytes for s in m.shards) / 2**20:.1f} MiB, source resolution {m.source.get('resolution')}, "

@@ -101,8 +101,8 @@ def _split_error(role: str, split: str, root: str, missing: list[str], manifest:
 
 
 def check_train_split(cfg: Any, task: Any, world_size: Optional[int] = None) -> None:
-    """The training split has the task's keys and at least one full batch for every rank."""
-    from data_shards import split as layout
+    """The training split has the task's keys and at least one full step for every rank."""
+    from data_shards.deal import epoch_steps
 
     d = cfg.data
     manifest = _manifest(str(d.root), str(d.train_split), "train")
@@ -113,11 +113,11 @@ def check_train_split(cfg: Any, task: Any, world_size: Optional[int] = None) -> 
     if total == 0:
         raise PreflightError(f"data.train_split={d.train_split!r} ({d.root}): the split is empty")
     world, batch = _world_size(world_size), int(cfg.train.batch_size)
-    per_rank = total if d.resampled else layout.per_rank_count(total, world, str(d.tail_policy))
-    if per_rank < batch:
+    if epoch_steps(total, 0, world, batch, True, str(d.tail_policy)).count == 0:
         raise PreflightError(
             f"data.train_split={d.train_split!r} ({d.root}): {total} samples give each of {world} ranks "
-            f"{per_rank} (data.tail_policy={d.tail_policy}), fewer than train.batch_size={batch}: no full batch")
+            f"{total // world} (data.tail_policy={d.tail_policy}), fewer than train.batch_size={batch}: no full step "
+            f"(data.tail_policy=pad pads one)")
 
 
 def check_eval_split(cfg: Any, task: Any, role: str) -> tuple[Optional[str], Optional[str]]:

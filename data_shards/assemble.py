@@ -1,0 +1,106 @@
+"""A rank's batch from its workers' partial batches: in position order, whatever the worker count.
+
+Each consumer (DataLoader worker, or the training process itself) delivers, for every step, a
+*partial*: the positions of the step it read, the collated good samples among them (in position
+order), and the positions that are stand-ins (``bad``: unreadable under ``on_corrupt="skip"``, or
+dropped by a stage). :func:`assemble` puts the step's partials together in position order, with
+one copy of each tensor (straight into pinned memory when asked); a stand-in is a copy of the
+nearest good sample before it in the batch (after it, when none is before), ``__valid__`` False.
+List-valued keys (``meta``, ``__key__``, keys whose shapes differ between samples) stay lists.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+
+from data_shards.reader import ShardError
+
+BOOKKEEPING = ("__key__", "__valid__", "__skipped__")
+
+
+def partial(step: int, positions: Sequence[int], bad: dict[int, tuple[str, str]], batch: Optional[dict]) -> dict:
+    """One consumer's share of one step (``bad``: position -> (kind "corrupt" | "filtered", message))."""
+    return {"step": step, "positions": [int(p) for p in positions], "bad": bad, "batch": batch}
+
+
+def _sources(parts: Sequence[dict]) -> tuple[list[int], list[Optional[tuple[int, int]]]]:
+    """The step's positions in order, and for each its (partial, row among that partial's goods)."""
+    entries = []
+    for i, part in enumerate(parts):
+        row = 0
+        for p in part["positions"]:
+            if p in part["bad"]:
+                entries.append((p, None))
+            else:
+                entries.append((p, (i, row)))
+                row += 1
+    entries.sort(key=lambda e: e[0])
+    return [p for p, _ in entries], [src for _, src in entries]
+
+
+def _resolve(sources: list[Optional[tuple[int, int]]], fallback: int) -> list[tuple[int, int]]:
+    """Each row's source, a stand-in taking that of the nearest good row before it (else after
+    it; with no good row at all, partial ``fallback``'s first row)."""
+    good = [r for r, src in enumerate(sources) if src is not None]
+    out = []
+    for r, src in enumerate(sources):
+        if src is None:
+            before = [g for g in good if g < r]
+            src = sources[before[-1]] if before else (sources[good[0]] if good else (fallback, 0))
+        out.append(src)
+    return out
+
+
+def _tensor_key(parts: Sequence[dict], k: str) -> bool:
+    """True when every partial holds key ``k`` as one tensor of the same trailing shape and dtype."""
+    values = [p["batch"][k] for p in parts if p["batch"] is not None]
+    return all(isinstance(v, torch.Tensor) for v in values) and len({(v.shape[1:], v.dtype) for v in values}) == 1
+
+
+def _gather_tensor(parts: Sequence[dict], k: str, sources: list[tuple[int, int]], pin: bool) -> torch.Tensor:
+    first = next(p["batch"][k] for p in parts if p["batch"] is not None)
+    out = torch.empty((len(sources), *first.shape[1:]), dtype=first.dtype, pin_memory=pin)
+    for i, part in enumerate(parts):
+        dst = [r for r, src in enumerate(sources) if src[0] == i]
+        if not dst:
+            continue
+        rows = [src[1] for src in sources if src[0] == i]
+        value = part["batch"][k]
+        if rows != list(range(len(value))):  # stand-ins repeat rows
+            value = value.index_select(0, torch.tensor(rows, dtype=torch.long))
+        out.index_copy_(0, torch.tensor(dst, dtype=torch.long), value)
+    return out
+
+
+def assemble(parts: Sequence[dict], pin: bool = False, fallback: Optional[dict] = None) -> dict:
+    """The rank's batch for one step from its partials (module docstring). ``fallback``: a
+    one-sample batch to stand in when no sample of the step is good (else :class:`ShardError`)."""
+    positions, sources = _sources(parts)
+    standin = [src is None for src in sources]
+    live = [p for p in parts if p["batch"] is not None]
+    if not live:
+        if fallback is None:
+            reason = next(m for p in parts for _, m in p["bad"].values())
+            raise ShardError(f"{reason} (and no good sample seen yet to stand in for it)")
+        parts = [*parts, partial(-1, [], {}, fallback)]
+    elif len(live) == 1 and not any(standin) and not pin:
+        return _finish(dict(live[0]["batch"]), parts, positions)  # already whole and in order
+    resolved = _resolve(sources, len(parts) - 1)
+    out: dict[str, Any] = {}
+    for k in next(p["batch"] for p in parts if p["batch"] is not None):
+        if k == "__skipped__":
+            continue
+        if _tensor_key(parts, k):
+            out[k] = _gather_tensor(parts, k, resolved, pin)
+        else:
+            values = [list(p["batch"][k]) if p["batch"] is not None else [] for p in parts]
+            out[k] = [values[i][row] for i, row in resolved]
+    out["__valid__"] &= ~torch.tensor(standin, dtype=torch.bool)
+    return _finish(out, parts, positions)
+
+
+def _finish(batch: dict, parts: Sequence[dict], positions: list[int]) -> dict:
+    bad = {p: kind_msg for part in parts for p, kind_msg in part["bad"].items()}
+    batch["__skipped__"] = [bad[p][1] for p in positions if p in bad and bad[p][0] == "corrupt"]
+    return batch
