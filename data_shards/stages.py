@@ -11,9 +11,11 @@ A stage is ``fn(sample, generator) -> sample | None`` (None drops the sample: :f
 like webdataset's ``map`` / ``select`` but per sample, with a generator seeded by (seed, epoch,
 sample key, stage name). So a stage's output depends only on its sample, never on which rank or
 worker read it or what came before: stages survive an exact resume on any layout. Order and
-batching belong to the plan (:mod:`data_shards.deal`), not to stages. A dropped or unreadable
-sample keeps its place in the batch as a stand-in (``__valid__`` False; see
-:mod:`data_shards.assemble`), so batch counts and shapes never change.
+batching belong to the plan (:mod:`data_shards.deal`), not to stages. A sample keeps its place in
+the batch whatever happens, so batch counts and shapes never change: dropped by a stage after
+decoding, it is itself with ``__valid__`` False (as it entered the stage that dropped it); dropped
+by a raw stage or unreadable (``on_corrupt="skip"``), a copy of a neighbour stands in for it
+(:mod:`data_shards.assemble`). Losses that must not see dropped samples mask by ``__valid__``.
 """
 from __future__ import annotations
 
@@ -106,7 +108,7 @@ class SamplePipeline:
             return raw
         url, key = raw["__url__"], raw["__key__"]
         raw = self._run(self.raw_stages, raw, epoch, key)
-        if isinstance(raw, Filtered):
+        if isinstance(raw, Filtered):  # dropped before decoding: a neighbour stands in for it
             return raw
         try:
             missing = sorted(self.exts - raw.keys())
@@ -122,16 +124,17 @@ class SamplePipeline:
             return Corrupt(url, key, str(e))
         if self.transform is not None:
             sample = self.transform(sample, torch.Generator().manual_seed(sample_seed(self.seed, epoch, key)))
-        sample = self._run(self.stages, sample, epoch, key, url)
-        if not isinstance(sample, Filtered):
-            sample["__key__"], sample["__valid__"] = key, valid
-        return sample
+        out = self._run(self.stages, sample, epoch, key)
+        if isinstance(out, Filtered):  # dropped after decoding: it stands in for itself
+            out, valid = sample, False
+        out["__key__"], out["__valid__"] = key, valid
+        return out
 
-    def _run(self, stages: list[Stage], sample: dict, epoch: int, key: str, url: str = "") -> dict | Filtered:
+    def _run(self, stages: list[Stage], sample: dict, epoch: int, key: str) -> dict | Filtered:
         for st in stages:
             out = st.fn(sample, torch.Generator().manual_seed(sample_seed(self.seed, epoch, key, st.name)))
             if out is None:
-                return Filtered(url or sample.get("__url__", ""), key, st.name)
+                return Filtered(sample.get("__url__", ""), key, st.name)
             sample = out
         return sample
 

@@ -266,11 +266,13 @@ class ShardStream(IterableDataset):
         steps = epoch_steps(order.n, plan.start, c.world_size, plan.batch_size, plan.drop_last, c.tail)
         per_step = deal(order, steps, nw).positions(c.rank, worker)
         self.read_stats = ReadStats()
+        groups, keys = group_positions(order, per_step)
         reader = LaneReader(self.manifest, self.shard_urls, self.exts, c.on_corrupt,
-                            HandlePool(c.open_handles, self.read_stats), _groups(order, per_step))
+                            HandlePool(c.open_handles, self.read_stats), groups)
+        group_of = iter(keys)
         try:
             for positions in per_step:
-                yield [(p, self.pipeline(reader.next(_group_of(order, p)), self.epoch, p < order.n))
+                yield [(p, self.pipeline(reader.next(next(group_of)), self.epoch, p < order.n))
                        for p in positions.tolist()]
         finally:
             reader.close()
@@ -281,17 +283,15 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info else (0, 1)
 
 
-def _group_of(order: EpochOrder, p: int) -> Hashable:
-    """The reading group of a position: its lane slot and which pass over the epoch (padding)."""
-    return int(order.slot(p)), int(p) // order.n
-
-
-def _groups(order: EpochOrder, per_step: Sequence[np.ndarray]) -> dict[Hashable, list[tuple[int, int]]]:
-    """Each group's (shard, member) list in reading order, for the positions a consumer reads."""
-    pos = np.concatenate(per_step) if per_step else np.zeros(0, dtype=np.int64)
+def group_positions(order: EpochOrder, per_step: Sequence[np.ndarray]
+                    ) -> tuple[dict[Hashable, list[tuple[int, int]]], list[Hashable]]:
+    """For a consumer's positions (per step, ascending): each reading group's (shard, member) list
+    in reading order, and the group of every position in the order they are read. A group is a
+    lane slot and a pass over the epoch (positions past its end are padding: a second pass)."""
+    pos = np.concatenate(per_step) if len(per_step) else np.zeros(0, dtype=np.int64)
     shard, member = order.samples(pos)
+    keys = list(zip(order.slot(pos).tolist(), (pos // order.n).tolist()))
     groups: dict[Hashable, list[tuple[int, int]]] = {}
-    for p, s, m in zip(pos.tolist(), shard.tolist(), member.tolist()):
-        groups.setdefault(_group_of(order, p), []).append((s, m))
-    return groups
-
+    for key, s, m in zip(keys, shard.tolist(), member.tolist()):
+        groups.setdefault(key, []).append((s, m))
+    return groups, keys
