@@ -95,14 +95,23 @@ def manifest_of(samples: list, shards: list[list[int]], compact: bool) -> Manife
 
 
 class ServedPool(HandlePool):
-    """A handle pool whose bytes come from memory: records are :data:`RECORD`, frames zeros."""
+    """A handle pool whose bytes come from memory: each shard's records region holds :data:`RECORD`
+    once per sample (``records_end``: url -> its end), everything after it zeros (frames)."""
 
-    records = 0
+    def __init__(self, records_end: dict[str, int]):
+        super().__init__()
+        self.records_end = records_end
+        self.records = 0
 
     def read(self, url, key, start, size, shard_bytes, end=None) -> bytes:
         self.stats.bytes_read += size
-        self.records += size >= len(RECORD)
-        return (RECORD + bytes(max(0, size - len(RECORD))))[:size] if size >= len(RECORD) else bytes(size)
+        stop = min(start + size, self.records_end[url])
+        if stop <= start:
+            return bytes(size)
+        self.records += start % len(RECORD) == 0  # a record's first header
+        first = start - start % len(RECORD)
+        data = RECORD * ((stop - first) // len(RECORD) + 1)
+        return data[start - first:stop - first] + bytes(size - (stop - start))
 
 
 def drive_stats(drive: np.ndarray, batches: list[np.ndarray]) -> tuple[float, float, float]:
@@ -135,7 +144,7 @@ def read_epoch(manifest: Manifest, order, world: int, workers: int, batch: int) 
         for w in range(max(1, workers)):
             per_step = dealt.positions(r, w)
             groups, keys = group_positions(order, per_step)
-            pool = ServedPool()
+            pool = ServedPool({s.name: len(RECORD) * s.count for s in manifest.shards})
             reader = LaneReader(manifest, urls, exts, "raise", pool, groups)
             for key in keys:
                 reader.next(key)

@@ -51,7 +51,7 @@ def _cpu_seconds() -> float:
 
 def measure(root: str, split: str, keys, workers: int, batch: int, epochs: int) -> tuple[int, float, float]:
     """(samples, wall seconds, CPU seconds) for ``epochs`` full epochs, worker start-up included."""
-    loader = build_loader(ShardStream(StreamConfig(root, split, keys=keys, shuffle_buffer=64)), batch, num_workers=workers)
+    loader = build_loader(ShardStream(StreamConfig(root, split, keys=keys)), batch, num_workers=workers)
     n, t, c = 0, time.perf_counter(), _cpu_seconds()
     for _ in range(epochs):
         for b in loader:

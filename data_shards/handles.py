@@ -15,7 +15,7 @@ from typing import IO, Hashable
 from data_shards.openers import is_remote
 from data_shards.reader import ShardError, open_at
 
-READ_THROUGH = 1 << 18
+READ_THROUGH = 1 << 20
 """A remote stream reads through a gap of up to this many bytes instead of a new range request."""
 DEFAULT_OPEN_HANDLES = 64
 
@@ -109,6 +109,37 @@ class HandlePool:
         """Close every open handle."""
         while self._open:
             self._open.popitem()[1].f.close()
+
+    def view(self, url: str, key: Hashable, start: int, end: int, shard_bytes: int | None,
+             stream_end: int | None = None) -> "RangeView":
+        """A file-like view of bytes ``[start, end)`` of ``url``, read through this pool on demand."""
+        return RangeView(self, url, key, start, end, shard_bytes, stream_end)
+
+
+class RangeView:
+    """Bytes ``[start, end)`` of a shard as a read-only file (``read``, ``seek``, ``tell``: what
+    ``tarfile`` needs), each read fetched through the pool: members nobody wants are never read
+    (skipped by a seek locally, read through remotely); past ``end`` it reads as end of file."""
+
+    def __init__(self, pool: HandlePool, url: str, key: Hashable, start: int, end: int,
+                 shard_bytes: int | None, stream_end: int | None):
+        self.pool, self.url, self.key, self.shard_bytes = pool, url, key, shard_bytes
+        self.pos, self.end, self.stream_end = start, end, stream_end
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else self.end + offset
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.end - self.pos if n is None or n < 0 else min(n, self.end - self.pos)
+        if n <= 0:
+            return b""
+        data = self.pool.read(self.url, self.key, self.pos, n, self.shard_bytes, self.stream_end)
+        self.pos += n
+        return data
 
 
 def _read_exact(f: IO[bytes], n: int, url: str, start: int) -> bytes:

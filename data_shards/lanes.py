@@ -3,9 +3,10 @@
 A consumer (one rank, one DataLoader worker) is dealt positions of the epoch's order
 (:mod:`data_shards.deal`); they fall into *groups*: the positions of one lane it reads (its own
 lanes, or the few samples of another rank's lane a step moved to it, or padding). Within a group
-the samples ascend in the base sequence, so a group is read forward: each sample's members from
-its byte range (the manifest's offsets), and for compact shards each frame once, held from its
-first to its last use within the group. Handles come from the consumer's bounded
+the samples ascend in the base sequence, so a group is read forward: each sample's wanted members
+from its byte range (the manifest's offsets; other members are skipped unread), and for compact
+shards each frame once, held from its first to its last use within the group. Handles come from
+the consumer's bounded
 :class:`~data_shards.handles.HandlePool`; unreadable samples become :class:`Corrupt` under
 ``on_corrupt="skip"``.
 """
@@ -77,8 +78,7 @@ class LaneReader:
         filled = False
         try:
             a, b = record_span(info, j)
-            raw = parse_record(url, self.pool.read(url, (group, "records"), a, b - a, info.bytes, records_end),
-                               self.exts)
+            raw = parse_record(url, self.pool.view(url, (group, "records"), a, b, info.bytes, records_end), self.exts)
             if info.crc32:
                 raw["__crc32__"] = info.crc32[j]
             if cursor is not None:

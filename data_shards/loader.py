@@ -14,21 +14,29 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from data_shards.assemble import assemble
+from data_shards.assemble import assemble, pack, unpack
 from data_shards.deal import Steps, epoch_steps
 from data_shards.stream import Plan, ShardStream
 from data_shards.workers import ignore_stop_signals, start_workers
 
 
 class _PartialView(IterableDataset):
-    """One worker's share of every step under a plan: what the DataLoader workers iterate."""
+    """One worker's share of every step under a plan, ``chunk`` steps per item (packed into one
+    buffer): what the DataLoader workers iterate."""
 
-    def __init__(self, stream: ShardStream, plan: Plan):
+    def __init__(self, stream: ShardStream, plan: Plan, chunk: int):
         super().__init__()
-        self.stream, self.plan = stream, plan
+        self.stream, self.plan, self.chunk = stream, plan, chunk
 
     def __iter__(self) -> Iterator[dict]:
-        yield from self.stream.iter_partials(self.plan)
+        parts = []
+        for part in self.stream.iter_partials(self.plan):
+            parts.append(part)
+            if len(parts) == self.chunk:
+                yield pack(parts)
+                parts = []
+        if parts:
+            yield pack(parts)
 
 
 def _as_is(batch: dict) -> dict:
@@ -121,16 +129,21 @@ class ResumableLoader:
             for part in self.stream.iter_partials(plan, 0, 1):
                 yield [part]
             return
-        source: Any = start_workers(DataLoader(_PartialView(self.stream, plan), batch_size=None,
-                                               num_workers=self.num_workers, collate_fn=_as_is,
+        # each item: one worker's shares of nw steps, so one item per step arrives, as with a batch per item
+        nw = self.num_workers
+        source: Any = start_workers(DataLoader(_PartialView(self.stream, plan, nw), batch_size=None,
+                                               num_workers=nw, collate_fn=_as_is,
                                                worker_init_fn=ignore_stop_signals))
-        for t in range(count):
-            parts = [next(source) for _ in range(self.num_workers)]  # round-robin: worker w's share of step t
-            if any(p["step"] != t for p in parts):
-                raise RuntimeError(f"loader workers out of step: expected step {t}, got {[p['step'] for p in parts]}")
-            yield parts
+        for first in range(0, count, nw):
+            shares = [unpack(next(source)) for _ in range(nw)]  # round-robin: worker w's share of these steps
+            for j in range(min(nw, count - first)):
+                parts = [share[j] for share in shares]
+                if any(p["step"] != first + j for p in parts):
+                    raise RuntimeError(f"loader workers out of step: expected step {first + j}, "
+                                       f"got {[p['step'] for p in parts]}")
+                yield parts
         for extra in source:  # let the DataLoader see its workers end (and shut them down)
-            raise RuntimeError(f"loader worker delivered more than {count} steps (step {extra['step']})")
+            raise RuntimeError(f"loader worker delivered more than {count} steps (step {extra['parts'][0]['step']})")
 
     def _keep_fallback(self, batch: dict) -> None:
         """Keep a copy of the batch's last good sample: the stand-in if a later step has none."""

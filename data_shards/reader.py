@@ -8,10 +8,9 @@ Nothing is extracted to disk; member names must be plain ``<key>.<ext>`` (no fol
 """
 from __future__ import annotations
 
-import io
 import tarfile
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import IO, Iterator, Sequence
 
 from webdataset.tariterators import base_plus_ext
 
@@ -130,12 +129,13 @@ def record_span(info: ShardInfo, j: int) -> tuple[int, int]:
     return info.offsets[j], (info.frames[0].offset if info.frames else info.bytes)
 
 
-def parse_record(url: str, data: bytes, exts: frozenset[str] | None) -> dict:
-    """The raw sample whose members ``data`` starts with (a member of another key ends it)."""
+def parse_record(url: str, f: IO[bytes], exts: frozenset[str] | None) -> dict:
+    """The raw sample whose members file ``f`` starts with (a member of another key, or the end of
+    ``f``, ends it); only the members ``exts`` wants are read (None: all)."""
     cur: dict | None = None
     last = "(start of sample)"
     try:
-        tar = tarfile.TarFile(fileobj=io.BytesIO(data), mode="r")
+        tar = tarfile.TarFile(fileobj=f, mode="r")
         for info in tar:
             if not info.isreg():
                 continue
