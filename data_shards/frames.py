@@ -2,11 +2,12 @@
 
 A compact shard (:mod:`data_shards.compact`) stores each frame once after the sample records;
 the manifest says where (data offset, size, crc32) and which frame fills which image slot of
-each sample. :func:`attach_frames` follows the records that :func:`reader.iter_members` yields
-and adds the frames they need, read forward from one open of the shard (seeking locally, one
-range request remotely), each read once and held only until its last use in this read. The
-raw sample is then exactly a plain shard's, plus ``__frames__`` (member name and crc32 of each
-frame used), so the checksum check names the frame member and ``on_corrupt`` applies per sample.
+each sample. A :class:`FrameCursor` reads the frames a run of samples needs in offset order,
+each once, and holds one read ahead of its turn only until its last use: the stream's lanes
+(:mod:`data_shards.lanes`) fetch through their handle pool, ``verify`` (:func:`attach_frames`)
+from one forward open of the shard. The raw sample is then exactly a plain shard's, plus
+``__frames__`` (member name and crc32 of each frame used), so the checksum check names the frame
+member and ``on_corrupt`` applies per sample.
 """
 from __future__ import annotations
 

@@ -148,6 +148,33 @@ def _epoch_keys(shards: str, epoch: int, batch: int) -> list[set[str]]:
     return [set(b["__key__"]) for b in ld]
 
 
+def test_checkpoints_of_the_earlier_order_resume_at_an_epoch_boundary_only(shards):
+    """Progress.reposition: a new checkpoint's position loads as is; one written before the global
+    order (epoch + samples only) loads at an epoch boundary and is refused mid-epoch in one line;
+    its retired config key data.shuffle_buffer does not block the resume, a changed data.lanes does."""
+    from data_shards.loader import build_loader
+    from data_shards.stream import ShardStream, StreamConfig
+    from trainer.resume_check import ConfigMismatch, check_resume_config
+    from trainer.run_state import Progress
+
+    loader = build_loader(ShardStream(StreamConfig(shards, "train", seed=SEED, lanes=7)), 4, drop_last=True)
+    progress = Progress(loader, "", 4, 1)
+    saved = {"step": 5, "run_id": None, "batch_size": 4, "world_size": 2}
+    progress.load_state_dict({**saved, "data": {"epoch": 1, "samples": 24, "order": loader.stream.order_identity()}})
+    progress.reposition()
+    assert (loader.epoch, loader.samples) == (1, 24)
+    progress.load_state_dict({**saved, "epoch": 3, "samples": 0})
+    progress.reposition()
+    assert (loader.epoch, loader.samples) == (3, 0)
+    progress.load_state_dict({**saved, "epoch": 3, "samples": 16})
+    with pytest.raises(ValueError, match=r"2 batches into epoch 3 under the earlier data order.*epoch boundary"):
+        progress.reposition()
+    old = {"data": {"root": "d", "shuffle_buffer": 64}, "seed": 0}
+    check_resume_config(old, {"data": {"root": "d", "lanes": 960}, "seed": 0}, "ckpt", explicit=False)
+    with pytest.raises(ConfigMismatch, match="data.lanes: 960 -> 480"):
+        check_resume_config({"data": {"lanes": 960}}, {"data": {"lanes": 480}}, "ckpt", explicit=False)
+
+
 @pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.timeout(900)
