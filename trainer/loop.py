@@ -183,7 +183,9 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
         raise
     except BaseException as e:
         # into this rank's log file before it is closed: "see <out_dir>/logs" must find the error
-        log.error("run failed: %s: %s", type(e).__name__, e, exc_info=not isinstance(e, ConfigError))
+        # (file only: the entry point prints it on the terminal, once)
+        log.error("run failed: %s: %s", type(e).__name__, e, exc_info=not isinstance(e, ConfigError),
+                  extra={"file_only": True})
         if own_engine and engine is not None:
             engine.abandon_group()  # a failed rank cannot rely on its peers reaching a barrier
         _close(run, own_tracker, False, "FAILED")
