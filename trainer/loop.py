@@ -11,6 +11,7 @@ step ``k`` on its first attempt (``TORCHELASTIC_RESTART_COUNT`` 0), to exercise 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from trainer.errors import ConfigError
 from trainer.evaluation import evaluate
 from trainer.interrupts import Preempted, StepControl, StopSignals
 from trainer.preflight import RunPlan, preflight
+from trainer.progress import Phase, StartupTimes, counted
 from trainer.resume_check import check_resume_config
 from trainer.run_lock import OutDirLock
 from trainer.run_state import Progress, RankBuffers, RNGState
@@ -160,21 +162,29 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
     lock: Optional[OutDirLock] = None
     determinism = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
     run: Optional[_Run] = None
+    times = StartupTimes()
     try:
         if isinstance(cfg, DictConfig):
             check_known_keys(cfg)
         task = task if task is not None else _build_task(cfg)
         # everything the run will read, checked before step 1 and before any process group starts
         plan = preflight(cfg, task) if loaders is None else RunPlan(cfg.data.val_split, cfg.data.test_split)
+        times.mark("preflight")
         if env.rank == 0:  # one job per run folder: a second one is refused, naming this one
             lock = OutDirLock(out_dir).acquire()
         engine = engine or Engine(cfg.parallel, cfg.optim, cfg.schedule, int(cfg.train.steps),
                                   micro_batch_size=int(cfg.train.batch_size), env=env)
+        times.mark("process group")
         run = _Run(cfg, engine, task, plan=plan)
         _set_up(run, loaders)
+        times.mark("model, optimizer, loader")
         resumed = _resume(run)
+        times.mark("resume")
         run.tracker = tracker or _create_tracker(cfg, engine, run.progress.run_id)
         _start_tracking(run, resumed)
+        times.mark("tracking")
+        if engine.is_logging_rank:
+            log.info("start-up: %s; out_dir %s", times.line(), out_dir)
         with StopSignals() as signals:
             result = _run(run, StepControl(engine, signals, float(cfg.train.ckpt_every_minutes)))
     except Preempted as e:  # every rank agreed and the checkpoint is whole: an orderly stop
@@ -284,6 +294,21 @@ def _start_tracking(run: _Run, resumed: bool) -> None:
             run.tracker.log_params({f"engine.{k}": v for k, v in engine.describe().items()})
 
 
+@contextlib.contextmanager
+def _first_step(engine: Engine, step: int, batches: _Batches) -> Iterator[None]:
+    """The first step of a process: data start-up and compilation (where enabled), once; its time
+    split into waiting for data and computing."""
+    wait0, what = batches.wait_s, f"step {step + 1}, the first of this process"
+    with Phase(what, enabled=engine.is_logging_rank, report_end=False,
+               detail="opens the shards, starts the loader workers, compiles what is compiled (the CPU depth "
+                      "loss, parallel.compile): one-off, minutes on a loaded CPU") as phase:
+        yield
+    if engine.is_logging_rank:
+        wait = batches.wait_s - wait0
+        log.info("%s: %.1f s (waiting for data %.1f s: shards opened, loader workers started; computing %.1f s: "
+                 "compilation where enabled, first-call set-up)", what, phase.seconds, wait, phase.seconds - wait)
+
+
 def _run(run: _Run, control: StepControl) -> dict[str, Any]:
     """The step loop proper (see :func:`train`), then :func:`_finish`."""
     from tqdm import tqdm
@@ -298,22 +323,28 @@ def _run(run: _Run, control: StepControl) -> dict[str, Any]:
                          logged_until=last_step() if last_step and step and engine.is_logging_rank else 0)
     val_loader = None
     last_saved = step if step else -1
-    bar = tqdm(total=total, initial=step, disable=not (engine.is_logging_rank and tc.progress),
-               desc="train", dynamic_ncols=True, unit="step")
+    bar = None  # made after the first step: its rate and ETA leave the first step's one-off costs out
     while step < total:
-        for micro in range(engine.grad_accum):
-            batch = engine.to_device(batches.next())
-            with engine.accumulate(micro):
-                loss, terms = engine.forward(task.training_step, batch)
-                engine.backward(loss)
-            train_log.add(loss, terms, engine.grad_accum)
-        train_log.end_step(engine.step())
+        with _first_step(engine, step, batches) if bar is None else contextlib.nullcontext():
+            for micro in range(engine.grad_accum):
+                batch = engine.to_device(batches.next())
+                with engine.accumulate(micro):
+                    loss, terms = engine.forward(task.training_step, batch)
+                    engine.backward(loss)
+                train_log.add(loss, terms, engine.grad_accum)
+            train_log.end_step(engine.step())
         step += 1
-        bar.update(1)
+        if bar is None:
+            train_log.restart_clock()
+            bar = tqdm(total=total, initial=step, disable=not (engine.is_logging_rank and tc.progress),
+                       desc="train", dynamic_ncols=True, unit="step")
+        else:
+            bar.update(1)
         train_log.maybe_flush(step, run.train_loader, batches.wait_s)
         if int(tc.eval_every) and step % int(tc.eval_every) == 0 and step < total and run.plan.val_split:
             val_loader = val_loader or run.make_loader(run.plan.val_split, False)
-            val = evaluate(engine, task, val_loader, int(tc.eval_max_batches))
+            val = evaluate(engine, task, _eval_progress(engine, val_loader, "validation", int(tc.eval_max_batches)),
+                           int(tc.eval_max_batches))
             train_log.send({f"val/{k}": v for k, v in val.items()}, step)
         stop, due = control.poll()
         if stop or (step < total and (due or (int(tc.ckpt_every) and step % int(tc.ckpt_every) == 0))):
@@ -323,10 +354,18 @@ def _run(run: _Run, control: StepControl) -> dict[str, Any]:
         if stop:
             raise Preempted(control.signum, step, str(run.ckpt.root / step_dir_name(step)))
         _maybe_kill(step, engine.rank)
-    bar.close()
+    if bar is not None:
+        bar.close()
     if last_saved != total:
         run.save(total)
     return _finish(run, train_log.latest, val_loader)
+
+
+def _eval_progress(engine: Engine, loader: Any, what: str, max_batches: int) -> Any:
+    """``loader``'s batches with progress lines on the logging rank (evaluation can take minutes)."""
+    total = int(getattr(loader, "batches_per_epoch", 0) or 0)
+    return counted(loader, what, total=min(total, max_batches) if max_batches else total,
+                   enabled=engine.is_logging_rank)
 
 
 def _finish(run: _Run, train_logs: dict[str, float], val_loader: Any) -> dict[str, Any]:
@@ -338,12 +377,14 @@ def _finish(run: _Run, train_logs: dict[str, float], val_loader: Any) -> dict[st
     val_metrics: dict[str, float] = {}
     if run.plan.val_split:
         val_loader = val_loader or run.make_loader(run.plan.val_split, False)
-        val_metrics = evaluate(engine, task, val_loader, int(tc.eval_max_batches),
+        val_metrics = evaluate(engine, task, _eval_progress(engine, val_loader, "final validation",
+                                                            int(tc.eval_max_batches)), int(tc.eval_max_batches),
                                visualize_to=None if run.plan.test_split else qual)
         tracker.log_metrics({f"val/{k}": v for k, v in val_metrics.items()}, step=total)
     test_metrics: dict[str, float] = {}
     if run.plan.test_split:
-        test_metrics = evaluate(engine, task, run.make_loader(run.plan.test_split, False), 0, visualize_to=qual)
+        test_loader = _eval_progress(engine, run.make_loader(run.plan.test_split, False), "test evaluation", 0)
+        test_metrics = evaluate(engine, task, test_loader, 0, visualize_to=qual)
         tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}, step=total)
     if engine.is_logging_rank and qual.is_dir() and any(qual.iterdir()):
         tracker.log_artifact(str(qual), "qualitative")
