@@ -157,3 +157,16 @@ def test_launch_run_cli_refuses_a_bad_optimizer_before_torchrun(tiny, tmp_path):
              *_common(tiny, tmp_path / "run"))
     assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
     assert r.stderr.strip() == "error: optim.name='adamz': expected one of adamw, adam, sgd"
+
+
+def test_a_wrong_data_root_says_what_is_there(tiny, tmp_path):
+    from trainer.errors import ConfigError
+    from trainer.preflight import check_job
+
+    base = ["tracking=none", f"out_dir={tmp_path / 'r'}", "train.batch_size=2"]
+    with pytest.raises(ConfigError, match=f"{tiny}/train is itself a split folder .* use that as the root "
+                                          f"\\(data.root={tiny}\\)"):
+        check_job([*base, f"data.root={tiny}/train"], world_size=1)
+    with pytest.raises(ConfigError, match=r"data.val_split='valid': no split 'valid' in .* \(its splits: test, "
+                                          r"train, val\)"):
+        check_job([*base, f"data.root={tiny}", "data.val_split=valid"], world_size=1)

@@ -76,7 +76,7 @@ def test_build_dispatch_errors_are_clear(monkeypatch, capsys):
     assert main(["build", "nosuch", "--root", "x"]) == 2
     assert "module data_shards.sources.nosuch does not exist" in capsys.readouterr().err
     assert main(["inspect", "/nonexistent/train"]) == 1
-    assert "split 'train'" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == "error: no such folder /nonexistent/train"
 
 
 def test_cli_subprocess_exit_code(built):
@@ -84,3 +84,35 @@ def test_cli_subprocess_exit_code(built):
                           capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 0, proc.stderr
     assert "1 shards, 3 samples decoded, OK" in proc.stdout
+
+
+def test_verify_and_inspect_a_dataset_root(built, tmp_path, capsys):
+    """`verify data/synthetic` checks every split of the root (it used to say "build the shards first")."""
+    assert main(["verify", built]) == 0
+    out = capsys.readouterr().out
+    assert f"{built}/train: 2 shards, 6 samples decoded, OK" in out and f"{built}/val: 1 shards" in out
+    assert out.rstrip().endswith(f"{built}: 2 splits, OK")
+    assert main(["inspect", built, "--sheet", str(tmp_path / "s.png"), "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "split train: 6 samples" in out and "split val: 3 samples" in out
+    assert (tmp_path / "s_train.png").is_file() and (tmp_path / "s_val.png").is_file()
+
+
+def test_a_bad_path_says_what_is_there_and_never_to_build_what_exists(built, tmp_path, capsys):
+    assert main(["verify", os.path.join(built, "tset")]) == 1
+    assert capsys.readouterr().err.strip() == f"error: no split 'tset' in {built} (its splits: train, val)"
+    assert main(["verify", str(tmp_path / "none")]) == 1
+    assert capsys.readouterr().err.strip() == f"error: no such folder {tmp_path / 'none'}"
+
+
+def test_a_bad_split_in_a_root_fails_verify_of_the_root(built, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(built, root)
+    shard = root / "val" / "val-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:-2048])
+    assert main(["verify", str(root)]) == 1
+    captured = capsys.readouterr()
+    assert f"{root}/train: 2 shards, 6 samples decoded, OK" in captured.out and "val-000000.tar" in captured.err
+    assert captured.out.rstrip().endswith(f"{root}: 2 splits, 1 with problems")

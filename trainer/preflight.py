@@ -77,12 +77,17 @@ def check_files(cfg: Any) -> None:
 
 
 def _manifest(root: str, split: str, role: str) -> Any:
+    from data_shards.locate import is_split_folder, missing_split
     from data_shards.manifest import ManifestError
+    from data_shards.openers import is_remote, join
     from data_shards.stream import load_manifest
 
     try:
         return load_manifest(root, split)
     except ManifestError as e:
+        if not is_remote(root) and not is_split_folder(join(root, split)):  # say what is there instead
+            raise PreflightError(f"data.root={root!r}, data.{role}_split={split!r}: {missing_split(root, split)}") \
+                from None
         raise PreflightError(f"data.{role}_split={split!r}: {e}") from None
 
 
