@@ -124,7 +124,9 @@ def cmd_build(argv: list[str]) -> int:
         if not (hasattr(mod, "add_arguments") and hasattr(mod, "build")):
             print(f"error: {modname} does not provide add_arguments(parser) and build(args)", file=sys.stderr)
             return 2
-        parser = argparse.ArgumentParser(prog=f"python -m data_shards build {name}", description=SOURCES[name])
+        parser = argparse.ArgumentParser(prog=f"python -m data_shards build {name}", description=SOURCES[name],
+                                         epilog=getattr(mod, "DOWNLOAD", None),
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(parser)
         manifests = mod.build(parser.parse_args(rest)) or {}
     for split, m in manifests.items():

@@ -116,3 +116,21 @@ def test_a_bad_split_in_a_root_fails_verify_of_the_root(built, tmp_path, capsys)
     captured = capsys.readouterr()
     assert f"{root}/train: 2 shards, 6 samples decoded, OK" in captured.out and "val-000000.tar" in captured.err
     assert captured.out.rstrip().endswith(f"{root}: 2 splits, 1 with problems")
+
+
+@pytest.mark.parametrize("source,files", [
+    ("cityscapes", ["leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip", "camera_trainvaltest.zip",
+                    "leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png"]),
+    ("kitti", ["<date>_drive_<NNNN>_sync.zip", "<date>_calib.zip", "kitti_archives_to_download.txt",
+               "<root>/<date>/<date>_drive_<NNNN>_sync/image_02/data/0000000123.png"]),
+    ("kitti_semantics", ["data_semantics.zip", "<root>/training/semantic/000000_10.png"]),
+    ("nyuv2", ["nyu_depth_v2_labeled.mat", "splits.mat", "classMapping40.mat", "unless --no-labels"]),
+])
+def test_real_source_help_says_what_to_download_and_the_layout(source, files, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["build", source, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for f in files:
+        assert f in out, f
+    assert "no labels are written" not in out  # NYU's build stops without the mapping (unless --no-labels)
