@@ -7,9 +7,10 @@ no memory, no compute), every split it will read (manifest readable, not empty, 
 reads there, enough samples for every rank's first batch, the loader's settings), the checkpoint
 it was told to resume, and a writable ``out_dir``. Each problem is a :class:`PreflightError`
 naming the config key, split, file or key. :func:`check_job` runs all of it from the command
-line's overrides, before torchrun starts (``python -m launch run``). An evaluation split that lacks only ground truth the task does not
-train on (self-supervised depth on KITTI raw converted without LiDAR: no ``depth``) is skipped
-with one clear line instead, and the run reports it in ``metrics.json`` under ``skipped``.
+line's overrides, before torchrun starts (``python -m launch run``). An evaluation split that
+lacks only ground truth the task does not train on (self-supervised depth on KITTI raw converted
+without LiDAR: no ``depth``) is skipped with one clear line instead, and the run reports it in
+``metrics.json`` under ``skipped``.
 """
 from __future__ import annotations
 
@@ -187,7 +188,8 @@ def check_model(cfg: Any, task: Any) -> None:
     try:
         optimizer = build_optimizer(task.parameter_groups(model), o)
     except mistakes as e:
-        raise named(f"optim (name={o.name}, lr={o.lr}, betas={list(o.betas)}, weight_decay={o.weight_decay})", e) from None
+        where = f"optim (name={o.name}, lr={o.lr}, betas={list(o.betas)}, weight_decay={o.weight_decay})"
+        raise named(where, e) from None
     try:
         build_scheduler(optimizer, cfg.schedule, int(cfg.train.steps))
     except mistakes as e:
