@@ -115,6 +115,7 @@ class SegmentationTask(Task):
     """Encoder + segmentation head trained with cross-entropy; see the module docstring."""
 
     required_keys = ("rgb", "seg")
+    same_size_keys = ("rgb", "seg")
 
     def __init__(self, cfg: SegmentationConfig, run_cfg: Any) -> None:
         super().__init__(as_dataclass(cfg, SegmentationConfig), run_cfg)
