@@ -146,3 +146,53 @@ def test_ranks_agree_on_the_number_of_forward_passes():
     engine = PlainEngine(model, peer_passes=[3, 3])  # the peer needs 3 passes for each batch
     with_peer = evaluate(engine, task, batches)
     assert engine.forwards == 6 and with_peer == alone and alone["images"] == 4
+
+
+# ------------------------------------------------------------------ through the real loop
+def _run_cfg(root, out, **task_kw):
+    from omegaconf import OmegaConf
+
+    from trainer.config import RunConfig
+
+    cfg = OmegaConf.structured(RunConfig(task=DepthTaskConfig(supervision="supervised", eval_resize=[32, 96],
+                                                              eval_crop="garg", **task_kw)))
+    cfg.data.root, cfg.out_dir, cfg.data.val_split = str(root), str(out), ""
+    cfg.train.steps, cfg.train.batch_size, cfg.train.progress, cfg.train.resume = 1, 4, False, "never"
+    cfg.tracking.enabled = False
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def eigen_shards(tmp_path_factory):
+    """Training frames of one size; the test split of the five Eigen sizes (15 frames, file order)."""
+    from frame_sizes import write_frames
+
+    root = tmp_path_factory.mktemp("eigen")
+    write_frames(root, "train", [(64, 96)] * 4)
+    return write_frames(root, "test", frame_sizes(), start=100)
+
+
+def test_a_run_evaluates_a_mixed_size_test_split_in_batches_of_four(eigen_shards, tmp_path):
+    import json
+
+    from trainer.loop import train
+
+    result = train(_run_cfg(eigen_shards, tmp_path / "run"))
+    assert result["test"]["images"] == 15 and result["test"]["images_without_gt"] == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test"] == result["test"]
+    assert (tmp_path / "run" / "weights.pt").is_file()
+
+
+def test_weights_are_exported_before_the_final_evaluation(eigen_shards, tmp_path):
+    """A failure in the final evaluation must not lose the trained model."""
+    from trainer.loop import train
+
+    class Broken(DepthTask):
+        def new_metric(self):
+            raise RuntimeError("evaluation broke")
+
+    cfg = _run_cfg(eigen_shards, tmp_path / "run")
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        train(cfg, task=Broken(cfg.task, cfg))
+    state = torch.load(tmp_path / "run" / "weights.pt", weights_only=True)
+    assert any(k.startswith("encoder.") for k in state) and not (tmp_path / "run" / "metrics.json").exists()
