@@ -23,6 +23,9 @@ class ModelConfig:
     """Encoder initialisation: random | imagenet (torchvision weights from a local file)."""
     imagenet_weights: Optional[str] = None
     """Local path of torchvision ImageNet weights; None -> look in the torch hub cache, offline."""
+    input_norm: str = "imagenet"
+    """Encoder input normalisation: imagenet (torchvision's statistics) | monodepth2 ((x - 0.45) / 0.225, what
+    Monodepth2's weights expect). Fine-tuning must use its pre-training's."""
 
 
 @dataclass

@@ -66,11 +66,27 @@ def check_files(cfg: Any) -> None:
             raise PreflightError(f"model.init=imagenet: no weights file at {weights} (no download at run time: "
                                  "place the torchvision file there or pass model.imagenet_weights=<file>)")
     task_weights = getattr(cfg.task, "weights", None)
-    if task_weights and not Path(str(task_weights)).is_file():
-        raise PreflightError(f"task.weights={task_weights!r}: no such file (task.init={cfg.task.get('init')})")
+    if task_weights:
+        check_init_weights(str(task_weights), cfg)
     resume = str(cfg.train.resume)
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise PreflightError(f"train.resume={resume!r}: no such checkpoint folder")
+
+
+def check_init_weights(path: str, cfg: Any) -> None:
+    """``task.weights`` is a file or a Monodepth2 release folder, and a release meets the encoder
+    input normalisation its weights expect (``model.input_norm=monodepth2``)."""
+    from trainer.models import monodepth2
+    from trainer.models.pretrained import is_weights_source
+
+    if not is_weights_source(path):
+        raise PreflightError(f"task.weights={path!r}: no such file, nor a Monodepth2 weights folder "
+                             f"(encoder.pth + depth.pth) (task.init={cfg.task.get('init')})")
+    norm = str(getattr(cfg.model, "input_norm", "imagenet"))
+    release = monodepth2.is_release(path) or (Path(path).name == "encoder.pth" and monodepth2.is_release(Path(path).parent))
+    if release and norm != monodepth2.NORM:
+        raise PreflightError(f"task.weights={path!r} is a Monodepth2 release: its encoders normalise inputs as "
+                             f"(x - 0.45) / 0.225; set model.input_norm=monodepth2 (it is {norm})")
 
 
 def _manifest(root: str, split: str, role: str) -> Any:

@@ -32,6 +32,7 @@ from trainer.kernels.dispatch import IMPLS, multiscale_reprojection_loss
 from trainer.losses.smoothness import edge_aware_smoothness, normalize_disp
 from trainer.metrics.depth import DepthMetric
 from trainer.models.depth import build_depth_net, disparities, predict_depth, upsampled_depths
+from trainer.models.pretrained import check_input_norm, encoder_provenance, load_pretrained, read_init_weights
 from trainer.models.unet import pad_to_stride
 from trainer.models.pose import build_pose_net, predict_pose
 from trainer.tasks.base import Metric, Task
@@ -106,6 +107,10 @@ class DepthTaskConfig:
     upsampled to the ground truth's size either way."""
     vis_samples: int = 4
     """Validation images written as depth colour-map PNGs by visualize()."""
+    weights: Optional[str] = None
+    """Initialise every part (encoder, depth decoder, pose parts) from this, strictly: an exported weights.pt,
+    or a Monodepth2 release folder (encoder.pth, depth.pth, pose_encoder.pth, pose.pth; needs
+    model.input_norm=monodepth2); None = model.init."""
 
 
 def _float(images: Tensor) -> Tensor:
@@ -184,7 +189,20 @@ class DepthTask(Task):
                                 self.cfg.min_depth, self.cfg.max_depth)
         if self.uses_pose:
             parts.update(build_pose_net(self.run_cfg.model, self.cfg.pose_encoder, parts["encoder"].num_ch))
-        return nn.ModuleDict(parts)
+        model = nn.ModuleDict(parts)
+        m = self.run_cfg.model
+        self.init_provenance = encoder_provenance(m.init == "imagenet", m.encoder, m.imagenet_weights,
+                                                  int(getattr(self.run_cfg, "seed", 0)))
+        if self.cfg.weights:
+            source = f"task.weights={self.cfg.weights}"
+            weights = read_init_weights(self.cfg.weights)
+            check_input_norm(weights, model["encoder"].norm, source)
+            load_pretrained(model, weights.state, source=source)
+            self.init_provenance = weights.provenance
+        return model
+
+    def provenance(self) -> dict[str, str]:
+        return {"init.provenance": self.init_provenance} if getattr(self, "init_provenance", "") else {}
 
     # ------------------------------------------------------------ transforms
     def train_transform(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
