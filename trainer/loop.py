@@ -241,7 +241,7 @@ def _set_up(run: _Run, loaders: Optional[LoaderFactory]) -> None:
     run.train_loader = run.make_loader(cfg.data.train_split, True)
     run.ckpt = Checkpointer(Path(cfg.out_dir) / "checkpoints", engine, keep_last=int(cfg.train.keep_last))
     run.progress = Progress(run.train_loader, _config_yaml(cfg), int(cfg.train.batch_size), engine.world_size)
-    run.per_rank = {"rng": RNGState(), "data": run.train_loader, "buffers": RankBuffers(engine)}
+    run.per_rank = {"rng": RNGState(), "data": run.train_loader, "buffers": RankBuffers(engine), **task.stateful()}
     if getattr(cfg.train, "select_metric", None):
         run.best = _best_checkpoint(cfg, run.plan)
 
@@ -296,6 +296,8 @@ def _start_tracking(run: _Run, resumed: bool) -> None:
         if not resumed:
             run.tracker.log_config(yaml_text)
             run.tracker.log_params({f"engine.{k}": v for k, v in engine.describe().items()})
+            if run.task.provenance():
+                run.tracker.set_tags(run.task.provenance())
 
 
 def _run(run: _Run, control: StepControl) -> dict[str, Any]:
@@ -321,6 +323,7 @@ def _run(run: _Run, control: StepControl) -> dict[str, Any]:
                 loss, terms = engine.forward(task.training_step, batch)
                 engine.backward(loss)
             train_log.add(loss, terms, engine.grad_accum)
+        task.before_optimizer_step(engine.parts)
         train_log.end_step(engine.step())
         step += 1
         bar.update(1)

@@ -86,3 +86,14 @@ class Task(abc.ABC):
 
     def on_train_mode(self, model: nn.Module) -> None:
         """Called after ``model.train()``: e.g. to keep a frozen encoder's BatchNorm in eval mode."""
+
+    def before_optimizer_step(self, model: nn.Module) -> None:
+        """Called after a step's backward pass(es), before the optimizer step (gradients in place)."""
+
+    def stateful(self) -> dict[str, Any]:
+        """Task state to checkpoint per rank, by name (``state_dict()`` / ``load_state_dict()``)."""
+        return {}
+
+    def provenance(self) -> dict[str, str]:
+        """Run tags saying where the initial weights came from (file, digest, run), for tracking."""
+        return {}
