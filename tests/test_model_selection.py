@@ -62,9 +62,10 @@ def test_direction_and_offers():
 
 
 @pytest.mark.timeout(120)
-def test_best_checkpoint_is_exported_and_scored_beside_the_final_model(tmp_path):
+@pytest.mark.parametrize("test_split", ["val", "test"])  # the same split (no second pass) or its own test pass
+def test_best_checkpoint_is_exported_and_scored_beside_the_final_model(tmp_path, test_split):
     tracker = TaggingTracker()
-    res = _train(tmp_path, "train.steps=8", tracker=tracker)
+    res = _train(tmp_path, "train.steps=8", f"data.test_split={test_split}", tracker=tracker)
     best = res["best"]
     curve = [tuple(p) for p in best["curve"]]
     assert [s for s, _ in curve] == list(range(1, 9))

@@ -232,3 +232,27 @@ def test_mismatches_are_named(tmp_path, release):
         check_files(cfg)
     cfg.model.input_norm = "monodepth2"
     check_files(cfg)
+
+
+def test_the_monodepth2_preset_is_its_published_recipe(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from trainer.config import register_configs
+    from trainer.schedules import lr_multiplier
+
+    register_configs()
+    configs = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "configs")
+    with initialize_config_dir(config_dir=configs, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["+experiment=monodepth2", "model.imagenet_weights=/w.pth"])
+    assert (cfg.task.name, cfg.task.supervision, cfg.task.pose_encoder, cfg.task.init_depth) == ("depth", "mono",
+                                                                                                  "separate", None)
+    assert (cfg.model.encoder, cfg.model.init, cfg.model.input_norm) == ("resnet18", "imagenet", "monodepth2")
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.train.batch_size) == ("adam", 1e-4, 0.0, 12)
+    assert (cfg.task.min_depth, cfg.task.max_depth, cfg.task.smoothness_weight, cfg.task.ssim_weight) == (
+        0.1, 100.0, 1e-3, 0.85)
+    assert (list(cfg.task.eval_resize), cfg.task.eval_crop, cfg.task.eval_scaling) == ([192, 640], "garg", "median")
+    per_epoch = 39810 // 12  # Eigen-Zhou's training triplets, drop_last as its DataLoader
+    f = lr_multiplier(cfg.schedule, int(cfg.train.steps))
+    assert cfg.train.steps == 20 * per_epoch
+    assert f(15 * per_epoch - 1) == 1.0 and f(15 * per_epoch) == pytest.approx(0.1) and f(20 * per_epoch - 1) == pytest.approx(0.1)
+    DepthTask(cfg.task, cfg)  # validates

@@ -376,7 +376,9 @@ def _select(run: _Run, step: int, val: dict[str, float], final: bool = False) ->
     if best is None or not best.offer(step, val):
         return
     engine.export_weights(best.weights_path())
-    if run.plan.test_split and not final:
+    if run.plan.test_split == run.plan.val_split and not int(run.cfg.train.eval_max_batches):
+        best.test = dict(val)  # the same split, evaluated whole: no second pass
+    elif run.plan.test_split and not final:
         best.test = evaluate(engine, run.task, _test_loader(run), 0)
     if engine.is_logging_rank:
         best.prune()
