@@ -177,8 +177,18 @@ def test_a_run_evaluates_a_mixed_size_test_split_in_batches_of_four(eigen_shards
 
     from trainer.loop import train
 
-    result = train(_run_cfg(eigen_shards, tmp_path / "run"))
+    from trainer.tracking import Tracker
+
+    class Tags(Tracker):
+        tags: dict = {}
+
+        def set_tags(self, tags):
+            self.tags.update(tags)
+
+    tracker = Tags()
+    result = train(_run_cfg(eigen_shards, tmp_path / "run"), tracker=tracker)
     assert result["test"]["images"] == 15 and result["test"]["images_without_gt"] == 0
+    assert tracker.tags == {"init.provenance": "random initialisation (seed 0)"}  # the run says where it started
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test"] == result["test"]
     assert (tmp_path / "run" / "weights.pt").is_file()
 
