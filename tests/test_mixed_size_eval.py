@@ -180,7 +180,9 @@ def test_a_run_evaluates_a_mixed_size_test_split_in_batches_of_four(eigen_shards
     from trainer.tracking import Tracker
 
     class Tags(Tracker):
-        tags: dict = {}
+        def __init__(self):
+            super().__init__()
+            self.tags = {}
 
         def set_tags(self, tags):
             self.tags.update(tags)
