@@ -208,3 +208,22 @@ def test_weights_are_exported_before_the_final_evaluation(eigen_shards, tmp_path
         train(cfg, task=Broken(cfg.task, cfg))
     state = torch.load(tmp_path / "run" / "weights.pt", weights_only=True)
     assert any(k.startswith("encoder.") for k in state) and not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(300)
+def test_two_fsdp_ranks_evaluate_a_mixed_size_test_split(eigen_shards, tmp_path):
+    """Rank 0 reads frames 0-7 (one size), rank 1 frames 8-14 (four sizes) and a padding sample: rank
+    1 needs more forward passes per batch, and FSDP2 gathers parameters in each: without agreement
+    on the count the ranks would wait for each other for ever (the hard timeout would fail it)."""
+    import json
+
+    from dist_helpers import run_torchrun
+
+    out = tmp_path / "run"
+    run_torchrun(["-m", "trainer", "task=depth", "task.supervision=supervised", "task.eval_resize=[32,96]",
+                  f"data.root={eigen_shards}", "data.val_split=''", "parallel=fsdp", "train.steps=1",
+                  "train.batch_size=2", "train.progress=false", "tracking=none", f"out_dir={out}"],
+                 nproc=2, timeout=240)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["test"]["images"] == 15
