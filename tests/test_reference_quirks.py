@@ -184,3 +184,26 @@ def test_bicubic_label_resizing_matches_the_reference_loader(tmp_path):
         # its 0 (unlabelled, ignored by its loss) is our ignore index: the same pixels, the same classes
         assert np.array_equal(ours, labelid_to_trainid(ref))
         assert not np.array_equal(ours, kitti_semantics.make_sample(nearest, image)["seg"])
+
+
+@pytest.mark.timeout(300)
+def test_the_carried_gradient_sum_is_checkpointed(tmp_path):
+    """Resumed after step 2, the no-zero-grad run ends with the uninterrupted run's weights."""
+    import shutil
+
+    from trainer.loop import train
+
+    def run(name):
+        cfg = _cfg(tmp_path / name, protocol="full", quirk_no_zero_grad=True)
+        cfg.train.ckpt_every, cfg.train.keep_last = 1, 5
+        batches = _batches(STEPS)
+        train(cfg, task=SegmentationTask(cfg.task, cfg), loaders=lambda split, is_train: FixedLoader(batches))
+        return torch.load(tmp_path / name / "weights.pt", weights_only=True)
+
+    ref = run("run")
+    ck = tmp_path / "run" / "checkpoints"
+    assert "grad_carry" in torch.load(ck / "step_00000002" / "rank_00000.pt", weights_only=True)
+    shutil.rmtree(ck / "step_00000003")
+    (ck / "latest").write_text("step_00000002\n")
+    again = run("run")
+    assert all(torch.equal(again[k], ref[k]) for k in ref)
