@@ -23,11 +23,13 @@ from data_shards.schema import CITYSCAPES_CLASSES, IGNORE_INDEX
 from trainer.augment import apply_jitter, sample_jitter
 from trainer.metrics.seg_reference import MetricSet, ReferencePerImageMetric
 from trainer.metrics.segmentation import SegmentationMetric
-from trainer.models.encoders import ResNetEncoder, set_bn_momentum
-from trainer.models.pretrained import load_pretrained, read_state_dict
+from trainer.models.encoders import IMAGENET_MEAN, IMAGENET_STD, ResNetEncoder, set_bn_momentum
+from trainer.models.pretrained import (check_input_norm, encoder_provenance, load_pretrained,
+                                       read_init_weights)
 from trainer.models.seg_heads import HEADS, build_seg_head, dilate_encoder
 from trainer.models.unet import pad_to_stride
 from trainer.tasks.base import Metric, Task
+from trainer.quirks import GradientCarry
 from trainer.tasks.common import as_dataclass, keep_keys, random_scale_crop_flip, to_unit_float
 
 INITS = ("random", "imagenet", "depth", "depth_full", "classification", "flow", "checkpoint")
@@ -54,7 +56,8 @@ class SegmentationConfig:
     init: str = "random"
     """random | imagenet | depth | depth_full (encoder + U-Net decoder) | classification | flow | checkpoint."""
     weights: Optional[str] = None
-    """Exported weights.pt of the pre-training (init depth / depth_full / classification / flow / checkpoint)."""
+    """Exported weights.pt of the pre-training (init depth / depth_full / classification / flow / checkpoint),
+    or a Monodepth2 release folder (encoder.pth, depth.pth ...; init depth / depth_full, model.input_norm=monodepth2)."""
     drop_prefixes: list[str] = field(default_factory=list)
     """File key prefixes to drop on purpose (otherwise any unmatched key is an error)."""
     keep_init_prefixes: list[str] = field(default_factory=list)
@@ -94,6 +97,15 @@ class SegmentationConfig:
     """Resize exported predictions (nearest) to (height, width), e.g. [1024, 2048]; 0 = as predicted."""
     visualize_max: int = 4
     """Qualitative overlays written per ``visualize`` call."""
+    quirk_no_zero_grad: bool = False
+    """Reference quirk (DepthToSemantic KITTI/train_semantic.py:172-174, no optimizer.zero_grad()): every
+    step uses the sum of all gradients so far. Off by default; single / ddp, fp32 / bf16."""
+    quirk_double_normalize: bool = False
+    """Reference quirk (KITTI/train_semantic.py:114-115, 124-125, 158-159 then resnet_encoder.py:89): the
+    ImageNet / MoCo rows' images are ImageNet-normalised before the encoder normalises them again."""
+    quirk_frozen_trains_encoder: bool = False
+    """Reference quirk (--freezeencoder: train_semantic.py:85, 135; monodepth_semantic.py:75-81, 99-103):
+    protocol=frozen only puts the encoder in eval mode (BatchNorm statistics fixed); its weights still train."""
 
 
 def sample_name(sample: dict[str, Any]) -> str:
@@ -115,11 +127,14 @@ class SegmentationTask(Task):
     """Encoder + segmentation head trained with cross-entropy; see the module docstring."""
 
     required_keys = ("rgb", "seg")
+    same_size_keys = ("rgb", "seg")
 
     def __init__(self, cfg: SegmentationConfig, run_cfg: Any) -> None:
         super().__init__(as_dataclass(cfg, SegmentationConfig), run_cfg)
         self._validate()
-        self.frozen = cfg.protocol in ("frozen", "linear")
+        self.frozen = cfg.protocol in ("frozen", "linear") and not cfg.quirk_frozen_trains_encoder
+        self.carry = GradientCarry() if cfg.quirk_no_zero_grad else None
+        self.init_provenance = ""
         names = CITYSCAPES_CLASSES if cfg.num_classes == len(CITYSCAPES_CLASSES) else None
         self.class_names = list(names) if names else [str(i) for i in range(cfg.num_classes)]
 
@@ -160,12 +175,16 @@ class SegmentationTask(Task):
             raise ValueError(f"task.export_size={list(c.export_size)}: expected [height, width] >= 0")
         if c.export_format not in ("cityscapes", "trainid"):
             raise ValueError(f"task.export_format={c.export_format!r}: expected cityscapes or trainid")
+        if c.quirk_frozen_trains_encoder and c.protocol != "frozen":
+            raise ValueError("task.quirk_frozen_trains_encoder reproduces --freezeencoder: needs task.protocol=frozen")
+        if c.quirk_no_zero_grad:
+            GradientCarry.check_supported(self.run_cfg)
 
     # ---- model -------------------------------------------------------------------------------
     def build_model(self) -> nn.ModuleDict:
         c, m = self.cfg, self.run_cfg.model
         encoder = ResNetEncoder(m.encoder, "imagenet" if c.init == "imagenet" else "random",
-                                m.imagenet_weights)
+                                m.imagenet_weights, norm=getattr(m, "input_norm", "imagenet"))
         if c.output_stride != 32:
             dilate_encoder(encoder, c.output_stride)
         if c.encoder_bn_momentum is not None:
@@ -182,8 +201,13 @@ class SegmentationTask(Task):
     def _initialise(self, model: nn.ModuleDict) -> None:
         c = self.cfg
         if c.init in ("random", "imagenet"):
+            m = self.run_cfg.model
+            self.init_provenance = encoder_provenance(c.init == "imagenet", m.encoder, m.imagenet_weights,
+                                                      int(getattr(self.run_cfg, "seed", 0)))
             return
-        state = read_state_dict(c.weights)
+        weights = read_init_weights(c.weights)
+        check_input_norm(weights, model["encoder"].norm, f"task.weights={c.weights}")
+        self.init_provenance, state = weights.provenance, weights.state
         if c.init == "checkpoint":
             load_pretrained(model, state, drop=c.drop_prefixes, keep_init=c.keep_init_prefixes,
                             source=str(c.weights))
@@ -206,8 +230,18 @@ class SegmentationTask(Task):
         return [{"params": params}]
 
     def on_train_mode(self, model: nn.Module) -> None:
-        if self.frozen:
+        if self.cfg.protocol in ("frozen", "linear"):
             model["encoder"].eval()  # BatchNorm running statistics stay exactly as loaded
+
+    def before_optimizer_step(self, model: nn.Module) -> None:
+        if self.carry is not None:
+            self.carry.apply(model)
+
+    def stateful(self) -> dict[str, Any]:
+        return {"grad_carry": self.carry} if self.carry is not None else {}
+
+    def provenance(self) -> dict[str, str]:
+        return {"init.provenance": self.init_provenance} if self.init_provenance else {}
 
     # ---- data --------------------------------------------------------------------------------
     def train_transform(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
@@ -233,6 +267,8 @@ class SegmentationTask(Task):
         """(B, num_classes, H, W) logits; the input is padded (replicated border) to a multiple of 32,
         at least 64, and the logits cropped back to the input size."""
         x = to_unit_float(rgb, model["decoder"])
+        if self.cfg.quirk_double_normalize:  # the reference's transforms.Normalize before the encoder's own
+            x = (x - x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
         h, w = x.shape[-2:]
         x = pad_to_stride(x)
         if self.frozen:
