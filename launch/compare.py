@@ -30,6 +30,7 @@ from pathlib import Path
 from data_shards.atomic import atomic_write_text
 from launch.chart import bar_chart
 from launch.chart import column_name as _col_name
+from launch import provenance
 from launch.grid import plan, study_root, study_uri
 from launch.runstore import RunRecord, TrackingStore
 from launch.study_config import CONFIG_DIR, CONFIG_TAG, CompareConfig, StudyConfig, load_study
@@ -341,8 +342,14 @@ def compare_runs(store: TrackingStore, study_name: str, compare: CompareConfig, 
     seeds_note = f"mean ± std over {expected_seeds} seeds" if expected_seeds else "mean ± std over seeds"
     md = (f"# Study {study_name}: segmentation after each pre-training\n\n"
           + unfinished_note(runs, fingerprints, study_name)
-          + f"mIoU and pixel accuracy in %, {seeds_note}; Δ = difference of means in points.\n\n"
-          + to_markdown(table) + "\n" + "\n".join(verdict(table)) + "\n")
+          + f"mIoU and pixel accuracy in %, {seeds_note}; Δ = difference of means in points.
+
+"
+          + to_markdown(table) + "
+" + "
+".join(verdict(table)) + "
+"
+          + provenance.notes(runs, table.rows, compare))
     if table.skipped:
         md += "\nRuns left out:\n" + "\n".join(f"- {s}" for s in table.skipped) + "\n"
     files = [_write(out_dir / "comparison.md", md), _write(out_dir / "comparison.csv", to_csv(table)),

@@ -24,6 +24,9 @@ class ModelConfig:
     """Encoder initialisation: random | imagenet (torchvision weights from a local file)."""
     imagenet_weights: Optional[str] = None
     """Local path of torchvision ImageNet weights; None -> look in the torch hub cache, offline."""
+    input_norm: str = "imagenet"
+    """Encoder input normalisation: imagenet (torchvision's statistics) | monodepth2 ((x - 0.45) / 0.225, what
+    Monodepth2's weights expect). Fine-tuning must use its pre-training's."""
 
 
 @dataclass
@@ -125,6 +128,11 @@ class TrainConfig:
     """Validate every this many steps (0 = only at the end)."""
     eval_max_batches: int = 0
     """Cap on validation batches per rank (0 = the whole split, exactly once)."""
+    select_metric: Optional[str] = None
+    """Validation metric that picks the best-on-validation checkpoint (e.g. miou, abs_rel): exported as
+    best/weights_<step>.pt and scored on test as test_best/*; None = report the final model only."""
+    select_mode: str = "auto"
+    """max | min | auto (min for error metrics: abs_rel, rmse, epe ...; max otherwise)."""
     log_every: int = 10
     """Log training metrics every this many steps."""
     ckpt_every: int = 0

@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data_shards.atomic import atomic_write_text
+from data_shards.collate import require_uniform
 from trainer.checkpoint import Checkpointer, step_dir_name
 from trainer.config import check_known_keys
 from trainer.distributed import dist_env, rank_seed, seed_everything, setup_logging, teardown_logging
@@ -38,6 +39,7 @@ from trainer.progress import Phase, StartupTimes, counted
 from trainer.resume_check import check_resume_config
 from trainer.run_lock import OutDirLock
 from trainer.run_state import Progress, RankBuffers, RNGState
+from trainer.selection import BestCheckpoint
 from trainer.train_log import TrainLog
 
 log = logging.getLogger("geoprime.loop")
@@ -97,7 +99,7 @@ class _Batches:
             try:
                 batch = next(self._it)
                 self.wait_s += time.perf_counter() - t0
-                return batch
+                return require_uniform(batch)  # one frame size per training batch
             except StopIteration:
                 self._it = None  # the loader moved on to the next epoch
         raise RuntimeError("the training loader yielded no batch in a whole epoch")
@@ -140,10 +142,20 @@ class _Run:
     ckpt: Optional[Checkpointer] = None
     progress: Optional[Progress] = None
     per_rank: dict[str, Any] = field(default_factory=dict)
+    best: Optional[BestCheckpoint] = None
+    """The best-on-validation model (``train.select_metric``), None when not selecting."""
+    test_loader: Any = None
+
+    def shared_state(self) -> dict[str, Any]:
+        """The Stateful objects rank 0 saves in each checkpoint, by name."""
+        return {"progress": self.progress, **({"best": self.best} if self.best is not None else {})}
 
     def save(self, step: int) -> Path:
         self.progress.step = step
-        return self.ckpt.save(step, {"progress": self.progress}, self.per_rank)
+        path = self.ckpt.save(step, self.shared_state(), self.per_rank)
+        if self.best is not None and self.engine.is_logging_rank:
+            self.best.prune()  # the checkpoint names the best step: older candidates can go
+        return path
 
 
 def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[LoaderFactory] = None,
@@ -241,7 +253,9 @@ def _set_up(run: _Run, loaders: Optional[LoaderFactory]) -> None:
     run.train_loader = run.make_loader(cfg.data.train_split, True)
     run.ckpt = Checkpointer(Path(cfg.out_dir) / "checkpoints", engine, keep_last=int(cfg.train.keep_last))
     run.progress = Progress(run.train_loader, _config_yaml(cfg), int(cfg.train.batch_size), engine.world_size)
-    run.per_rank = {"rng": RNGState(), "data": run.train_loader, "buffers": RankBuffers(engine)}
+    run.per_rank = {"rng": RNGState(), "data": run.train_loader, "buffers": RankBuffers(engine), **task.stateful()}
+    if getattr(cfg.train, "select_metric", None):
+        run.best = _best_checkpoint(cfg, run.plan)
 
 
 def _resume(run: _Run) -> bool:
@@ -265,7 +279,9 @@ def _resume(run: _Run) -> bool:
         if isinstance(cfg, DictConfig) and saved.get("config"):
             check_resume_config(saved["config"], cfg, str(resume_from), explicit=str(tc.resume) != "auto")
 
-    same_world = run.ckpt.load(resume_from, {"progress": run.progress}, run.per_rank, validate=same_experiment)
+    same_world = run.ckpt.load(resume_from, run.shared_state(), run.per_rank, validate=same_experiment)
+    if run.best is not None and engine.is_logging_rank:
+        run.best.prune()  # weights of steps after this checkpoint belong to a run that was not kept
     if not same_world:
         saved = run.progress.saved
         batch = run.progress.reposition()
@@ -292,6 +308,8 @@ def _start_tracking(run: _Run, resumed: bool) -> None:
         if not resumed:
             run.tracker.log_config(yaml_text)
             run.tracker.log_params({f"engine.{k}": v for k, v in engine.describe().items()})
+            if run.task.provenance():
+                run.tracker.set_tags(run.task.provenance())
 
 
 @contextlib.contextmanager
@@ -332,6 +350,7 @@ def _run(run: _Run, control: StepControl) -> dict[str, Any]:
                     loss, terms = engine.forward(task.training_step, batch)
                     engine.backward(loss)
                 train_log.add(loss, terms, engine.grad_accum)
+            task.before_optimizer_step(engine.parts)
             train_log.end_step(engine.step())
         step += 1
         if bar is None:
@@ -346,6 +365,7 @@ def _run(run: _Run, control: StepControl) -> dict[str, Any]:
             val = evaluate(engine, task, _eval_progress(engine, val_loader, "validation", int(tc.eval_max_batches)),
                            int(tc.eval_max_batches))
             train_log.send({f"val/{k}": v for k, v in val.items()}, step)
+            _select(run, step, val)
         stop, due = control.poll()
         if stop or (step < total and (due or (int(tc.ckpt_every) and step % int(tc.ckpt_every) == 0))):
             run.save(step)
@@ -368,10 +388,51 @@ def _eval_progress(engine: Engine, loader: Any, what: str, max_batches: int) -> 
                    enabled=engine.is_logging_rank)
 
 
+def _best_checkpoint(cfg: Any, plan: RunPlan) -> BestCheckpoint:
+    """The selection state for ``train.select_metric``; it needs a validation split."""
+    metric = str(cfg.train.select_metric)
+    if not plan.val_split:
+        raise ConfigError(f"train.select_metric={metric!r} selects on validation, but this run has no "
+                          f"validation split ({plan.skipped.get('val') or 'data.val_split is empty'})")
+    if plan.val_split == plan.test_split:
+        log.warning("train.select_metric=%s selects on split %r, which is also the test split: the best "
+                    "checkpoint's test metrics (test_best/*) are optimistic; the final model's are not",
+                    metric, plan.val_split)
+    try:
+        return BestCheckpoint(metric, str(getattr(cfg.train, "select_mode", "auto")),
+                              Path(cfg.out_dir) / "best")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _test_loader(run: _Run) -> Any:
+    run.test_loader = run.test_loader or run.make_loader(run.plan.test_split, False)
+    return run.test_loader
+
+
+def _select(run: _Run, step: int, val: dict[str, float], final: bool = False) -> None:
+    """Offer a validation result to the selection; an improvement exports the model and (before
+    the last step: the final test pass covers it) evaluates it on the test split. Collective."""
+    best, engine = run.best, run.engine
+    if best is None or not best.offer(step, val):
+        return
+    engine.export_weights(best.weights_path())
+    if run.plan.test_split == run.plan.val_split and not int(run.cfg.train.eval_max_batches):
+        best.test = dict(val)  # the same split, evaluated whole: no second pass
+    elif run.plan.test_split and not final:
+        best.test = evaluate(engine, run.task, _eval_progress(engine, _test_loader(run), "test evaluation of the best "
+                                                                 "checkpoint so far", 0), 0)
+    if engine.is_logging_rank:
+        best.prune()
+        run.tracker.log_metrics({"best/step": float(step), f"best/val_{best.metric}": float(best.value)}, step=step)
+
+
 def _finish(run: _Run, train_logs: dict[str, float], val_loader: Any) -> dict[str, Any]:
-    """Final val / test evaluation, export, ``metrics.json``; checkpoints dropped if asked."""
+    """Export, final val / test evaluation (selection included), ``metrics.json``; checkpoints
+    dropped if asked. The weights are written first: an evaluation failure never loses them."""
     cfg, engine, task, tracker, tc = run.cfg, run.engine, run.task, run.tracker, run.cfg.train
     total, out_dir = int(tc.steps), Path(cfg.out_dir)
+    weights = engine.export_weights(out_dir / "weights.pt") if tc.export else None
     # the pictures come from the test split, or from val when there is none (pre-trainings)
     qual = out_dir / "qualitative"
     val_metrics: dict[str, float] = {}
@@ -381,17 +442,19 @@ def _finish(run: _Run, train_logs: dict[str, float], val_loader: Any) -> dict[st
                                                             int(tc.eval_max_batches)), int(tc.eval_max_batches),
                                visualize_to=None if run.plan.test_split else qual)
         tracker.log_metrics({f"val/{k}": v for k, v in val_metrics.items()}, step=total)
+        _select(run, total, val_metrics, final=True)
     test_metrics: dict[str, float] = {}
     if run.plan.test_split:
-        test_loader = _eval_progress(engine, run.make_loader(run.plan.test_split, False), "test evaluation", 0)
+        test_loader = _eval_progress(engine, _test_loader(run), "test evaluation", 0)
         test_metrics = evaluate(engine, task, test_loader, 0, visualize_to=qual)
         tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}, step=total)
     if engine.is_logging_rank and qual.is_dir() and any(qual.iterdir()):
         tracker.log_artifact(str(qual), "qualitative")
-    weights = engine.export_weights(out_dir / "weights.pt") if tc.export else None
     result = {"step": total, "run_id": run.progress.run_id, "train": train_logs, "val": val_metrics,
               "test": test_metrics, "world_size": engine.world_size, "strategy": engine.strategy,
               "weights": str(weights) if weights else None, "skipped": run.plan.skipped}
+    if run.best is not None:
+        result["best"] = _report_best(run, total, test_metrics)
     if engine.is_logging_rank:
         _atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2, sort_keys=True))
         tracker.log_artifact(str(out_dir / "metrics.json"))
@@ -401,3 +464,19 @@ def _finish(run: _Run, train_logs: dict[str, float], val_loader: Any) -> dict[st
         shutil.rmtree(run.ckpt.root, ignore_errors=True)  # the run is whole: weights and metrics are written
         log.info("deleted %s (train.keep_checkpoints=false)", run.ckpt.root)
     return result
+
+
+def _report_best(run: _Run, total: int, test_metrics: dict[str, float]) -> dict[str, Any]:
+    """The best checkpoint beside the final model: its test metrics as ``test_best/*`` (the final
+    model's stay ``test/*``, which the study's table reads), its step and metric as tags."""
+    best = run.best
+    if best.step == total:
+        best.test = dict(test_metrics)
+    if run.engine.is_logging_rank:
+        best.saved_step = best.step
+        best.prune()
+        run.tracker.log_metrics({f"test_best/{k}": v for k, v in best.test.items()}, step=total)
+        run.tracker.set_tags({"selection.metric": f"{best.mode} val/{best.metric}",
+                              "selection.best_step": str(best.step),
+                              "selection.table_uses": "final (test/*); best-on-validation: test_best/*"})
+    return best.summary()

@@ -70,11 +70,27 @@ def check_files(cfg: Any) -> None:
             raise PreflightError(f"model.init=imagenet: no weights file at {weights} (no download at run time: "
                                  "place the torchvision file there or pass model.imagenet_weights=<file>)")
     task_weights = getattr(cfg.task, "weights", None)
-    if task_weights and not Path(str(task_weights)).is_file():
-        raise PreflightError(f"task.weights={task_weights!r}: no such file (task.init={cfg.task.get('init')})")
+    if task_weights:
+        check_init_weights(str(task_weights), cfg)
     resume = str(cfg.train.resume)
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise PreflightError(f"train.resume={resume!r}: no such checkpoint folder")
+
+
+def check_init_weights(path: str, cfg: Any) -> None:
+    """``task.weights`` is a file or a Monodepth2 release folder, and a release meets the encoder
+    input normalisation its weights expect (``model.input_norm=monodepth2``)."""
+    from trainer.models import monodepth2
+    from trainer.models.pretrained import is_weights_source
+
+    if not is_weights_source(path):
+        raise PreflightError(f"task.weights={path!r}: no such file, nor a Monodepth2 weights folder "
+                             f"(encoder.pth + depth.pth) (task.init={cfg.task.get('init')})")
+    norm = str(getattr(cfg.model, "input_norm", "imagenet"))
+    release = monodepth2.is_release(path) or (Path(path).name == "encoder.pth" and monodepth2.is_release(Path(path).parent))
+    if release and norm != monodepth2.NORM:
+        raise PreflightError(f"task.weights={path!r} is a Monodepth2 release: its encoders normalise inputs as "
+                             f"(x - 0.45) / 0.225; set model.input_norm=monodepth2 (it is {norm})")
 
 
 def _manifest(root: str, split: str, role: str) -> Any:
@@ -228,6 +244,73 @@ def check_job(overrides: list[str], world_size: int) -> Any:
     return cfg
 
 
+#: Samples probed per split for their frame sizes, spread evenly over it (first of each part).
+PROBES = 8
+
+
+def probe_sizes(root: str, split: str, keys: tuple[str, ...], probes: int = PROBES) -> list[tuple[str, dict]]:
+    """``[(sample key, {key: (height, width)})]`` of up to ``probes`` samples spread evenly over the
+    split (position ``i * ceil(n / probes)``), for the image-like keys among ``keys``."""
+    from data_shards.stream import ShardStream, load_manifest
+
+    n = min(probes, load_manifest(root, split).num_samples)
+    found = []
+    for i in range(n):
+        stream = ShardStream(root, split, rank=i, world_size=n, shuffle=False, tail="pad", keys=keys)
+        sample = next(iter(stream))
+        found.append((str(sample["__key__"]), {k: tuple(v.shape[-2:]) for k, v in sample.items()
+                                               if k in keys and k != "K" and getattr(v, "dim", lambda: 0)() >= 2}))
+    return found
+
+
+def _hw(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def check_train_frames(cfg: Any, task: Any) -> None:
+    """The training split's probed frames share one size (a batch stacks them; unless the task crops
+    to a fixed size) and are not smaller than the task can train on (``task.min_train_side``)."""
+    d = cfg.data
+    where = f"data.train_split={d.train_split!r} ({d.root})"
+    seen: dict[tuple[int, int], str] = {}
+    for key, sizes in probe_sizes(str(d.root), str(d.train_split), task.stream_keys(True)):
+        for size in sizes.values():
+            seen.setdefault(size, key)
+    smallest = min(seen, key=min, default=None)
+    need = int(task.min_train_side)
+    if smallest is not None and min(smallest) < need:
+        raise PreflightError(f"{where}: frames of {_hw(smallest)} (sample {seen[smallest]}) are below the smallest "
+                             f"size task={cfg.task.name} trains on, {need}x{need} ({task.min_side_reason})")
+    if len(seen) > 1 and task.train_frame_size() is None:
+        (a, ka), (b, kb) = list(seen.items())[:2]
+        raise PreflightError(f"{where}: frames of different sizes ({_hw(a)} in sample {ka}, {_hw(b)} in sample {kb}) "
+                             "cannot share a training batch: convert the split with --resize H W (or set a crop)")
+
+
+def check_eval_frames(cfg: Any, task: Any, role: str, split: str) -> None:
+    """In the probed samples of an evaluation split, the keys the task compares pixel by pixel
+    (``task.same_size_keys``, e.g. rgb and seg) have one size; other sizes may vary (evaluation
+    cuts mixed-size batches into same-size parts)."""
+    same = tuple(task.same_size_keys)
+    if len(same) < 2:
+        return
+    for key, sizes in probe_sizes(str(cfg.data.root), split, task.stream_keys(False)):
+        got = {k: sizes[k] for k in same if k in sizes}
+        if len(set(got.values())) > 1:
+            raise PreflightError(f"data.{role}_split={split!r} ({cfg.data.root}): sample {key} has "
+                                 f"{', '.join(f'{k} {_hw(v)}' for k, v in got.items())}: task={cfg.task.name} "
+                                 "needs them the same size")
+
+
+def check_frame_sizes(cfg: Any, task: Any, plan: RunPlan) -> None:
+    """Frame sizes of every split the run reads, from a few probed samples each (see above)."""
+    check_train_frames(cfg, task)
+    for role in ("val", "test"):
+        split = getattr(plan, f"{role}_split")
+        if split:
+            check_eval_frames(cfg, task, role, split)
+
+
 def preflight(cfg: Any, task: Any, world_size: Optional[int] = None) -> RunPlan:
     """Run every check (see the module docstring) for ``world_size`` ranks (default: $WORLD_SIZE);
     returns the evaluation plan."""
@@ -245,4 +328,5 @@ def preflight(cfg: Any, task: Any, world_size: Optional[int] = None) -> RunPlan:
             plan.skipped[role] = reason
             if _is_logging_rank():
                 log.warning("%s", reason)
+    check_frame_sizes(cfg, task, plan)
     return plan

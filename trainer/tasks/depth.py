@@ -30,7 +30,9 @@ from trainer.losses.depth_supervised import masked_l1, scale_invariant_log, vali
 from trainer.kernels.dispatch import IMPLS, multiscale_reprojection_loss
 from trainer.losses.smoothness import edge_aware_smoothness, normalize_disp
 from trainer.metrics.depth import DepthMetric
-from trainer.models.depth import build_depth_net, predict_depth, upsampled_depths
+from trainer.models.depth import build_depth_net, disparities, predict_depth, upsampled_depths
+from trainer.models.pretrained import check_input_norm, encoder_provenance, load_pretrained, read_init_weights
+from trainer.models.unet import pad_to_stride
 from trainer.models.pose import build_pose_net, predict_pose
 from trainer.tasks.base import Metric, Task
 from trainer.tasks.depth_config import DepthTaskConfig
@@ -108,6 +110,11 @@ class DepthTask(Task):
             keys.append("depth")
         self.required_keys = tuple(keys)  # self-supervised modes train on frames alone (raw video)
         self.eval_keys = ("rgb", "depth")  # evaluation: the frame and its ground-truth depth
+        if self.mode != "supervised" and cfg.smoothness_weight > 0:
+            # frames are padded for the network; the smoothness term needs 2 px at the coarsest scale
+            self.min_train_side = 2 ** max(cfg.scales) + 1
+            self.min_side_reason = (f"the edge-aware smoothness needs 2 px at the 1/{2 ** max(cfg.scales)} scale "
+                                    f"of task.scales={list(cfg.scales)}")
 
     # ----------------------------------------------------------------- model
     def build_model(self) -> nn.ModuleDict:
@@ -115,7 +122,20 @@ class DepthTask(Task):
                                 self.cfg.min_depth, self.cfg.max_depth)
         if self.uses_pose:
             parts.update(build_pose_net(self.run_cfg.model, self.cfg.pose_encoder, parts["encoder"].num_ch))
-        return nn.ModuleDict(parts)
+        model = nn.ModuleDict(parts)
+        m = self.run_cfg.model
+        self.init_provenance = encoder_provenance(m.init == "imagenet", m.encoder, m.imagenet_weights,
+                                                  int(getattr(self.run_cfg, "seed", 0)))
+        if self.cfg.weights:
+            source = f"task.weights={self.cfg.weights}"
+            weights = read_init_weights(self.cfg.weights)
+            check_input_norm(weights, model["encoder"].norm, source)
+            load_pretrained(model, weights.state, source=source)
+            self.init_provenance = weights.provenance
+        return model
+
+    def provenance(self) -> dict[str, str]:
+        return {"init.provenance": self.init_provenance} if getattr(self, "init_provenance", "") else {}
 
     # ------------------------------------------------------------ transforms
     def train_transform(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
@@ -148,7 +168,7 @@ class DepthTask(Task):
             shared = "pose_encoder" not in model
             for key, invert in (("rgb_prev", True), ("rgb_next", False)):
                 net_s = self._net_input(batch, key)
-                deep_s = model["encoder"](net_s)[-1] if shared else None
+                deep_s = model["encoder"](pad_to_stride(net_s))[-1] if shared else None
                 deep_t = feats_t[-1] if shared else None
                 if invert:  # temporal order (prev, t); inverted so it maps t -> prev
                     T = predict_pose(model, net_s, net_t, True, deep_s, deep_t)
@@ -161,8 +181,7 @@ class DepthTask(Task):
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
-        feats = model["encoder"](self._net_input(batch, "rgb"))
-        disps = model["depth_decoder"](feats)
+        feats, disps = disparities(model, self._net_input(batch, "rgb"))  # any frame size: padded
         size = tuple(batch["rgb"].shape[-2:])
         if self.mode == "supervised":
             depths = upsampled_depths(disps, size, cfg.min_depth, cfg.max_depth)

@@ -70,3 +70,7 @@ class DepthTaskConfig:
     upsampled to the ground truth's size either way."""
     vis_samples: int = 4
     """Validation images written as depth colour-map PNGs by visualize()."""
+    weights: Optional[str] = None
+    """Initialise every part (encoder, depth decoder, pose parts) from this, strictly: an exported weights.pt,
+    or a Monodepth2 release folder (encoder.pth, depth.pth, pose_encoder.pth, pose.pth; needs
+    model.input_norm=monodepth2); None = model.init."""

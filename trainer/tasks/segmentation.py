@@ -22,11 +22,13 @@ from data_shards.schema import CITYSCAPES_CLASSES, IGNORE_INDEX
 from trainer.augment import apply_jitter, sample_jitter
 from trainer.metrics.seg_reference import MetricSet, ReferencePerImageMetric
 from trainer.metrics.segmentation import SegmentationMetric
-from trainer.models.encoders import ResNetEncoder, set_bn_momentum
-from trainer.models.pretrained import load_pretrained, read_state_dict
+from trainer.models.encoders import IMAGENET_MEAN, IMAGENET_STD, ResNetEncoder, set_bn_momentum
+from trainer.models.pretrained import (check_input_norm, encoder_provenance, load_pretrained,
+                                       read_init_weights)
 from trainer.models.seg_heads import HEADS, build_seg_head, dilate_encoder
 from trainer.models.unet import pad_to_stride
 from trainer.tasks.base import Metric, Task
+from trainer.quirks import GradientCarry
 from trainer.tasks.common import as_dataclass, keep_keys, random_scale_crop_flip, to_unit_float
 from trainer.tasks.segmentation_config import SegmentationConfig
 
@@ -57,11 +59,14 @@ class SegmentationTask(Task):
     """Encoder + segmentation head trained with cross-entropy; see the module docstring."""
 
     required_keys = ("rgb", "seg")
+    same_size_keys = ("rgb", "seg")
 
     def __init__(self, cfg: SegmentationConfig, run_cfg: Any) -> None:
         super().__init__(as_dataclass(cfg, SegmentationConfig), run_cfg)
         self._validate()
-        self.frozen = cfg.protocol in ("frozen", "linear")
+        self.frozen = cfg.protocol in ("frozen", "linear") and not cfg.quirk_frozen_trains_encoder
+        self.carry = GradientCarry() if cfg.quirk_no_zero_grad else None
+        self.init_provenance = ""
         names = CITYSCAPES_CLASSES if cfg.num_classes == len(CITYSCAPES_CLASSES) else None
         self.class_names = list(names) if names else [str(i) for i in range(cfg.num_classes)]
 
@@ -102,12 +107,16 @@ class SegmentationTask(Task):
             raise ValueError(f"task.export_size={list(c.export_size)}: expected [height, width] >= 0")
         if c.export_format not in ("cityscapes", "trainid"):
             raise ValueError(f"task.export_format={c.export_format!r}: expected cityscapes or trainid")
+        if c.quirk_frozen_trains_encoder and c.protocol != "frozen":
+            raise ValueError("task.quirk_frozen_trains_encoder reproduces --freezeencoder: needs task.protocol=frozen")
+        if c.quirk_no_zero_grad:
+            GradientCarry.check_supported(self.run_cfg)
 
     # ---- model -------------------------------------------------------------------------------
     def build_model(self) -> nn.ModuleDict:
         c, m = self.cfg, self.run_cfg.model
         encoder = ResNetEncoder(m.encoder, "imagenet" if c.init == "imagenet" else "random",
-                                m.imagenet_weights)
+                                m.imagenet_weights, norm=getattr(m, "input_norm", "imagenet"))
         if c.output_stride != 32:
             dilate_encoder(encoder, c.output_stride)
         if c.encoder_bn_momentum is not None:
@@ -124,8 +133,13 @@ class SegmentationTask(Task):
     def _initialise(self, model: nn.ModuleDict) -> None:
         c = self.cfg
         if c.init in ("random", "imagenet"):
+            m = self.run_cfg.model
+            self.init_provenance = encoder_provenance(c.init == "imagenet", m.encoder, m.imagenet_weights,
+                                                      int(getattr(self.run_cfg, "seed", 0)))
             return
-        state = read_state_dict(c.weights)
+        weights = read_init_weights(c.weights)
+        check_input_norm(weights, model["encoder"].norm, f"task.weights={c.weights}")
+        self.init_provenance, state = weights.provenance, weights.state
         if c.init == "checkpoint":
             load_pretrained(model, state, drop=c.drop_prefixes, keep_init=c.keep_init_prefixes,
                             source=str(c.weights))
@@ -148,8 +162,18 @@ class SegmentationTask(Task):
         return [{"params": params}]
 
     def on_train_mode(self, model: nn.Module) -> None:
-        if self.frozen:
+        if self.cfg.protocol in ("frozen", "linear"):
             model["encoder"].eval()  # BatchNorm running statistics stay exactly as loaded
+
+    def before_optimizer_step(self, model: nn.Module) -> None:
+        if self.carry is not None:
+            self.carry.apply(model)
+
+    def stateful(self) -> dict[str, Any]:
+        return {"grad_carry": self.carry} if self.carry is not None else {}
+
+    def provenance(self) -> dict[str, str]:
+        return {"init.provenance": self.init_provenance} if self.init_provenance else {}
 
     # ---- data --------------------------------------------------------------------------------
     def train_transform(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
@@ -175,6 +199,8 @@ class SegmentationTask(Task):
         """(B, num_classes, H, W) logits; the input is padded (replicated border) to a multiple of 32,
         at least 64, and the logits cropped back to the input size."""
         x = to_unit_float(rgb, model["decoder"])
+        if self.cfg.quirk_double_normalize:  # the reference's transforms.Normalize before the encoder's own
+            x = (x - x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
         h, w = x.shape[-2:]
         x = pad_to_stride(x)
         if self.frozen:

@@ -29,7 +29,8 @@ class SegmentationConfig:
     init: str = "random"
     """random | imagenet | depth | depth_full (encoder + U-Net decoder) | classification | flow | checkpoint."""
     weights: Optional[str] = None
-    """Exported weights.pt of the pre-training (init depth / depth_full / classification / flow / checkpoint)."""
+    """Exported weights.pt of the pre-training (init depth / depth_full / classification / flow / checkpoint),
+    or a Monodepth2 release folder (encoder.pth, depth.pth ...; init depth / depth_full, model.input_norm=monodepth2)."""
     drop_prefixes: list[str] = field(default_factory=list)
     """File key prefixes to drop on purpose (otherwise any unmatched key is an error)."""
     keep_init_prefixes: list[str] = field(default_factory=list)
@@ -69,3 +70,12 @@ class SegmentationConfig:
     """Resize exported predictions (nearest) to (height, width), e.g. [1024, 2048]; 0 = as predicted."""
     visualize_max: int = 4
     """Qualitative overlays written per ``visualize`` call."""
+    quirk_no_zero_grad: bool = False
+    """Reference quirk (DepthToSemantic KITTI/train_semantic.py:172-174, no optimizer.zero_grad()): every
+    step uses the sum of all gradients so far. Off by default; single / ddp, fp32 / bf16."""
+    quirk_double_normalize: bool = False
+    """Reference quirk (KITTI/train_semantic.py:114-115, 124-125, 158-159 then resnet_encoder.py:89): the
+    ImageNet / MoCo rows' images are ImageNet-normalised before the encoder normalises them again."""
+    quirk_frozen_trains_encoder: bool = False
+    """Reference quirk (--freezeencoder: train_semantic.py:85, 135; monodepth_semantic.py:75-81, 99-103):
+    protocol=frozen only puts the encoder in eval mode (BatchNorm statistics fixed); its weights still train."""
