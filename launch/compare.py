@@ -342,13 +342,8 @@ def compare_runs(store: TrackingStore, study_name: str, compare: CompareConfig, 
     seeds_note = f"mean ± std over {expected_seeds} seeds" if expected_seeds else "mean ± std over seeds"
     md = (f"# Study {study_name}: segmentation after each pre-training\n\n"
           + unfinished_note(runs, fingerprints, study_name)
-          + f"mIoU and pixel accuracy in %, {seeds_note}; Δ = difference of means in points.
-
-"
-          + to_markdown(table) + "
-" + "
-".join(verdict(table)) + "
-"
+          + f"mIoU and pixel accuracy in %, {seeds_note}; Δ = difference of means in points.\n\n"
+          + to_markdown(table) + "\n" + "\n".join(verdict(table)) + "\n"
           + provenance.notes(runs, table.rows, compare))
     if table.skipped:
         md += "\nRuns left out:\n" + "\n".join(f"- {s}" for s in table.skipped) + "\n"
