@@ -188,15 +188,7 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
                                   micro_batch_size=int(cfg.train.batch_size), env=env)
         times.mark("process group")
         run = _Run(cfg, engine, task, plan=plan)
-        _set_up(run, loaders)
-        times.mark("model, optimizer, loader")
-        resumed = _resume(run)
-        times.mark("resume")
-        run.tracker = tracker or _create_tracker(cfg, engine, run.progress.run_id)
-        _start_tracking(run, resumed)
-        times.mark("tracking")
-        if engine.is_logging_rank:
-            log.info("start-up: %s; out_dir %s", times.line(), out_dir)
+        _start(run, loaders, tracker, times)
         with StopSignals() as signals:
             result = _run(run, StepControl(engine, signals, float(cfg.train.ckpt_every_minutes)))
     except Preempted as e:  # every rank agreed and the checkpoint is whole: an orderly stop
@@ -220,6 +212,19 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
         teardown_logging()
     _close(run, own_tracker, own_engine, "FINISHED")
     return result
+
+
+def _start(run: _Run, loaders: Optional[LoaderFactory], tracker: Any, times: StartupTimes) -> None:
+    """Set-up, resume and tracking, each timed; the logging rank reports the run's fixed costs."""
+    _set_up(run, loaders)
+    times.mark("model, optimizer, loader")
+    resumed = _resume(run)
+    times.mark("resume")
+    run.tracker = tracker or _create_tracker(run.cfg, run.engine, run.progress.run_id)
+    _start_tracking(run, resumed)
+    times.mark("tracking")
+    if run.engine.is_logging_rank:
+        log.info("start-up: %s; out_dir %s", times.line(), run.cfg.out_dir)
 
 
 def _close(run: Optional[_Run], own_tracker: bool, own_engine: bool, status: str) -> None:
