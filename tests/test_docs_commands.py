@@ -482,3 +482,14 @@ def test_every_documented_command_has_a_check():
 def test_documented_command_works(doc, place, monkeypatch):
     monkeypatch.chdir(place["scratch"])  # relative paths of the docs land in a scratch folder
     check(doc, place, monkeypatch)
+
+
+def test_make_setup_says_what_it_does(tmp_path):
+    """`make setup` (the first step of `make demo` / `make test`) announces the install, shows pip's
+    progress (no -q) and reports its time."""
+    r = subprocess.run(["make", "--dry-run", "--always-make", "setup", f"VENV={tmp_path / 'venv'}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "[setup] installing the pinned dependencies" in r.stdout and "[setup] done in" in r.stdout
+    install = next(line for line in r.stdout.splitlines() if "pip install" in line)
+    assert " -q " not in install
