@@ -11,6 +11,7 @@ step ``k`` on its first attempt (``TORCHELASTIC_RESTART_COUNT`` 0), to exercise 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from trainer.errors import ConfigError
 from trainer.evaluation import evaluate
 from trainer.interrupts import Preempted, StepControl, StopSignals
 from trainer.preflight import RunPlan, preflight
+from trainer.progress import Phase, StartupTimes, counted
 from trainer.resume_check import check_resume_config
 from trainer.run_lock import OutDirLock
 from trainer.run_state import Progress, RankBuffers, RNGState
@@ -172,21 +174,21 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
     lock: Optional[OutDirLock] = None
     determinism = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
     run: Optional[_Run] = None
+    times = StartupTimes()
     try:
         if isinstance(cfg, DictConfig):
             check_known_keys(cfg)
         task = task if task is not None else _build_task(cfg)
         # everything the run will read, checked before step 1 and before any process group starts
         plan = preflight(cfg, task) if loaders is None else RunPlan(cfg.data.val_split, cfg.data.test_split)
+        times.mark("preflight")
         if env.rank == 0:  # one job per run folder: a second one is refused, naming this one
             lock = OutDirLock(out_dir).acquire()
         engine = engine or Engine(cfg.parallel, cfg.optim, cfg.schedule, int(cfg.train.steps),
                                   micro_batch_size=int(cfg.train.batch_size), env=env)
+        times.mark("process group")
         run = _Run(cfg, engine, task, plan=plan)
-        _set_up(run, loaders)
-        resumed = _resume(run)
-        run.tracker = tracker or _create_tracker(cfg, engine, run.progress.run_id)
-        _start_tracking(run, resumed)
+        _start(run, loaders, tracker, times)
         with StopSignals() as signals:
             result = _run(run, StepControl(engine, signals, float(cfg.train.ckpt_every_minutes)))
     except Preempted as e:  # every rank agreed and the checkpoint is whole: an orderly stop
@@ -195,7 +197,9 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
         raise
     except BaseException as e:
         # into this rank's log file before it is closed: "see <out_dir>/logs" must find the error
-        log.error("run failed: %s: %s", type(e).__name__, e, exc_info=not isinstance(e, ConfigError))
+        # (file only: the entry point prints it on the terminal, once)
+        log.error("run failed: %s: %s", type(e).__name__, e, exc_info=not isinstance(e, ConfigError),
+                  extra={"file_only": True})
         if own_engine and engine is not None:
             engine.abandon_group()  # a failed rank cannot rely on its peers reaching a barrier
         _close(run, own_tracker, False, "FAILED")
@@ -208,6 +212,19 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
         teardown_logging()
     _close(run, own_tracker, own_engine, "FINISHED")
     return result
+
+
+def _start(run: _Run, loaders: Optional[LoaderFactory], tracker: Any, times: StartupTimes) -> None:
+    """Set-up, resume and tracking, each timed; the logging rank reports the run's fixed costs."""
+    _set_up(run, loaders)
+    times.mark("model, optimizer, loader")
+    resumed = _resume(run)
+    times.mark("resume")
+    run.tracker = tracker or _create_tracker(run.cfg, run.engine, run.progress.run_id)
+    _start_tracking(run, resumed)
+    times.mark("tracking")
+    if run.engine.is_logging_rank:
+        log.info("start-up: %s; out_dir %s", times.line(), run.cfg.out_dir)
 
 
 def _close(run: Optional[_Run], own_tracker: bool, own_engine: bool, status: str) -> None:
@@ -300,6 +317,21 @@ def _start_tracking(run: _Run, resumed: bool) -> None:
                 run.tracker.set_tags(run.task.provenance())
 
 
+@contextlib.contextmanager
+def _first_step(engine: Engine, step: int, batches: _Batches) -> Iterator[None]:
+    """The first step of a process: data start-up and compilation (where enabled), once; its time
+    split into waiting for data and computing."""
+    wait0, what = batches.wait_s, f"step {step + 1}, the first of this process"
+    with Phase(what, enabled=engine.is_logging_rank, report_end=False,
+               detail="opens the shards, starts the loader workers, compiles what is compiled (the CPU depth "
+                      "loss, parallel.compile): one-off, minutes on a loaded CPU") as phase:
+        yield
+    if engine.is_logging_rank:
+        wait = batches.wait_s - wait0
+        log.info("%s: %.1f s (waiting for data %.1f s: shards opened, loader workers started; computing %.1f s: "
+                 "compilation where enabled, first-call set-up)", what, phase.seconds, wait, phase.seconds - wait)
+
+
 def _run(run: _Run, control: StepControl) -> dict[str, Any]:
     """The step loop proper (see :func:`train`), then :func:`_finish`."""
     from tqdm import tqdm
@@ -314,23 +346,29 @@ def _run(run: _Run, control: StepControl) -> dict[str, Any]:
                          logged_until=last_step() if last_step and step and engine.is_logging_rank else 0)
     val_loader = None
     last_saved = step if step else -1
-    bar = tqdm(total=total, initial=step, disable=not (engine.is_logging_rank and tc.progress),
-               desc="train", dynamic_ncols=True, unit="step")
+    bar = None  # made after the first step: its rate and ETA leave the first step's one-off costs out
     while step < total:
-        for micro in range(engine.grad_accum):
-            batch = engine.to_device(batches.next())
-            with engine.accumulate(micro):
-                loss, terms = engine.forward(task.training_step, batch)
-                engine.backward(loss)
-            train_log.add(loss, terms, engine.grad_accum)
-        task.before_optimizer_step(engine.parts)
-        train_log.end_step(engine.step())
+        with _first_step(engine, step, batches) if bar is None else contextlib.nullcontext():
+            for micro in range(engine.grad_accum):
+                batch = engine.to_device(batches.next())
+                with engine.accumulate(micro):
+                    loss, terms = engine.forward(task.training_step, batch)
+                    engine.backward(loss)
+                train_log.add(loss, terms, engine.grad_accum)
+            task.before_optimizer_step(engine.parts)
+            train_log.end_step(engine.step())
         step += 1
-        bar.update(1)
+        if bar is None:
+            train_log.restart_clock()
+            bar = tqdm(total=total, initial=step, disable=not (engine.is_logging_rank and tc.progress),
+                       desc="train", dynamic_ncols=True, unit="step")
+        else:
+            bar.update(1)
         train_log.maybe_flush(step, run.train_loader, batches.wait_s)
         if int(tc.eval_every) and step % int(tc.eval_every) == 0 and step < total and run.plan.val_split:
             val_loader = val_loader or run.make_loader(run.plan.val_split, False)
-            val = evaluate(engine, task, val_loader, int(tc.eval_max_batches))
+            val = evaluate(engine, task, _eval_progress(engine, val_loader, "validation", int(tc.eval_max_batches)),
+                           int(tc.eval_max_batches))
             train_log.send({f"val/{k}": v for k, v in val.items()}, step)
             _select(run, step, val)
         stop, due = control.poll()
@@ -341,10 +379,18 @@ def _run(run: _Run, control: StepControl) -> dict[str, Any]:
         if stop:
             raise Preempted(control.signum, step, str(run.ckpt.root / step_dir_name(step)))
         _maybe_kill(step, engine.rank)
-    bar.close()
+    if bar is not None:
+        bar.close()
     if last_saved != total:
         run.save(total)
     return _finish(run, train_log.latest, val_loader)
+
+
+def _eval_progress(engine: Engine, loader: Any, what: str, max_batches: int) -> Any:
+    """``loader``'s batches with progress lines on the logging rank (evaluation can take minutes)."""
+    total = int(getattr(loader, "batches_per_epoch", 0) or 0)
+    return counted(loader, what, total=min(total, max_batches) if max_batches else total,
+                   enabled=engine.is_logging_rank)
 
 
 def _best_checkpoint(cfg: Any, plan: RunPlan) -> BestCheckpoint:
@@ -379,7 +425,8 @@ def _select(run: _Run, step: int, val: dict[str, float], final: bool = False) ->
     if run.plan.test_split == run.plan.val_split and not int(run.cfg.train.eval_max_batches):
         best.test = dict(val)  # the same split, evaluated whole: no second pass
     elif run.plan.test_split and not final:
-        best.test = evaluate(engine, run.task, _test_loader(run), 0)
+        best.test = evaluate(engine, run.task, _eval_progress(engine, _test_loader(run), "test evaluation of the best "
+                                                                 "checkpoint so far", 0), 0)
     if engine.is_logging_rank:
         best.prune()
         run.tracker.log_metrics({"best/step": float(step), f"best/val_{best.metric}": float(best.value)}, step=step)
@@ -396,13 +443,15 @@ def _finish(run: _Run, train_logs: dict[str, float], val_loader: Any) -> dict[st
     val_metrics: dict[str, float] = {}
     if run.plan.val_split:
         val_loader = val_loader or run.make_loader(run.plan.val_split, False)
-        val_metrics = evaluate(engine, task, val_loader, int(tc.eval_max_batches),
+        val_metrics = evaluate(engine, task, _eval_progress(engine, val_loader, "final validation",
+                                                            int(tc.eval_max_batches)), int(tc.eval_max_batches),
                                visualize_to=None if run.plan.test_split else qual)
         tracker.log_metrics({f"val/{k}": v for k, v in val_metrics.items()}, step=total)
         _select(run, total, val_metrics, final=True)
     test_metrics: dict[str, float] = {}
     if run.plan.test_split:
-        test_metrics = evaluate(engine, task, _test_loader(run), 0, visualize_to=qual)
+        test_loader = _eval_progress(engine, _test_loader(run), "test evaluation", 0)
+        test_metrics = evaluate(engine, task, test_loader, 0, visualize_to=qual)
         tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}, step=total)
     if engine.is_logging_rank and qual.is_dir() and any(qual.iterdir()):
         tracker.log_artifact(str(qual), "qualitative")

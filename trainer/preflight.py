@@ -1,12 +1,16 @@
 """Check everything a run will need before step 1 and before any process group starts.
 
 A multi-hour run must not die after training on something it could have checked at the start:
-every split it will read (manifest readable, not empty, the keys the task reads there, enough
-samples for every rank's first batch), the files it initialises from, the checkpoint it was told
-to resume, and a writable ``out_dir``. Each problem is a :class:`PreflightError` naming the
-config key, split, file or key. An evaluation split that lacks only ground truth the task does not
-train on (self-supervised depth on KITTI raw converted without LiDAR: no ``depth``) is skipped
-with one clear line instead, and the run reports it in ``metrics.json`` under ``skipped``.
+the engine settings (strategy, precision, backend, ZeRO stage) for the job's world size, the
+whole model with its initialisation files, optimizer and lr schedule (built on the meta device:
+no memory, no compute), every split it will read (manifest readable, not empty, the keys the task
+reads there, enough samples for every rank's first batch, the loader's settings), the checkpoint
+it was told to resume, and a writable ``out_dir``. Each problem is a :class:`PreflightError`
+naming the config key, split, file or key. :func:`check_job` runs all of it from the command
+line's overrides, before torchrun starts (``python -m launch run``). An evaluation split that
+lacks only ground truth the task does not train on (self-supervised depth on KITTI raw converted
+without LiDAR: no ``depth``) is skipped with one clear line instead, and the run reports it in
+``metrics.json`` under ``skipped``.
 """
 from __future__ import annotations
 
@@ -90,12 +94,17 @@ def check_init_weights(path: str, cfg: Any) -> None:
 
 
 def _manifest(root: str, split: str, role: str) -> Any:
+    from data_shards.locate import is_split_folder, missing_split
     from data_shards.manifest import ManifestError
+    from data_shards.openers import is_remote, join
     from data_shards.stream import load_manifest
 
     try:
         return load_manifest(root, split)
     except ManifestError as e:
+        if not is_remote(root) and not is_split_folder(join(root, split)):  # say what is there instead
+            raise PreflightError(f"data.root={root!r}, data.{role}_split={split!r}: {missing_split(root, split)}") \
+                from None
         raise PreflightError(f"data.{role}_split={split!r}: {e}") from None
 
 
@@ -129,7 +138,10 @@ def check_train_split(cfg: Any, task: Any, world_size: Optional[int] = None) -> 
     if total == 0:
         raise PreflightError(f"data.train_split={d.train_split!r} ({d.root}): the split is empty")
     world, batch = _world_size(world_size), int(cfg.train.batch_size)
-    per_rank = total if d.resampled else layout.per_rank_count(total, world, str(d.tail_policy))
+    try:
+        per_rank = total if d.resampled else layout.per_rank_count(total, world, str(d.tail_policy))
+    except ValueError as e:
+        raise PreflightError(f"data.tail_policy={d.tail_policy!r}: {e}") from None
     if per_rank < batch:
         raise PreflightError(
             f"data.train_split={d.train_split!r} ({d.root}): {total} samples give each of {world} ranks "
@@ -155,6 +167,81 @@ def check_eval_split(cfg: Any, task: Any, role: str) -> tuple[Optional[str], Opt
     reason = (f"data.{role}_split={split!r} has no {missing} (ground truth the task evaluates with but does "
               f"not train on): not evaluated")
     return None, reason
+
+
+def check_engine(cfg: Any, world_size: Optional[int] = None) -> None:
+    """The engine runs these settings with ``world_size`` ranks (see ``check_settings``)."""
+    from trainer.distributed import DistEnv, dist_env
+    from trainer.engine.facade import check_settings
+
+    env = dist_env() if world_size is None else DistEnv(world_size=_world_size(world_size))
+    try:
+        check_settings(cfg.parallel, cfg.optim, int(cfg.train.batch_size), env)
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+
+
+def check_model(cfg: Any, task: Any) -> None:
+    """The task's whole model, initialised from its files (read and matched key by key), its
+    optimizer and lr schedule, built on the meta device (shapes only: no memory, no arithmetic)."""
+    import torch
+
+    from trainer.models.pretrained import PretrainedMismatchError
+    from trainer.optim import build_optimizer
+    from trainer.schedules import build_scheduler
+
+    def named(where: str, e: Exception) -> PreflightError:
+        text, key = str(e), where.split("=")[0].split(" ")[0]
+        return PreflightError(text if text.startswith(key) else f"{where}: {text}")
+
+    mistakes = (ValueError, KeyError, TypeError, OSError, PretrainedMismatchError)
+    try:
+        with torch.device("meta"):
+            model = task.build_model()
+    except mistakes as e:
+        raise named(f"task={cfg.task.name}", e) from None
+    o = cfg.optim
+    try:
+        optimizer = build_optimizer(task.parameter_groups(model), o)
+    except mistakes as e:
+        where = f"optim (name={o.name}, lr={o.lr}, betas={list(o.betas)}, weight_decay={o.weight_decay})"
+        raise named(where, e) from None
+    try:
+        build_scheduler(optimizer, cfg.schedule, int(cfg.train.steps))
+    except mistakes as e:
+        raise named("schedule", e) from None
+
+
+def check_loader(cfg: Any, task: Any, world_size: Optional[int] = None) -> None:
+    """The training loader can be built with the data settings (tail policy, corrupt-sample policy,
+    subset, workers) for rank 0 of ``world_size``; builds it without reading a sample."""
+    from types import SimpleNamespace
+
+    from trainer.loop import shard_loader_factory
+
+    place = SimpleNamespace(rank=0, world_size=_world_size(world_size))
+    try:
+        shard_loader_factory(cfg, task, place)(str(cfg.data.train_split), True)
+    except (ValueError, KeyError) as e:
+        raise PreflightError(f"data ({cfg.data.root}, split {cfg.data.train_split!r}): {e}") from None
+
+
+def check_job(overrides: list[str], world_size: int) -> Any:
+    """What a job would fail on before step 1, checked once before torchrun starts it: the config
+    (unknown keys, options), the whole job (:func:`preflight`) and whether its ``out_dir`` is in use.
+    Returns the config; raises :class:`~trainer.errors.ConfigError` naming the problem."""
+    from trainer.compose import load_run_config
+    from trainer.run_lock import is_locked
+
+    cfg, _ = load_run_config(overrides)  # before anything heavy is imported: a typo is answered at once
+    from trainer.loop import _build_task
+
+    holder = is_locked(cfg.out_dir)
+    if holder:
+        raise ConfigError(f"out_dir={cfg.out_dir!r} is in use by {holder}; wait for that job, stop it, "
+                          "or give this one another out_dir=...")
+    preflight(cfg, _build_task(cfg), world_size=world_size)
+    return cfg
 
 
 #: Samples probed per split for their frame sizes, spread evenly over it (first of each part).
@@ -229,7 +316,10 @@ def preflight(cfg: Any, task: Any, world_size: Optional[int] = None) -> RunPlan:
     returns the evaluation plan."""
     check_out_dir(str(cfg.out_dir))
     check_files(cfg)
+    check_engine(cfg, world_size)
+    check_model(cfg, task)
     check_train_split(cfg, task, world_size)
+    check_loader(cfg, task, world_size)
     plan = RunPlan(None, None)
     for role in ("val", "test"):
         split, reason = check_eval_split(cfg, task, role)

@@ -22,6 +22,14 @@ import numpy as np
 from PIL import Image
 
 from data_shards.sources.labels import labelid_to_trainid
+#: ``build kitti_semantics --help``: what to download and how --root must look
+DOWNLOAD = """what to download: data_semantics.zip, the KITTI semantic segmentation benchmark's labels
+(https://www.cvlibs.net/datasets/kitti/eval_semseg.php); unzip it and pass the folder as --root:
+  <root>/training/image_2/000000_10.png ... 000199_10.png   the 200 labelled frames
+  <root>/training/semantic/000000_10.png ...                8-bit Cityscapes label ids
+(testing/ is not read: it has no labels.) Details: docs/real-datasets.md#kitti-semantics-fine-tuning"""
+
+
 from data_shards.sources.resize import (
     Geometry, SourceError, add_common_arguments, geometry_from_args, read_png_gray, read_rgb, require,
     write_splits,
