@@ -6,7 +6,8 @@ order), and the positions that are stand-ins (``bad``: unreadable under ``on_cor
 dropped by a stage). :func:`assemble` puts the step's partials together in position order, with
 one copy of each tensor (straight into pinned memory when asked); a stand-in is a copy of the
 nearest good sample before it in the batch (after it, when none is before), ``__valid__`` False.
-List-valued keys (``meta``, ``__key__``, keys whose shapes differ between samples) stay lists.
+List-valued keys (``meta``, ``__key__``) stay lists; a key whose tensors differ in shape, within a
+partial or between partials, becomes a per-sample list named in ``__ragged__`` (as ``collate`` does).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from data_shards.collate import RAGGED
 from data_shards.reader import ShardError
 
 BOOKKEEPING = ("__key__", "__valid__", "__skipped__")
@@ -120,16 +122,20 @@ def assemble(parts: Sequence[dict], pin: bool = False, fallback: Optional[dict] 
     elif len(live) == 1 and not any(standin) and not pin:
         return _finish(dict(live[0]["batch"]), parts, positions)  # already whole and in order
     resolved = _resolve(sources, len(parts) - 1)
+    live = [p["batch"] for p in parts if p["batch"] is not None]
+    ragged = [k for b in live for k in b.get(RAGGED, ())]
     out: dict[str, Any] = {}
-    for k in next(p["batch"] for p in parts if p["batch"] is not None):
-        if k == "__skipped__":
-            continue
-        if _tensor_key(parts, k):
+    for k in dict.fromkeys(k for b in live for k in b if k not in ("__skipped__", RAGGED)):
+        if k not in ragged and _tensor_key(parts, k):
             out[k] = _gather_tensor(parts, k, resolved, pin)
-        else:
-            values = [list(p["batch"][k]) if p["batch"] is not None else [] for p in parts]
-            out[k] = [values[i][row] for i, row in resolved]
+            continue
+        values = [list(p["batch"][k]) if p["batch"] is not None else [] for p in parts]
+        out[k] = [values[i][row] for i, row in resolved]
+        if any(isinstance(b[k], torch.Tensor) for b in live):  # tensors of several shapes: per-sample list
+            ragged.append(k)
     out["__valid__"] &= ~torch.tensor(standin, dtype=torch.bool)
+    if ragged:
+        out[RAGGED] = list(dict.fromkeys(ragged))
     return _finish(out, parts, positions)
 
 

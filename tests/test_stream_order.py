@@ -274,3 +274,26 @@ def test_open_handles_stay_bounded(plain):
         seen.append(x["__key__"])
         assert len(os.listdir("/proc/self/fd")) <= fds + 2
     assert sorted(seen) == all_keys(PLAIN_COUNTS)
+
+
+def test_assembly_keeps_position_order_stands_in_and_passes_ragged_keys():
+    """Two workers' shares of a step: interleaved positions come out in order; a stand-in copies its
+    neighbour (invalid); tensors whose shapes differ between the shares become a per-sample list
+    named in __ragged__, as collate names them within one share."""
+    from data_shards.assemble import assemble, pack, partial, unpack
+    from data_shards.collate import RAGGED, collate
+
+    def sample(p, hw):
+        return {"__key__": f"k{p}", "__valid__": True, "rgb": torch.full((3, *hw), p, dtype=torch.uint8),
+                "K": torch.eye(3) * p, "meta": {"p": p}}
+
+    a = partial(0, [1, 4, 6], {4: ("corrupt", "bad member")}, collate([sample(1, (2, 2)), sample(6, (2, 2))]))
+    b = partial(0, [2, 3], {}, collate([sample(2, (2, 2)), sample(3, (2, 2))]))
+    out = assemble(unpack(pack([a]))[:1] + [b])
+    assert out["__key__"] == ["k1", "k2", "k3", "k3", "k6"] and out["__valid__"].tolist() == [1, 1, 1, 0, 1]
+    assert out["rgb"][:, 0, 0, 0].tolist() == [1, 2, 3, 3, 6] and out["K"][4, 0, 0] == 6
+    assert out["meta"][3] == {"p": 3} and out["__skipped__"] == ["bad member"] and RAGGED not in out
+    c = partial(0, [2, 3], {}, collate([sample(2, (4, 4)), sample(3, (4, 4))]))
+    out = assemble([partial(0, [1], {}, collate([sample(1, (2, 2))])), c])
+    assert out[RAGGED] == ["rgb"] and [tuple(t.shape) for t in out["rgb"]] == [(3, 2, 2), (3, 4, 4), (3, 4, 4)]
+    assert out["K"].shape == (3, 3, 3)  # keys of one shape still stack
