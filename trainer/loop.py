@@ -47,7 +47,8 @@ log = logging.getLogger("geoprime.loop")
 __all__ = ["train", "evaluate", "shard_loader_factory"]
 
 #: ``make_loader(split, train) -> loader`` with ``__iter__``, ``batches_per_epoch``, ``epoch``,
-#: ``state_dict()`` / ``load_state_dict()`` (a ``data_shards.loader.ResumableLoader``).
+#: ``state_dict()`` / ``load_state_dict()`` (a ``data_shards.loader.ResumableLoader``: its state is the
+#: same on every rank and loads under another world size, see ``Progress.reposition``).
 LoaderFactory = Callable[[str, bool], Any]
 
 

@@ -59,8 +59,7 @@ class Progress:
     def state_dict(self) -> dict[str, Any]:
         data = self.loader.state_dict()
         return {"step": self.step, "run_id": self.run_id, "config": self.config_yaml, "epoch": int(data["epoch"]),
-                "samples": int(data["samples"]), "data": data, "batch_size": self.batch_size,
-                "world_size": self.world_size}
+                "data": data, "batch_size": self.batch_size, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.saved = dict(state)
