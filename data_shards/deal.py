@@ -96,7 +96,7 @@ def balance(home: np.ndarray, world: int, per_rank: int) -> np.ndarray:
     return rank
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Dealt:
     """Every position of the remaining steps (ascending) with its step, rank and worker."""
 

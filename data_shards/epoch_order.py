@@ -52,7 +52,7 @@ def shard_members(counts: Sequence[int], subset: Sequence[int] | None) -> list[n
     return [chosen[which == s] - starts[s] for s in range(len(counts))]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class EpochOrder:
     """The epoch's sequence: position ``p`` (0 <= p < n) is sample ``member[i]`` of shard ``shard[i]``
     with ``i = base_index(p)``; positions ``p >= n`` (padding) repeat position ``p mod n``."""

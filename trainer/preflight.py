@@ -138,6 +138,8 @@ def check_train_split(cfg: Any, task: Any, world_size: Optional[int] = None) -> 
     if total == 0:
         raise PreflightError(f"data.train_split={d.train_split!r} ({d.root}): the split is empty")
     world, batch = _world_size(world_size), int(cfg.train.batch_size)
+    if int(d.lanes) < 1:
+        raise PreflightError(f"data.lanes={d.lanes}: must be >= 1 (runs interleaved per epoch; default 960)")
     try:
         steps = epoch_steps(total, 0, world, batch, True, str(d.tail_policy)).count
     except ValueError as e:
