@@ -111,3 +111,30 @@ def run_multinode(args: Sequence[str], nnodes: int = 2, nproc: int = 1, timeout:
             raise AssertionError(f"node failed (rc={r.returncode}): {' '.join(r.args)}\n"
                                  f"--- stdout ---\n{r.stdout[-6000:]}\n--- stderr ---\n{r.stderr[-6000:]}")
     return results
+
+
+def processes_naming(marker: str) -> dict[int, str]:
+    """pid -> command line of every live process (not a zombie) whose command line contains ``marker``
+    (e.g. a run's out_dir), read from /proc: ``ps`` cuts its lines at 80 columns under pytest, so a
+    check through it can pass for want of seeing the process."""
+    found: dict[int, str] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmdline and state != "Z" and int(entry.name) != os.getpid():
+            found[int(entry.name)] = cmdline.strip()
+    return found
+
+
+def survivors(marker: str, wait: float = 5.0) -> dict[int, str]:
+    """:func:`processes_naming` ``marker`` once none is left or ``wait`` s have passed (processes that
+    were just told to end take a moment)."""
+    import time
+
+    end = time.monotonic() + wait
+    while processes_naming(marker) and time.monotonic() < end:
+        time.sleep(0.2)
+    return processes_naming(marker)

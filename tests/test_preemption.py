@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_helpers import build_synthetic, child_env
+from dist_helpers import build_synthetic, child_env, survivors
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -46,11 +46,6 @@ def _status(out: Path) -> list[str]:
     return [r[0] for r in sqlite3.connect(out / "mlflow.db").execute("select status from runs")]
 
 
-def _leftovers(marker: str) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
-    return [line for line in out if marker in line and "ps -eo" not in line]
-
-
 def _latest_whole(out: Path) -> int:
     from trainer.checkpoint import find_latest_whole
     found = find_latest_whole(out / "checkpoints")
@@ -78,7 +73,7 @@ def test_sigterm_to_launch_run_checkpoints_marks_killed_and_leaves_no_process(sh
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode != 0 and took < 90, (proc.returncode, took, output[-3000:])
-    assert not _leftovers(str(out)), _leftovers(str(out))
+    assert not survivors(str(out))
     step = _latest_whole(out)
     assert 2 <= step < 500 and not (out / "weights.pt").exists()
     assert _status(out) == ["KILLED"]
@@ -95,7 +90,7 @@ def test_sigterm_to_launch_run_checkpoints_marks_killed_and_leaves_no_process(sh
 @pytest.mark.timeout(300)
 def test_sigterm_to_a_single_process_run(shards, tmp_path):
     out = tmp_path / "one"
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", *_args(shards, out, "train.steps=500")],
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *_args(shards, out, "train.steps=500", "data.num_workers=2")],
                             env=child_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for_step(out, proc)
@@ -106,6 +101,7 @@ def test_sigterm_to_a_single_process_run(shards, tmp_path):
             proc.kill()
     assert proc.returncode == 143, output[-3000:]
     assert _latest_whole(out) >= 2 and _status(out) == ["KILLED"]
+    assert not survivors(str(out))  # its loader workers ended with it
 
 
 @pytest.mark.timeout(120)
