@@ -16,7 +16,6 @@ traceback) waited for ever. Hence the two ways a worker ends besides the loader 
 from __future__ import annotations
 
 import atexit
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -27,24 +26,16 @@ from typing import Iterator
 
 from torch.utils.data import DataLoader
 
+from data_shards.lifetime import die_with_parent
+
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-_PR_SET_PDEATHSIG = 1
 
 #: worker processes started by :func:`start_workers` in this process (ended at exit if still alive)
 _started: "weakref.WeakSet[multiprocessing.process.BaseProcess]" = weakref.WeakSet()
 _exit_hook = threading.Lock()
 _exit_hook_owner = 0  # the pid that registered the hook (a forked child inherits it, not its workers)
-
-
-def die_with_parent(sig: int = signal.SIGKILL) -> bool:
-    """Ask the kernel to send ``sig`` to this process when the thread that forked it ends (Linux
-    ``prctl(PR_SET_PDEATHSIG)``); False where that is not available."""
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
-    except (OSError, AttributeError):  # not Linux
-        return False
 
 
 def ignore_stop_signals(worker_id: int) -> None:

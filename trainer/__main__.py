@@ -68,6 +68,9 @@ def check_job(overrides: list[str], world_size: int) -> None:
 
 
 def main() -> int:
+    from trainer.interrupts import stop_with_launcher
+
+    stop_with_launcher()  # a rank under torchrun stops (checkpoints) when torchrun dies, however it dies
     import hydra
     from omegaconf import DictConfig
 
