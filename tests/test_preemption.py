@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_helpers import build_synthetic, child_env, survivors
+from dist_helpers import build_synthetic, child_env, processes_naming, survivors
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -134,3 +134,77 @@ def test_config_error_under_launch_run_is_not_restarted(shards, tmp_path):
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
     assert res.stderr.count("unknown config key(s): train.stepz") == 1 and "Traceback" not in res.stderr
     assert not (out / "logs").exists()  # torchrun never started a worker
+
+
+def _wait_for_line(path: Path, text: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert proc.poll() is None, f"the run ended before {text!r} was logged"
+        if path.is_file() and text in path.read_text():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{text!r} not in {path} within {timeout} s")
+
+
+@pytest.mark.timeout(400)
+def test_kill_9_of_launch_run_stops_the_whole_tree_which_checkpoints(shards, tmp_path):
+    """The launcher cannot forward a SIGKILL: torchrun gets SIGTERM from the kernel when it dies
+    (PR_SET_PDEATHSIG), forwards it, the ranks checkpoint within the grace, the loader workers die with
+    their ranks, and the out_dir lock is free. Before, torchrun, the ranks and their workers trained on."""
+    from trainer.run_lock import is_locked
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "launch", "run", "--gpus-per-node", "2", "--grace", "60",
+                             *_args(shards, out, "parallel=ddp", "train.steps=500", "data.num_workers=1")],
+                            env=child_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_step(out, proc)
+        assert len(processes_naming(str(out))) >= 4  # launcher, torchrun, 2 ranks (+ their loader workers)
+        proc.kill()
+        proc.wait(timeout=30)
+        left = survivors(str(out), wait=90)  # within the grace (60 s) and torchrun's exit
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in processes_naming(str(out)):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, left
+    assert is_locked(out) is None
+    assert _latest_whole(out) >= 2
+    assert "stopped by SIGTERM after step" in (out / "logs" / "rank0.log").read_text()
+
+
+@pytest.mark.timeout(400)
+def test_a_grace_shorter_than_the_save_keeps_the_last_checkpoint_and_the_next_start_says_so(shards, tmp_path):
+    """torchrun SIGKILLs the rank 2 s after forwarding SIGTERM, in the middle of the stop's save (made slow
+    by the documented test hook): the periodic checkpoint before it stays whole, and the next start says in
+    one line what happened and where it resumes."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "launch", "run", "--grace", "2",
+           *_args(shards, out, "train.steps=500", "train.ckpt_every=2", "data.num_workers=1")]
+    proc = subprocess.Popen(cmd, env=child_env({"GEOPRIME_TEST_STOP_SAVE_DELAY_S": "120"}), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "logs" / "rank0.log"
+    try:
+        _wait_for_line(log, "checkpoint saved: ", proc)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and not survivors(str(out)), output[-3000:]
+    whole = _latest_whole(out)
+    stopped_after = json.loads((out / "checkpoints" / ".stopping.json").read_text())["after_step"]
+    assert whole % 2 == 0 and whole <= stopped_after, (whole, stopped_after)
+    assert list((out / "checkpoints").glob(".step_*.partial"))  # the stop's save, cut short
+    res = subprocess.run(cmd[:-3] + ["train.steps=" + str(stopped_after + 2), "train.ckpt_every=0",
+                                     "data.num_workers=1"], env=child_env(), cwd=REPO, capture_output=True,
+                         text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    said = [line for line in res.stderr.splitlines() if "was killed before its checkpoint was whole" in line]
+    assert len(said) == 1, res.stderr[-3000:]
+    assert (f"got SIGTERM at " in said[0] and f"after step {stopped_after} " in said[0]
+            and "the stop grace was 2 s" in said[0] and f"step_{whole:08d} (step {whole})" in said[0]), said[0]
+    assert f"resumed from {out / 'checkpoints' / f'step_{whole:08d}'}" in log.read_text()
+    assert not (out / "checkpoints" / ".stopping.json").exists()
+    assert not list((out / "checkpoints").glob(".step_*.partial"))

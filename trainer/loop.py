@@ -139,9 +139,9 @@ class _Run:
     progress: Optional[Progress] = None
     per_rank: dict[str, Any] = field(default_factory=dict)
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int, stopping: bool = False) -> Path:
         self.progress.step = step
-        return self.ckpt.save(step, {"progress": self.progress}, self.per_rank)
+        return self.ckpt.save(step, {"progress": self.progress}, self.per_rank, stopping=stopping)
 
 
 def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[LoaderFactory] = None,
@@ -176,7 +176,7 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
         run.tracker = tracker or _create_tracker(cfg, engine, run.progress.run_id)
         _start_tracking(run, resumed)
         with StopSignals() as signals:
-            result = _run(run, StepControl(engine, signals, float(cfg.train.ckpt_every_minutes)))
+            result = _run(run, StepControl(engine, signals, float(cfg.train.ckpt_every_minutes), run.ckpt.root))
     except Preempted as e:  # every rank agreed and the checkpoint is whole: an orderly stop
         log.warning("%s", e)
         _close(run, own_tracker, own_engine, "KILLED")
@@ -313,11 +313,11 @@ def _run(run: _Run, control: StepControl) -> dict[str, Any]:
             val_loader = val_loader or run.make_loader(run.plan.val_split, False)
             val = evaluate(engine, task, val_loader, int(tc.eval_max_batches))
             train_log.send({f"val/{k}": v for k, v in val.items()}, step)
-        stop, due = control.poll()
+        stop, due = control.poll(step)
         if stop or (step < total and (due or (int(tc.ckpt_every) and step % int(tc.ckpt_every) == 0))):
-            run.save(step)
+            run.save(step, stopping=stop)
             last_saved = step
-            control.saved()
+            control.saved(run.ckpt.last_save.get("total_s"), stopping=stop)
         if stop:
             raise Preempted(control.signum, step, str(run.ckpt.root / step_dir_name(step)))
         _maybe_kill(step, engine.rank)
