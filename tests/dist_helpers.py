@@ -138,3 +138,27 @@ def survivors(marker: str, wait: float = 5.0) -> dict[int, str]:
     while processes_naming(marker) and time.monotonic() < end:
         time.sleep(0.2)
     return processes_naming(marker)
+
+
+def wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Return once ``text`` is in the file ``path`` (a run's log); AssertionError when ``proc`` ended
+    first or ``timeout`` s passed."""
+    import time
+
+    end = time.monotonic() + timeout
+    while not (path.is_file() and text in path.read_text(errors="replace")):
+        assert proc.poll() is None, f"the process ended (rc={proc.returncode}) before {text!r} was in {path}"
+        assert time.monotonic() < end, f"{text!r} not in {path} within {timeout} s"
+        time.sleep(0.2)
+
+
+def signal_and_wait(proc: subprocess.Popen, sig: int, timeout: float) -> str:
+    """Send ``sig`` to ``proc``, wait for it to exit and return its output (text, '' when not piped);
+    a process still running when this raises is SIGKILLed."""
+    try:
+        proc.send_signal(sig)
+        return proc.communicate(timeout=timeout)[0] or ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_helpers import build_synthetic, child_env, survivors
+from dist_helpers import build_synthetic, child_env, survivors, wait_for_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,11 +52,7 @@ def test_a_full_disk_is_named_keeps_the_last_checkpoint_and_resumes_once_freed(s
                             stderr=subprocess.STDOUT, text=True)
     log = out / "logs" / "rank0.log"
     try:
-        import time
-        end = time.monotonic() + 240
-        while not (log.is_file() and "checkpoint saved: " in log.read_text()):
-            assert proc.poll() is None and time.monotonic() < end, "no first checkpoint"
-            time.sleep(0.2)
+        wait_for_text(log, "checkpoint saved: ", proc, timeout=240)
         fake.write_text(str(5 * 2**20))  # the disk fills up: 5 MiB left
         output, _ = proc.communicate(timeout=240)
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_helpers import build_synthetic, child_env, processes_naming, survivors
+from dist_helpers import build_synthetic, child_env, processes_naming, signal_and_wait, survivors, wait_for_text
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -32,14 +32,7 @@ def _args(shards: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _wait_for_step(out: Path, proc: subprocess.Popen, step: int = 2, timeout: float = 180) -> None:
-    log = out / "logs" / "rank0.log"
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        assert proc.poll() is None, "the run ended before it was signalled"
-        if log.is_file() and f"step {step}/" in log.read_text():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"no step {step} logged within {timeout} s")
+    wait_for_text(out / "logs" / "rank0.log", f"step {step}/", proc, timeout)
 
 
 def _status(out: Path) -> list[str]:
@@ -65,13 +58,12 @@ def test_sigterm_to_launch_run_checkpoints_marks_killed_and_leaves_no_process(sh
         # a second job in the same folder is refused before it starts, naming the holder
         second = subprocess.run(cmd, env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
         assert second.returncode == 2 and "is in use by pid" in second.stderr, second.stderr[-2000:]
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
-        took = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    except BaseException:
+        proc.kill()
+        raise
+    t0 = time.monotonic()
+    output = signal_and_wait(proc, signal.SIGTERM, 120)
+    took = time.monotonic() - t0
     assert proc.returncode != 0 and took < 90, (proc.returncode, took, output[-3000:])
     assert not survivors(str(out))
     step = _latest_whole(out)
@@ -92,13 +84,8 @@ def test_sigterm_to_a_single_process_run(shards, tmp_path):
     out = tmp_path / "one"
     proc = subprocess.Popen([sys.executable, "-m", "trainer", *_args(shards, out, "train.steps=500", "data.num_workers=2")],
                             env=child_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        _wait_for_step(out, proc)
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _wait_for_step(out, proc)
+    output = signal_and_wait(proc, signal.SIGTERM, 90)
     assert proc.returncode == 143, output[-3000:]
     assert _latest_whole(out) >= 2 and _status(out) == ["KILLED"]
     assert not survivors(str(out))  # its loader workers ended with it
@@ -136,16 +123,6 @@ def test_config_error_under_launch_run_is_not_restarted(shards, tmp_path):
     assert not (out / "logs").exists()  # torchrun never started a worker
 
 
-def _wait_for_line(path: Path, text: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        assert proc.poll() is None, f"the run ended before {text!r} was logged"
-        if path.is_file() and text in path.read_text():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"{text!r} not in {path} within {timeout} s")
-
-
 @pytest.mark.timeout(400)
 def test_kill_9_of_launch_run_stops_the_whole_tree_which_checkpoints(shards, tmp_path):
     """The launcher cannot forward a SIGKILL: torchrun gets SIGTERM from the kernel when it dies
@@ -160,8 +137,7 @@ def test_kill_9_of_launch_run_stops_the_whole_tree_which_checkpoints(shards, tmp
     try:
         _wait_for_step(out, proc)
         assert len(processes_naming(str(out))) >= 4  # launcher, torchrun, 2 ranks (+ their loader workers)
-        proc.kill()
-        proc.wait(timeout=30)
+        signal_and_wait(proc, signal.SIGKILL, 30)
         left = survivors(str(out), wait=90)  # within the grace (60 s) and torchrun's exit
     finally:
         if proc.poll() is None:
@@ -185,13 +161,8 @@ def test_a_grace_shorter_than_the_save_keeps_the_last_checkpoint_and_the_next_st
     proc = subprocess.Popen(cmd, env=child_env({"GEOPRIME_TEST_STOP_SAVE_DELAY_S": "120"}), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = out / "logs" / "rank0.log"
-    try:
-        _wait_for_line(log, "checkpoint saved: ", proc)
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    wait_for_text(log, "checkpoint saved: ", proc)
+    output = signal_and_wait(proc, signal.SIGTERM, 120)
     assert proc.returncode != 0 and not survivors(str(out)), output[-3000:]
     whole = _latest_whole(out)
     stopped_after = json.loads((out / "checkpoints" / ".stopping.json").read_text())["after_step"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_helpers import build_synthetic, child_env, processes_naming, survivors
+from dist_helpers import build_synthetic, child_env, processes_naming, signal_and_wait, survivors
 from fixtures_real import KITTI_DATE, write_kitti_raw
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,8 +108,7 @@ def test_kill_9_of_a_rank_takes_its_workers_at_once(synthetic, tmp_path):
             assert proc.poll() is None and time.monotonic() < end, "the run did not reach step 2 with 2 workers"
             time.sleep(0.2)
             workers = [pid for pid in processes_naming(str(out)) if pid != proc.pid]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        signal_and_wait(proc, signal.SIGKILL, 30)
         assert not survivors(str(out), wait=2.0)  # the watchdog alone would take up to 5 s
     finally:
         if proc.poll() is None:

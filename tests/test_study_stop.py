@@ -9,12 +9,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from dist_helpers import build_synthetic, child_env, survivors
+from dist_helpers import build_synthetic, child_env, signal_and_wait, survivors, wait_for_text
 
 from launch.runstore import TrackingStore
 from trainer import tracking
@@ -69,17 +68,13 @@ def test_a_stopped_study_lets_its_job_checkpoint_and_the_rerun_resumes_it(shards
                              text=True)
     log = out / "runs" / "pre-depth" / "logs" / "rank0.log"
     try:
-        end = time.monotonic() + 300
-        while not (log.is_file() and "step 3/40" in log.read_text()):
-            assert study.poll() is None and time.monotonic() < end, "the pre-training did not reach step 3"
-            time.sleep(0.2)
+        wait_for_text(log, "step 3/40", study, timeout=300)
         second = subprocess.run(cmd, env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
         assert second.returncode == 2 and f"is in use by pid {study.pid} " in second.stderr, second.stderr[-2000:]
-        study.send_signal(signal.SIGTERM)
-        output, _ = study.communicate(timeout=150)
-    finally:
-        if study.poll() is None:
-            study.kill()
+    except BaseException:
+        study.kill()
+        raise
+    output = signal_and_wait(study, signal.SIGTERM, 150)
     assert study.returncode == 143, output[-3000:]
     assert re.search(r"pre-depth: stopped after \d+ s \(checkpointed, the re-run resumes it", output), output[-3000:]
     stopped = re.search(r"stopped by SIGTERM after step (\d+)", log.read_text())

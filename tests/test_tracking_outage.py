@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from dist_helpers import build_synthetic, child_env
+from dist_helpers import build_synthetic, child_env, wait_for_text
 from test_tracking_support import MlflowServer, run_cfg
 
 from launch.runstore import TrackingStore
@@ -43,10 +42,7 @@ def test_records_spooled_at_the_end_are_sent_at_the_next_start(shards, tmp_path)
     try:
         proc = subprocess.Popen(_trainer(shards, out, server.uri, 8), env=child_env(), cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        log, end = out / "logs" / "rank0.log", time.monotonic() + 240
-        while not (log.is_file() and "step 3/8" in log.read_text()):
-            assert proc.poll() is None and time.monotonic() < end, proc.communicate()[1][-3000:]
-            time.sleep(0.2)
+        wait_for_text(out / "logs" / "rank0.log", "step 3/8", proc, timeout=240)
         server.stop()  # the outage: the rest of the run, its end and its retries
         stdout, stderr = proc.communicate(timeout=240)
         assert proc.returncode == 0, stderr[-3000:]
