@@ -38,15 +38,17 @@ def stop_with_me() -> Callable[[], None]:
 
 
 def _children() -> dict[int, list[int]]:
-    """parent pid -> child pids, from /proc (empty where /proc is absent)."""
+    """parent pid -> live child pids (zombies left out: they are dead and have no children), from
+    /proc (empty where /proc is absent)."""
     tree: dict[int, list[int]] = {}
     for entry in Path("/proc").glob("[0-9]*"):
         try:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        tree.setdefault(ppid, []).append(int(entry.name))
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if state != "Z":
+            tree.setdefault(int(ppid), []).append(int(entry.name))
     return tree
 
 
@@ -72,6 +74,7 @@ def _end_orphans(timeout: float) -> None:
     """Processes of the job left after torchrun ended are orphans re-parented to us (subreaper): torchrun
     died abruptly, and its ranks, told by the kernel (SIGTERM), are saving. They get ``timeout`` s to
     finish (SIGTERM once more in case they were not told), then SIGKILL; every one is reaped."""
+    _reap()
     orphans = descendants(os.getpid())
     if not orphans:
         return

@@ -113,3 +113,22 @@ def test_kill_9_of_a_rank_takes_its_workers_at_once(synthetic, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(300)
+def test_a_failed_rank_under_launch_run_fails_the_job(synthetic_corrupt, tmp_path):
+    """2 ranks with a loader worker each under `launch run`: the rank that reads the corrupt shard exits,
+    torchrun restarts the group once (--max-restarts 1), then the job fails; nothing is left, the lock is free."""
+    from trainer.run_lock import is_locked
+
+    out = tmp_path / "ddp"
+    res = subprocess.run([sys.executable, "-m", "launch", "run", "--gpus-per-node", "2", "--max-restarts", "1",
+                          "task=depth", "parallel=ddp", f"data.root={synthetic_corrupt}", f"out_dir={out}",
+                          "tracking=none", "train.progress=false", "train.batch_size=1", "train.steps=20",
+                          "data.num_workers=1"], env=child_env(), cwd=REPO, capture_output=True, text=True,
+                         timeout=RUN_TIMEOUT * 2)
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
+    assert (out / "logs" / "rank0.log").read_text().count("run failed:") + \
+        (out / "logs" / "rank1.log").read_text().count("run failed:") >= 2  # each attempt failed
+    assert not survivors(str(out)) and is_locked(out) is None
