@@ -30,6 +30,7 @@ from pathlib import Path
 from data_shards.atomic import atomic_write_text
 from launch.chart import bar_chart
 from launch.chart import column_name as _col_name
+from launch import provenance
 from launch.grid import plan, study_root, study_uri
 from launch.runstore import RunRecord, TrackingStore
 from launch.study_config import CONFIG_DIR, CONFIG_TAG, CompareConfig, StudyConfig, load_study
@@ -310,6 +311,21 @@ def _write(path: Path, text: str) -> Path:
     return atomic_write_text(path, text, mkdir=True)
 
 
+def unfinished_note(runs: list[RunRecord], fingerprints: dict[str, str] | None, study_name: str) -> str:
+    """A paragraph naming the study's fine-tunings without a FINISHED run of their current
+    configuration (empty when none is missing or the study's plan is not known)."""
+    if not fingerprints:
+        return ""
+    done = {r.tags.get("study_job") for r in runs
+            if fingerprints.get(r.tags.get("study_job", "")) == r.tags.get(CONFIG_TAG)}
+    missing = sorted(set(fingerprints) - done)
+    if not missing:
+        return ""
+    return (f"**Unfinished study**: {len(missing)} of {len(fingerprints)} fine-tunings have no FINISHED run of their "
+            f"current configuration yet, so the table below leaves them out: {', '.join(missing)}. Running the "
+            f"study again (`python -m launch study`, the same arguments) runs or resumes just these.\n\n")
+
+
 def compare_runs(store: TrackingStore, study_name: str, compare: CompareConfig, out_dir: Path, *,
                  parent_run_id: str | None = None, row_order: list[str] | None = None,
                  expected_seeds: int = 0, echo: bool = True, fingerprints: dict[str, str] | None = None) -> Table:
@@ -325,8 +341,10 @@ def compare_runs(store: TrackingStore, study_name: str, compare: CompareConfig, 
                          f"compare: {reasons}")
     seeds_note = f"mean ± std over {expected_seeds} seeds" if expected_seeds else "mean ± std over seeds"
     md = (f"# Study {study_name}: segmentation after each pre-training\n\n"
-          f"mIoU and pixel accuracy in %, {seeds_note}; Δ = difference of means in points.\n\n"
-          + to_markdown(table) + "\n" + "\n".join(verdict(table)) + "\n")
+          + unfinished_note(runs, fingerprints, study_name)
+          + f"mIoU and pixel accuracy in %, {seeds_note}; Δ = difference of means in points.\n\n"
+          + to_markdown(table) + "\n" + "\n".join(verdict(table)) + "\n"
+          + provenance.notes(runs, table.rows, compare))
     if table.skipped:
         md += "\nRuns left out:\n" + "\n".join(f"- {s}" for s in table.skipped) + "\n"
     files = [_write(out_dir / "comparison.md", md), _write(out_dir / "comparison.csv", to_csv(table)),
