@@ -299,13 +299,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--verbose", action="store_true", help="show the jobs' output (always kept in <run>/job.log)")
     p.add_argument("--only", nargs="+", default=None, help="run only these job ids (end the list with --)")
     p.add_argument("--emit", choices=["k8s"], default=None, help="write Kubernetes manifests instead of running")
-    p.add_argument("--grace", type=int, default=DEFAULT_GRACE_S,
-                   help="seconds a stopped study's running jobs get to checkpoint before SIGKILL")
-    p.add_argument("--ckpt-every-minutes", type=float, default=CKPT_EVERY_MINUTES,
-                   help="checkpoint cadence of every job whose overrides set none")
-    if emit:
+    if emit:  # --grace is the manifests' (torchrun --shutdown-timeout, terminationGracePeriodSeconds)
         p.add_argument("--out", default=None, help="folder for the manifests (default <study out_dir>/k8s)")
         k8s.add_job_arguments(p)
+    else:
+        p.add_argument("--grace", type=int, default=DEFAULT_GRACE_S,
+                       help="seconds a stopped study's running jobs get to checkpoint before SIGKILL")
+        p.add_argument("--ckpt-every-minutes", type=float, default=CKPT_EVERY_MINUTES,
+                       help="checkpoint cadence of every job whose overrides set none")
     args = p.parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGHUP):  # a stopped study stops its jobs, which checkpoint
         signal.signal(sig, _terminate)

@@ -19,7 +19,6 @@ from launch.runstore import TrackingStore
 from trainer import tracking
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.slow]
 
 STUDY = """\
 # @package _global_
@@ -51,18 +50,25 @@ sys.exit(main(["study", *sys.argv[2:]]))
 """
 
 
+def _study_config(tmp_path: Path, shards: Path) -> tuple[Path, Path, str]:
+    """(study out_dir, config folder holding experiment/stopme.yaml, tracking URI)."""
+    out, cfg = tmp_path / "out", tmp_path / "configs"
+    uri = tracking.sqlite_uri_for(tmp_path / "mlflow")
+    (cfg / "experiment").mkdir(parents=True)
+    (cfg / "experiment" / "stopme.yaml").write_text(STUDY.format(out=out, uri=uri, shards=shards))
+    return out, cfg, uri
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     return build_synthetic(tmp_path_factory.mktemp("syn"), "--width", "64", "--sequences", "train=1", "val=1",
                            "test=1", "--frames-per-sequence", "6")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_stopped_study_lets_its_job_checkpoint_and_the_rerun_resumes_it(shards, tmp_path):
-    out, cfg = tmp_path / "out", tmp_path / "configs"
-    uri = tracking.sqlite_uri_for(tmp_path / "mlflow")
-    (cfg / "experiment").mkdir(parents=True)
-    (cfg / "experiment" / "stopme.yaml").write_text(STUDY.format(out=out, uri=uri, shards=shards))
+    out, cfg, uri = _study_config(tmp_path, shards)
     cmd = [sys.executable, "-c", STUDY_CLI, str(cfg), "+experiment=stopme", "--grace", "60"]
     study = subprocess.Popen(cmd, env=child_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
@@ -91,3 +97,15 @@ def test_a_stopped_study_lets_its_job_checkpoint_and_the_rerun_resumes_it(shards
     assert f"resumed from {ckpt} (step {step})" in log.read_text()
     assert json.loads((out / "runs" / "pre-depth" / "metrics.json").read_text())["step"] == 40
     assert [r.status for r in store.find_runs({"study": "stopme", "study_kind": "study"})] == ["FINISHED"]
+
+
+@pytest.mark.timeout(120)
+def test_emitted_manifests_take_the_grace(tmp_path):
+    """`--grace` of `study --emit k8s` is the manifests' (it used to clash with the study's own option)."""
+    _, cfg, _ = _study_config(tmp_path, tmp_path / "shards")
+    res = subprocess.run([sys.executable, "-c", STUDY_CLI, str(cfg), "--emit", "k8s", "--image", "img:1",
+                          "--shards-pvc", "shards", "--grace", "600", "--out", str(tmp_path / "k8s"),
+                          "+experiment=stopme"], env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=100)
+    assert res.returncode == 0, res.stderr[-2000:]
+    manifests = sorted((tmp_path / "k8s").glob("*.yaml"))
+    assert manifests and all("terminationGracePeriodSeconds: 630" in m.read_text() for m in manifests)
