@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_helpers import build_synthetic, child_env, survivors, wait_for_text
+from dist_helpers import child_env, survivors, wait_for_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,10 +32,9 @@ runpy.run_module("trainer", run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return build_synthetic(tmp_path_factory.mktemp("syn"), "--width", "64", "--sequences", "train=1", "val=1",
-                           "test=1", "--frames-per-sequence", "6")
+@pytest.fixture
+def shards(small_synthetic) -> Path:
+    return small_synthetic
 
 
 @pytest.mark.slow

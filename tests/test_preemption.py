@@ -13,16 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from dist_helpers import build_synthetic, child_env, processes_naming, signal_and_wait, survivors, wait_for_text
+from dist_helpers import child_env, processes_naming, signal_and_wait, survivors, wait_for_text
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return build_synthetic(tmp_path_factory.mktemp("syn"), "--width", "64", "--sequences", "train=1", "val=1",
-                           "test=1", "--frames-per-sequence", "6")
+@pytest.fixture
+def shards(small_synthetic) -> Path:
+    return small_synthetic
 
 
 def _args(shards: Path, out: Path, *extra: str) -> list[str]:

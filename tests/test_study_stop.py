@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_helpers import build_synthetic, child_env, signal_and_wait, survivors, wait_for_text
+from dist_helpers import child_env, signal_and_wait, survivors, wait_for_text
 
 from launch.runstore import TrackingStore
 from trainer import tracking
@@ -59,10 +59,9 @@ def _study_config(tmp_path: Path, shards: Path) -> tuple[Path, Path, str]:
     return out, cfg, uri
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return build_synthetic(tmp_path_factory.mktemp("syn"), "--width", "64", "--sequences", "train=1", "val=1",
-                           "test=1", "--frames-per-sequence", "6")
+@pytest.fixture
+def shards(small_synthetic) -> Path:
+    return small_synthetic
 
 
 @pytest.mark.slow

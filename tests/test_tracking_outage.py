@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_helpers import build_synthetic, child_env, wait_for_text
+from dist_helpers import child_env, wait_for_text
 from test_tracking_support import MlflowServer, run_cfg
 
 from launch.runstore import TrackingStore
@@ -22,10 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return build_synthetic(tmp_path_factory.mktemp("syn"), "--width", "64", "--sequences", "train=1", "val=1",
-                           "test=1", "--frames-per-sequence", "6")
+@pytest.fixture
+def shards(small_synthetic) -> Path:
+    return small_synthetic
 
 
 def _trainer(shards: Path, out: Path, uri: str, steps: int) -> list[str]:
