@@ -184,6 +184,8 @@ def check_engine(cfg: Any, world_size: Optional[int] = None) -> None:
 def check_model(cfg: Any, task: Any) -> None:
     """The task's whole model, initialised from its files (read and matched key by key), its
     optimizer and lr schedule, built on the meta device (shapes only: no memory, no arithmetic)."""
+    import warnings
+
     import torch
 
     from trainer.models.pretrained import PretrainedMismatchError
@@ -196,7 +198,10 @@ def check_model(cfg: Any, task: Any) -> None:
 
     mistakes = (ValueError, KeyError, TypeError, OSError, PretrainedMismatchError)
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            # loading an init file into meta parameters is the point (keys and shapes are matched);
+            # torch warns once per tensor that the copy is a no-op
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
             model = task.build_model()
     except mistakes as e:
         raise named(f"task={cfg.task.name}", e) from None
