@@ -71,21 +71,28 @@ def start_workers(loader: DataLoader) -> Iterator[dict]:
 
 def end_workers() -> int:
     """SIGKILL and reap every worker :func:`start_workers` started that is still alive; how many.
-    Runs at exit before multiprocessing's own hook, whose SIGTERM they ignore."""
-    ended = 0
+    Runs at exit before multiprocessing's own hook, whose SIGTERM they ignore. Torch's SIGCHLD handler
+    is put back to the default first: it raises on a worker killed by a signal, which stopped this
+    hook after the first worker and left the next one to multiprocessing's endless join."""
     if os.getpid() != _exit_hook_owner:
         return 0
-    for proc in list(_started):
-        if proc.is_alive():
-            try:
-                os.kill(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    alive = [proc for proc in list(_started) if proc.is_alive()]
+    if not alive:
+        return 0
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for proc in alive:
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for proc in alive:
+        try:
             proc.join(timeout=10)
-            ended += 1
-    if ended:
-        log.debug("ended %d loader worker(s) left running at exit", ended)
-    return ended
+        except Exception:  # noqa: BLE001 - at exit, a late handler's complaint changes nothing
+            pass
+    log.debug("ended %d loader worker(s) left running at exit", len(alive))
+    return len(alive)
 
 
 def _register_exit_hook() -> None:
