@@ -32,18 +32,13 @@ runpy.run_module("trainer", run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.fixture
-def shards(small_synthetic) -> Path:
-    return small_synthetic
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_a_full_disk_is_named_keeps_the_last_checkpoint_and_resumes_once_freed(shards, tmp_path):
+def test_a_full_disk_is_named_keeps_the_last_checkpoint_and_resumes_once_freed(small_synthetic, tmp_path):
     from trainer.checkpoint import find_latest_whole
 
     out, fake = tmp_path / "run", tmp_path / "free_bytes"
-    args = [sys.executable, "-c", SMALL_DISK_TRAINER, "task=depth", f"data.root={shards}", f"out_dir={out}",
+    args = [sys.executable, "-c", SMALL_DISK_TRAINER, "task=depth", f"data.root={small_synthetic}", f"out_dir={out}",
             "tracking=none", "train.batch_size=1", "train.log_every=1", "train.progress=false", "train.ckpt_every=2",
             "data.num_workers=1"]
     env = child_env({"FAKE_FREE_FILE": str(fake)})

@@ -59,15 +59,10 @@ def _study_config(tmp_path: Path, shards: Path) -> tuple[Path, Path, str]:
     return out, cfg, uri
 
 
-@pytest.fixture
-def shards(small_synthetic) -> Path:
-    return small_synthetic
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_stopped_study_lets_its_job_checkpoint_and_the_rerun_resumes_it(shards, tmp_path):
-    out, cfg, uri = _study_config(tmp_path, shards)
+def test_a_stopped_study_lets_its_job_checkpoint_and_the_rerun_resumes_it(small_synthetic, tmp_path):
+    out, cfg, uri = _study_config(tmp_path, small_synthetic)
     cmd = [sys.executable, "-c", STUDY_CLI, str(cfg), "+experiment=stopme", "--grace", "60"]
     study = subprocess.Popen(cmd, env=child_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)

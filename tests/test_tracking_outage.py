@@ -22,24 +22,19 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow]
 
 
-@pytest.fixture
-def shards(small_synthetic) -> Path:
-    return small_synthetic
-
-
 def _trainer(shards: Path, out: Path, uri: str, steps: int) -> list[str]:
-    return [sys.executable, "-m", "trainer", "task=depth", f"data.root={shards}", f"out_dir={out}",
+    return [sys.executable, "-m", "trainer", "task=depth", f"data.root={small_synthetic}", f"out_dir={out}",
             "train.batch_size=1", "train.log_every=1", "train.progress=false", f"train.steps={steps}",
             "data.num_workers=1", f"tracking.uri={uri}", "tracking.experiment=outage",
             "tracking.system_metrics_every=0", "tracking.close_retry_s=2"]
 
 
 @pytest.mark.timeout(600)
-def test_records_spooled_at_the_end_are_sent_at_the_next_start(shards, tmp_path):
+def test_records_spooled_at_the_end_are_sent_at_the_next_start(small_synthetic, tmp_path):
     server = MlflowServer(tmp_path / "server").start()
     out = tmp_path / "run"
     try:
-        proc = subprocess.Popen(_trainer(shards, out, server.uri, 8), env=child_env(), cwd=REPO,
+        proc = subprocess.Popen(_trainer(small_synthetic, out, server.uri, 8), env=child_env(), cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_for_text(out / "logs" / "rank0.log", "step 3/8", proc, timeout=240)
         server.stop()  # the outage: the rest of the run, its end and its retries
@@ -56,7 +51,7 @@ def test_records_spooled_at_the_end_are_sent_at_the_next_start(shards, tmp_path)
         assert run.status == "RUNNING" and len(logged) < 8  # what the outage left in MLflow
 
         # the next start in the same out_dir (a longer run resumes) sends the spool before anything else
-        res = subprocess.run(_trainer(shards, out, server.uri, 10), env=child_env(), cwd=REPO, capture_output=True,
+        res = subprocess.run(_trainer(small_synthetic, out, server.uri, 10), env=child_env(), cwd=REPO, capture_output=True,
                              text=True, timeout=240)
         assert res.returncode == 0, res.stderr[-3000:]
         (run,) = store.find_runs()
