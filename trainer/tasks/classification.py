@@ -67,7 +67,8 @@ def multi_hot(seg: torch.Tensor, num_classes: int, min_pixels: int = 1,
 class MultiLabelMetric(Metric):
     """Per-class TP / FP / FN at a threshold, and per-class score histograms of positives and
     negatives. Both sum exactly over ranks; AP from the histograms treats scores within a bin as
-    tied (exact for any world size, approximates sklearn's AP to the bin width)."""
+    tied (exact for any world size, approximates sklearn's AP to the bin width). ``baseline_map``:
+    the mAP of class frequencies (:func:`frequency_map`)."""
 
     def __init__(self, num_classes: int, threshold: float = 0.5, bins: int = 200,
                  class_names: list[str] | None = None) -> None:
@@ -118,7 +119,17 @@ class MultiLabelMetric(Metric):
             aps.append(ap)
             out[f"ap/{self.names[k]}"] = ap
         out["map"] = sum(aps) / len(aps) if aps else float("nan")
+        out["baseline_map"] = frequency_map(hist)
         return out
+
+
+def frequency_map(hist: torch.Tensor) -> float:
+    """mAP of scoring every image by the class frequencies (the same score per class for all images):
+    each class's AP is then its prevalence, positives / images, averaged over the classes with
+    positives as ``map`` is. ``hist``: (2, C, bins) score histograms of positives and negatives."""
+    pos, neg = hist[0].sum(1), hist[1].sum(1)
+    seen = pos > 0
+    return float((pos[seen] / (pos[seen] + neg[seen])).mean()) if seen.any() else float("nan")
 
 
 class ClassificationTask(Task):
@@ -227,7 +238,7 @@ class ClassificationTask(Task):
 
     def new_metric(self) -> MultiLabelMetric | TopKAccuracy:
         if self.single:
-            return TopKAccuracy((1, 5))
+            return TopKAccuracy((1, 5), num_classes=self.cfg.num_classes)
         return MultiLabelMetric(self.cfg.num_classes, self.cfg.threshold, self.cfg.ap_bins, self.class_names)
 
 
