@@ -87,3 +87,22 @@ def test_topk_baseline_is_the_most_frequent_classes():
     assert "baseline_top1" not in TopKAccuracy((1,)).compute(torch.tensor([1.0, 2.0]))  # no class count given
     with pytest.raises(ValueError, match="label 3 outside 0..2"):
         TopKAccuracy((1,), num_classes=3).update({"label": torch.tensor([3])}, {"logits": torch.zeros(1, 3)})
+
+
+def test_classification_eval_crop_is_keyed_and_makes_targets_vary():
+    from types import SimpleNamespace
+
+    from trainer.config import ModelConfig
+    from trainer.tasks.classification import ClassificationConfig, ClassificationTask
+
+    seg = torch.zeros(8, 8, dtype=torch.uint8)
+    seg[:, 4:] = 1  # class 0 left, class 1 right: every full frame shows both
+    sample = {"__key__": "a", "rgb": torch.arange(3 * 64, dtype=torch.uint8).reshape(3, 8, 8), "seg": seg}
+    full = ClassificationTask(ClassificationConfig(num_classes=2, crop=[4, 2]), SimpleNamespace(model=ModelConfig()))
+    assert full.eval_transform(sample)["labels"].tolist() == [1.0, 1.0]
+    task = ClassificationTask(ClassificationConfig(num_classes=2, crop=[4, 2], eval_crop=True),
+                              SimpleNamespace(model=ModelConfig()))
+    out = task.eval_transform(sample)
+    assert out["rgb"].shape == (3, 4, 2) and torch.equal(out["rgb"], task.eval_transform(sample)["rgb"])
+    labels = {tuple(task.eval_transform({**sample, "__key__": f"k{i}"})["labels"].tolist()) for i in range(20)}
+    assert labels == {(1.0, 0.0), (0.0, 1.0), (1.0, 1.0)}  # 2-wide crops: left, right or across the edge
