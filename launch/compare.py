@@ -195,14 +195,9 @@ def build_table(runs: list[RunRecord], compare: CompareConfig, *, row_order: lis
         except KeyError as e:
             skipped.append(f"run {run.run_id} ({job}): no grid tag {e}")
             continue
-        values = {}
-        for metric in METRICS:
-            value = find_metric(run.metrics, getattr(compare, metric), compare.prefer_prefixes)
-            if value is None or not math.isfinite(value):
-                skipped.append(f"run {run.run_id} ({job}): metric {getattr(compare, metric)!r} missing or not finite "
-                               f"(has: {', '.join(sorted(run.metrics)) or 'none'})")
-                break
-            values[metric] = 100.0 * value
+        values = _run_values(run, compare)
+        if isinstance(values, str):
+            skipped.append(f"run {run.run_id} ({job}): {values}")
         else:
             cell = cells.setdefault((row, col), Cell())
             for metric in METRICS:
@@ -218,6 +213,18 @@ def build_table(runs: list[RunRecord], compare: CompareConfig, *, row_order: lis
     cols = sorted(cols_found, key=lambda c: (c[0], c[1], int(c[2]) if c[2].isdigit() else 0))
     baselines = [b for b in compare.baselines if b in rows_found]
     return Table(order, cols, cells, baselines, expected_seeds, skipped, _set_units(cells))
+
+
+def _run_values(run: RunRecord, compare: CompareConfig) -> dict[str, float] | str:
+    """The run's table metrics in %, or why it has none."""
+    values = {}
+    for metric in METRICS:
+        value = find_metric(run.metrics, getattr(compare, metric), compare.prefer_prefixes)
+        if value is None or not math.isfinite(value):
+            return (f"metric {getattr(compare, metric)!r} missing or not finite "
+                    f"(has: {', '.join(sorted(run.metrics)) or 'none'})")
+        values[metric] = 100.0 * value
+    return values
 
 
 def _set_units(cells: dict) -> str:
