@@ -17,7 +17,7 @@ HELP_EPILOG = """\
 Flags go before the Hydra overrides. --only takes several job ids: end them with `--`, else the
 overrides after it are read as job ids too.
   python -m launch study --dry-run +experiment=demo
-  python -m launch study --verbose --only pre-depth_mono_full ft-random-synthetic-frozen-nall-s0 -- +experiment=demo
+  python -m launch study --verbose --only pre-depth_stereo_full-p0 ft-random-synthetic-frozen-nall-p0-s0 -- +experiment=demo
 
 Quote overrides with [ ] { } or spaces for the shell; a list element that contains `=` needs its
 own double quotes inside the single ones (Hydra refuses [train.steps=20]). A list override
@@ -25,9 +25,11 @@ replaces the whole list: repeat the entries you keep (--dry-run shows what each 
 
 Common changes (study fields: launch/study_config.py; the demo: configs/experiment/demo.yaml):
   fewer steps      'study.finetune=["train.steps=20","train.batch_size=8","optim.lr=1e-3"]'
-                   'study.pretrainings.depth_mono_full.overrides=["task.supervision=mono","train.steps=50"]'
+                   'study.pretrainings.depth_stereo_full.overrides=["task.supervision=stereo","train.steps=50"]'
   other data root  'study.common=["data.root=/data/shards","data.num_workers=2","model.encoder=resnet18"]'
-  more seeds       'study.seeds=[0,1,2,3,4]'
+  more seeds       'study.seeds=[0,1,2,3,4,5,6,7]' (two fine-tunings per pre-training run) or
+                   'study.pretrain_seeds=[0,1,2,3,4]' 'study.seeds=[0,1,2,3,4]' (one more run per row)
+  one run per row  'study.pretrain_seeds=[0]' (cheaper; the intervals then cover fine-tuning noise only)
   part of the grid 'study.seeds=[0]' 'study.shots=[0]', or --only <job id ...> -- (ids: --dry-run)
   MLflow server    study.tracking_uri=http://127.0.0.1:5000
 Re-running the same command skips finished jobs and resumes interrupted ones.

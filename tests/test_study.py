@@ -128,7 +128,7 @@ def test_bad_studies_name_the_problem(tmp_path):
 
 def test_demo_study_is_valid():
     study = load_study(["+experiment=demo"])
-    assert set(study.pretrainings) >= {"depth_mono_full", "flow", "classification_other_domain", "random"}
+    assert set(study.pretrainings) >= {"depth_stereo_full", "flow", "classification_other_domain", "random"}
     assert len(study.seeds) >= 2
 
 
