@@ -33,6 +33,7 @@ from pathlib import Path
 from data_shards.atomic import atomic_write_text
 from launch.chart import bar_chart
 from launch.chart import column_name as _col_name
+from launch import provenance
 from launch.grid import plan, study_root, study_uri
 from launch.paired_stats import UNIT_PRETRAINING, UNIT_SEED, Paired, interval_note, paired_unit_diffs, unit_means
 from launch.pretrain_report import pretraining_lines, pretraining_summary
@@ -335,14 +336,30 @@ def _write(path: Path, text: str) -> Path:
     return atomic_write_text(path, text, mkdir=True)
 
 
+def unfinished_note(runs: list[RunRecord], fingerprints: dict[str, str] | None, study_name: str) -> str:
+    """A paragraph naming the study's fine-tunings without a FINISHED run of their current
+    configuration (empty when none is missing or the study's plan is not known)."""
+    if not fingerprints:
+        return ""
+    done = {r.tags.get("study_job") for r in runs
+            if fingerprints.get(r.tags.get("study_job", "")) == r.tags.get(CONFIG_TAG)}
+    missing = sorted(set(fingerprints) - done)
+    if not missing:
+        return ""
+    return (f"**Unfinished study**: {len(missing)} of {len(fingerprints)} fine-tunings have no FINISHED run of their "
+            f"current configuration yet, so the table below leaves them out: {', '.join(missing)}. Running the "
+            f"study again (`python -m launch study`, the same arguments) runs or resumes just these.\n\n")
+
+
 def compare_runs(store: TrackingStore, study_name: str, compare: CompareConfig, out_dir: Path, *,
                  parent_run_id: str | None = None, row_order: list[str] | None = None,
-                 expected_seeds: int = 0, echo: bool = True, fingerprints: dict[str, str] | None = None) -> Table:
+                 expected_seeds: int = 0, echo: bool = True, fingerprints: dict[str, str] | None = None,
+                 pretrain_fingerprints: dict[str, str] | None = None) -> Table:
     """Build the table from MLflow, write md/csv/png to ``out_dir``, log them to the parent run, print it.
 
-    Each job counts once, with its newest FINISHED run; with ``fingerprints`` (job id -> current
-    configuration fingerprint, fine-tunings and pre-trainings) its newest FINISHED run of that
-    configuration (see :func:`build_table`)."""
+    Each job counts once, with its newest FINISHED run; with ``fingerprints`` (fine-tuning job id ->
+    current configuration fingerprint) its newest FINISHED run of that configuration (see
+    :func:`build_table`); ``pretrain_fingerprints`` does the same for the pre-trainings in the notes."""
     runs = store.find_runs({"study": study_name, "study_kind": "finetune"}, status="FINISHED")
     table = build_table(runs, compare, row_order=row_order, expected_seeds=expected_seeds, fingerprints=fingerprints)
     if not table.rows:
@@ -350,10 +367,13 @@ def compare_runs(store: TrackingStore, study_name: str, compare: CompareConfig, 
         raise ValueError(f"study {study_name!r} in {store.uri} (experiment {store.experiment!r}) has nothing to "
                          f"compare: {reasons}")
     pre_runs = store.find_runs({"study": study_name, "study_kind": "pretrain"}, status="FINISHED")
-    pre_lines = pretraining_lines(pre_runs, fingerprints, row_order)
+    pre_lines = pretraining_lines(pre_runs, pretrain_fingerprints, row_order)
     md = (f"# Study {study_name}: segmentation after each pre-training\n\n"
-          f"mIoU and pixel accuracy in %; Δ = difference of means in points; the unit of ± and of the intervals "
-          f"is below the table.\n\n" + to_markdown(table) + "\n" + "\n".join(verdict(table)) + "\n")
+          + unfinished_note(runs, fingerprints, study_name)
+          + f"mIoU and pixel accuracy in %; Δ = difference of means in points; the unit of ± and of the intervals "
+            f"is below the table.\n\n"
+          + to_markdown(table) + "\n" + "\n".join(verdict(table)) + "\n"
+          + provenance.notes(runs, table.rows, compare))
     if pre_lines:
         md += ("\nPre-trainings on their own task, against a trivial predictor (has each learned its task?):\n"
                + "\n".join(pre_lines) + "\n")
@@ -373,7 +393,7 @@ def compare_runs(store: TrackingStore, study_name: str, compare: CompareConfig, 
                     key = f"{row}/{col[0]}/{col[1]}/n{col[2]}"
                     summary[f"{key}/miou_mean"] = c.mean("miou")
                     summary[f"{key}/pixel_acc_mean"] = c.mean("pixel_acc")
-        store.log_metrics(parent_run_id, summary | pretraining_summary(pre_runs, fingerprints))
+        store.log_metrics(parent_run_id, summary | pretraining_summary(pre_runs, pretrain_fingerprints))
     if echo:
         print(md, flush=True)
         print(f"[compare] wrote {', '.join(str(f) for f in files)}", flush=True)
@@ -388,10 +408,12 @@ def compare_study(study: StudyConfig, *, store: TrackingStore | None = None,
     if parent_run_id is None:
         parents = store.find_runs({"study": study.name, "study_kind": "study"})
         parent_run_id = parents[0].run_id if parents else None
+    jobs = plan(study)
     return compare_runs(store, study.name, study.compare, study_root(study) / "comparison",
                         parent_run_id=parent_run_id, row_order=list(study.pretrainings),
                         expected_seeds=len(study.seeds), echo=echo,
-                        fingerprints={j.job_id: j.fingerprint for j in plan(study)})
+                        fingerprints={j.job_id: j.fingerprint for j in jobs if j.kind == "finetune"},
+                        pretrain_fingerprints={j.job_id: j.fingerprint for j in jobs if j.kind == "pretrain"})
 
 
 def main(argv: list[str]) -> int:

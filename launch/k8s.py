@@ -8,6 +8,8 @@ PyTorchJob v1 with an elastic policy). Secrets are only ever referenced, never w
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import re
 import shlex
 import sys
@@ -309,15 +311,29 @@ def job_from_args(args: argparse.Namespace, name: str, overrides: list[str], lab
                   backoff_limit=args.backoff_limit, ttl_seconds=args.ttl_seconds, labels=labels or {})
 
 
+def default_name(args: argparse.Namespace) -> str:
+    """``geoprime-<task>-<8 hex digits of the job>``: rendering the same job again gives the same
+    name (``kubectl apply`` updates it), another job gets its own name, rendezvous id and
+    ``out_dir`` instead of colliding with the first."""
+    task = next((o.split("=", 1)[1] for o in args.overrides if o.lstrip("+").split("=", 1)[0] == "task"), "")
+    key = json.dumps([args.kind, args.nodes, args.gpus_per_node, args.image, args.shards_url, args.shards_pvc,
+                      sorted(args.overrides)])
+    slug = re.sub(r"[^a-z0-9]+", "-", task.lower()).strip("-")[:20]
+    return "-".join(p for p in ("geoprime", slug, hashlib.sha256(key.encode()).hexdigest()[:8]) if p)
+
+
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch k8s", description="Render Kubernetes manifests for a training job.")
+    p = argparse.ArgumentParser(prog="python -m launch k8s", description="Render Kubernetes manifests for a training "
+                                "job. Before the first job: kubectl apply -f docker/k8s/checkpoints-pvc.yaml and "
+                                "create the MLflow Secret (README, Kubernetes).")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for the trainer, e.g. task=depth parallel=fsdp")
-    p.add_argument("--name", default="geoprime", help="job name (DNS-1123 label)")
+    p.add_argument("--name", default=None, help="job name (DNS-1123 label; default geoprime-<task>-<hash of the "
+                                                "job>, also its rendezvous id and out_dir=/checkpoints/<name>)")
     p.add_argument("--out", default=None, help="write the YAML here (default: stdout)")
     add_job_arguments(p)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
-        docs = render(args.kind, job_from_args(args, args.name, args.overrides))
+        docs = render(args.kind, job_from_args(args, args.name or default_name(args), args.overrides))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -60,3 +60,20 @@ def test_cli_dry_run_prints_the_command():
     r = subprocess.run([sys.executable, "-m", "launch", "run", "--nodes", "2"], capture_output=True, text=True,
                        timeout=60, cwd=ROOT)
     assert r.returncode == 2 and "--rdzv" in r.stderr
+
+
+def test_readme_sbatch_line_needs_no_rdzv(capsys):
+    """The README's SLURM line: the endpoint comes from the allocation's first node, inside the script."""
+    from launch.torchrun import main
+
+    assert main(["task=depth", "--nodes", "4", "--gpus-per-node", "8", "--sbatch"]) == 0
+    script = capsys.readouterr().out
+    assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
+    assert "--rdzv_endpoint=${head_node}:29400" in script and "#SBATCH --nodes=4" in script
+
+
+def test_overrides_after_flags_are_accepted(capsys):
+    from launch.torchrun import main
+
+    assert main(["task=depth", "parallel=ddp", "--gpus-per-node", "2", "--dry-run", "data.root=/d", "seed=3"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("-m trainer task=depth parallel=ddp data.root=/d seed=3")

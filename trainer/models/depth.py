@@ -48,6 +48,17 @@ def upsampled_depths(disps: dict[int, Tensor], size: tuple[int, int], min_depth:
     return out
 
 
+def disparities(model: nn.ModuleDict, images: Tensor) -> tuple[list[Tensor], dict[int, Tensor]]:
+    """(encoder features, {scale: sigmoid disparity}) of float images of any size: the network sees
+    them padded (:func:`pad_to_stride`: a multiple of 32, at least 64 px, which its reflection
+    padding needs); each scale's output is cropped back to ceil(side / 2^scale). Sizes that need
+    no padding (multiples of 32, >= 64) run exactly as before, unpadded."""
+    h, w = images.shape[-2:]
+    feats = model["encoder"](pad_to_stride(images))
+    disps = model["depth_decoder"](feats)
+    return feats, {s: d[..., :-(-h // 2 ** s), :-(-w // 2 ** s)] for s, d in disps.items()}
+
+
 def predict_depth(model: nn.ModuleDict, images: Tensor, min_depth: float, max_depth: float,
                   out_size: Optional[tuple[int, int]] = None,
                   net_size: Optional[tuple[int, int]] = None) -> Tensor:
@@ -65,6 +76,5 @@ def predict_depth(model: nn.ModuleDict, images: Tensor, min_depth: float, max_de
     x = images
     if net_size is not None and tuple(net_size) != (h, w):
         x = F.interpolate(images, size=tuple(net_size), mode="bilinear", align_corners=False)
-    nh, nw = x.shape[-2:]
-    disp = model["depth_decoder"](model["encoder"](pad_to_stride(x)))[0][..., :nh, :nw]  # scale 0: full size
+    disp = disparities(model, x)[1][0]  # scale 0: full size
     return upsampled_depths({0: disp}, out_size, min_depth, max_depth)[0][1]
