@@ -1,9 +1,9 @@
 """`python -m launch study +experiment=<name>`: run a study grid, tracked in MLflow.
 
-Each pre-training runs once (``python -m trainer task=...`` as a subprocess, or torchrun when
-it asks for several processes); then every fine-tuning (task=segmentation) of the grid
-pre-training x dataset x protocol x N-shot x seed starts from that pre-training's exported
-weights. A parent MLflow run holds one child run per job, tagged with its grid coordinates
+Each pre-training runs once per pre-training seed (``python -m trainer task=...`` as a subprocess,
+or torchrun when it asks for several processes); then every fine-tuning (task=segmentation) of the
+grid pre-training x dataset x protocol x N-shot x seed starts from the exported weights of the
+pre-training run its seed is paired to (:func:`launch.grid.pretrain_seed_for`). A parent MLflow run holds one child run per job, tagged with its grid coordinates
 (``study``, ``study_job``, ``grid_pretraining``, ``grid_dataset``, ``grid_protocol``,
 ``grid_shots``, ``grid_seed``) so MLflow's compare view can group them.
 
@@ -99,7 +99,8 @@ def _parent_run(store: TrackingStore, study: StudyConfig) -> str:
     store.log_params(run_id, {
         "pretrainings": ",".join(study.pretrainings), "datasets": ",".join(study.datasets),
         "protocols": ",".join(study.protocols), "shots": ",".join(map(str, study.shots)),
-        "seeds": ",".join(map(str, study.seeds)), "nproc_per_job": study.nproc_per_job})
+        "seeds": ",".join(map(str, study.seeds)), "pretrain_seeds": ",".join(map(str, study.pretrain_seeds)),
+        "nproc_per_job": study.nproc_per_job})
     return run_id
 
 
