@@ -232,7 +232,7 @@ class ShardStream(IterableDataset):
                                  f"(the manifest says every sample has them)")
             stages.check_members(raw)
             members = {k: v for k, v in raw.items() if k not in ("__url__", "__crc32__")}
-            sample = schema.decode_sample(members, where=url)
+            sample = schema.decode_sample(members, where=url, image_hw=schema.declared_image_hw(self.manifest.source))
         except (ShardError, schema.SchemaError) as e:
             if self.on_corrupt == "raise":
                 raise
