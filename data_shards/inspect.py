@@ -180,7 +180,8 @@ def _verify_sample(url: str, raw: dict, crc32: dict | None, m: Manifest, rep: Ve
             raise schema.SchemaError(f"{url}: sample {raw['__key__']}: members {missing} missing")
         if crc32:
             check_members({**raw, "__crc32__": crc32})
-        schema.decode_sample({k: v for k, v in raw.items() if k != "__url__"}, where=url)
+        schema.decode_sample({k: v for k, v in raw.items() if k != "__url__"}, where=url,
+                             image_hw=schema.declared_image_hw(m.source))
         rep.samples += 1
     except (schema.SchemaError, ShardError) as e:
         rep.problems.append(str(e))

@@ -3,7 +3,8 @@
 Every sample a consumer reads goes through one :class:`SamplePipeline`:
 
     raw stages        user ``Stage(raw=True)``: on the raw members (bytes), before any check
-    checks + decode   missing members, crc32 against the manifest, ``schema.decode_sample``
+    checks + decode   missing members, crc32 against the manifest, ``schema.decode_sample`` (each
+                      image's header checked against the split's size before it is decoded)
     transform         the task's ``transform(sample, generator)``
     stages            user ``Stage``s, in order, on the decoded sample
 
@@ -97,8 +98,10 @@ class SamplePipeline:
     """raw sample -> decoded sample, or a :class:`Corrupt` / :class:`Filtered` marker (module docstring)."""
 
     def __init__(self, exts: frozenset[str], on_corrupt: str, seed: int,
-                 transform: Optional[SampleFn], stages: Iterable[Stage]):
+                 transform: Optional[SampleFn], stages: Iterable[Stage], image_hw: Optional[tuple[int, int]] = None):
         self.exts, self.on_corrupt, self.seed, self.transform = exts, on_corrupt, seed, transform
+        self.image_hw = image_hw
+        """The split's image size, checked in each image's header before decoding (None: its own size)."""
         stages = tuple(stages)
         self.raw_stages = [s for s in stages if s.raw]
         self.stages = [s for s in stages if not s.raw]
@@ -117,7 +120,7 @@ class SamplePipeline:
                                  f"(the manifest says every sample has them)")
             check_members(raw)
             members = {k: v for k, v in raw.items() if k not in ("__url__", "__crc32__")}
-            sample = schema.decode_sample(members, where=url)
+            sample = schema.decode_sample(members, where=url, image_hw=self.image_hw)
         except (ShardError, schema.SchemaError) as e:
             if self.on_corrupt == "raise":
                 raise

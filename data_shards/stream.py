@@ -184,7 +184,8 @@ class ShardStream(IterableDataset):
         if epoch_steps(self.total, 0, c.world_size, 1, False, c.tail).count == 0:
             raise ValueError(f"split {c.split!r} at {c.root}: {self.total} samples cannot give every one of "
                              f"{c.world_size} ranks a sample with tail={c.tail!r}; use tail='pad' or fewer ranks")
-        self.pipeline = SamplePipeline(self.exts, c.on_corrupt, c.seed, c.transform, c.stages)
+        self.pipeline = SamplePipeline(self.exts, c.on_corrupt, c.seed, c.transform, c.stages,
+                                       image_hw=schema.declared_image_hw(self.manifest.source))
         self.epoch = 0
         self.corrupt = CorruptLog()
         self.read_stats = ReadStats()

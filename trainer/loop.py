@@ -151,9 +151,9 @@ class _Run:
         """The Stateful objects rank 0 saves in each checkpoint, by name."""
         return {"progress": self.progress, **({"best": self.best} if self.best is not None else {})}
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int, stopping: bool = False) -> Path:
         self.progress.step = step
-        path = self.ckpt.save(step, self.shared_state(), self.per_rank)
+        path = self.ckpt.save(step, self.shared_state(), self.per_rank, stopping=stopping)
         if self.best is not None and self.engine.is_logging_rank:
             self.best.prune()  # the checkpoint names the best step: older candidates can go
         return path
@@ -191,7 +191,7 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
         run = _Run(cfg, engine, task, plan=plan)
         _start(run, loaders, tracker, times)
         with StopSignals() as signals:
-            result = _run(run, StepControl(engine, signals, float(cfg.train.ckpt_every_minutes)))
+            result = _run(run, StepControl(engine, signals, float(cfg.train.ckpt_every_minutes), run.ckpt.root))
     except Preempted as e:  # every rank agreed and the checkpoint is whole: an orderly stop
         log.warning("%s", e)
         _close(run, own_tracker, own_engine, "KILLED")
@@ -372,11 +372,11 @@ def _run(run: _Run, control: StepControl) -> dict[str, Any]:
                            int(tc.eval_max_batches))
             train_log.send({f"val/{k}": v for k, v in val.items()}, step)
             _select(run, step, val)
-        stop, due = control.poll()
+        stop, due = control.poll(step)
         if stop or (step < total and (due or (int(tc.ckpt_every) and step % int(tc.ckpt_every) == 0))):
-            run.save(step)
+            run.save(step, stopping=stop)
             last_saved = step
-            control.saved()
+            control.saved(run.ckpt.last_save.get("total_s"), stopping=stop)
         if stop:
             raise Preempted(control.signum, step, str(run.ckpt.root / step_dir_name(step)))
         _maybe_kill(step, engine.rank)

@@ -10,6 +10,7 @@ imagefolder``): cross-entropy on the sample's ``label``, top-1 / top-5 accuracy.
 from __future__ import annotations
 
 import logging
+import zlib
 from typing import Any
 
 import torch
@@ -44,7 +45,8 @@ def multi_hot(seg: torch.Tensor, num_classes: int, min_pixels: int = 1,
 class MultiLabelMetric(Metric):
     """Per-class TP / FP / FN at a threshold, and per-class score histograms of positives and
     negatives. Both sum exactly over ranks; AP from the histograms treats scores within a bin as
-    tied (exact for any world size, approximates sklearn's AP to the bin width)."""
+    tied (exact for any world size, approximates sklearn's AP to the bin width). ``baseline_map``:
+    the mAP of class frequencies (:func:`frequency_map`)."""
 
     def __init__(self, num_classes: int, threshold: float = 0.5, bins: int = 200,
                  class_names: list[str] | None = None) -> None:
@@ -95,7 +97,17 @@ class MultiLabelMetric(Metric):
             aps.append(ap)
             out[f"ap/{self.names[k]}"] = ap
         out["map"] = sum(aps) / len(aps) if aps else float("nan")
+        out["baseline_map"] = frequency_map(hist)
         return out
+
+
+def frequency_map(hist: torch.Tensor) -> float:
+    """mAP of scoring every image by the class frequencies (the same score per class for all images):
+    each class's AP is then its prevalence, positives / images, averaged over the classes with
+    positives as ``map`` is. ``hist``: (2, C, bins) score histograms of positives and negatives."""
+    pos, neg = hist[0].sum(1), hist[1].sum(1)
+    seen = pos > 0
+    return float((pos[seen] / (pos[seen] + neg[seen])).mean()) if seen.any() else float("nan")
 
 
 class ClassificationTask(Task):
@@ -156,9 +168,17 @@ class ClassificationTask(Task):
         return self._with_labels(out, seg)
 
     def eval_transform(self, sample: dict[str, Any]) -> dict[str, Any]:
+        out = keep_keys(sample, ("rgb",))
+        seg = None if self.single else sample["seg"]
+        if self.cfg.eval_crop:
+            key = str(sample.get("__key__", ""))
+            generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+            out["rgb"], labels = random_scale_crop_flip(sample["rgb"], [] if seg is None else [seg], generator,
+                                                        self.cfg.scale_range, self.cfg.crop, False)
+            seg = labels[0] if labels else None
         if self.single:
-            return self._with_label(keep_keys(sample, ("rgb",)), sample)
-        return self._with_labels(keep_keys(sample, ("rgb",)), sample["seg"])
+            return self._with_label(out, sample)
+        return self._with_labels(out, seg)
 
     def _logits(self, model: nn.Module, rgb: torch.Tensor) -> torch.Tensor:
         return model["classifier"](model["encoder"](to_unit_float(rgb, model["classifier"])))
@@ -204,7 +224,7 @@ class ClassificationTask(Task):
 
     def new_metric(self) -> MultiLabelMetric | TopKAccuracy:
         if self.single:
-            return TopKAccuracy((1, 5))
+            return TopKAccuracy((1, 5), num_classes=self.cfg.num_classes)
         return MultiLabelMetric(self.cfg.num_classes, self.cfg.threshold, self.cfg.ap_bins, self.class_names)
 
 

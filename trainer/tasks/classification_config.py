@@ -29,3 +29,8 @@ class ClassificationConfig:
     """Random training rescale factor range [min, max]."""
     hflip: bool = True
     """Random horizontal flip (p = 0.5) in training."""
+    eval_crop: bool = False
+    """Evaluate on one ``crop``-sized crop per image (scale in ``scale_range``, position drawn from the
+    sample key: the same crop every time) instead of the full frame. For multi-label targets of a world
+    whose full frames all show the same classes (the synthetic world) the full-frame metric is
+    trivially perfect, and so is its class-frequency baseline: crops make both measure something."""
