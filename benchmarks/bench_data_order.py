@@ -16,7 +16,7 @@ the stream counts them. Prints:
 * per (world size, workers): frames read per frame needed (read amplification) and the peak
   frames held per consumer, in MiB at 96x320 and 192x640 (PNG size of a textured frame).
 
-    .venv/bin/python benchmarks/bench_data_order.py                 # ~1-2 min on 2 cores
+    .venv/bin/python benchmarks/bench_data_order.py                 # 0.5-7 min on 2 shared cores
     .venv/bin/python benchmarks/bench_data_order.py --world 1 64 --workers 0 8
 """
 from __future__ import annotations
