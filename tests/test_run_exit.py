@@ -137,3 +137,26 @@ def test_a_failed_rank_under_launch_run_fails_the_job(synthetic_corrupt, tmp_pat
     logs = (out / "logs" / "rank0.log").read_text() + (out / "logs" / "rank1.log").read_text()
     assert logs.count("Caught ShardError in DataLoader worker process") >= 2, logs[-3000:]  # each attempt
     assert not survivors(str(out)) and is_locked(out) is None
+
+
+@pytest.mark.timeout(300)
+def test_a_corrupt_sample_met_by_preflight_is_one_line(tmp_path):
+    """The pre-flight probes 8 samples of each split: a corrupt one is a one-line error (exit 2) naming
+    shard and member under on_corrupt=raise (it was a traceback), and is skipped under on_corrupt=skip."""
+    from trainer.preflight import probe_sizes
+
+    root = build_synthetic(tmp_path / "syn", "--width", "64", "--sequences", "train=2", "val=1", "test=1",
+                           "--frames-per-sequence", "6")
+    shard = sorted((root / "train").glob("train-*.tar"))[0]
+    with tarfile.open(shard) as tar:  # every rgb of the first of 2 shards: 8 probes of 12 samples meet some
+        rgbs = [m for m in tar.getmembers() if m.name.endswith(".rgb.png")]
+    data = bytearray(shard.read_bytes())
+    for m in rgbs:
+        data[m.offset_data + m.size // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    res = trainer(tmp_path / "raise", "task=depth", f"data.root={root}", "train.steps=1")
+    err = res.stderr.strip()
+    assert res.returncode == 2 and len(err.splitlines()) == 1, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "checksum mismatch" in err and shard.name in err and "data.on_corrupt=skip" in err, err
+    kept = probe_sizes(str(root), "train", ("rgb",), on_corrupt="skip")
+    assert 0 < len(kept) < 8 and all(sizes == {"rgb": (64, 64)} for _, sizes in kept), kept
