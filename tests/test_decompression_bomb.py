@@ -99,7 +99,7 @@ def test_training_refuses_the_bomb_before_decoding_it(bombed, tmp_path):
     out = tmp_path / "run"
     res = subprocess.run([sys.executable, "-m", "trainer", "task=depth", f"data.root={root}", f"out_dir={out}",
                           "tracking=none", "train.progress=false", "train.batch_size=2", "train.steps=4",
-                          "data.shuffle_buffer=0", "data.num_workers=1"],
+                          "data.num_workers=1"],
                          env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
     log = (out / "logs" / "rank0.log").read_text()

@@ -43,10 +43,12 @@ class DataConfig:
     """Split used for the final evaluation."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0 = load in the training process)."""
-    shuffle_buffer: int = 64
-    """Samples held in the seeded shuffle buffer (after the per-epoch shard shuffle)."""
+    lanes: int = 960
+    """Runs of neighbouring samples interleaved in each epoch's order (docs/data.md): a batch mixes that
+    many shard pieces (drives); part of the order, so a mid-epoch resume needs the same value."""
     tail_policy: str = "drop"
-    """Training tail that cannot be split evenly over ranks: drop (<= world-1 samples per epoch) | pad."""
+    """Training samples left when an epoch's last step cannot be full: drop (< world x batch per epoch) |
+    pad (one more full step, filled with the epoch's first samples marked invalid)."""
     resampled: bool = False
     """Infinite resampled streaming instead of exactly-once epochs (for very large data)."""
     on_corrupt: str = "raise"

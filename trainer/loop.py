@@ -47,15 +47,16 @@ log = logging.getLogger("geoprime.loop")
 __all__ = ["train", "evaluate", "shard_loader_factory"]
 
 #: ``make_loader(split, train) -> loader`` with ``__iter__``, ``batches_per_epoch``, ``epoch``,
-#: ``state_dict()`` / ``load_state_dict()`` (a ``data_shards.loader.ResumableLoader``).
+#: ``state_dict()`` / ``load_state_dict()`` (a ``data_shards.loader.ResumableLoader``: its state is the
+#: same on every rank and loads under another world size, see ``Progress.reposition``).
 LoaderFactory = Callable[[str, bool], Any]
 
 
 def shard_loader_factory(cfg: Any, task: Any, engine: Engine) -> LoaderFactory:
-    """Loaders over ``data_shards`` streams: training shuffled with ``data.tail_policy``;
-    evaluation in order with ``tail="pad"`` so every sample counts exactly once."""
+    """Loaders over ``data_shards`` streams: training in the seeded global order with
+    ``data.tail_policy``; evaluation in order with ``tail="pad"`` so every sample counts exactly once."""
     from data_shards.loader import build_loader
-    from data_shards.stream import ShardStream
+    from data_shards.stream import ShardStream, StreamConfig
 
     d = cfg.data
 
@@ -65,11 +66,11 @@ def shard_loader_factory(cfg: Any, task: Any, engine: Engine) -> LoaderFactory:
         else:
             def transform(sample: dict, generator: torch.Generator) -> dict:
                 return task.eval_transform(sample)
-        stream = ShardStream(d.root, split, rank=engine.rank, world_size=engine.world_size, seed=int(cfg.seed),
-                             shuffle=train, shuffle_buffer=d.shuffle_buffer,
-                             tail=d.tail_policy if train else "pad", resampled=bool(d.resampled) and train,
-                             on_corrupt=d.on_corrupt, keys=task.stream_keys(train),
-                             subset=d.subset if train else 0, subset_seed=d.subset_seed, transform=transform)
+        stream = ShardStream(StreamConfig(
+            d.root, split, rank=engine.rank, world_size=engine.world_size, seed=int(cfg.seed), shuffle=train,
+            lanes=int(d.lanes), tail=d.tail_policy if train else "pad", resampled=bool(d.resampled) and train,
+            on_corrupt=d.on_corrupt, keys=task.stream_keys(train), subset=d.subset if train else 0,
+            subset_seed=d.subset_seed, transform=transform))
         return build_loader(stream, int(cfg.train.batch_size), num_workers=int(d.num_workers), drop_last=train)
 
     return make
@@ -289,10 +290,10 @@ def _resume(run: _Run) -> bool:
         run.best.prune()  # weights of steps after this checkpoint belong to a run that was not kept
     if not same_world:
         saved = run.progress.saved
-        batch = run.progress.reposition()
-        log.warning("world size changed %d -> %d: resuming epoch %d at batch %d (the sample order within "
-                    "this epoch is not the original run's)", saved["world_size"], engine.world_size,
-                    saved["epoch"], batch)
+        data = run.progress.reposition()
+        log.warning("world size changed %d -> %d: resuming epoch %d after %d samples of its order (the same "
+                    "global order: exactly the samples not yet consumed)", saved["world_size"], engine.world_size,
+                    int(data["epoch"]), int(data.get("samples", 0)))
         seed_everything(rank_seed(int(cfg.seed) + run.progress.step, engine.rank))
     return True
 
