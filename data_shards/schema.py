@@ -69,7 +69,6 @@ CITYSCAPES_CLASSES: tuple[str, ...] = (
     "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
     "truck", "bus", "train", "motorcycle", "bicycle",
 )
-NUM_CLASSES = len(CITYSCAPES_CLASSES)
 IGNORE_INDEX = 255
 DEPTH_PNG_SCALE = 256.0
 FLOW_SCALE = 64.0
