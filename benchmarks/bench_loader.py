@@ -19,7 +19,8 @@ CPU-second of this process. Converted once into ``--work`` with ``python -m data
   decode only and with the same ``train_transform``.
 
 Prints JSON lines, then a table with the CPU model, cores and load, and how many such cores feed a
-GPU at ``--gpu-rate`` samples/s (issue 29's H100 target: 166).
+GPU at ``--gpu-rate`` samples/s (issue 29's H100 target: 166); then the CPU ms per frame of the two
+decoders (PIL, torchvision.io) and of the step-side jitter.
 
     .venv/bin/python benchmarks/bench_loader.py --work /tmp/bench_loader      # ~6 min on 2 shared cores
     .venv/bin/python benchmarks/bench_loader.py --work /tmp/bench_loader --rounds 1 --md2-samples 32
@@ -159,6 +160,44 @@ def webdataset_rate(root: Path, ext: str, transform, batch: int) -> float:
     return n / max(cpu_seconds() - c, 1e-9)
 
 
+def frame_bytes(root: Path, n: int = 40) -> list[bytes]:
+    """The first ``n`` stored frames of a compact split (their members' bytes, by the manifest's offsets)."""
+    m = json.loads((root / "train" / "manifest.json").read_text())
+    out = []
+    for shard in m["shards"]:
+        with open(root / "train" / shard["name"], "rb") as f:
+            for _name, offset, size, _crc in shard["frames"]:
+                f.seek(offset)
+                out.append(f.read(size))
+                if len(out) == n:
+                    return out
+    return out
+
+
+def decoder_ms(root: Path, jpeg: bool) -> dict[str, float]:
+    """CPU ms per frame (best of 3 passes over 40 frames): PIL (to a (3, H, W) tensor) vs ours (torchvision.io)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from data_shards.schema import decode_rgb
+
+    data = frame_bytes(root)
+    pil = lambda d: torch.from_numpy(np.ascontiguousarray(np.array(Image.open(io.BytesIO(d)).convert("RGB"))  # noqa: E731
+                                                          .transpose(2, 0, 1)))
+    out = {}
+    for name, fn in (("PIL", pil), ("torchvision.io", lambda d: decode_rgb(d, jpeg=jpeg))):
+        best = float("inf")
+        for _ in range(3):
+            c = cpu_seconds()
+            for d in data:
+                fn(d)
+            best = min(best, (cpu_seconds() - c) * 1e3 / len(data))
+        out[name] = best
+    return out
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -213,6 +252,9 @@ def main() -> None:
     for name, got in rates.items():
         best = max(got)
         print(f"{name:<48} {best:>7.1f} {statistics.median(got):>7.1f} {best / md2:>6.1f} {a.gpu_rate / best:>14.2f}")
+    for fmt in ("png", "jpeg"):
+        ms = decoder_ms(roots[("compact", fmt)][0], jpeg=fmt == "jpeg")
+        print(f"# decoding one {a.height}x{a.width} {fmt} frame: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
     print(f"# jitter in step on this CPU (1 thread): {jitter_ms:.1f} ms per batch of {a.batch} "
           f"({jitter_ms / a.batch:.2f} ms per sample); on a GPU it is a few kernels per batch")
 
