@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import trainer.kernels.photometric_cpu as cpu_loss  # noqa: E402
 from trainer.geometry import pose_vec_to_mat, warp_frame, warp_scales  # noqa: E402
-from trainer.kernels.dispatch import grid_functions  # noqa: E402
+from trainer.kernels.dispatch import depth_functions  # noqa: E402
 from trainer.losses.photometric import min_reprojection  # noqa: E402
 
 
@@ -70,7 +70,7 @@ def multi_warp_cpu(d: dict, impl: str) -> torch.Tensor:
         from trainer.kernels.compiled_cpu import chunk_functions
 
         fns = chunk_functions(True)
-    warped = _multi_warp(d, cpu_loss.PAD, grid_functions(impl, d["target"]))
+    warped = _multi_warp(d, cpu_loss.PAD, depth_functions(impl, d["target"]).grid)
     return cpu_loss.multiscale_min_reprojection(d["target"], warped, d["sources"], fns=fns)[0].mean()
 
 

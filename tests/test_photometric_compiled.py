@@ -128,11 +128,30 @@ def test_compiled_warp_projection_matches_eager_values_and_gradients():
     img, depths = torch.rand(B, 3, H, W, generator=g), 1 + 20 * torch.rand(B, S, H, W, generator=g)
     upstream = torch.randn(B, 3, S, H + 2 * PAD, W + 2 * PAD, generator=g)
     results = []
-    for fns in (None, dispatch.grid_functions("compiled", img)):
+    for fns in (None, dispatch.depth_functions("compiled", img).grid):
         d, a = depths.clone().requires_grad_(True), aa.clone().requires_grad_(True)
         out = warp_scales(img, d, pose_vec_to_mat(a, tr), K, pad=PAD, grid_fns=fns)
         results.append((out, *torch.autograd.grad((out * upstream).sum(), [d, a])))
-    assert dispatch.grid_functions("handwritten", img) is None
+    assert dispatch.depth_functions("handwritten", img).grid is None
     for got, ref in zip(*results):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        assert ref.abs().sum() > 0
+
+
+@pytest.mark.skipif(not compiled_cpu.available(), reason="no C++ compiler for inductor")
+def test_compiled_smoothness_matches_eager_values_and_gradients():
+    from trainer.losses.smoothness import multiscale_smoothness
+
+    g = torch.Generator().manual_seed(8)
+    image = torch.rand(B, 3, 16, 24, generator=g)
+    disps = [torch.rand(B, 1, 16 >> s, 24 >> s, generator=g) for s in range(3)]
+    fns = dispatch.depth_functions("compiled", image)
+    assert dispatch.depth_functions("handwritten", image).smoothness is multiscale_smoothness
+    results = []
+    for fn in (multiscale_smoothness, fns.smoothness):
+        ds = [d.clone().requires_grad_(True) for d in disps]
+        value = fn(ds, image, (0, 1, 2))
+        results.append((value, *torch.autograd.grad(value, ds)))
+    for got, ref in zip(*reversed(results)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-8)
         assert ref.abs().sum() > 0

@@ -55,14 +55,15 @@ _EAGER: set[tuple] = set()
 
 def _key(a):
     if isinstance(a, torch.Tensor):
-        return tuple(a.shape), a.stride(), a.dtype, a.device.type
+        return tuple(a.shape), a.stride(), a.dtype, a.device.type, a.requires_grad
     return tuple(_key(x) for x in a) if isinstance(a, (tuple, list)) else a
 
 
 def _signature(args: tuple) -> tuple:
-    """What dynamo's guards of a static compilation look at: each tensor's shape, strides, dtype
-    and device (in tuples too), the other arguments' values, and the intra-op thread count."""
-    return (torch.get_num_threads(), *(_key(a) for a in args))
+    """What dynamo's guards of a static compilation look at: each tensor's shape, strides, dtype,
+    device and requires_grad (in tuples too), the other arguments' values, grad mode and the
+    intra-op thread count."""
+    return (torch.get_num_threads(), torch.is_grad_enabled(), *(_key(a) for a in args))
 
 
 def _detached(a):
@@ -74,11 +75,13 @@ def _detached(a):
 class _Compiled:
     """A function compiled on first call. ``strict`` False: if compiling fails, warn once and
     run the eager function from then on; True: raise :class:`CompileFailed`. Signatures beyond
-    :data:`MAX_VARIANTS` run eagerly (each logged once). Tensors are detached: the caller's
-    ``autograd.Function`` owns the gradient."""
+    :data:`MAX_VARIANTS` run eagerly (each logged once). ``autograd``: tensors keep their graph
+    and inductor compiles the backward too (element-wise functions with whole-tensor reductions
+    only: its reductions over parts of a tensor were slow); otherwise they are detached (the
+    caller's ``autograd.Function`` owns the gradient)."""
 
-    def __init__(self, fn: Callable, strict: bool) -> None:
-        self.eager, self.strict = fn, strict
+    def __init__(self, fn: Callable, strict: bool, autograd: bool = False) -> None:
+        self.eager, self.strict, self.autograd = fn, strict, autograd
         self.compiled = torch.compile(fn, fullgraph=True, dynamic=False)  # static: 1.5x the dynamic kernels' speed
         self.failed = False
         self.done = _COMPILED.setdefault(fn.__name__, set())
@@ -92,7 +95,8 @@ class _Compiled:
     def __call__(self, *args):
         if self.failed:
             return self.eager(*args)
-        args = tuple(_detached(a) for a in args)
+        if not self.autograd:
+            args = tuple(_detached(a) for a in args)
         key = _signature(args)
         if key in _EAGER or (key not in self.done and len(self.done) >= MAX_VARIANTS):
             return self._run_eagerly(key, f"already compiled for {MAX_VARIANTS} input signatures", args)
@@ -126,3 +130,11 @@ def grid_functions(strict: bool) -> SimpleNamespace:
     from trainer.geometry import GRID_EAGER
 
     return SimpleNamespace(**{name: _Compiled(fn, strict) for name, fn in vars(GRID_EAGER).items()})
+
+
+@functools.lru_cache(maxsize=2)
+def smoothness(strict: bool) -> Callable:
+    """:func:`trainer.losses.smoothness.multiscale_smoothness` compiled, forward and backward."""
+    from trainer.losses.smoothness import multiscale_smoothness
+
+    return _Compiled(multiscale_smoothness, strict, autograd=True)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import importlib
+from types import SimpleNamespace
 from typing import Sequence
 
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor
 from trainer.geometry import pad_image
 from trainer.kernels.photometric_cpu import PAD, crop
 from trainer.losses import photometric as reference
+from trainer.losses.smoothness import multiscale_smoothness
 
 IMPLS = ("auto", "triton", "reference", "handwritten", "compiled")
 """Accepted values of ``impl`` (the depth task's ``photometric_impl`` config field)."""
@@ -147,14 +149,16 @@ def resolve_multiscale_impl(impl: str, target: Tensor) -> str:
     return "compiled" if compiled_cpu.available() else "handwritten"
 
 
-def grid_functions(impl: str, like: Tensor):
-    """The warp's projection and its gradient (``trainer.geometry.GRID_EAGER``) for the depth task:
-    compiled where ``impl`` resolves to the compiled CPU path, else None (the eager functions)."""
+def depth_functions(impl: str, like: Tensor) -> SimpleNamespace:
+    """The depth task's other CPU kernels, compiled where ``impl`` resolves to the compiled CPU path:
+    ``grid`` (the warp's projection and its gradient, ``trainer.geometry.GRID_EAGER``; None = eager)
+    and ``smoothness`` (``trainer.losses.smoothness.multiscale_smoothness``)."""
     if resolve_multiscale_impl(impl, like) != "compiled":
-        return None
-    from trainer.kernels.compiled_cpu import grid_functions as compiled
+        return SimpleNamespace(grid=None, smoothness=multiscale_smoothness)
+    from trainer.kernels import compiled_cpu
 
-    return compiled(strict=impl == "compiled")
+    strict = impl == "compiled"
+    return SimpleNamespace(grid=compiled_cpu.grid_functions(strict), smoothness=compiled_cpu.smoothness(strict))
 
 
 def _promoted(target: Tensor, warped: list[Tensor], identity: list[Tensor]

@@ -29,8 +29,7 @@ from torch.profiler import record_function
 from trainer.augment import hflip_sample, jitter_frames, sample_jitter
 from trainer.geometry import disp_to_depth, stereo_pose, warp_scales
 from trainer.losses.depth_supervised import masked_l1, scale_invariant_log, valid_depth_mask
-from trainer.kernels.dispatch import IMPLS, PAD, grid_functions, multiscale_reprojection_loss
-from trainer.losses.smoothness import edge_aware_smoothness, normalize_disp
+from trainer.kernels.dispatch import IMPLS, PAD, depth_functions, multiscale_reprojection_loss
 from trainer.metrics.depth import DepthMetric
 from trainer.models.depth import build_depth_net, predict_depth, upsampled_depths
 from trainer.models.pose import build_pose_net, predict_pose
@@ -237,11 +236,12 @@ class DepthTask(Task):
         with record_function("depth/pose"):
             sources = self._source_poses(model, batch, net, frames, feats)
         target = frames["rgb"]
+        fns = depth_functions(cfg.photometric_impl, target)  # warp projection, smoothness: compiled or eager
         with record_function("depth/upsample"):
             depth = self._full_size_depths(disps, target.shape[-2:])
         with record_function("depth/warp"):
-            K, grid_fns = batch["K"].float(), grid_functions(cfg.photometric_impl, target)
-            warped = [warp_scales(img, depth, T, K, pad=PAD, grid_fns=grid_fns) for img, T in sources]
+            K = batch["K"].float()
+            warped = [warp_scales(img, depth, T, K, pad=PAD, grid_fns=fns.grid) for img, T in sources]
         with record_function("depth/photometric"):
             identity = [img for img, _ in sources] if cfg.automask else None
             reproj_terms, argmin = multiscale_reprojection_loss(target, warped, identity, cfg.ssim_weight,
@@ -251,7 +251,7 @@ class DepthTask(Task):
         with record_function("depth/smoothness"):
             smooth = reproj.new_zeros(())
             if cfg.smoothness_weight > 0:
-                smooth = torch.stack([self._smoothness(disps[s], target, s) for s in cfg.scales]).mean()
+                smooth = fns.smoothness([disps[s] for s in cfg.scales], target, tuple(cfg.scales))
             loss = reproj + cfg.smoothness_weight * smooth
         logs = {"loss": loss.detach(), "reprojection": reproj.detach(), "smoothness": smooth.detach(),
                 "automask_fraction": masked.detach()}
@@ -279,13 +279,6 @@ class DepthTask(Task):
         loss = torch.stack(terms).mean()
         return loss, {"loss": loss.detach(), "depth_loss": loss.detach(),
                       "valid_fraction": valid.float().mean().detach()}
-
-    @staticmethod
-    def _smoothness(disp: Tensor, target: Tensor, scale: int) -> Tensor:
-        """Edge-aware smoothness of one scale's disparity against the target at that size, / 2^s."""
-        image = target if disp.shape[-2:] == target.shape[-2:] else F.interpolate(
-            target, size=disp.shape[-2:], mode="area")
-        return edge_aware_smoothness(normalize_disp(disp), image) / (2 ** scale)
 
     # ------------------------------------------------------------ evaluation
     def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
