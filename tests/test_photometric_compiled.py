@@ -119,18 +119,19 @@ def test_signatures_beyond_the_limit_run_eagerly_instead_of_failing(monkeypatch)
 @pytest.mark.skipif(not compiled_cpu.available(), reason="no C++ compiler for inductor")
 def test_compiled_warp_projection_matches_eager_values_and_gradients():
     """The warp's projection and its hand-written gradient, compiled (what the depth task runs on a
-    CPU under impl auto): the same warp, depth and pose gradients as the eager functions."""
+    CPU under impl auto, from the network's disparities): the same warp, disparity and pose
+    gradients as the eager functions."""
     from trainer.geometry import pose_vec_to_mat, warp_scales
 
     g = torch.Generator().manual_seed(7)
     K = torch.tensor([[0.58 * W, 0, W / 2], [0, 1.92 * H, H / 2], [0, 0, 1]]).repeat(B, 1, 1)
     aa, tr = 0.05 * torch.randn(B, 3, generator=g), 0.3 * torch.randn(B, 3, generator=g)
-    img, depths = torch.rand(B, 3, H, W, generator=g), 1 + 20 * torch.rand(B, S, H, W, generator=g)
+    img, disps = torch.rand(B, 3, H, W, generator=g), 0.01 + 0.3 * torch.rand(B, S, H, W, generator=g)
     upstream = torch.randn(B, 3, S, H + 2 * PAD, W + 2 * PAD, generator=g)
     results = []
     for fns in (None, dispatch.depth_functions("compiled", img).grid):
-        d, a = depths.clone().requires_grad_(True), aa.clone().requires_grad_(True)
-        out = warp_scales(img, d, pose_vec_to_mat(a, tr), K, pad=PAD, grid_fns=fns)
+        d, a = disps.clone().requires_grad_(True), aa.clone().requires_grad_(True)
+        out = warp_scales(img, d, pose_vec_to_mat(a, tr), K, pad=PAD, grid_fns=fns, disp_range=(1 / 100, 1 / 0.1))
         results.append((out, *torch.autograd.grad((out * upstream).sum(), [d, a])))
     assert dispatch.depth_functions("handwritten", img).grid is None
     for got, ref in zip(*results):

@@ -124,7 +124,8 @@ def test_dispatch_multiscale_impls_agree_and_check_shapes():
     fast, idx = multiscale_reprojection_loss(target, warped, identity, impl="handwritten")  # compiled: its own tests
     torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-7)
     assert torch.equal(idx, ref_idx) and idx.shape == (S, B, 1, H, W)
-    with pytest.raises(ValueError, match=r"one \(B, C, S, H\+6, W\+6\) tensor per source \(warps padded by 3\)"):
+    with pytest.raises(ValueError, match=rf"one \(B, C, S, H\+{2 * PAD}, W\+{2 * PAD}\) tensor per source "
+                                         rf"\(warps padded by {PAD}\)"):
         multiscale_reprojection_loss(target, [unpadded[0]], identity)
     with pytest.raises(ValueError, match="'fused' is not one of"):
         multiscale_reprojection_loss(target, warped, identity, impl="fused")
@@ -164,3 +165,20 @@ def test_warp_scales_float32_unpadded_matches_warp_frame():
     out = warp_scales(img, depths, T, K, grid_fns=GRID_EAGER)
     ref = torch.stack([warp_frame(img, depths[:, s:s + 1], T, K)[0] for s in range(3)], dim=2)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+
+
+def test_warp_scales_from_disparity_equals_warp_of_disp_to_depth():
+    """``disp_range``: the network's disparity turned into depth inside the projection, values and
+    gradient as through ``disp_to_depth``."""
+    from trainer.geometry import disp_to_depth
+
+    B, H, W = 2, 10, 16
+    K, T, img, _ = (t.double() for t in _camera(B, H, W, seed=43))
+    disp = _rand(B, 3, H, W, seed=44)
+    a, b = disp.clone().requires_grad_(True), disp.clone().requires_grad_(True)
+    out = warp_scales(img, a, T, K, pad=PAD, disp_range=(1 / 100, 1 / 0.1))
+    ref = warp_scales(img, disp_to_depth(b, 0.1, 100.0)[1], T, K, pad=PAD)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    g = _rand(*out.shape, seed=45)
+    torch.testing.assert_close(torch.autograd.grad((out * g).sum(), a)[0], torch.autograd.grad((ref * g).sum(), b)[0],
+                               rtol=1e-10, atol=1e-12)

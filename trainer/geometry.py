@@ -218,14 +218,25 @@ def pixel_coordinates(size: int, pad: int = 0, dtype: torch.dtype = torch.float3
     return ((size - 1) - (size - 1 - i).abs()).to(dtype)
 
 
-def sampling_grid(depths: Tensor, Ap: Tensor, c: Tensor, height: int, width: int, eps: float = 1e-7) -> Tensor:
+def _depth(depths: Tensor, disp_range: tuple[float, float] | None) -> Tensor:
+    """``depths`` as depth: as given, or the network's disparity in [0, 1] through :func:`disp_to_depth`'s
+    formula when ``disp_range`` = (1 / max_depth, 1 / min_depth)."""
+    if disp_range is None:
+        return depths
+    return 1.0 / (disp_range[0] + (disp_range[1] - disp_range[0]) * depths)
+
+
+def sampling_grid(depths: Tensor, Ap: Tensor, c: Tensor, height: int, width: int,
+                  disp_range: tuple[float, float] | None = None, eps: float = 1e-7) -> Tensor:
     """Where target pixels land in a source image, as ``grid_sample`` coordinates (B, S, H', W', 2).
 
-    A target pixel p with depth ``depths[b, s, i, j]`` (B, S, H', W') sits at ``d * A p + c`` in the
-    source camera (``Ap`` (B, 3, H', W'): A p with A = K R K^-1; ``c`` (B, 3): K t), which projects
-    to pixel (x / z, y / z), z clamped at ``eps``; normalised for a ``height`` x ``width`` source
+    A target pixel p with depth ``d = depths[b, s, i, j]`` (B, S, H', W'; disparities when
+    ``disp_range`` is given, see :func:`_depth`) sits at ``d * A p + c`` in the source camera
+    (``Ap`` (B, 3, H', W'): A p with A = K R K^-1; ``c`` (B, 3): K t), which projects to pixel
+    (x / z, y / z), z clamped at ``eps``; normalised for a ``height`` x ``width`` source
     (``align_corners=True``). Element-wise only: inductor fuses it into one loop."""
     b = Ap.shape[0]
+    depths = _depth(depths, disp_range)
     x, y, z = (depths * Ap[:, k:k + 1] + c[:, k].view(b, 1, 1, 1) for k in range(3))
     z = z.clamp(min=eps)
     return torch.stack([(x / z) * (2.0 / max(width - 1, 1)) - 1.0, (y / z) * (2.0 / max(height - 1, 1)) - 1.0],
@@ -233,10 +244,12 @@ def sampling_grid(depths: Tensor, Ap: Tensor, c: Tensor, height: int, width: int
 
 
 def sampling_grid_backward(g: Tensor, depths: Tensor, Ap: Tensor, c: Tensor, height: int, width: int,
+                           disp_range: tuple[float, float] | None = None,
                            eps: float = 1e-7) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`sampling_grid` for the upstream gradient ``g`` (B, S, H', W', 2):
     (depths (B, S, H', W'), Ap (B, 3, H', W'), c as per-pixel maps (B, 3, H', W') still to be summed)."""
     b = Ap.shape[0]
+    depths = _depth(depths, disp_range)
     x, y, z_raw = (depths * Ap[:, k:k + 1] + c[:, k].view(b, 1, 1, 1) for k in range(3))
     z = z_raw.clamp(min=eps)
     gx = g[..., 0] * (2.0 / max(width - 1, 1)) / z
@@ -244,7 +257,10 @@ def sampling_grid_backward(g: Tensor, depths: Tensor, Ap: Tensor, c: Tensor, hei
     gz = -(gx * x + gy * y) / z * (z_raw >= eps)  # the clamp passes the gradient at the bound, as torch
     grad_cam = torch.stack([gx, gy, gz], dim=1)  # (B, 3, S, H', W')
     grad_depths = gx * Ap[:, 0:1] + gy * Ap[:, 1:2] + gz * Ap[:, 2:3]
-    return grad_depths, (grad_cam * depths.unsqueeze(1)).sum(2), grad_cam.sum(2)
+    grad_cam_d = (grad_cam * depths.unsqueeze(1)).sum(2)
+    if disp_range is not None:  # d depth / d disparity = -(max_disp - min_disp) * depth^2
+        grad_depths = grad_depths * (-(disp_range[1] - disp_range[0]) * depths * depths)
+    return grad_depths, grad_cam_d, grad_cam.sum(2)
 
 
 GRID_EAGER = SimpleNamespace(forward=sampling_grid, backward=sampling_grid_backward)
@@ -257,24 +273,28 @@ class SamplingGrid(torch.autograd.Function):
     (28-44 ms against 10 ms for 8 images, 4 scales, 96x320, one thread)."""
 
     @staticmethod
-    def forward(ctx, depths: Tensor, Ap: Tensor, c: Tensor, height: int, width: int, fns: SimpleNamespace):
+    def forward(ctx, depths: Tensor, Ap: Tensor, c: Tensor, height: int, width: int,
+                disp_range: tuple[float, float] | None, fns: SimpleNamespace):
         ctx.save_for_backward(depths, Ap, c)
-        ctx.meta = (height, width, fns)
-        return fns.forward(depths, Ap, c, height, width)
+        ctx.meta = (height, width, disp_range, fns)
+        return fns.forward(depths, Ap, c, height, width, disp_range)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor):
-        height, width, fns = ctx.meta
-        grad_depths, grad_ap, grad_c = fns.backward(g.contiguous(), *ctx.saved_tensors, height, width)
-        return grad_depths, grad_ap, grad_c.sum(dim=(2, 3)), None, None, None
+        height, width, disp_range, fns = ctx.meta
+        grad_depths, grad_ap, grad_c = fns.backward(g.contiguous(), *ctx.saved_tensors, height, width, disp_range)
+        return grad_depths, grad_ap, grad_c.sum(dim=(2, 3)), None, None, None, None
 
 
 @full_precision
 def warp_scales(src_image: Tensor, depths: Tensor, T_src_from_t: Tensor, K: Tensor, pad: int = 0,
-                padding: str = "border", grid_fns: SimpleNamespace | None = None) -> Tensor:
+                padding: str = "border", grid_fns: SimpleNamespace | None = None,
+                disp_range: tuple[float, float] | None = None) -> Tensor:
     """Warp ``src_image`` (B, C, H, W) into the target view once per depth map in ``depths``
-    (B, S, H, W), e.g. every decoder scale upsampled: (B, C, S, H + 2 pad, W + 2 pad).
+    (B, S, H, W), e.g. every decoder scale upsampled: (B, C, S, H + 2 pad, W + 2 pad). With
+    ``disp_range`` = (1 / max_depth, 1 / min_depth), ``depths`` holds the network's [0, 1]
+    disparities instead, turned into depth as :func:`disp_to_depth` does, inside the projection.
 
     Same sampling as :func:`warp_frame` (bilinear, ``align_corners=True``, source depth clamped at
     1e-7), without its validity mask. ``pad``: the output is the warp padded by ``pad`` pixels as
@@ -294,7 +314,7 @@ def warp_scales(src_image: Tensor, depths: Tensor, T_src_from_t: Tensor, K: Tens
     pixels = torch.stack([u.repeat(hp), v.repeat_interleave(wp), torch.ones_like(u).repeat(hp)])  # (3, H' W')
     Ap = (Kf @ T[:, :3, :3] @ torch.linalg.inv(Kf) @ pixels).reshape(b, 3, hp, wp)
     c = (Kf @ T[:, :3, 3:4])[..., 0]
-    grid = SamplingGrid.apply(pad_image(depths, pad), Ap, c, h, w, grid_fns or GRID_EAGER)
+    grid = SamplingGrid.apply(pad_image(depths, pad), Ap, c, h, w, disp_range, grid_fns or GRID_EAGER)
     out = F.grid_sample(src_image, grid.reshape(b, s * hp, wp, 2).to(src_image.dtype), mode="bilinear",
                         padding_mode=padding, align_corners=True)
     return out.reshape(b, src_image.shape[1], s, hp, wp)

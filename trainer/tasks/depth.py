@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from trainer.augment import hflip_sample, jitter_frames, sample_jitter
-from trainer.geometry import disp_to_depth, stereo_pose, warp_scales
+from trainer.geometry import stereo_pose, warp_scales
 from trainer.losses.depth_supervised import masked_l1, scale_invariant_log, valid_depth_mask
 from trainer.kernels.dispatch import IMPLS, PAD, depth_functions, multiscale_reprojection_loss
 from trainer.metrics.depth import DepthMetric
@@ -238,10 +238,11 @@ class DepthTask(Task):
         target = frames["rgb"]
         fns = depth_functions(cfg.photometric_impl, target)  # warp projection, smoothness: compiled or eager
         with record_function("depth/upsample"):
-            depth = self._full_size_depths(disps, target.shape[-2:])
+            disp = self._full_size_disps(disps, target.shape[-2:])
         with record_function("depth/warp"):
-            K = batch["K"].float()
-            warped = [warp_scales(img, depth, T, K, pad=PAD, grid_fns=fns.grid) for img, T in sources]
+            K, disp_range = batch["K"].float(), (1.0 / cfg.max_depth, 1.0 / cfg.min_depth)
+            warped = [warp_scales(img, disp, T, K, pad=PAD, grid_fns=fns.grid, disp_range=disp_range)
+                      for img, T in sources]
         with record_function("depth/photometric"):
             identity = [img for img, _ in sources] if cfg.automask else None
             reproj_terms, argmin = multiscale_reprojection_loss(target, warped, identity, cfg.ssim_weight,
@@ -257,11 +258,12 @@ class DepthTask(Task):
                 "automask_fraction": masked.detach()}
         return loss, logs
 
-    def _full_size_depths(self, disps: dict[int, Tensor], size: tuple[int, int]) -> Tensor:
-        """Every loss scale's disparity upsampled to the input size, as depth (B, S, H, W)."""
+    def _full_size_disps(self, disps: dict[int, Tensor], size: tuple[int, int]) -> Tensor:
+        """Every loss scale's sigmoid disparity upsampled to the input size (B, S, H, W), fp32 (the
+        warp turns it into depth, as :func:`trainer.geometry.disp_to_depth`)."""
         full = [d if d.shape[-2:] == size else F.interpolate(d, size=tuple(size), mode="bilinear", align_corners=False)
                 for d in (disps[s] for s in self.cfg.scales)]
-        return disp_to_depth(torch.cat(full, dim=1), self.cfg.min_depth, self.cfg.max_depth)[1]
+        return torch.cat(full, dim=1).float()
 
     def _supervised_loss(self, disps: dict[int, Tensor], batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """Masked L1 or silog against the ground-truth depth, averaged over the upsampled scales."""
