@@ -1,15 +1,18 @@
 # geoprime training image: CUDA-enabled PyTorch matching pyproject's torch pin, our pinned
-# dependencies, the package, a non-root user. Build: docker build -t geoprime:0.1.0 .
-# (editable install: Hydra finds configs/ beside the package)
-# Run:  docker run --gpus all geoprime:0.1.0 task=depth parallel=ddp          (python -m trainer)
-#       docker run --gpus all geoprime:0.1.0 torchrun --nproc_per_node=8 -m trainer task=depth
+# dependencies, the package (in /opt/geoprime; editable install: Hydra finds configs/ beside it),
+# a non-root user (uid 1000) working in /workspace, where data/ and outputs/ are writable or
+# mounted. Build: docker build -t geoprime:0.1.0 .   Run lines: README.md, "The Docker image".
 ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
+# Compiler caches under /tmp: writable whatever uid runs the container (docker run --user).
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    TORCH_EXTENSIONS_DIR=/home/geoprime/.cache/torch_extensions \
+    TORCH_EXTENSIONS_DIR=/tmp/geoprime-cache/torch_extensions \
+    TRITON_CACHE_DIR=/tmp/geoprime-cache/triton \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/geoprime-cache/inductor \
+    MPLCONFIGDIR=/tmp/geoprime-cache/matplotlib \
     MPLBACKEND=Agg \
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
@@ -50,10 +53,15 @@ COPY data_shards ./data_shards
 COPY launch ./launch
 COPY configs ./configs
 COPY docker/entrypoint.sh /usr/local/bin/geoprime-entrypoint
+# /workspace: the working folder of every run (relative paths: data/..., outputs/...), owned by
+# uid 1000; mount the shards at /workspace/data and keep the outputs at /workspace/outputs.
 RUN python -m pip install --no-deps --editable . \
     && useradd --create-home --uid 1000 --user-group geoprime \
-    && chmod 0755 /usr/local/bin/geoprime-entrypoint
+    && chmod 0755 /usr/local/bin/geoprime-entrypoint \
+    && mkdir -p /workspace/data /workspace/outputs \
+    && chown -R 1000:1000 /workspace
 
+WORKDIR /workspace
 USER 1000:1000
 ENTRYPOINT ["/usr/local/bin/geoprime-entrypoint"]
 CMD ["--help"]

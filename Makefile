@@ -15,10 +15,13 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 
 # Re-installs only when pyproject.toml changed since the last install (idempotent, fast otherwise).
+# Says what it does: the first install downloads a few GB (torch, deepspeed, mlflow) for minutes,
+# and pip reports each package as it goes.
 $(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
-	touch $(STAMP)
+	@test -x $(PY) || { echo "[setup] creating $(VENV) (python3 -m venv)"; python3 -m venv $(VENV); }
+	@echo "[setup] installing the pinned dependencies of pyproject.toml into $(VENV): the first time several minutes (a few GB: torch, deepspeed, mlflow...), pip's progress below"
+	@start=$$(date +%s); $(PY) -m pip install --disable-pip-version-check -e '.[dev]' \
+		&& echo "[setup] done in $$(( $$(date +%s) - start )) s" && touch $(STAMP)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

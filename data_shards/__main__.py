@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 import sys
 from functools import partial
 from typing import Any, Iterator
@@ -123,7 +124,9 @@ def cmd_build(argv: list[str]) -> int:
         if not (hasattr(mod, "add_arguments") and hasattr(mod, "build")):
             print(f"error: {modname} does not provide add_arguments(parser) and build(args)", file=sys.stderr)
             return 2
-        parser = argparse.ArgumentParser(prog=f"python -m data_shards build {name}", description=SOURCES[name])
+        parser = argparse.ArgumentParser(prog=f"python -m data_shards build {name}", description=SOURCES[name],
+                                         epilog=getattr(mod, "DOWNLOAD", None),
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(parser)
         manifests = mod.build(parser.parse_args(rest)) or {}
     for split, m in manifests.items():
@@ -133,55 +136,99 @@ def cmd_build(argv: list[str]) -> int:
 
 
 def cmd_inspect(argv: list[str]) -> int:
-    """``inspect DIR/SPLIT [--sheet PNG] [-n N]``."""
+    """``inspect DIR[/SPLIT] [--sheet PNG] [-n N]``: one split, or every split of a dataset root."""
     from data_shards.inspect import inspect_split
+    from data_shards.locate import splits_at
 
     p = argparse.ArgumentParser(prog="python -m data_shards inspect",
-                                description="Counts, keys and sizes of a split, and a PNG contact sheet.")
-    p.add_argument("split", help="DIR/SPLIT or URL/SPLIT, e.g. data/synthetic/train")
-    p.add_argument("--sheet", default=None, help="contact sheet path (default: contact_<split>.png)")
+                                description="Counts, keys and sizes of a split (or of every split of a dataset "
+                                            "root), and a PNG contact sheet of a few samples.")
+    p.add_argument("split", help="DIR/SPLIT or URL/SPLIT (e.g. data/synthetic/train), or a dataset root DIR "
+                                 "holding split folders (e.g. data/synthetic)")
+    p.add_argument("--sheet", default=None, help="contact sheet path (default: contact_<split>.png; for a dataset "
+                                                 "root, <sheet stem>_<split>.png per split)")
     p.add_argument("-n", type=int, default=4, help="samples on the contact sheet (0: none)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (a list for a dataset root)")
     a = p.parse_args(argv)
-    sheet = a.sheet or f"contact_{a.split.rstrip('/').rsplit('/', 1)[-1]}.png"
-    info = inspect_split(a.split, sheet if a.n > 0 else None, a.n)
+    found = splits_at(a.split)
+    infos = []
+    for root, split in found:
+        sheet = f"contact_{split}.png" if not a.sheet else a.sheet if len(found) == 1 else \
+            f"{os.path.splitext(a.sheet)[0]}_{split}.png"
+        infos.append(inspect_split(f"{root}/{split}", sheet if a.n > 0 else None, a.n))
     if a.json:
-        print(json.dumps(info, indent=1, sort_keys=True))
-    else:
-        print(f"split {info['split']}: {info['samples']} samples in {info['shards']} shards "
-              f"({info['min_shard']}..{info['max_shard']} per shard), {info['bytes'] / 2**20:.1f} MiB")
-        print(f"keys: {', '.join(info['keys'])}")
-        if info["layout"] == "compact":
-            print(f"layout: compact, {info['frames_stored']} frame images stored for the "
-                  f"{info['images_referenced']} images its samples hold")
-        print(f"meta fields: {', '.join(info['meta_fields'])}")
-        print(f"source: {json.dumps(info['source'], sort_keys=True)[:300]}")
-        if "contact_sheet" in info:
-            print(f"contact sheet: {info['contact_sheet'] or 'none (the split has no rgb.png in every sample)'}")
+        print(json.dumps(infos[0] if len(found) == 1 else infos, indent=1, sort_keys=True))
+        return 0
+    for info in infos:
+        _print_summary(info)
     return 0
 
 
+def _print_summary(info: dict) -> None:
+    print(f"split {info['split']}: {info['samples']} samples in {info['shards']} shards "
+          f"({info['min_shard']}..{info['max_shard']} per shard), {info['bytes'] / 2**20:.1f} MiB")
+    print(f"keys: {', '.join(info['keys'])}")
+    if info["layout"] == "compact":
+        print(f"layout: compact, {info['frames_stored']} frame images stored for the "
+              f"{info['images_referenced']} images its samples hold")
+    print(f"meta fields: {', '.join(info['meta_fields'])}")
+    print(f"source: {json.dumps(info['source'], sort_keys=True)[:300]}")
+    if "contact_sheet" in info:
+        print(f"contact sheet: {info['contact_sheet'] or 'none (the split has no rgb.png in every sample)'}")
+
+
 def cmd_verify(argv: list[str]) -> int:
-    """``verify DIR/SPLIT``: exit 1 (naming shard and member) if anything is wrong."""
-    from data_shards.inspect import verify_split
+    """``verify DIR[/SPLIT]``: exit 1 (naming shard and member) if anything is wrong, in any split."""
+    from data_shards.locate import splits_at
 
     p = argparse.ArgumentParser(prog="python -m data_shards verify",
-                                description="sha256 of every shard and a full decode of every sample.")
-    p.add_argument("split", help="DIR/SPLIT or URL/SPLIT")
+                                description="sha256 of every shard and a full decode of every sample, of one "
+                                            "split or of every split of a dataset root; exit 1 if anything is bad.")
+    p.add_argument("split", help="DIR/SPLIT or URL/SPLIT, or a dataset root DIR holding split folders "
+                                 "(e.g. data/synthetic: train, val, test)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    rep = verify_split(a.split)
+    found = splits_at(a.split)
+    bad = 0
+    for root, split in found:
+        bad += not _verify_one(f"{root}/{split}", progress=not a.no_progress)
+    if len(found) > 1:
+        print(f"{a.split}: {len(found)} splits, {'OK' if not bad else f'{bad} with problems'}")
+    return 1 if bad else 0
+
+
+def _verify_one(path: str, progress: bool) -> bool:
+    """Verify one split with a progress bar over its samples; prints its result line."""
+    from tqdm import tqdm
+
+    from data_shards.inspect import split_location, verify_split
+    from data_shards.stream import load_manifest
+
+    total = load_manifest(*split_location(path)).num_samples
+    # on a terminal only (disable=None): logs and captured output get the result lines alone
+    bar = tqdm(total=total, unit="sample", desc=f"verify {path}", disable=None if progress else True, leave=False,
+               dynamic_ncols=True)
+
+    def on_shard(m, rep) -> None:
+        bar.update(rep.samples - bar.n)
+
+    try:
+        rep = verify_split(path, on_shard)
+    finally:
+        bar.close()
     for line in rep.notes:
         print(f"note: {line}")
     for line in rep.problems:
         print(f"BAD: {line}", file=sys.stderr)
-    print(f"{a.split}: {rep.shards} shards, {rep.samples} samples decoded, "
+    print(f"{path}: {rep.shards} shards, {rep.samples} samples decoded, "
           f"{'OK' if rep.ok else f'{len(rep.problems)} problem(s)'}")
-    return 0 if rep.ok else 1
+    return rep.ok
 
 
 COMMANDS = {"build": (cmd_build, "build shards from a source (synthetic, kitti, cityscapes, nyuv2, ...)"),
-            "inspect": (cmd_inspect, "counts, keys, sizes and a contact sheet of a split"),
-            "verify": (cmd_verify, "checksums and full decode of a split; non-zero exit if anything is bad")}
+            "inspect": (cmd_inspect, "counts, keys, sizes and a contact sheet of a split or of a dataset root"),
+            "verify": (cmd_verify, "checksums and full decode of a split or of every split of a dataset root; "
+                                   "non-zero exit if anything is bad")}
 
 
 def main(argv: list[str] | None = None) -> int:

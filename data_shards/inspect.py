@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 from PIL import Image
@@ -19,7 +19,8 @@ from data_shards.frames import attach_frames, layout_problems
 from data_shards.manifest import MANIFEST_NAME, Manifest
 from data_shards.openers import OpenError, is_remote, join, open_stream
 from data_shards.reader import ShardError, iter_members
-from data_shards.stream import check_members, load_manifest
+from data_shards.stages import check_members
+from data_shards.stream import load_manifest
 
 def split_location(path: str) -> tuple[str, str]:
     """``DIR/SPLIT`` (or ``URL/SPLIT``) -> (root, split)."""
@@ -75,7 +76,7 @@ def summarize(m: Manifest) -> dict[str, Any]:
 
 def inspect_split(path: str, out_png: str | None, n: int = 4) -> dict[str, Any]:
     """Summary of ``DIR/SPLIT``; with ``out_png``, also write a contact sheet of ``n`` samples."""
-    from data_shards.stream import ShardStream
+    from data_shards.stream import ShardStream, StreamConfig
 
     root, split = split_location(path)
     m = load_manifest(root, split)
@@ -83,8 +84,8 @@ def inspect_split(path: str, out_png: str | None, n: int = 4) -> dict[str, Any]:
     if out_png and n > 0 and "rgb.png" not in m.keys:
         info["contact_sheet"] = None  # nothing to show without an RGB frame in every sample
     elif out_png and n > 0:
-        stream = ShardStream(root, split, shuffle=False, keys=[k for k in ("rgb", "depth", "seg")
-                                                                 if f"{k}.png" in m.keys])
+        stream = ShardStream(StreamConfig(root, split, shuffle=False, keys=[k for k in ("rgb", "depth", "seg")
+                                                                 if f"{k}.png" in m.keys]))
         picked = []
         for s in stream:
             picked.append(s)
@@ -122,38 +123,16 @@ def _digest(url: str) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def verify_split(path: str) -> VerifyReport:
-    """Check every shard's size and sha256 against the manifest and decode every sample."""
+def verify_split(path: str, on_shard: Optional[Callable[[Manifest, VerifyReport], None]] = None) -> VerifyReport:
+    """Check every shard's size and sha256 against the manifest and decode every sample;
+    ``on_shard(manifest, report)`` after each shard (progress)."""
     root, split = split_location(path)
     m = load_manifest(root, split)
     rep = VerifyReport()
     for s in m.shards:
-        url = join(root, split, s.name)
-        rep.shards += 1
-        try:
-            size, digest = _digest(url)
-        except (OpenError, OSError) as e:
-            rep.problems.append(f"{url}: cannot read ({e})")
-            continue
-        if size != s.bytes or digest != s.sha256:
-            rep.problems.append(f"{url}: checksum mismatch (size {size}, manifest {s.bytes}; "
-                                f"sha256 {digest[:12]}..., manifest {s.sha256[:12]}...)")
-        try:
-            # one index past the manifest's count: a shard holding more samples than it says is found
-            # (compact shards: what follows the records is checked against the frame list instead)
-            records = iter_members(url, range(s.count + (0 if m.compact else 1)), s.count)
-            if m.compact:
-                records = attach_frames(url, s, m.frame_slots, range(s.count), records)
-            for j, raw in records:
-                if j >= s.count:
-                    rep.problems.append(f"{url}: holds more samples than the manifest's count {s.count} "
-                                        f"(sample {raw['__key__']} is never read)")
-                    break
-                _verify_sample(url, raw, s.crc32[j] if s.crc32 else None, m, rep)
-        except ShardError as e:  # the tar itself is broken: the rest of the shard is unreadable
-            rep.problems.append(str(e))
-        if m.compact and s.count:
-            rep.problems += layout_problems(url, s)
+        _verify_shard(join(root, split, s.name), s, m, rep)
+        if on_shard is not None:
+            on_shard(m, rep)
     if m.num_samples == 0:
         rep.problems.append(f"{join(root, split, MANIFEST_NAME)}: the split is empty (no samples)")
     if m.shards and not any(s.crc32 for s in m.shards):
@@ -164,6 +143,35 @@ def verify_split(path: str) -> VerifyReport:
     return rep
 
 
+def _verify_shard(url: str, s: Any, m: Manifest, rep: VerifyReport) -> None:
+    """One shard: its bytes against the manifest, then every sample (see :func:`_verify_sample`)."""
+    rep.shards += 1
+    try:
+        size, digest = _digest(url)
+    except (OpenError, OSError) as e:
+        rep.problems.append(f"{url}: cannot read ({e})")
+        return
+    if size != s.bytes or digest != s.sha256:
+        rep.problems.append(f"{url}: checksum mismatch (size {size}, manifest {s.bytes}; "
+                            f"sha256 {digest[:12]}..., manifest {s.sha256[:12]}...)")
+    try:
+        # one index past the manifest's count: a shard holding more samples than it says is found
+        # (compact shards: what follows the records is checked against the frame list instead)
+        records = iter_members(url, range(s.count + (0 if m.compact else 1)), s.count)
+        if m.compact:
+            records = attach_frames(url, s, m.frame_slots, range(s.count), records)
+        for j, raw in records:
+            if j >= s.count:
+                rep.problems.append(f"{url}: holds more samples than the manifest's count {s.count} "
+                                    f"(sample {raw['__key__']} is never read)")
+                break
+            _verify_sample(url, raw, s.crc32[j] if s.crc32 else None, m, rep)
+    except ShardError as e:  # the tar itself is broken: the rest of the shard is unreadable
+        rep.problems.append(str(e))
+    if m.compact and s.count:
+        rep.problems += layout_problems(url, s)
+
+
 def _verify_sample(url: str, raw: dict, crc32: dict | None, m: Manifest, rep: VerifyReport) -> None:
     """Members present, checksums equal, sample decodes; a bad sample is reported, the shard goes on."""
     missing = sorted(set(m.keys) - raw.keys())
@@ -172,7 +180,8 @@ def _verify_sample(url: str, raw: dict, crc32: dict | None, m: Manifest, rep: Ve
             raise schema.SchemaError(f"{url}: sample {raw['__key__']}: members {missing} missing")
         if crc32:
             check_members({**raw, "__crc32__": crc32})
-        schema.decode_sample({k: v for k, v in raw.items() if k != "__url__"}, where=url)
+        schema.decode_sample({k: v for k, v in raw.items() if k != "__url__"}, where=url,
+                             image_hw=schema.declared_image_hw(m.source))
         rep.samples += 1
     except (schema.SchemaError, ShardError) as e:
         rep.problems.append(str(e))

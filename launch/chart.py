@@ -1,8 +1,9 @@
 """The comparison chart: what the table says, drawn, including the intervals the verdicts use.
 
 Top row: mIoU and pixel accuracy per cell (one group of bars per dataset · protocol · N column,
-one bar per pre-training), error bars = sample std over seeds. One row below per baseline: each
-pre-training minus that baseline, seed by seed (paired), the bar at the mean difference and the
+one bar per pre-training), error bars = sample std over the table's units (pre-training runs or
+fine-tuning seeds). One row below per baseline: each pre-training minus that baseline, unit by unit
+(paired), the bar at the mean difference and the
 error bar the 95 % Student-t interval — the interval :func:`launch.compare.verdict` calls better /
 worse only when it excludes 0 (the dashed line). Cells with fewer than 2 paired seeds have no
 interval and are marked "n<2".
@@ -45,7 +46,7 @@ def _means_row(ax, table: "Table", metric: str, colors: dict[str, str]) -> None:
                 stds.append(c.std(metric))
         ax.bar(xs, means, width, yerr=stds, capsize=3, label=row, color=colors[row])
     ax.set_ylabel(f"{LABELS[metric]} (%)")
-    ax.set_title(f"{LABELS[metric]}\nmean ± std over seeds", fontsize=11)
+    ax.set_title(f"{LABELS[metric]}\nmean ± std over {table.unit}s", fontsize=11)
 
 
 def _paired_row(ax, table: "Table", metric: str, baseline: str, colors: dict[str, str]) -> None:
@@ -63,7 +64,8 @@ def _paired_row(ax, table: "Table", metric: str, baseline: str, colors: dict[str
                 ax.annotate("n<2", (j + off, pair.mean), ha="center", va="bottom", fontsize=8)
     ax.axhline(0.0, color="black", linestyle="--", linewidth=1)
     ax.set_ylabel(f"Δ {LABELS[metric]} (points)")
-    ax.set_title(f"Δ {LABELS[metric]} vs {baseline}\nper-seed (paired) mean, 95 % interval", fontsize=11)
+    ax.set_title(f"Δ {LABELS[metric]} vs {baseline}\nper-{table.unit_word} (paired) mean, 95 % interval",
+                 fontsize=11)
 
 
 def bar_chart(table: "Table", path: Path, title: str) -> Path:

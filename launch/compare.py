@@ -1,9 +1,12 @@
 """`python -m launch compare --experiment <name>`: the study's comparison table, from MLflow.
 
 Rows are pre-trainings, columns dataset x protocol x N-shot; each cell is mIoU and pixel
-accuracy (in %) as mean ± sample std over the fine-tuning seeds, plus the difference of the
-means to the baselines (ImageNet, random init) when the study has them, ± the 95 % interval of
-the per-seed (paired) difference. Writes
+accuracy (in %) as mean ± sample std over the replicate units (pre-training runs when each row was
+pre-trained with several seeds, else fine-tuning seeds: :mod:`launch.paired_stats`), plus the
+difference of the means to the baselines (ImageNet, random init) when the study has them, ± the 95 %
+interval of the per-unit (paired) difference; the table says which unit its intervals count. Below
+it, each pre-training's own task metric beside a trivial predictor's (:mod:`launch.pretrain_report`).
+Writes
 ``comparison.md``, ``comparison.csv`` and a chart ``comparison.png`` (means ± std, and the paired
 differences with their 95 % intervals: :mod:`launch.chart`) into ``<study out_dir>/comparison/``,
 logs them to the study's parent run (the table also under its description) and prints the table
@@ -30,7 +33,10 @@ from pathlib import Path
 from data_shards.atomic import atomic_write_text
 from launch.chart import bar_chart
 from launch.chart import column_name as _col_name
+from launch import provenance
 from launch.grid import plan, study_root, study_uri
+from launch.paired_stats import UNIT_PRETRAINING, UNIT_SEED, Paired, interval_note, paired_unit_diffs, unit_means
+from launch.pretrain_report import pretraining_lines, pretraining_summary
 from launch.runstore import RunRecord, TrackingStore
 from launch.study_config import CONFIG_DIR, CONFIG_TAG, CompareConfig, StudyConfig, load_study
 from launch.study_notes import note_with_comparison
@@ -40,22 +46,39 @@ METRICS = ("miou", "pixel_acc")
 
 @dataclass
 class Cell:
-    """One (pre-training, column) cell: per-seed values of each metric, in %."""
+    """One (pre-training, column) cell: per-fine-tuning values of each metric, in %, with each one's
+    fine-tuning seed, pre-training seed and replicate unit (set by :func:`build_table`)."""
 
     values: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METRICS})
     seeds: list[str] = field(default_factory=list)
+    pretrain_seeds: list[str] = field(default_factory=list)
+    units: list[str] = field(default_factory=list)
+
+    def unit_values(self, metric: str) -> list[float]:
+        """One value per replicate unit: the mean of its fine-tunings."""
+        return list(unit_means(self.values[metric], self.units).values())
 
     def mean(self, metric: str) -> float:
-        vals = self.values[metric]
+        vals = self.unit_values(metric)
         return statistics.fmean(vals) if vals else math.nan
 
     def std(self, metric: str) -> float:
-        vals = self.values[metric]
+        vals = self.unit_values(metric)
         return statistics.stdev(vals) if len(vals) > 1 else 0.0 if vals else math.nan
 
     @property
     def n(self) -> int:
+        """Fine-tunings in the cell."""
         return len(self.values["miou"])
+
+    @property
+    def n_units(self) -> int:
+        return len(set(self.units))
+
+    @property
+    def keys(self) -> list[tuple[str, str]]:
+        """(unit, fine-tuning seed) of each value: what pairs two cells."""
+        return list(zip(self.units, self.seeds))
 
 
 @dataclass
@@ -68,6 +91,8 @@ class Table:
     baselines: list[str]
     expected_seeds: int
     skipped: list[str] = field(default_factory=list)
+    unit: str = UNIT_SEED
+    """What one replicate of the intervals is (:mod:`launch.paired_stats`)."""
 
     def cell(self, row: str, col: tuple[str, str, str]) -> Cell | None:
         return self.cells.get((row, col))
@@ -80,42 +105,23 @@ class Table:
         return a.mean(metric) - b.mean(metric)
 
     def paired(self, row: str, col: tuple[str, str, str], baseline: str, metric: str) -> Paired:
-        """``row`` minus ``baseline`` seed by seed (the seeds both have), with a 95 % interval."""
+        """``row`` minus ``baseline`` unit by unit (the units and seeds both have), with a 95 % interval."""
         a, b = self.cell(row, col), self.cell(baseline, col)
         if a is None or b is None:
             return Paired([])
-        base = dict(zip(b.seeds, b.values[metric]))
-        return Paired([v - base[s] for s, v in zip(a.seeds, a.values[metric]) if s in base])
-
-
-@dataclass
-class Paired:
-    """Per-seed differences of two rows in one column. Runs with the same seed share the data
-    order, the head's initialisation and the N-shot subset, so the spread those cause cancels in
-    the difference (the spread of unconverged fine-tunings does not: see docs/tracking-and-study.md)."""
-
-    diffs: list[float]
+        return Paired(paired_unit_diffs(a.values[metric], a.keys, b.values[metric], b.keys))
 
     @property
-    def n(self) -> int:
-        return len(self.diffs)
+    def unit_word(self) -> str:
+        """The unit in a verdict: per-seed / per-run difference."""
+        return "run" if self.unit == UNIT_PRETRAINING else "seed"
 
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.diffs) if self.diffs else math.nan
-
-    @property
-    def std(self) -> float:
-        return statistics.stdev(self.diffs) if self.n > 1 else math.nan
-
-    @property
-    def ci95(self) -> float:
-        """Half-width of the 95 % Student-t interval of the mean difference (nan below 2 seeds)."""
-        if self.n < 2:
-            return math.nan
-        from scipy.stats import t
-
-        return float(t.ppf(0.975, self.n - 1)) * self.std / math.sqrt(self.n)
+    def note(self) -> str:
+        """What the cells and intervals cover (:func:`launch.paired_stats.interval_note`)."""
+        cells = [c for c in self.cells.values() if c.n]
+        units = max((c.n_units for c in cells), default=0)
+        per_unit = max((c.n // max(c.n_units, 1) for c in cells), default=0)
+        return interval_note(self.unit, units, per_unit)
 
 
 def find_metric(metrics: dict[str, float], name: str, prefixes: list[str]) -> float | None:
@@ -186,22 +192,19 @@ def build_table(runs: list[RunRecord], compare: CompareConfig, *, row_order: lis
             row = tags["grid_pretraining"]
             col = (tags["grid_dataset"], tags["grid_protocol"], tags["grid_shots"])
             seed = tags["grid_seed"]
+            pretrain_seed = tags.get("grid_pretrain_seed", "")  # '' = run made before pre-training seeds
         except KeyError as e:
             skipped.append(f"run {run.run_id} ({job}): no grid tag {e}")
             continue
-        values = {}
-        for metric in METRICS:
-            value = find_metric(run.metrics, getattr(compare, metric), compare.prefer_prefixes)
-            if value is None or not math.isfinite(value):
-                skipped.append(f"run {run.run_id} ({job}): metric {getattr(compare, metric)!r} missing or not finite "
-                               f"(has: {', '.join(sorted(run.metrics)) or 'none'})")
-                break
-            values[metric] = 100.0 * value
+        values = _run_values(run, compare)
+        if isinstance(values, str):
+            skipped.append(f"run {run.run_id} ({job}): {values}")
         else:
             cell = cells.setdefault((row, col), Cell())
             for metric in METRICS:
                 cell.values[metric].append(values[metric])
             cell.seeds.append(seed)
+            cell.pretrain_seeds.append(pretrain_seed)
             if row not in rows_found:
                 rows_found.append(row)
             if col not in cols_found:
@@ -210,7 +213,28 @@ def build_table(runs: list[RunRecord], compare: CompareConfig, *, row_order: lis
     order = [r for r in (row_order or []) if r in rows_found] + sorted(r for r in rows_found if r not in (row_order or []))
     cols = sorted(cols_found, key=lambda c: (c[0], c[1], int(c[2]) if c[2].isdigit() else 0))
     baselines = [b for b in compare.baselines if b in rows_found]
-    return Table(order, cols, cells, baselines, expected_seeds, skipped)
+    return Table(order, cols, cells, baselines, expected_seeds, skipped, _set_units(cells))
+
+
+def _run_values(run: RunRecord, compare: CompareConfig) -> dict[str, float] | str:
+    """The run's table metrics in %, or why it has none."""
+    values = {}
+    for metric in METRICS:
+        value = find_metric(run.metrics, getattr(compare, metric), compare.prefer_prefixes)
+        if value is None or not math.isfinite(value):
+            return (f"metric {getattr(compare, metric)!r} missing or not finite "
+                    f"(has: {', '.join(sorted(run.metrics)) or 'none'})")
+        values[metric] = 100.0 * value
+    return values
+
+
+def _set_units(cells: dict) -> str:
+    """The table's unit: the pre-training run when some cell holds runs of several pre-training seeds,
+    else the fine-tuning seed; each cell's ``units`` are set to match. Returns the unit."""
+    several = any(len(set(c.pretrain_seeds)) > 1 for c in cells.values())
+    for c in cells.values():
+        c.units = list(c.pretrain_seeds if several else c.seeds)
+    return UNIT_PRETRAINING if several else UNIT_SEED
 
 
 def _fmt(mean: float, std: float, n: int, expected: int) -> str:
@@ -244,15 +268,15 @@ def to_markdown(table: Table) -> str:
                     pair = table.paired(row, col, b, metric)
                     cells.append("0 (itself)" if b == row else _fmt_delta(table.delta(row, col, b, metric), pair.ci95))
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nΔ: difference of the means; ± the 95 % interval of the per-seed (paired) difference.\n"
+    return "\n".join(lines) + "\n\n" + table.note() + "\n"
 
 
 def to_csv(table: Table) -> str:
     """Long format: one line per (pre-training, column), means/stds in %, deltas in points."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    header = ["pretraining", "dataset", "protocol", "shots", "n_seeds", "seeds", "miou_mean", "miou_std",
-              "pixel_acc_mean", "pixel_acc_std"]
+    header = ["pretraining", "dataset", "protocol", "shots", "n_seeds", "seeds", "unit", "n_units", "units",
+              "miou_mean", "miou_std", "pixel_acc_mean", "pixel_acc_std"]
     header += [f"delta_{m}_vs_{b}" for b in table.baselines for m in METRICS]
     header += [f"paired_{m}_vs_{b}_{k}" for b in table.baselines for m in METRICS for k in ("n", "std", "ci95")]
     writer.writerow(header)
@@ -261,7 +285,7 @@ def to_csv(table: Table) -> str:
             c = table.cell(row, col)
             if c is None:
                 continue
-            line = [row, *col, c.n, " ".join(c.seeds)]
+            line = [row, *col, c.n, " ".join(c.seeds), table.unit, c.n_units, " ".join(dict.fromkeys(c.units))]
             line += [f"{c.mean(m):.4f}" if i == 0 else f"{c.std(m):.4f}" for m in METRICS for i in (0, 1)]
             line += [f"{table.delta(row, col, b, m):.4f}" for b in table.baselines for m in METRICS]
             for b in table.baselines:
@@ -274,7 +298,7 @@ def to_csv(table: Table) -> str:
 
 def verdict(table: Table) -> list[str]:
     """Plain sentences: for each column, the best row, and each row against each baseline: a
-    difference is called better / worse only when the 95 % interval of its per-seed (paired)
+    difference is called better / worse only when the 95 % interval of its per-unit (paired)
     differences excludes 0; otherwise 'not resolved'."""
     out = []
     for col in table.columns:
@@ -295,14 +319,16 @@ def verdict(table: Table) -> list[str]:
                 c = table.cell(r, col)
                 d = c.mean("miou") - base.mean("miou")
                 pair = table.paired(r, col, b, "miou")
+                word = table.unit_word
                 if pair.n < 2:
-                    judged = f"{pair.n} paired seed(s), no spread to judge against"
+                    judged = f"{pair.n} paired {word}(s), no spread to judge against"
                 else:
                     lo, hi = pair.mean - pair.ci95, pair.mean + pair.ci95
                     verdict_word = "better" if lo > 0 else "worse" if hi < 0 else "not resolved"
-                    judged = f"{verdict_word} (per-seed difference {pair.mean:+.1f}, 95 % interval {lo:+.1f} .. {hi:+.1f})"
-                out.append(f"  {r} vs {b}: {d:+.1f} mIoU points, {judged} [seeds: {c.n} vs {base.n}, "
-                           f"{pair.n} paired].")
+                    judged = f"{verdict_word} (per-{word} difference {pair.mean:+.1f}, 95 % interval {lo:+.1f} .. {hi:+.1f})"
+                counts = f"seeds: {c.n} vs {base.n}" if word == "seed" else \
+                    f"runs: {c.n_units} vs {base.n_units}, fine-tunings: {c.n} vs {base.n}"
+                out.append(f"  {r} vs {b}: {d:+.1f} mIoU points, {judged} [{counts}, {pair.n} paired].")
     return out
 
 
@@ -310,23 +336,47 @@ def _write(path: Path, text: str) -> Path:
     return atomic_write_text(path, text, mkdir=True)
 
 
+def unfinished_note(runs: list[RunRecord], fingerprints: dict[str, str] | None, study_name: str) -> str:
+    """A paragraph naming the study's fine-tunings without a FINISHED run of their current
+    configuration (empty when none is missing or the study's plan is not known)."""
+    if not fingerprints:
+        return ""
+    done = {r.tags.get("study_job") for r in runs
+            if fingerprints.get(r.tags.get("study_job", "")) == r.tags.get(CONFIG_TAG)}
+    missing = sorted(set(fingerprints) - done)
+    if not missing:
+        return ""
+    return (f"**Unfinished study**: {len(missing)} of {len(fingerprints)} fine-tunings have no FINISHED run of their "
+            f"current configuration yet, so the table below leaves them out: {', '.join(missing)}. Running the "
+            f"study again (`python -m launch study`, the same arguments) runs or resumes just these.\n\n")
+
+
 def compare_runs(store: TrackingStore, study_name: str, compare: CompareConfig, out_dir: Path, *,
                  parent_run_id: str | None = None, row_order: list[str] | None = None,
-                 expected_seeds: int = 0, echo: bool = True, fingerprints: dict[str, str] | None = None) -> Table:
+                 expected_seeds: int = 0, echo: bool = True, fingerprints: dict[str, str] | None = None,
+                 pretrain_fingerprints: dict[str, str] | None = None) -> Table:
     """Build the table from MLflow, write md/csv/png to ``out_dir``, log them to the parent run, print it.
 
-    Each job counts once, with its newest FINISHED run; with ``fingerprints`` (job id -> current
-    configuration fingerprint) its newest FINISHED run of that configuration (see :func:`build_table`)."""
+    Each job counts once, with its newest FINISHED run; with ``fingerprints`` (fine-tuning job id ->
+    current configuration fingerprint) its newest FINISHED run of that configuration (see
+    :func:`build_table`); ``pretrain_fingerprints`` does the same for the pre-trainings in the notes."""
     runs = store.find_runs({"study": study_name, "study_kind": "finetune"}, status="FINISHED")
     table = build_table(runs, compare, row_order=row_order, expected_seeds=expected_seeds, fingerprints=fingerprints)
     if not table.rows:
         reasons = "; ".join(table.skipped[:5]) or "no FINISHED fine-tuning run"
         raise ValueError(f"study {study_name!r} in {store.uri} (experiment {store.experiment!r}) has nothing to "
                          f"compare: {reasons}")
-    seeds_note = f"mean ± std over {expected_seeds} seeds" if expected_seeds else "mean ± std over seeds"
+    pre_runs = store.find_runs({"study": study_name, "study_kind": "pretrain"}, status="FINISHED")
+    pre_lines = pretraining_lines(pre_runs, pretrain_fingerprints, row_order)
     md = (f"# Study {study_name}: segmentation after each pre-training\n\n"
-          f"mIoU and pixel accuracy in %, {seeds_note}; Δ = difference of means in points.\n\n"
-          + to_markdown(table) + "\n" + "\n".join(verdict(table)) + "\n")
+          + unfinished_note(runs, fingerprints, study_name)
+          + f"mIoU and pixel accuracy in %; Δ = difference of means in points; the unit of ± and of the intervals "
+            f"is below the table.\n\n"
+          + to_markdown(table) + "\n" + "\n".join(verdict(table)) + "\n"
+          + provenance.notes(runs, table.rows, compare))
+    if pre_lines:
+        md += ("\nPre-trainings on their own task, against a trivial predictor (has each learned its task?):\n"
+               + "\n".join(pre_lines) + "\n")
     if table.skipped:
         md += "\nRuns left out:\n" + "\n".join(f"- {s}" for s in table.skipped) + "\n"
     files = [_write(out_dir / "comparison.md", md), _write(out_dir / "comparison.csv", to_csv(table)),
@@ -343,7 +393,7 @@ def compare_runs(store: TrackingStore, study_name: str, compare: CompareConfig, 
                     key = f"{row}/{col[0]}/{col[1]}/n{col[2]}"
                     summary[f"{key}/miou_mean"] = c.mean("miou")
                     summary[f"{key}/pixel_acc_mean"] = c.mean("pixel_acc")
-        store.log_metrics(parent_run_id, summary)
+        store.log_metrics(parent_run_id, summary | pretraining_summary(pre_runs, pretrain_fingerprints))
     if echo:
         print(md, flush=True)
         print(f"[compare] wrote {', '.join(str(f) for f in files)}", flush=True)
@@ -358,10 +408,12 @@ def compare_study(study: StudyConfig, *, store: TrackingStore | None = None,
     if parent_run_id is None:
         parents = store.find_runs({"study": study.name, "study_kind": "study"})
         parent_run_id = parents[0].run_id if parents else None
+    jobs = plan(study)
     return compare_runs(store, study.name, study.compare, study_root(study) / "comparison",
                         parent_run_id=parent_run_id, row_order=list(study.pretrainings),
                         expected_seeds=len(study.seeds), echo=echo,
-                        fingerprints={j.job_id: j.fingerprint for j in plan(study) if j.kind == "finetune"})
+                        fingerprints={j.job_id: j.fingerprint for j in jobs if j.kind == "finetune"},
+                        pretrain_fingerprints={j.job_id: j.fingerprint for j in jobs if j.kind == "pretrain"})
 
 
 def main(argv: list[str]) -> int:

@@ -3,10 +3,9 @@
 1. builds the synthetic world's shards (``python -m data_shards build synthetic``; idempotent), and
    a second, different-domain world (world seed 1, palette ``gbr``: other scenes, other colours;
    train and val only) for the honest semantic baseline's classification pre-training,
-2. runs the study ``configs/experiment/demo.yaml`` (depth, flow and classification pre-training,
-   then segmentation from each and from random init with the encoder frozen, 4 seeds, two jobs
-   at a time) with
-   ``launch.study``,
+2. runs the study ``configs/experiment/demo.yaml`` (depth from stereo, flow and classification
+   pre-training, 4 runs each, then segmentation from each run and from random init with the encoder
+   frozen, two jobs at a time) with ``launch.study``,
 3. prints the comparison table (also in ``outputs/demo/comparison/``) and how long it all took.
 
 Re-running skips what is done (shards, finished jobs), so an interrupted demo continues.

@@ -1,8 +1,9 @@
 """The study's job plan: the grid expanded into :class:`Job` s, their fingerprints and trainer commands.
 
 Pure planning, no side effects: :func:`plan` turns a :class:`~launch.study_config.StudyConfig` into
-the jobs of its grid (pre-trainings first, then pre-training x dataset x protocol x N-shot x seed
-fine-tunings), each with its configuration fingerprint (:func:`job_fingerprint`, also the MLflow tag
+the jobs of its grid (pre-trainings first, one per pre-training seed, then pre-training x dataset x
+protocol x N-shot x seed fine-tunings, each fine-tuning seed paired to one pre-training seed:
+:func:`pretrain_seed_for`), each with its configuration fingerprint (:func:`job_fingerprint`, also the MLflow tag
 ``study_job_config``); :func:`job_overrides` / :func:`job_command` give the full trainer command line
 a job runs with. ``launch.study`` runs the plan, ``launch.compare`` reads it to know which runs count,
 and neither imports the other for it.
@@ -28,7 +29,8 @@ class Job:
     """One run of the grid."""
 
     job_id: str
-    """Unique within the study: pre-<name> or ft-<pretraining>-<dataset>-<protocol>-n<shots>-s<seed>."""
+    """Unique within the study: pre-<name> or ft-<pretraining>-<dataset>-<protocol>-n<shots>-s<seed>;
+    with several pre-training seeds pre-<name>-p<pretrain seed> and ft-...-n<shots>-p<pretrain seed>-s<seed>."""
     kind: str
     """pretrain | finetune."""
     overrides: list[str]
@@ -47,13 +49,29 @@ class Job:
     """Configuration fingerprint (:func:`job_fingerprint`); also the tag ``study_job_config``."""
 
 
-def job_fingerprint(overrides: list[str], nproc: int, needs_fingerprint: str | None = None) -> str:
+def job_fingerprint(overrides: list[str], nproc: int, needs_fingerprint: str | None = None,
+                    pairing: str | None = None) -> str:
     """16 hex digits of sha256 over what decides a job's training: its planned trainer overrides (not
     the output folder / tracking ones added at launch), its process count and, for a fine-tuning, the
-    fingerprint of the pre-training it starts from (a re-trained pre-training re-runs its fine-tunings)."""
-    payload = json.dumps({"overrides": list(overrides), "nproc": int(nproc), "needs": needs_fingerprint},
-                         sort_keys=True, separators=(",", ":"))
+    fingerprint of the pre-training it starts from (a re-trained pre-training re-runs its fine-tunings)
+    and, with several pre-training seeds, the pre-training run it is paired to (``pairing``: a random-init
+    row has no pre-training, yet its runs are grouped by it in the table)."""
+    fields = {"overrides": list(overrides), "nproc": int(nproc), "needs": needs_fingerprint}
+    if pairing is not None:
+        fields["pairing"] = pairing
+    payload = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def pretrain_seed_for(study: StudyConfig, seed_index: int) -> int:
+    """The pre-training seed whose run the ``seed_index``-th fine-tuning seed starts from: fine-tuning
+    seeds are nested in pre-training seeds, dealt out in turn (``pretrain_seeds[i % len]``)."""
+    return study.pretrain_seeds[seed_index % len(study.pretrain_seeds)]
+
+
+def _replica(study: StudyConfig, pretrain_seed: int) -> str:
+    """Job-id part naming the pre-training run: ``-p<seed>`` with several pre-training seeds, else ''."""
+    return f"-p{pretrain_seed}" if len(study.pretrain_seeds) > 1 else ""
 
 
 def _q(value) -> str:
@@ -77,16 +95,17 @@ def study_uri(study: StudyConfig) -> str:
 
 
 def _pretrain_jobs(study: StudyConfig, root: Path, base_tags: dict[str, str]) -> list[Job]:
-    """One job per pre-training that trains (``task`` set), in config order."""
+    """One job per pre-training that trains (``task`` set) and pre-training seed, in config order."""
     jobs = []
     for name, pre in study.pretrainings.items():
         if pre.task is None:
             continue
-        job_id = f"pre-{name}"
-        overrides = [f"task={pre.task}", *study.common, *pre.overrides, f"seed={study.pretrain_seed}",
-                     "train.export=true"]
-        jobs.append(Job(job_id, "pretrain", overrides, root / job_id, pre.nproc or study.nproc_per_job,
-                        {**base_tags, "study_job": job_id, "study_kind": "pretrain", "grid_pretraining": name}))
+        for pseed in study.pretrain_seeds:
+            job_id = f"pre-{name}{_replica(study, pseed)}"
+            overrides = [f"task={pre.task}", *study.common, *pre.overrides, f"seed={pseed}", "train.export=true"]
+            jobs.append(Job(job_id, "pretrain", overrides, root / job_id, pre.nproc or study.nproc_per_job,
+                            {**base_tags, "study_job": job_id, "study_kind": "pretrain", "grid_pretraining": name,
+                             "grid_pretrain_seed": str(pseed)}))
     return jobs
 
 
@@ -97,8 +116,10 @@ def _finetune_jobs(study: StudyConfig, root: Path, base_tags: dict[str, str]) ->
         for dataset, data_overrides in study.datasets.items():
             for protocol, protocol_overrides in study.protocols.items():
                 for shots in study.protocol_shots.get(protocol, study.shots):
-                    for seed in study.seeds:
-                        job_id = f"ft-{name}-{dataset}-{protocol}-n{shots or 'all'}-s{seed}"
+                    for i, seed in enumerate(study.seeds):
+                        pseed = pretrain_seed_for(study, i)
+                        replica = _replica(study, pseed)
+                        job_id = f"ft-{name}-{dataset}-{protocol}-n{shots or 'all'}{replica}-s{seed}"
                         overrides = ["task=segmentation", *study.common, *study.finetune, *data_overrides,
                                      *protocol_overrides, *pre.finetune_overrides, f"task.init={pre.init}",
                                      f"seed={seed}"]
@@ -106,10 +127,10 @@ def _finetune_jobs(study: StudyConfig, root: Path, base_tags: dict[str, str]) ->
                             overrides += [f"data.subset={shots}", f"data.subset_seed={seed}"]
                         tags = {**base_tags, "study_job": job_id, "study_kind": "finetune",
                                 "grid_pretraining": name, "grid_dataset": dataset, "grid_protocol": protocol,
-                                "grid_shots": str(shots), "grid_seed": str(seed)}
+                                "grid_shots": str(shots), "grid_seed": str(seed), "grid_pretrain_seed": str(pseed)}
                         run = pre.weights_from or (name if pre.task else None)  # whose weights
                         jobs.append(Job(job_id, "finetune", overrides, root / job_id, study.nproc_per_job, tags,
-                                        needs=f"pre-{run}" if run else None,
+                                        needs=f"pre-{run}{replica}" if run else None,
                                         weights_override="task.weights={weights}" if run else None))
     return jobs
 
@@ -123,9 +144,11 @@ def plan(study: StudyConfig) -> list[Job]:
     if len(set(ids)) != len(ids):
         raise ValueError(f"study {study.name}: job ids collide: {sorted({i for i in ids if ids.count(i) > 1})}")
     by_id = {j.job_id: j for j in jobs}
+    paired = len(study.pretrain_seeds) > 1
     for job in jobs:  # pre-trainings come first, so a fine-tuning's `needs` is already fingerprinted
+        pairing = job.tags["grid_pretrain_seed"] if paired and job.kind == "finetune" else None
         job.fingerprint = job_fingerprint(job.overrides, job.nproc,
-                                          by_id[job.needs].fingerprint if job.needs else None)
+                                          by_id[job.needs].fingerprint if job.needs else None, pairing)
         job.tags[CONFIG_TAG] = job.fingerprint
     return jobs
 

@@ -81,8 +81,12 @@ class StudyConfig:
     order), nothing the grid plans or fingerprints."""
     common: list[str] = field(default_factory=list)
     """Hydra overrides for every job."""
-    pretrain_seed: int = 0
-    """Seed of each pre-training run (pre-trainings run once)."""
+    pretrain_seeds: list[int] = field(default_factory=lambda: [0])
+    """Seeds of each pre-training row's runs: one run per seed. With several, the fine-tuning seeds
+    are nested in them (``seeds[i]`` fine-tunes from the run of ``pretrain_seeds[i % len]``; a
+    multiple of their count is required) and the table's unit is the pre-training run."""
+    pretrain_seed: Optional[int] = None
+    """Older spelling of one pre-training seed: ``pretrain_seed: n`` = ``pretrain_seeds: [n]``."""
     pretrainings: dict[str, PretrainingConfig] = field(default_factory=dict)
     """Pre-trainings by name (rows of the table)."""
     finetune: list[str] = field(default_factory=list)
@@ -117,8 +121,7 @@ def validate(study: StudyConfig, source: str) -> StudyConfig:
         fail("study.datasets is empty")
     if not study.protocols:
         fail("study.protocols is empty")
-    if not study.seeds:
-        fail("study.seeds is empty")
+    _check_seeds(study, fail)
     for group in ("pretrainings", "datasets", "protocols"):
         for name in getattr(study, group):
             if not _NAME.match(name):
@@ -150,6 +153,20 @@ def validate(study: StudyConfig, source: str) -> StudyConfig:
         if key in ("out_dir", "seed", "task", "task.init", "task.weights"):
             fail(f"override {o!r}: {key} is set by the study for each job")
     return study
+
+
+def _check_seeds(study: StudyConfig, fail) -> None:
+    """Fine-tuning and pre-training seeds: non-empty, distinct, the former nested in the latter."""
+    for key in ("seeds", "pretrain_seeds"):
+        values = getattr(study, key)
+        if not values:
+            fail(f"study.{key} is empty")
+        if len(set(values)) != len(values):
+            fail(f"study.{key}={values}: repeated seed")
+    n, p = len(study.seeds), len(study.pretrain_seeds)
+    if p > 1 and n % p:
+        fail(f"study.seeds={study.seeds}: {n} fine-tuning seeds cannot be split evenly over the {p} "
+             f"pre-training runs of study.pretrain_seeds={study.pretrain_seeds}; give a multiple of {p}")
 
 
 def _check_weights_from(study: StudyConfig, name: str, pre: PretrainingConfig, fail) -> None:
@@ -203,6 +220,11 @@ def from_dict(raw, source: str = "<study>") -> StudyConfig:
     except OmegaConfBaseException as e:
         raise ValueError(f"{source}: {e}") from e
     study: StudyConfig = OmegaConf.to_object(merged)
+    if study.pretrain_seed is not None:
+        if "pretrain_seeds" in raw:
+            raise ValueError(f"{source}: study.pretrain_seed={study.pretrain_seed} and study.pretrain_seeds="
+                             f"{study.pretrain_seeds} both set; keep pretrain_seeds (a list) only")
+        study.pretrain_seeds = [study.pretrain_seed]
     if not study.out_dir:
         study.out_dir = f"outputs/{study.name}"
     if not study.experiment:

@@ -17,7 +17,7 @@ HELP_EPILOG = """\
 Flags go before the Hydra overrides. --only takes several job ids: end them with `--`, else the
 overrides after it are read as job ids too.
   python -m launch study --dry-run +experiment=demo
-  python -m launch study --verbose --only pre-depth_mono_full ft-random-synthetic-frozen-nall-s0 -- +experiment=demo
+  python -m launch study --verbose --only pre-depth_stereo_full-p0 ft-random-synthetic-frozen-nall-p0-s0 -- +experiment=demo
 
 Quote overrides with [ ] { } or spaces for the shell; a list element that contains `=` needs its
 own double quotes inside the single ones (Hydra refuses [train.steps=20]). A list override
@@ -25,9 +25,11 @@ replaces the whole list: repeat the entries you keep (--dry-run shows what each 
 
 Common changes (study fields: launch/study_config.py; the demo: configs/experiment/demo.yaml):
   fewer steps      'study.finetune=["train.steps=20","train.batch_size=8","optim.lr=1e-3"]'
-                   'study.pretrainings.depth_mono_full.overrides=["task.supervision=mono","train.steps=50"]'
+                   'study.pretrainings.depth_stereo_full.overrides=["task.supervision=stereo","train.steps=50"]'
   other data root  'study.common=["data.root=/data/shards","data.num_workers=2","model.encoder=resnet18"]'
-  more seeds       'study.seeds=[0,1,2,3,4]'
+  more seeds       'study.seeds=[0,1,2,3,4,5,6,7]' (two fine-tunings per pre-training run) or
+                   'study.pretrain_seeds=[0,1,2,3,4]' 'study.seeds=[0,1,2,3,4]' (one more run per row)
+  one run per row  'study.pretrain_seeds=[0]' (cheaper; the intervals then cover fine-tuning noise only)
   part of the grid 'study.seeds=[0]' 'study.shots=[0]', or --only <job id ...> -- (ids: --dry-run)
   MLflow server    study.tracking_uri=http://127.0.0.1:5000
 Re-running the same command skips finished jobs and resumes interrupted ones.
@@ -42,9 +44,13 @@ MAX_RUN_NOTE = 8000
 
 def _grid(study: StudyConfig) -> str:
     shots = ", ".join("all" if s == 0 else str(s) for s in study.shots)
+    pseeds = ", ".join(map(str, study.pretrain_seeds))
+    nesting = (f" (nested in pre-training seed `grid_pretrain_seed`: {pseeds}, one pre-training run each)"
+               if len(study.pretrain_seeds) > 1 else f" (one pre-training run per row, seed {pseeds})")
     return (f"pre-training `grid_pretraining` ({', '.join(study.pretrainings)}) × dataset `grid_dataset` "
             f"({', '.join(study.datasets)}) × protocol `grid_protocol` ({', '.join(study.protocols)}) × "
-            f"N-shot `grid_shots` ({shots}; 0 = all) × seed `grid_seed` ({', '.join(map(str, study.seeds))})")
+            f"N-shot `grid_shots` ({shots}; 0 = all) × seed `grid_seed` ({', '.join(map(str, study.seeds))})"
+            f"{nesting}")
 
 
 def transfer_note(study: StudyConfig) -> str:
@@ -68,9 +74,12 @@ def pretraining_note(study: StudyConfig) -> str:
     return f"""geoprime study `{study.name}`: the pre-trainings ({rows or 'none'}).
 
 Each run exports the weights that start the fine-tunings in the experiment `{study.experiment}` (tag
-`grid_pretraining` names the row of the comparison). Metrics differ by task (depth: `val/abs_rel`, ...;
-flow: `val/epe`, ...; classification: `val/map`, ...). Artifacts `qualitative/` hold labelled pictures
-(depth colour maps: input, prediction, ground truth) when the run has an evaluation split to draw from.
+`grid_pretraining` names the row of the comparison, `grid_pretrain_seed` the run's seed). Metrics differ
+by task (depth: `test/abs_rel`, ...; flow: `test/epe`, ...; classification: `val/map`, ...); beside each,
+`<split>/baseline_<metric>` is the same metric of a trivial predictor (constant depth median-scaled, zero
+flow, class frequencies): a pre-training that has learned its task beats it clearly. The comparison's
+notes list both per row. Artifacts `qualitative/` hold labelled pictures (depth colour maps: input,
+prediction, ground truth) when the run has an evaluation split to draw from.
 """
 
 
@@ -79,10 +88,17 @@ def parent_note(study: StudyConfig) -> str:
     return f"""geoprime study `{study.name}`: one child run per fine-tuning; grid: {_grid(study)}.
 
 Read the comparison below (or artifacts `comparison/comparison.md`, `.csv`, `.png`): cells are mean ± std over
-seeds in %; Δ is the difference of means to a baseline ({', '.join(study.compare.baselines)}) ± the 95 %
-interval of the per-seed (paired) difference. A difference is called better / worse only when that interval
-excludes 0. Re-running the same command skips finished jobs and resumes interrupted ones.
+{_unit(study)} in %; Δ is the difference of means to a baseline ({', '.join(study.compare.baselines)}) ± the
+95 % interval of the per-unit (paired) difference. A difference is called better / worse only when that
+interval excludes 0. Re-running the same command skips finished jobs and resumes interrupted ones.
 """
+
+
+def _unit(study: StudyConfig) -> str:
+    """What one replicate of the table's intervals is, for this study's seeds."""
+    if len(study.pretrain_seeds) > 1:
+        return f"pre-training runs ({len(study.pretrain_seeds)} per row; the intervals cover pre-training variance)"
+    return "fine-tuning seeds (one pre-training run per row: the intervals cover fine-tuning noise only)"
 
 
 def describe_study(store: TrackingStore, study: StudyConfig, parent_run_id: str) -> None:

@@ -144,3 +144,71 @@ def test_fingerprints_pick_each_jobs_newest_run_of_its_current_config():
     assert table.cell("depth", ("syn", "full", "0")).values["miou"] == [
         pytest.approx(90.0), pytest.approx(10.0), pytest.approx(20.0)]
     assert table.cell("random", ("syn", "full", "0")).n == 1
+
+
+# ----------------------------------------------------------------------------- pre-training runs as the unit
+
+
+def _nested(pre, pseed, seed, miou):
+    run = _run(pre, seed, miou, miou + 0.3, job=f"ft-{pre}-syn-full-n0-p{pseed}-s{seed}")
+    run.tags["grid_pretrain_seed"] = str(pseed)
+    return run
+
+
+def test_pretraining_runs_are_the_unit_when_rows_have_several():
+    # 2 pre-training runs per row, 2 fine-tuning seeds nested in each (p0: s0, s2; p1: s1, s3)
+    runs = [_nested("depth", 0, 0, 0.40), _nested("depth", 0, 2, 0.42), _nested("depth", 1, 1, 0.50),
+            _nested("depth", 1, 3, 0.52), _nested("depth", 2, 4, 0.45), _nested("depth", 2, 5, 0.47),
+            _nested("random", 0, 0, 0.30), _nested("random", 0, 2, 0.30), _nested("random", 1, 1, 0.31),
+            _nested("random", 1, 3, 0.33), _nested("random", 2, 4, 0.29), _nested("random", 2, 5, 0.29)]
+    table = build_table(runs, CompareConfig(baselines=["random"]), expected_seeds=6)
+    col = ("syn", "full", "0")
+    depth = table.cell("depth", col)
+    assert table.unit == "pre-training run" and depth.n == 6 and depth.n_units == 3
+    # run means 41, 51, 46: mean 46, std 5 (over runs, not over the 6 fine-tunings: 4.52)
+    assert depth.unit_values("miou") == pytest.approx([41.0, 51.0, 46.0])
+    assert depth.mean("miou") == pytest.approx(46.0) and depth.std("miou") == pytest.approx(5.0)
+    # per run: depth - random seed by seed, averaged in the run: 11, 19, 17 -> 3 paired units
+    pair = table.paired("depth", col, "random", "miou")
+    assert pair.diffs == pytest.approx([11.0, 19.0, 17.0])
+    assert pair.ci95 == pytest.approx(4.3027 * statistics.stdev([11, 19, 17]) / 3 ** 0.5, rel=1e-4)
+    md = to_markdown(table)
+    assert "Unit: the pre-training run. Each pre-training row ran 3 times" in md
+    assert "fine-tuned with 2 seed(s) of its own" in md and "46.0 ± 5.0" in md
+    assert "(n=" not in md  # 6 fine-tunings as expected
+    text = "\n".join(verdict(table))
+    assert "depth vs random: +15.7 mIoU points, better (per-run difference +15.7, 95 % interval +5.3 .. +26.0) " \
+           "[runs: 3 vs 3, fine-tunings: 6 vs 6, 3 paired]" in text
+    # one pre-training run per row: the fine-tuning seed is the unit, and the table says what that leaves out
+    single = build_table(RUNS, CompareConfig())
+    assert single.unit == "fine-tuning seed"
+    assert "cover fine-tuning noise only, not the spread between pre-training runs" in to_markdown(single)
+
+
+def test_pretraining_lines_give_each_rows_task_metric_beside_its_baseline():
+    from launch.pretrain_report import pretraining_lines, pretraining_summary
+
+    def pre(row, pseed, metrics, fp="a", t=0):
+        tags = {"study_job": f"pre-{row}-p{pseed}", "grid_pretraining": row, "grid_pretrain_seed": str(pseed),
+                "study_job_config": fp}
+        return RunRecord(f"{row}{pseed}{t}", "", "FINISHED", tags, {}, metrics, t)
+
+    runs = [pre("depth", 1, {"test/abs_rel": 0.30, "test/baseline_abs_rel": 0.50, "val/abs_rel": 0.9,
+                             "val/baseline_abs_rel": 0.5}),
+            pre("depth", 0, {"test/abs_rel": 0.20, "test/baseline_abs_rel": 0.52}),
+            pre("depth", 0, {"test/abs_rel": 0.99, "test/baseline_abs_rel": 0.52}, fp="old", t=5),  # other config
+            pre("flow", 0, {"test/epe": 1.5, "test/baseline_epe": 3.0, "test/fl_all": 0.1}),
+            pre("cls", 0, {"val/map": 0.8, "val/baseline_map": 0.55}),
+            pre("old", 0, {"val/abs_rel": 0.4})]
+    current = {f"pre-{r}-p{p}": "a" for r in ("depth", "flow", "cls", "old") for p in (0, 1)}
+    lines = pretraining_lines(runs, current, row_order=["flow", "depth"])
+    assert lines == [
+        "- flow: test epe 1.500 against 3.000 for zero flow (0.50x the baseline; 1 run; per run 1.500)",
+        "- depth: test abs_rel 0.250 ± 0.071 against 0.510 for constant depth (median-scaled) (0.49x the baseline; "
+        "2 runs; per run 0.200, 0.300)",
+        "- cls: val map 0.800 against 0.550 for class frequencies (+0.250 over the baseline; 1 run; per run 0.800)",
+        "- old: 1 run(s), none logged a task metric with a trivial baseline beside it (made before baselines "
+        "were logged?)"]
+    summary = pretraining_summary(runs, current)
+    assert summary["pretraining/depth/abs_rel_mean"] == pytest.approx(0.25)
+    assert summary["pretraining/depth/baseline_abs_rel_mean"] == pytest.approx(0.51)

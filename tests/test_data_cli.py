@@ -76,7 +76,7 @@ def test_build_dispatch_errors_are_clear(monkeypatch, capsys):
     assert main(["build", "nosuch", "--root", "x"]) == 2
     assert "module data_shards.sources.nosuch does not exist" in capsys.readouterr().err
     assert main(["inspect", "/nonexistent/train"]) == 1
-    assert "split 'train'" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == "error: no such folder /nonexistent/train"
 
 
 def test_cli_subprocess_exit_code(built):
@@ -84,3 +84,53 @@ def test_cli_subprocess_exit_code(built):
                           capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 0, proc.stderr
     assert "1 shards, 3 samples decoded, OK" in proc.stdout
+
+
+def test_verify_and_inspect_a_dataset_root(built, tmp_path, capsys):
+    """`verify data/synthetic` checks every split of the root (it used to say "build the shards first")."""
+    assert main(["verify", built]) == 0
+    out = capsys.readouterr().out
+    assert f"{built}/train: 2 shards, 6 samples decoded, OK" in out and f"{built}/val: 1 shards" in out
+    assert out.rstrip().endswith(f"{built}: 2 splits, OK")
+    assert main(["inspect", built, "--sheet", str(tmp_path / "s.png"), "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "split train: 6 samples" in out and "split val: 3 samples" in out
+    assert (tmp_path / "s_train.png").is_file() and (tmp_path / "s_val.png").is_file()
+
+
+def test_a_bad_path_says_what_is_there_and_never_to_build_what_exists(built, tmp_path, capsys):
+    assert main(["verify", os.path.join(built, "tset")]) == 1
+    assert capsys.readouterr().err.strip() == f"error: no split 'tset' in {built} (its splits: train, val)"
+    assert main(["verify", str(tmp_path / "none")]) == 1
+    assert capsys.readouterr().err.strip() == f"error: no such folder {tmp_path / 'none'}"
+
+
+def test_a_bad_split_in_a_root_fails_verify_of_the_root(built, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(built, root)
+    shard = root / "val" / "val-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:-2048])
+    assert main(["verify", str(root)]) == 1
+    captured = capsys.readouterr()
+    assert f"{root}/train: 2 shards, 6 samples decoded, OK" in captured.out and "val-000000.tar" in captured.err
+    assert captured.out.rstrip().endswith(f"{root}: 2 splits, 1 with problems")
+
+
+@pytest.mark.parametrize("source,files", [
+    ("cityscapes", ["leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip", "camera_trainvaltest.zip",
+                    "leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png"]),
+    ("kitti", ["<date>_drive_<NNNN>_sync.zip", "<date>_calib.zip", "kitti_archives_to_download.txt",
+               "<root>/<date>/<date>_drive_<NNNN>_sync/image_02/data/0000000123.png"]),
+    ("kitti_semantics", ["data_semantics.zip", "<root>/training/semantic/000000_10.png"]),
+    ("nyuv2", ["nyu_depth_v2_labeled.mat", "splits.mat", "classMapping40.mat", "unless --no-labels"]),
+])
+def test_real_source_help_says_what_to_download_and_the_layout(source, files, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["build", source, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for f in files:
+        assert f in out, f
+    assert "no labels are written" not in out  # NYU's build stops without the mapping (unless --no-labels)

@@ -20,12 +20,12 @@ def test_demo_skips_built_shards_and_runs_the_demo_study(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(demo, "run_study", fake_run_study)
     rc = demo.main(["--data", str(data), "--data-other", str(other), "--out", str(tmp_path / "out"),
-                    "study.seeds=[3,4]"])
+                    "study.seeds=[3,4,5,6]"])
     assert rc == 0
     study = seen["study"]
-    assert study.seeds == [3, 4] and study.out_dir == str(tmp_path / "out")
+    assert study.seeds == [3, 4, 5, 6] and study.out_dir == str(tmp_path / "out")
     assert [o for o in study.common if o.startswith("data.root")] == [f"data.root='{data}'"]
-    assert {"depth_mono_full", "flow", "classification_other_domain", "random"} <= set(study.pretrainings)
+    assert {"depth_stereo_full", "flow", "classification_other_domain", "random"} <= set(study.pretrainings)
     # the honest semantic baseline reads the other world; everything else the demo's own
     assert f"data.root='{other}'" in study.pretrainings["classification_other_domain"].overrides
     assert not any(o.startswith("data.root") for o in study.pretrainings["flow"].overrides)

@@ -1,6 +1,6 @@
 """The demo grid's pieces: per-protocol N-shot columns (study.protocol_shots), a row fine-tuning
 from another row's pre-training run (weights_from, e.g. depth_full), the different-domain world
-(SyntheticConfig.palette) and the demo's own grid (frozen + 4-shot, 8 scored classes, 3 seeds)."""
+(SyntheticConfig.palette) and the demo's own grid (frozen, 8 scored classes, 4 pre-training runs per row)."""
 from __future__ import annotations
 
 import numpy as np
@@ -64,15 +64,27 @@ def test_demo_grid_is_the_informative_one():
     cols = {(j.tags["grid_protocol"], j.tags["grid_shots"]) for j in jobs if j.kind == "finetune"}
     assert cols == {("frozen", "0")}  # the study's protocols replace the schema's default "full"
     assert len(study.seeds) >= 4 and study.parallel_jobs == 2
-    assert study.pretrainings["depth_mono_full"].task == "depth"
-    assert study.pretrainings["depth_mono_full"].init == "depth_full"
-    assert sorted(study.pretrainings) == ["classification_other_domain", "depth_mono_full", "flow", "random"]
+    depth = study.pretrainings["depth_stereo_full"]
+    assert depth.task == "depth" and depth.init == "depth_full"
+    # depth from stereo pairs, scored with median scaling (beside a constant depth scaled alike)
+    assert {"task.supervision=stereo", "task.eval_scaling=median"} <= set(depth.overrides)
+    assert sorted(study.pretrainings) == ["classification_other_domain", "depth_stereo_full", "flow", "random"]
+    # every pre-training row runs once per pre-training seed, one fine-tuning seed nested in each run
+    assert len(study.pretrain_seeds) == len(study.seeds) == 4
+    pre = [j for j in jobs if j.kind == "pretrain"]
+    assert len(pre) == 3 * 4 and len(jobs) - len(pre) == 4 * 4
+    assert {j.needs for j in jobs if j.job_id.startswith("ft-depth_stereo_full")} == {
+        f"pre-depth_stereo_full-p{p}" for p in study.pretrain_seeds}
+    # pre-trainings are scored on their own task: depth and flow on the test split, classification on
+    # keyed crops of the other world's validation split (full frames show every class)
+    assert not any(o.startswith("data.test_split") for o in depth.overrides + study.pretrainings["flow"].overrides)
+    assert "task.eval_crop=true" in study.pretrainings["classification_other_domain"].overrides
     # the columns and rows measured and left out of the budget are an override away
     more = load_study(["+experiment=demo", "+study.protocols.full=['task.protocol=full','train.steps=80']",
                        "+study.protocol_shots.full=[4]",
-                       "+study.pretrainings.depth_mono_encoder={weights_from:depth_mono_full,init:depth}"])
+                       "+study.pretrainings.depth_stereo_encoder={weights_from:depth_stereo_full,init:depth}"])
     cols = {(j.tags["grid_protocol"], j.tags["grid_shots"]) for j in plan(more) if j.kind == "finetune"}
-    assert cols == {("frozen", "0"), ("full", "4")} and more.pretrainings["depth_mono_encoder"].init == "depth"
+    assert cols == {("frozen", "0"), ("full", "4")} and more.pretrainings["depth_stereo_encoder"].init == "depth"
     assert "data.root=data/synthetic_demo_gbr" in study.pretrainings["classification_other_domain"].overrides
     assert study.compare.miou == "miou_subset"
     assert "task.eval_subset=[0,1,2,5,8,9,10,13]" in study.finetune

@@ -158,6 +158,21 @@ def test_rendezvous_and_topology():
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_pod_grace_covers_the_ranks_grace(kind):
+    """Kubernetes SIGKILLs a pod terminationGracePeriodSeconds after its SIGTERM: that must be longer
+    than the time torchrun gives the ranks to checkpoint (--shutdown-timeout), which they are told."""
+    from launch.torchrun import STOP_MARGIN_S
+
+    pods = [pod for doc in render(kind, typical_job(grace_s=600)) for pod in pod_templates(doc)]
+    assert pods
+    for pod in pods:
+        container = pod["spec"]["containers"][0]
+        assert pod["spec"]["terminationGracePeriodSeconds"] == 600 + STOP_MARGIN_S
+        assert "--shutdown-timeout=600" in container["command"]
+        assert {"name": "GEOPRIME_STOP_GRACE_S", "value": "600"} in container["env"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_golden_file(kind):
     """The rendered YAML of a typical case is kept; a change to it must be deliberate."""
     text = to_yaml(render(kind, typical_job()))
@@ -190,3 +205,20 @@ def test_cli_writes_yaml_that_round_trips(tmp_path):
     r = subprocess.run([sys.executable, "-m", "launch", "k8s", "--image", "img:1", "--kind", "job"],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 2 and "--shards-url" in r.stderr
+
+
+def test_default_job_name_is_one_per_job(tmp_path):
+    """Two jobs rendered with the defaults get their own name, rendezvous id and out_dir; the same
+    job rendered again keeps its name (kubectl apply updates it instead of starting a second)."""
+    from launch.k8s import main
+
+    def rendered(*overrides: str) -> dict:
+        out = tmp_path / "m.yaml"
+        assert main([*overrides, "--image", "img:1", "--shards-url", "s3://b/kitti", "--out", str(out)]) == 0
+        return list(yaml.safe_load_all(out.read_text()))[1]
+
+    a, b, again = rendered("task=depth", "seed=0"), rendered("task=depth", "seed=1"), rendered("seed=0", "task=depth")
+    name = a["metadata"]["name"]
+    assert name.startswith("geoprime-depth-") and name != b["metadata"]["name"] and name == again["metadata"]["name"]
+    command = a["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert f"--rdzv_id={name}" in command and f"out_dir=/checkpoints/{name}" in command

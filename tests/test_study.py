@@ -128,7 +128,7 @@ def test_bad_studies_name_the_problem(tmp_path):
 
 def test_demo_study_is_valid():
     study = load_study(["+experiment=demo"])
-    assert set(study.pretrainings) >= {"depth_mono_full", "flow", "classification_other_domain", "random"}
+    assert set(study.pretrainings) >= {"depth_stereo_full", "flow", "classification_other_domain", "random"}
     assert len(study.seeds) >= 2
 
 
@@ -228,7 +228,8 @@ def test_parallel_jobs_overlap_wait_for_their_pretraining_and_share_the_cores(tm
     events = sorted([(a, 1) for a, _ in spans.values()] + [(b, -1) for _, b in spans.values()])
     running = [sum(d for _, d in events[:i + 1]) for i in range(len(events))]
     assert max(running) == 2  # two at a time, never more
-    assert envs == {(("GEOPRIME_THREADS", str(max(1, available_cores() // 2))),)}
+    assert {dict(e).get("GEOPRIME_THREADS") for e in envs} == {str(max(1, available_cores() // 2))}
+    assert {dict(e).get("GEOPRIME_STOP_GRACE_S") for e in envs} == {"120"}  # what a stop gives each job
     assert _depth_miou(tmp_path) == pytest.approx(50.5)  # the same table as one at a time
 
 
@@ -257,8 +258,9 @@ def test_fingerprint_covers_the_jobs_config_only(tmp_path):
 def _in_process_trainer(monkeypatch, fail_once: set[str]) -> list[str]:
     """Replace study.run_job with an in-process stand-in of the trainer: it logs a child run through
     TrackingStore with the tags it is given, resumes its MLflow run when its folder holds one (the way
-    the trainer resumes from a checkpoint), and exports 'weights' naming the pre-training's train.steps;
-    a fine-tuning's mIoU is 0.5 (depth) / 0.3 (random) + 0.01 * seed + 0.01 * (pre-training steps - 3)."""
+    the trainer resumes from a checkpoint), and exports 'weights' naming the pre-training's train.steps
+    and seed; a fine-tuning's mIoU is 0.5 (depth) / 0.3 (random) + 0.01 * seed + 0.01 * (pre-training
+    steps - 3) + 0.02 * pre-training seed."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     calls: list[str] = []
@@ -289,13 +291,14 @@ def _in_process_trainer(monkeypatch, fail_once: set[str]) -> list[str]:
         if vals["task"] == "segmentation":
             init, seed, bonus = vals["task.init"], int(vals["seed"]), 0.0
             if init != "random":
-                kind, steps = Path(vals["task.weights"]).read_text().split()
+                kind, steps, pseed = Path(vals["task.weights"]).read_text().split()
                 assert kind == init
-                bonus = 0.01 * (int(steps) - 3)
+                bonus = 0.01 * (int(steps) - 3) + 0.02 * int(pseed)
             base = {"depth": 0.5, "random": 0.3}[init] + bonus
             store.log_metrics(run_id, {"test/miou": base + 0.01 * seed, "test/pixel_acc": base + 0.4}, step=2)
         else:
-            (out / "weights.pt").write_text(f"{vals['task']} {vals['train.steps']}")
+            (out / "weights.pt").write_text(f"{vals['task']} {vals['train.steps']} {vals['seed']}")
+            store.log_metrics(run_id, {"val/abs_rel": 0.2 + 0.01 * int(vals["seed"]), "val/baseline_abs_rel": 0.5})
         store.set_status(run_id, "FINISHED")
         return 0, 0.0
 
@@ -344,9 +347,9 @@ def test_changed_pretraining_reruns_it_and_its_finetunings_only(tmp_path, monkey
     assert f"pre-depth: config changed ({old_fp['pre-depth']} -> {new_fp['pre-depth']}): old run folder kept as " \
            f"{runs}/pre-depth.stale-" in out
     (stale,) = runs.glob("pre-depth.stale-*")
-    assert (stale / "weights.pt").read_text() == "depth 3"  # the old run, kept whole
+    assert (stale / "weights.pt").read_text() == "depth 3 0"  # the old run, kept whole
     assert json.loads((stale / "study_job.json").read_text())["fingerprint"] == old_fp["pre-depth"]
-    assert (runs / "pre-depth" / "weights.pt").read_text() == "depth 5"
+    assert (runs / "pre-depth" / "weights.pt").read_text() == "depth 5 0"
     assert len(list(runs.glob("ft-depth-syn-full-nall-s*.stale-*"))) == 2
     assert not list(runs.glob("ft-random*.stale-*"))
 
@@ -415,3 +418,70 @@ def test_unfinished_job_resumes_in_place_and_unknown_folders_are_moved_aside(tmp
     assert (runs / "ft-depth-syn-full-nall-s1" / "run_id").read_text() == failed_run  # same folder, same run
     assert len(list(runs.glob("*.stale-*"))) == 1
     assert _depth_miou(tmp_path) == pytest.approx(50.5)
+
+
+# ----------------------------------------------------------------------------- pre-training seeds
+
+
+def test_pretrain_seeds_pair_each_finetuning_seed_to_one_pretraining_run(tmp_path):
+    cfg_dir = _mini(tmp_path)
+    single = plan(load_study(["+experiment=mini"], cfg_dir))
+    study = load_study(["+experiment=mini", "+study.pretrain_seeds=[0,1]", "study.seeds=[0,1,2,3]"], cfg_dir)
+    jobs = {j.job_id: j for j in plan(study)}
+    assert [j for j in jobs if j.startswith("pre-")] == ["pre-depth-p0", "pre-depth-p1"]
+    assert "seed=1" in jobs["pre-depth-p1"].overrides and jobs["pre-depth-p1"].tags["grid_pretrain_seed"] == "1"
+    # fine-tuning seeds are nested in pre-training seeds, dealt out in turn: s0, s2 <- p0; s1, s3 <- p1
+    assert sorted(j for j in jobs if j.startswith("ft-depth")) == [
+        "ft-depth-syn-full-nall-p0-s0", "ft-depth-syn-full-nall-p0-s2", "ft-depth-syn-full-nall-p1-s1",
+        "ft-depth-syn-full-nall-p1-s3"]
+    assert jobs["ft-depth-syn-full-nall-p1-s3"].needs == "pre-depth-p1"
+    assert jobs["ft-random-syn-full-nall-p1-s3"].needs is None
+    assert jobs["ft-random-syn-full-nall-p1-s3"].tags["grid_pretrain_seed"] == "1"
+    by_id = {j.job_id: j for j in single}
+    # new job ids and fingerprints: nothing of a single-seed study's runs is taken for these; a
+    # random-init row's fingerprint names the run it is paired to
+    assert not set(jobs) & set(by_id)
+    assert jobs["ft-random-syn-full-nall-p0-s0"].fingerprint != by_id["ft-random-syn-full-nall-s0"].fingerprint
+    assert jobs["ft-depth-syn-full-nall-p0-s0"].fingerprint != by_id["ft-depth-syn-full-nall-s0"].fingerprint
+    # the older single-number spelling plans the same jobs as a one-element list, as before
+    legacy = plan(load_study(["+experiment=mini", "+study.pretrain_seed=0"], cfg_dir))
+    listed = plan(load_study(["+experiment=mini", "+study.pretrain_seeds=[0]"], cfg_dir))
+    assert [(j.job_id, j.fingerprint) for j in legacy] == [(j.job_id, j.fingerprint) for j in listed] == \
+        [(j.job_id, j.fingerprint) for j in single]
+    assert "seed=4" in plan(load_study(["+experiment=mini", "+study.pretrain_seed=4"], cfg_dir))[0].overrides
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["+study.pretrain_seeds=[0,1]", "study.seeds=[0,1,2]"],
+     r"3 fine-tuning seeds cannot be split evenly over the 2 pre-training runs .*give a multiple of 2"),
+    (["+study.pretrain_seeds=[0,0]"], r"study.pretrain_seeds=\[0, 0\]: repeated seed"),
+    (["+study.pretrain_seeds=[]"], "study.pretrain_seeds is empty"),
+    (["+study.pretrain_seeds=[0,1]", "+study.pretrain_seed=0"], "pretrain_seed=0 and study.pretrain_seeds=.* both set"),
+])
+def test_bad_pretrain_seeds_are_named(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_study(["+experiment=mini", *overrides], _mini(tmp_path))
+
+
+@pytest.mark.timeout(400)
+def test_single_seed_study_rerun_with_pretrain_seeds_counts_only_the_new_runs(tmp_path, monkeypatch, capsys):
+    cfg_dir = _mini(tmp_path)
+    calls = _in_process_trainer(monkeypatch, set())
+    assert study_mod.run_study(load_study(["+experiment=mini"], cfg_dir)) == 0
+    assert "Unit: the fine-tuning seed" in (tmp_path / "out" / "comparison" / "comparison.md").read_text()
+    del calls[:]
+    study = load_study(["+experiment=mini", "+study.pretrain_seeds=[0,1]"], cfg_dir)
+    assert study_mod.run_study(study) == 0
+    assert calls == [j.job_id for j in plan(study)]  # every job runs: none of the old runs is reused
+    assert "already finished" not in capsys.readouterr().out
+    # depth: s0 from p0 = 50, s1 from p1 = 50 + 1 + 2 = 53; random 30, 31: per-run differences 20, 22
+    rows = {r["pretraining"]: r for r in csv.DictReader(open(tmp_path / "out" / "comparison" / "comparison.csv"))}
+    assert float(rows["depth"]["miou_mean"]) == pytest.approx(51.5)
+    assert rows["depth"]["unit"] == "pre-training run" and rows["depth"]["n_units"] == "2"
+    assert float(rows["depth"]["paired_miou_vs_random_ci95"]) == pytest.approx(12.7062 * 2 ** 0.5 / 2 ** 0.5, rel=1e-4)
+    md = (tmp_path / "out" / "comparison" / "comparison.md").read_text()
+    assert "Unit: the pre-training run. Each pre-training row ran 2 times" in md
+    assert "depth vs random: +21.0 mIoU points, better (per-run difference +21.0, 95 % interval +8.3 .. +33.7)" in md
+    assert ("- depth: val abs_rel 0.205 ± 0.007 against 0.500 for constant depth (median-scaled) (0.41x the "
+            "baseline; 2 runs; per run 0.200, 0.210)") in md
+    assert "not in the study's current grid: ft-depth-syn-full-nall-s0, ft-depth-syn-full-nall-s1" in md

@@ -8,8 +8,9 @@ beside the task (``trainer/tasks/<name>.py``) and is registered here under ``tas
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -23,6 +24,9 @@ class ModelConfig:
     """Encoder initialisation: random | imagenet (torchvision weights from a local file)."""
     imagenet_weights: Optional[str] = None
     """Local path of torchvision ImageNet weights; None -> look in the torch hub cache, offline."""
+    input_norm: str = "imagenet"
+    """Encoder input normalisation: imagenet (torchvision's statistics) | monodepth2 ((x - 0.45) / 0.225, what
+    Monodepth2's weights expect). Fine-tuning must use its pre-training's."""
 
 
 @dataclass
@@ -39,10 +43,12 @@ class DataConfig:
     """Split used for the final evaluation."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0 = load in the training process)."""
-    shuffle_buffer: int = 64
-    """Samples held in the seeded shuffle buffer (after the per-epoch shard shuffle)."""
+    lanes: int = 960
+    """Runs of neighbouring samples interleaved in each epoch's order (docs/data.md): a batch mixes that
+    many shard pieces (drives); part of the order, so a mid-epoch resume needs the same value."""
     tail_policy: str = "drop"
-    """Training tail that cannot be split evenly over ranks: drop (<= world-1 samples per epoch) | pad."""
+    """Training samples left when an epoch's last step cannot be full: drop (< world x batch per epoch) |
+    pad (one more full step, filled with the epoch's first samples marked invalid)."""
     resampled: bool = False
     """Infinite resampled streaming instead of exactly-once epochs (for very large data)."""
     on_corrupt: str = "raise"
@@ -124,6 +130,11 @@ class TrainConfig:
     """Validate every this many steps (0 = only at the end)."""
     eval_max_batches: int = 0
     """Cap on validation batches per rank (0 = the whole split, exactly once)."""
+    select_metric: Optional[str] = None
+    """Validation metric that picks the best-on-validation checkpoint (e.g. miou, abs_rel): exported as
+    best/weights_<step>.pt and scored on test as test_best/*; None = report the final model only."""
+    select_mode: str = "auto"
+    """max | min | auto (min for error metrics: abs_rel, rmse, epe ...; max otherwise)."""
     log_every: int = 10
     """Log training metrics every this many steps."""
     ckpt_every: int = 0
@@ -162,6 +173,9 @@ class TrackingConfig:
     """Seconds between CPU / memory / GPU (NVML) samples; 0 = off."""
     tags: dict[str, str] = field(default_factory=dict)
     """Extra tags on the run (the study sets grid coordinates here)."""
+    close_retry_s: float = 60.0
+    """Seconds the end of a run keeps retrying an unreachable MLflow before leaving records spooled
+    (then sent at the next start in this out_dir, by ``launch study``, or by ``python -m trainer.tracking replay``)."""
 
 
 @dataclass
@@ -195,16 +209,28 @@ def register_configs() -> None:
         cs.store(group="task", name=f"{name}_schema", node=cfg_cls)
 
 
-def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
-    """Dotted keys of ``cfg`` that no schema dataclass declares. Hydra lets ``+key=value`` add keys
-    even to structured configs, so a typo (``+train.stepz=5``) would otherwise be ignored silently."""
-    found: list[str] = []
+def close_match(name: str, options: Iterable[str]) -> Optional[str]:
+    """The option most like ``name`` (a likely typo of it), or None when none is close."""
+    found = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def _schema_fields(cfg: DictConfig) -> Optional[list[str]]:
     schema = OmegaConf.get_type(cfg)
-    fields = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    return [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+
+
+def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[tuple[str, Optional[str]]]:
+    """``(dotted key, likely intended key or None)`` for each key of ``cfg`` that no schema dataclass
+    declares. Hydra lets ``+key=value`` add keys even to structured configs, so a typo
+    (``+train.stepz=5``) would otherwise be ignored silently."""
+    found: list[tuple[str, Optional[str]]] = []
+    fields = _schema_fields(cfg)
     for key in cfg.keys():
         dotted = f"{prefix}{key}"
         if fields is not None and key not in fields:
-            found.append(dotted)
+            match = close_match(str(key), fields)
+            found.append((dotted, f"{prefix}{match}" if match else None))
             continue
         node = cfg._get_node(key)
         if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
@@ -212,11 +238,21 @@ def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     return found
 
 
+def unknown_key_message(key: str, suggestion: Optional[str], known: Iterable[str] = ()) -> str:
+    """``unknown key train.step; did you mean train.steps?`` (or the keys that exist there)."""
+    if suggestion:
+        return f"unknown key {key}; did you mean {suggestion}?"
+    known = sorted(known)
+    where = key.rpartition(".")[0] or "the run config"
+    listed = f" ({where} has: {', '.join(known)})" if known and len(known) <= 30 else ""
+    return f"unknown key {key}{listed}; `python -m trainer --cfg job` prints every key"
+
+
 def check_known_keys(cfg: DictConfig) -> None:
-    """Raise :class:`~trainer.errors.ConfigError` naming every key the schemas do not know (see :func:`unknown_keys`)."""
+    """Raise :class:`~trainer.errors.ConfigError` naming every key the schemas do not know, with the
+    likely intended key (see :func:`unknown_keys`)."""
     bad = unknown_keys(cfg)
     if bad:
         from trainer.errors import ConfigError
 
-        raise ConfigError(f"unknown config key(s): {', '.join(bad)} — no such field in the run / task schema "
-                         "(trainer/config.py, trainer/tasks/<task>.py); check the spelling")
+        raise ConfigError("; ".join(unknown_key_message(k, s) for k, s in bad))

@@ -111,8 +111,15 @@ class _RankFilter(logging.Filter):
         return True
 
 
+def _not_file_only(record: logging.LogRecord) -> bool:
+    """Records logged with ``extra={"file_only": True}`` go to the rank's log file, not to stderr
+    (e.g. a failure the entry point reports on the terminal itself, once)."""
+    return not getattr(record, "file_only", False)
+
+
 def setup_logging(env: DistEnv, log_dir: Optional[str] = None, level: int = logging.INFO) -> logging.Logger:
-    """Rank-prefixed logs: stderr on every rank (warnings only off rank 0) + ``<log_dir>/rank<N>.log``."""
+    """Rank-prefixed logs: stderr on every rank (warnings only off rank 0) + ``<log_dir>/rank<N>.log``;
+    records marked ``file_only`` skip stderr."""
     logger = logging.getLogger("geoprime")
     logger.setLevel(level)
     teardown_logging()
@@ -120,6 +127,7 @@ def setup_logging(env: DistEnv, log_dir: Optional[str] = None, level: int = logg
     handlers: list[logging.Handler] = []
     stream = logging.StreamHandler(sys.stderr)
     stream.setLevel(level if env.is_logging_rank else logging.WARNING)
+    stream.addFilter(_not_file_only)
     handlers.append(stream)
     if log_dir:
         Path(log_dir).mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ step ``k`` on its first attempt (``TORCHELASTIC_RESTART_COUNT`` 0), to exercise 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data_shards.atomic import atomic_write_text
+from data_shards.collate import require_uniform
 from trainer.checkpoint import Checkpointer, step_dir_name
 from trainer.config import check_known_keys
 from trainer.distributed import dist_env, rank_seed, seed_everything, setup_logging, teardown_logging
@@ -33,9 +35,11 @@ from trainer.errors import ConfigError
 from trainer.evaluation import evaluate
 from trainer.interrupts import Preempted, StepControl, StopSignals
 from trainer.preflight import RunPlan, preflight
+from trainer.progress import Phase, StartupTimes, counted
 from trainer.resume_check import check_resume_config
 from trainer.run_lock import OutDirLock
 from trainer.run_state import Progress, RankBuffers, RNGState
+from trainer.selection import BestCheckpoint
 from trainer.train_log import TrainLog
 
 log = logging.getLogger("geoprime.loop")
@@ -43,15 +47,16 @@ log = logging.getLogger("geoprime.loop")
 __all__ = ["train", "evaluate", "shard_loader_factory"]
 
 #: ``make_loader(split, train) -> loader`` with ``__iter__``, ``batches_per_epoch``, ``epoch``,
-#: ``state_dict()`` / ``load_state_dict()`` (a ``data_shards.loader.ResumableLoader``).
+#: ``state_dict()`` / ``load_state_dict()`` (a ``data_shards.loader.ResumableLoader``: its state is the
+#: same on every rank and loads under another world size, see ``Progress.reposition``).
 LoaderFactory = Callable[[str, bool], Any]
 
 
 def shard_loader_factory(cfg: Any, task: Any, engine: Engine) -> LoaderFactory:
-    """Loaders over ``data_shards`` streams: training shuffled with ``data.tail_policy``;
-    evaluation in order with ``tail="pad"`` so every sample counts exactly once."""
+    """Loaders over ``data_shards`` streams: training in the seeded global order with
+    ``data.tail_policy``; evaluation in order with ``tail="pad"`` so every sample counts exactly once."""
     from data_shards.loader import build_loader
-    from data_shards.stream import ShardStream
+    from data_shards.stream import ShardStream, StreamConfig
 
     d = cfg.data
 
@@ -61,11 +66,11 @@ def shard_loader_factory(cfg: Any, task: Any, engine: Engine) -> LoaderFactory:
         else:
             def transform(sample: dict, generator: torch.Generator) -> dict:
                 return task.eval_transform(sample)
-        stream = ShardStream(d.root, split, rank=engine.rank, world_size=engine.world_size, seed=int(cfg.seed),
-                             shuffle=train, shuffle_buffer=d.shuffle_buffer,
-                             tail=d.tail_policy if train else "pad", resampled=bool(d.resampled) and train,
-                             on_corrupt=d.on_corrupt, keys=task.stream_keys(train),
-                             subset=d.subset if train else 0, subset_seed=d.subset_seed, transform=transform)
+        stream = ShardStream(StreamConfig(
+            d.root, split, rank=engine.rank, world_size=engine.world_size, seed=int(cfg.seed), shuffle=train,
+            lanes=int(d.lanes), tail=d.tail_policy if train else "pad", resampled=bool(d.resampled) and train,
+            on_corrupt=d.on_corrupt, keys=task.stream_keys(train), subset=d.subset if train else 0,
+            subset_seed=d.subset_seed, transform=transform))
         return build_loader(stream, int(cfg.train.batch_size), num_workers=int(d.num_workers), drop_last=train)
 
     return make
@@ -95,7 +100,7 @@ class _Batches:
             try:
                 batch = next(self._it)
                 self.wait_s += time.perf_counter() - t0
-                return batch
+                return require_uniform(batch)  # one frame size per training batch
             except StopIteration:
                 self._it = None  # the loader moved on to the next epoch
         raise RuntimeError("the training loader yielded no batch in a whole epoch")
@@ -138,10 +143,20 @@ class _Run:
     ckpt: Optional[Checkpointer] = None
     progress: Optional[Progress] = None
     per_rank: dict[str, Any] = field(default_factory=dict)
+    best: Optional[BestCheckpoint] = None
+    """The best-on-validation model (``train.select_metric``), None when not selecting."""
+    test_loader: Any = None
 
-    def save(self, step: int) -> Path:
+    def shared_state(self) -> dict[str, Any]:
+        """The Stateful objects rank 0 saves in each checkpoint, by name."""
+        return {"progress": self.progress, **({"best": self.best} if self.best is not None else {})}
+
+    def save(self, step: int, stopping: bool = False) -> Path:
         self.progress.step = step
-        return self.ckpt.save(step, {"progress": self.progress}, self.per_rank)
+        path = self.ckpt.save(step, self.shared_state(), self.per_rank, stopping=stopping)
+        if self.best is not None and self.engine.is_logging_rank:
+            self.best.prune()  # the checkpoint names the best step: older candidates can go
+        return path
 
 
 def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[LoaderFactory] = None,
@@ -160,30 +175,32 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
     lock: Optional[OutDirLock] = None
     determinism = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
     run: Optional[_Run] = None
+    times = StartupTimes()
     try:
         if isinstance(cfg, DictConfig):
             check_known_keys(cfg)
         task = task if task is not None else _build_task(cfg)
         # everything the run will read, checked before step 1 and before any process group starts
         plan = preflight(cfg, task) if loaders is None else RunPlan(cfg.data.val_split, cfg.data.test_split)
+        times.mark("preflight")
         if env.rank == 0:  # one job per run folder: a second one is refused, naming this one
             lock = OutDirLock(out_dir).acquire()
         engine = engine or Engine(cfg.parallel, cfg.optim, cfg.schedule, int(cfg.train.steps),
                                   micro_batch_size=int(cfg.train.batch_size), env=env)
+        times.mark("process group")
         run = _Run(cfg, engine, task, plan=plan)
-        _set_up(run, loaders)
-        resumed = _resume(run)
-        run.tracker = tracker or _create_tracker(cfg, engine, run.progress.run_id)
-        _start_tracking(run, resumed)
+        _start(run, loaders, tracker, times)
         with StopSignals() as signals:
-            result = _run(run, StepControl(engine, signals, float(cfg.train.ckpt_every_minutes)))
+            result = _run(run, StepControl(engine, signals, float(cfg.train.ckpt_every_minutes), run.ckpt.root))
     except Preempted as e:  # every rank agreed and the checkpoint is whole: an orderly stop
         log.warning("%s", e)
         _close(run, own_tracker, own_engine, "KILLED")
         raise
     except BaseException as e:
         # into this rank's log file before it is closed: "see <out_dir>/logs" must find the error
-        log.error("run failed: %s: %s", type(e).__name__, e, exc_info=not isinstance(e, ConfigError))
+        # (file only: the entry point prints it on the terminal, once)
+        log.error("run failed: %s: %s", type(e).__name__, e, exc_info=not isinstance(e, ConfigError),
+                  extra={"file_only": True})
         if own_engine and engine is not None:
             engine.abandon_group()  # a failed rank cannot rely on its peers reaching a barrier
         _close(run, own_tracker, False, "FAILED")
@@ -196,6 +213,19 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
         teardown_logging()
     _close(run, own_tracker, own_engine, "FINISHED")
     return result
+
+
+def _start(run: _Run, loaders: Optional[LoaderFactory], tracker: Any, times: StartupTimes) -> None:
+    """Set-up, resume and tracking, each timed; the logging rank reports the run's fixed costs."""
+    _set_up(run, loaders)
+    times.mark("model, optimizer, loader")
+    resumed = _resume(run)
+    times.mark("resume")
+    run.tracker = tracker or _create_tracker(run.cfg, run.engine, run.progress.run_id)
+    _start_tracking(run, resumed)
+    times.mark("tracking")
+    if run.engine.is_logging_rank:
+        log.info("start-up: %s; out_dir %s", times.line(), run.cfg.out_dir)
 
 
 def _close(run: Optional[_Run], own_tracker: bool, own_engine: bool, status: str) -> None:
@@ -229,7 +259,9 @@ def _set_up(run: _Run, loaders: Optional[LoaderFactory]) -> None:
     run.train_loader = run.make_loader(cfg.data.train_split, True)
     run.ckpt = Checkpointer(Path(cfg.out_dir) / "checkpoints", engine, keep_last=int(cfg.train.keep_last))
     run.progress = Progress(run.train_loader, _config_yaml(cfg), int(cfg.train.batch_size), engine.world_size)
-    run.per_rank = {"rng": RNGState(), "data": run.train_loader, "buffers": RankBuffers(engine)}
+    run.per_rank = {"rng": RNGState(), "data": run.train_loader, "buffers": RankBuffers(engine), **task.stateful()}
+    if getattr(cfg.train, "select_metric", None):
+        run.best = _best_checkpoint(cfg, run.plan)
 
 
 def _resume(run: _Run) -> bool:
@@ -253,13 +285,15 @@ def _resume(run: _Run) -> bool:
         if isinstance(cfg, DictConfig) and saved.get("config"):
             check_resume_config(saved["config"], cfg, str(resume_from), explicit=str(tc.resume) != "auto")
 
-    same_world = run.ckpt.load(resume_from, {"progress": run.progress}, run.per_rank, validate=same_experiment)
+    same_world = run.ckpt.load(resume_from, run.shared_state(), run.per_rank, validate=same_experiment)
+    if run.best is not None and engine.is_logging_rank:
+        run.best.prune()  # weights of steps after this checkpoint belong to a run that was not kept
     if not same_world:
         saved = run.progress.saved
-        batch = run.progress.reposition()
-        log.warning("world size changed %d -> %d: resuming epoch %d at batch %d (the sample order within "
-                    "this epoch is not the original run's)", saved["world_size"], engine.world_size,
-                    saved["epoch"], batch)
+        data = run.progress.reposition()
+        log.warning("world size changed %d -> %d: resuming epoch %d after %d samples of its order (the same "
+                    "global order: exactly the samples not yet consumed)", saved["world_size"], engine.world_size,
+                    int(data["epoch"]), int(data.get("samples", 0)))
         seed_everything(rank_seed(int(cfg.seed) + run.progress.step, engine.rank))
     return True
 
@@ -280,6 +314,23 @@ def _start_tracking(run: _Run, resumed: bool) -> None:
         if not resumed:
             run.tracker.log_config(yaml_text)
             run.tracker.log_params({f"engine.{k}": v for k, v in engine.describe().items()})
+            if run.task.provenance():
+                run.tracker.set_tags(run.task.provenance())
+
+
+@contextlib.contextmanager
+def _first_step(engine: Engine, step: int, batches: _Batches) -> Iterator[None]:
+    """The first step of a process: data start-up and compilation (where enabled), once; its time
+    split into waiting for data and computing."""
+    wait0, what = batches.wait_s, f"step {step + 1}, the first of this process"
+    with Phase(what, enabled=engine.is_logging_rank, report_end=False,
+               detail="opens the shards, starts the loader workers, compiles what is compiled (the CPU depth "
+                      "loss, parallel.compile): one-off, minutes on a loaded CPU") as phase:
+        yield
+    if engine.is_logging_rank:
+        wait = batches.wait_s - wait0
+        log.info("%s: %.1f s (waiting for data %.1f s: shards opened, loader workers started; computing %.1f s: "
+                 "compilation where enabled, first-call set-up)", what, phase.seconds, wait, phase.seconds - wait)
 
 
 def _run(run: _Run, control: StepControl) -> dict[str, Any]:
@@ -296,59 +347,120 @@ def _run(run: _Run, control: StepControl) -> dict[str, Any]:
                          logged_until=last_step() if last_step and step and engine.is_logging_rank else 0)
     val_loader = None
     last_saved = step if step else -1
-    bar = tqdm(total=total, initial=step, disable=not (engine.is_logging_rank and tc.progress),
-               desc="train", dynamic_ncols=True, unit="step")
+    bar = None  # made after the first step: its rate and ETA leave the first step's one-off costs out
     while step < total:
-        for micro in range(engine.grad_accum):
-            batch = engine.to_device(batches.next())
-            with engine.accumulate(micro):
-                loss, terms = engine.forward(task.training_step, batch)
-                engine.backward(loss)
-            train_log.add(loss, terms, engine.grad_accum)
-        train_log.end_step(engine.step())
+        with _first_step(engine, step, batches) if bar is None else contextlib.nullcontext():
+            for micro in range(engine.grad_accum):
+                batch = engine.to_device(batches.next())
+                with engine.accumulate(micro):
+                    loss, terms = engine.forward(task.training_step, batch)
+                    engine.backward(loss)
+                train_log.add(loss, terms, engine.grad_accum)
+            task.before_optimizer_step(engine.parts)
+            train_log.end_step(engine.step())
         step += 1
-        bar.update(1)
+        if bar is None:
+            train_log.restart_clock()
+            bar = tqdm(total=total, initial=step, disable=not (engine.is_logging_rank and tc.progress),
+                       desc="train", dynamic_ncols=True, unit="step")
+        else:
+            bar.update(1)
         train_log.maybe_flush(step, run.train_loader, batches.wait_s)
         if int(tc.eval_every) and step % int(tc.eval_every) == 0 and step < total and run.plan.val_split:
             val_loader = val_loader or run.make_loader(run.plan.val_split, False)
-            val = evaluate(engine, task, val_loader, int(tc.eval_max_batches))
+            val = evaluate(engine, task, _eval_progress(engine, val_loader, "validation", int(tc.eval_max_batches)),
+                           int(tc.eval_max_batches))
             train_log.send({f"val/{k}": v for k, v in val.items()}, step)
-        stop, due = control.poll()
+            _select(run, step, val)
+        stop, due = control.poll(step)
         if stop or (step < total and (due or (int(tc.ckpt_every) and step % int(tc.ckpt_every) == 0))):
-            run.save(step)
+            run.save(step, stopping=stop)
             last_saved = step
-            control.saved()
+            control.saved(run.ckpt.last_save.get("total_s"), stopping=stop)
         if stop:
             raise Preempted(control.signum, step, str(run.ckpt.root / step_dir_name(step)))
         _maybe_kill(step, engine.rank)
-    bar.close()
+    if bar is not None:
+        bar.close()
     if last_saved != total:
         run.save(total)
     return _finish(run, train_log.latest, val_loader)
 
 
+def _eval_progress(engine: Engine, loader: Any, what: str, max_batches: int) -> Any:
+    """``loader``'s batches with progress lines on the logging rank (evaluation can take minutes)."""
+    total = int(getattr(loader, "batches_per_epoch", 0) or 0)
+    return counted(loader, what, total=min(total, max_batches) if max_batches else total,
+                   enabled=engine.is_logging_rank)
+
+
+def _best_checkpoint(cfg: Any, plan: RunPlan) -> BestCheckpoint:
+    """The selection state for ``train.select_metric``; it needs a validation split."""
+    metric = str(cfg.train.select_metric)
+    if not plan.val_split:
+        raise ConfigError(f"train.select_metric={metric!r} selects on validation, but this run has no "
+                          f"validation split ({plan.skipped.get('val') or 'data.val_split is empty'})")
+    if plan.val_split == plan.test_split:
+        log.warning("train.select_metric=%s selects on split %r, which is also the test split: the best "
+                    "checkpoint's test metrics (test_best/*) are optimistic; the final model's are not",
+                    metric, plan.val_split)
+    try:
+        return BestCheckpoint(metric, str(getattr(cfg.train, "select_mode", "auto")),
+                              Path(cfg.out_dir) / "best")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _test_loader(run: _Run) -> Any:
+    run.test_loader = run.test_loader or run.make_loader(run.plan.test_split, False)
+    return run.test_loader
+
+
+def _select(run: _Run, step: int, val: dict[str, float], final: bool = False) -> None:
+    """Offer a validation result to the selection; an improvement exports the model and (before
+    the last step: the final test pass covers it) evaluates it on the test split. Collective."""
+    best, engine = run.best, run.engine
+    if best is None or not best.offer(step, val):
+        return
+    engine.export_weights(best.weights_path())
+    if run.plan.test_split == run.plan.val_split and not int(run.cfg.train.eval_max_batches):
+        best.test = dict(val)  # the same split, evaluated whole: no second pass
+    elif run.plan.test_split and not final:
+        best.test = evaluate(engine, run.task, _eval_progress(engine, _test_loader(run), "test evaluation of the best "
+                                                                 "checkpoint so far", 0), 0)
+    if engine.is_logging_rank:
+        best.prune()
+        run.tracker.log_metrics({"best/step": float(step), f"best/val_{best.metric}": float(best.value)}, step=step)
+
+
 def _finish(run: _Run, train_logs: dict[str, float], val_loader: Any) -> dict[str, Any]:
-    """Final val / test evaluation, export, ``metrics.json``; checkpoints dropped if asked."""
+    """Export, final val / test evaluation (selection included), ``metrics.json``; checkpoints
+    dropped if asked. The weights are written first: an evaluation failure never loses them."""
     cfg, engine, task, tracker, tc = run.cfg, run.engine, run.task, run.tracker, run.cfg.train
     total, out_dir = int(tc.steps), Path(cfg.out_dir)
+    weights = engine.export_weights(out_dir / "weights.pt") if tc.export else None
     # the pictures come from the test split, or from val when there is none (pre-trainings)
     qual = out_dir / "qualitative"
     val_metrics: dict[str, float] = {}
     if run.plan.val_split:
         val_loader = val_loader or run.make_loader(run.plan.val_split, False)
-        val_metrics = evaluate(engine, task, val_loader, int(tc.eval_max_batches),
+        val_metrics = evaluate(engine, task, _eval_progress(engine, val_loader, "final validation",
+                                                            int(tc.eval_max_batches)), int(tc.eval_max_batches),
                                visualize_to=None if run.plan.test_split else qual)
         tracker.log_metrics({f"val/{k}": v for k, v in val_metrics.items()}, step=total)
+        _select(run, total, val_metrics, final=True)
     test_metrics: dict[str, float] = {}
     if run.plan.test_split:
-        test_metrics = evaluate(engine, task, run.make_loader(run.plan.test_split, False), 0, visualize_to=qual)
+        test_loader = _eval_progress(engine, _test_loader(run), "test evaluation", 0)
+        test_metrics = evaluate(engine, task, test_loader, 0, visualize_to=qual)
         tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}, step=total)
     if engine.is_logging_rank and qual.is_dir() and any(qual.iterdir()):
         tracker.log_artifact(str(qual), "qualitative")
-    weights = engine.export_weights(out_dir / "weights.pt") if tc.export else None
     result = {"step": total, "run_id": run.progress.run_id, "train": train_logs, "val": val_metrics,
               "test": test_metrics, "world_size": engine.world_size, "strategy": engine.strategy,
               "weights": str(weights) if weights else None, "skipped": run.plan.skipped}
+    if run.best is not None:
+        result["best"] = _report_best(run, total, test_metrics)
     if engine.is_logging_rank:
         _atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2, sort_keys=True))
         tracker.log_artifact(str(out_dir / "metrics.json"))
@@ -358,3 +470,19 @@ def _finish(run: _Run, train_logs: dict[str, float], val_loader: Any) -> dict[st
         shutil.rmtree(run.ckpt.root, ignore_errors=True)  # the run is whole: weights and metrics are written
         log.info("deleted %s (train.keep_checkpoints=false)", run.ckpt.root)
     return result
+
+
+def _report_best(run: _Run, total: int, test_metrics: dict[str, float]) -> dict[str, Any]:
+    """The best checkpoint beside the final model: its test metrics as ``test_best/*`` (the final
+    model's stay ``test/*``, which the study's table reads), its step and metric as tags."""
+    best = run.best
+    if best.step == total:
+        best.test = dict(test_metrics)
+    if run.engine.is_logging_rank:
+        best.saved_step = best.step
+        best.prune()
+        run.tracker.log_metrics({f"test_best/{k}": v for k, v in best.test.items()}, step=total)
+        run.tracker.set_tags({"selection.metric": f"{best.mode} val/{best.metric}",
+                              "selection.best_step": str(best.step),
+                              "selection.table_uses": "final (test/*); best-on-validation: test_best/*"})
+    return best.summary()

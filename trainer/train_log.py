@@ -25,6 +25,13 @@ def system_metrics(engine: Any) -> dict[str, float]:
     return out
 
 
+def _duration(seconds: float) -> str:
+    """``42 s``, ``13 min``, ``2.5 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 class TrainLog:
     """Accumulates a window of steps and logs it every ``log_every`` steps (collective: every rank
     calls :meth:`flush` at the same steps). A resumed run re-does the steps after its checkpoint:
@@ -42,6 +49,12 @@ class TrainLog:
     def _reset(self, wait_s: float) -> None:
         self.sums: dict[str, Any] = {}
         self.steps, self.start, self.wait_start = 0, time.perf_counter(), wait_s
+        self.timed_steps = 0  # steps since ``start`` (the rate's; see restart_clock)
+
+    def restart_clock(self) -> None:
+        """Time the window's rate from now: the first step's one-off costs (data start-up,
+        compilation) stay out of samples/s and the ETA."""
+        self.start, self.timed_steps = time.perf_counter(), 0
 
     def add(self, loss: Any, terms: dict[str, Any], grad_accum: int) -> None:
         """One micro-step's loss and terms (tensors: no device sync per micro-step)."""
@@ -50,6 +63,7 @@ class TrainLog:
 
     def end_step(self, grad_norm: Any) -> None:
         self.steps += 1
+        self.timed_steps += 1
         self.sums["grad_norm"] = self.sums.get("grad_norm", 0.0) + grad_norm
 
     def send(self, metrics: dict[str, float], step: int) -> None:
@@ -70,8 +84,10 @@ class TrainLog:
         logs = {f"train/{k}": float(vec[i]) / engine.world_size for i, k in enumerate(keys)}
         # samples skipped as corrupt (data.on_corrupt=skip), all ranks, since this process started
         logs["train/corrupt_skipped"] = float(vec[-2])
+        timed = self.timed_steps or self.steps  # a window of only the first step: its own time
+        steps_per_s = timed / max(now - self.start, 1e-9)
         logs.update({"train/lr": engine.lr,
-                     "train/samples_per_s": self.steps * self.samples_per_step / max(now - self.start, 1e-9),
+                     "train/samples_per_s": steps_per_s * self.samples_per_step,
                      "train/data_wait_s": (wait_s - self.wait_start) / self.steps,
                      "train/epoch": float(loader.epoch)})
         metrics = dict(logs)
@@ -80,6 +96,6 @@ class TrainLog:
             self.last_sys = now
         self.send(metrics, step)
         self.latest = logs
-        log.info("step %d/%d loss %.5f lr %.3g %.1f samples/s", step, self.total, logs["train/loss"], engine.lr,
-                 logs["train/samples_per_s"])
+        log.info("step %d/%d loss %.5f lr %.3g %.1f samples/s, ETA %s", step, self.total, logs["train/loss"],
+                 engine.lr, logs["train/samples_per_s"], _duration((self.total - step) / steps_per_s))
         self._reset(wait_s)

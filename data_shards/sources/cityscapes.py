@@ -31,6 +31,22 @@ from PIL import Image
 
 from data_shards.atomic import atomic_write
 from data_shards.sources.labels import labelid_to_trainid, trainid_to_labelid
+#: ``build cityscapes --help``: what to download and how --root must look
+DOWNLOAD = """what to download (https://www.cityscapes-dataset.com/downloads/, an account is needed):
+  leftImg8bit_trainvaltest.zip            the annotated frames (always)
+  gtFine_trainvaltest.zip                 fine labels (part seg)
+  rightImg8bit_trainvaltest.zip           right view (part right)
+  disparity_trainvaltest.zip              disparity -> depth (part depth, with camera_*)
+  camera_trainvaltest.zip                 intrinsics and baseline (depth, K)
+  leftImg8bit_sequence_trainvaltest.zip   the 30-frame snippets (part video; --mode sequence)
+  rightImg8bit_sequence_trainvaltest.zip  right snippets (--mode sequence, stereo)
+unzip them into one folder and pass it as --root; it then holds:
+  leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png
+  gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
+  rightImg8bit/ disparity/ camera/ leftImg8bit_sequence/ rightImg8bit_sequence/  (same tree, where downloaded)
+--with auto converts the parts whose folders exist. Details: docs/real-datasets.md#cityscapes"""
+
+
 from data_shards.sources.resize import (
     Geometry, SourceError, add_common_arguments, geometry_from_args, read_png_gray, read_rgb, require,
     write_splits,

@@ -30,6 +30,20 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+#: ``build kitti --help``: what to download and how --root must look
+DOWNLOAD = """what to download (https://www.cvlibs.net/datasets/kitti/raw_data.php, "synced+rectified data"):
+  <date>_drive_<NNNN>_sync.zip   one per drive (Monodepth2's splits/kitti_archives_to_download.txt lists the
+                                 Eigen split's drives, each URL an archive)
+  <date>_calib.zip               one per date: calib_cam_to_cam.txt, calib_velo_to_cam.txt
+  data_depth_annotated.zip       optional: KITTI's annotated depth (--depth annotated --depth-root)
+  split files                    Monodepth2's splits/eigen_zhou/{train,val}_files.txt, splits/eigen/test_files.txt
+unzip the archives into one folder and pass it as --root; it then holds:
+  <root>/<date>/calib_cam_to_cam.txt
+  <root>/<date>/<date>_drive_<NNNN>_sync/image_02/data/0000000123.png  (image_03: the right camera)
+  <root>/<date>/<date>_drive_<NNNN>_sync/velodyne_points/data/0000000123.bin  (--depth velodyne)
+Details: docs/real-datasets.md#kitti-raw-self-supervised-depth-video--stereo-optional-lidar-depth"""
+
+
 from data_shards.sources.resize import (
     Geometry, SourceError, add_common_arguments, add_layout_argument, geometry_from_args, read_png_gray, read_rgb,
     require, tar_safe, write_splits,

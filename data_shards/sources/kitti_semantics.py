@@ -4,6 +4,11 @@ Reads ``<root>/training/image_2/<id>_10.png`` and ``<root>/training/semantic/<id
 (8-bit Cityscapes *label ids*), maps labels to train ids (255 ignore) with the official table.
 The 200 labelled images are split deterministically as the reference study does: the first
 N (sorted by name) train, the rest test; or, with ``--shot-seed``, a seeded random N.
+
+``--label-resize bicubic`` reproduces a quirk of the reference code (DepthToSemantic
+``KITTI/data_utils_semantic.py:42``: ``Image.open(path).convert('L').resize(reshape)``, whose
+default filter for 8-bit images is bicubic): the label *ids* are resized bicubically, which
+invents ids along class boundaries, and only then mapped to train ids. Default: nearest.
 """
 from __future__ import annotations
 
@@ -14,8 +19,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+from PIL import Image
 
 from data_shards.sources.labels import labelid_to_trainid
+#: ``build kitti_semantics --help``: what to download and how --root must look
+DOWNLOAD = """what to download: data_semantics.zip, the KITTI semantic segmentation benchmark's labels
+(https://www.cvlibs.net/datasets/kitti/eval_semseg.php); unzip it and pass the folder as --root:
+  <root>/training/image_2/000000_10.png ... 000199_10.png   the 200 labelled frames
+  <root>/training/semantic/000000_10.png ...                8-bit Cityscapes label ids
+(testing/ is not read: it has no labels.) Details: docs/real-datasets.md#kitti-semantics-fine-tuning"""
+
+
 from data_shards.sources.resize import (
     Geometry, SourceError, add_common_arguments, geometry_from_args, read_png_gray, read_rgb, require,
     write_splits,
@@ -28,6 +42,8 @@ class SemOptions:
 
     root: str
     geometry: Geometry = Geometry()
+    label_resize: str = "nearest"
+    """nearest (train ids, never a new class) | bicubic (label ids with PIL, the reference's quirk)."""
 
 
 def list_images(root: Path) -> list[Path]:
@@ -56,6 +72,18 @@ def nshot_split(items: list[Any], shots: int, seed: Optional[int]) -> tuple[list
     return train, test
 
 
+def label_train_ids(label_ids: np.ndarray, opts: SemOptions, where: str) -> np.ndarray:
+    """Label ids -> train ids at the converted size: train ids resized nearest, or (``bicubic``) the
+    ids cropped, resized bicubically with PIL as the reference code does, then mapped."""
+    geo = opts.geometry
+    if opts.label_resize == "nearest" or geo.size is None:
+        return geo.labels(labelid_to_trainid(label_ids), where)
+    ids = Geometry(crop=geo.crop).labels(label_ids, where)  # the crop alone (none: as is)
+    h, w = geo.size
+    resized = np.asarray(Image.fromarray(ids).resize((w, h), Image.Resampling.BICUBIC))
+    return labelid_to_trainid(resized)
+
+
 def make_sample(opts: SemOptions, image: Path) -> dict[str, Any]:
     """One image + its label-id PNG -> schema sample (rgb, seg train ids, provenance)."""
     root = Path(opts.root)
@@ -64,7 +92,7 @@ def make_sample(opts: SemOptions, image: Path) -> dict[str, Any]:
     label_ids = read_png_gray(label_path, 8, "an 8-bit PNG of Cityscapes label ids")
     if label_ids.shape != rgb.shape[:2]:
         raise SourceError(f"{label_path}: size {label_ids.shape[::-1]} differs from {image} ({rgb.shape[1::-1]})")
-    seg = opts.geometry.labels(labelid_to_trainid(label_ids), str(label_path))
+    seg = label_train_ids(label_ids, opts, str(label_path))
     meta: dict[str, Any] = {
         "source": {"dataset": "kitti_semantics", "path": str(image.relative_to(root)), "frame": image.stem},
         "classes": sorted(set(np.unique(seg).tolist()) - {255}),
@@ -83,6 +111,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="choose the training images at random with this seed (default: the first N by name)")
     parser.add_argument("--train-split", default="train", help="name of the N-shot split")
     parser.add_argument("--test-split", default="test", help="name of the split holding the rest")
+    parser.add_argument("--label-resize", choices=("nearest", "bicubic"), default="nearest",
+                        help="with --resize: nearest on train ids (default), or bicubic on label ids with PIL, as "
+                             "the reference code does (a quirk: it invents ids along class boundaries)")
 
 
 def plan(args: argparse.Namespace) -> dict[str, list[Path]]:
@@ -96,7 +127,7 @@ def plan(args: argparse.Namespace) -> dict[str, list[Path]]:
 
 def build(args: argparse.Namespace) -> dict[str, Any]:
     """Convert KITTI semantics into N-shot train / test shards under ``args.out``."""
-    opts = SemOptions(str(args.root), geometry_from_args(args))
+    opts = SemOptions(str(args.root), geometry_from_args(args), getattr(args, "label_resize", "nearest"))
     extra = {"geometry": opts.geometry.describe(), "shots": args.shots, "shot_seed": args.shot_seed,
-             "label_set": "cityscapes19"}
+             "label_set": "cityscapes19", "label_resize": opts.label_resize}
     return write_splits(args, "kitti_semantics", plan(args), functools.partial(make_sample, opts), extra)

@@ -26,6 +26,20 @@ from typing import Any, Optional
 import numpy as np
 
 from data_shards.sources.labels import load_nyu40_mapping, nyu_raw_to_trainids
+#: ``build nyuv2 --help``: what to download and how --root must look
+DOWNLOAD = """what to download (--mode labeled, the default), into one folder passed as --root:
+  nyu_depth_v2_labeled.mat   the 1449 labelled RGB-D frames
+                             (http://horatio.cs.nyu.edu/mit/silberman/nyu_depth_v2/nyu_depth_v2_labeled.mat)
+  splits.mat                 the official 795 / 654 train / test indices
+                             (http://horatio.cs.nyu.edu/mit/silberman/indoor_seg_sup/splits.mat)
+  classMapping40.mat         894 -> 40 classes, from the NYUv2 meta-data of Gupta et al.
+                             (github.com/ankurhanda/nyuv2-meta-data); required for labels: without it the
+                             build stops, unless --no-labels (rgb + depth only)
+--mode raw: the raw video release unzipped under --root (scene folders with INDEX.txt and r-*.ppm frames),
+plus nyu_depth_v2_labeled.mat and splits.mat for --exclude-test-scenes.
+Details: docs/real-datasets.md#nyu-depth-v2-labeled"""
+
+
 from data_shards.sources.resize import Geometry, SourceError, add_common_arguments, geometry_from_args, read_rgb, \
     require, write_splits
 
@@ -293,7 +307,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--splits-file", default=None, help="official split (default: <root>/splits.mat)")
     parser.add_argument("--mapping40", default=None,
                         help="894->40 class mapping: classMapping40.mat ('mapClass'), .npy or text "
-                             "(default: <root>/classMapping40.mat if present; without one no labels are written)")
+                             "(default: <root>/classMapping40.mat); required unless --no-labels")
     parser.add_argument("--classes", type=int, default=40, choices=[40, 13], help="label set written as seg")
     parser.add_argument("--depth", default="depths", choices=["depths", "rawDepths"],
                         help="depths: the in-painted dense maps; rawDepths: the sensor's (0 = missing)")

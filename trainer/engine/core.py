@@ -60,15 +60,20 @@ class TaskModule(nn.Module):
         return fn(self.parts, *args)
 
 
-def pick_device(backend: str, env: DistEnv) -> torch.device:
-    """This rank's device for ``parallel.backend`` (auto / nccl / gloo); selects the CUDA device."""
+def check_backend(backend: str) -> None:
+    """Refuse an unknown ``parallel.backend``, or nccl where no CUDA GPU is visible."""
     if backend not in ("auto", "nccl", "gloo"):
         raise ValueError(f"parallel.backend={backend!r}: expected auto, nccl or gloo")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("parallel.backend=nccl needs CUDA GPUs; none is visible (use gloo on CPU)")
+
+
+def pick_device(backend: str, env: DistEnv) -> torch.device:
+    """This rank's device for ``parallel.backend`` (auto / nccl / gloo); selects the CUDA device."""
+    check_backend(backend)
     if torch.cuda.is_available() and backend != "gloo":
         torch.cuda.set_device(env.local_rank)
         return torch.device("cuda", env.local_rank)
-    if backend == "nccl":
-        raise ValueError("parallel.backend=nccl needs CUDA GPUs; none is visible (use gloo on CPU)")
     return torch.device("cpu")
 
 

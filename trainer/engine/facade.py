@@ -29,7 +29,7 @@ from trainer.distributed import DistEnv, dist_env
 from data_shards.atomic import atomic_save
 from trainer.engine import core
 from trainer.engine.core import PRECISIONS, STRATEGIES, Backend, ProcessGroup, Setting, TaskModule
-from trainer.engine.deepspeed_backend import DeepSpeedBackend
+from trainer.engine.deepspeed_backend import DeepSpeedBackend, deepspeed_config
 from trainer.engine.native import NativeBackend
 
 #: the backend class of each ``parallel.strategy``
@@ -37,8 +37,11 @@ BACKENDS: dict[str, type[Backend]] = {"single": NativeBackend, "ddp": NativeBack
                                       "deepspeed": DeepSpeedBackend}
 
 
-def _checked(parallel: Any, optim: Any) -> str:
-    """The strategy, after refusing an unknown strategy, precision or accumulation count."""
+def check_settings(parallel: Any, optim: Any, micro_batch_size: int, env: DistEnv) -> str:
+    """The strategy, after refusing what the engine cannot run: an unknown strategy, precision or
+    process-group backend, an accumulation count < 1, the strategy family's own limits (DeepSpeed:
+    ZeRO stage, fp16). Touches no device and starts no process group, so ``python -m launch run``
+    calls it before torchrun (preflight) with the job's world size."""
     strategy = str(parallel.strategy)
     if strategy not in STRATEGIES:
         raise ValueError(f"parallel.strategy={strategy!r}: expected one of {', '.join(STRATEGIES)}")
@@ -46,6 +49,10 @@ def _checked(parallel: Any, optim: Any) -> str:
         raise ValueError(f"parallel.precision={parallel.precision!r}: expected one of {', '.join(PRECISIONS)}")
     if int(optim.grad_accum) < 1:
         raise ValueError(f"optim.grad_accum={optim.grad_accum}: must be >= 1")
+    core.check_backend(str(parallel.backend))
+    BACKENDS[strategy].check(parallel, env)
+    if strategy == "deepspeed":
+        deepspeed_config(parallel, optim, micro_batch_size)  # refuses a ZeRO stage it has not
     return strategy
 
 
@@ -62,11 +69,10 @@ class Engine:
         self.total_steps = int(total_steps)
         self.micro_batch_size = int(micro_batch_size)
         self.env = env or dist_env()
-        self.strategy = _checked(parallel, optim)
+        self.strategy = check_settings(parallel, optim, self.micro_batch_size, self.env)
         self.grad_accum = int(optim.grad_accum)
         self.device = core.pick_device(parallel.backend, self.env)
         backend_cls = BACKENDS[self.strategy]
-        backend_cls.check(parallel, self.env)
         self.autocast_dtype = PRECISIONS[parallel.precision]
         self.group = ProcessGroup(self.env, self.device)
         self.group.start(needed=self.strategy != "single")

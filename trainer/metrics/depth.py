@@ -4,6 +4,11 @@ Per image: keep ground-truth pixels in (min_depth, max_depth) (and inside the Ga
 crop for KITTI), scale the prediction (median ratio for scale-ambiguous monocular models, a
 fixed factor otherwise), clamp it to [min_depth, max_depth], then compute abs_rel, sq_rel,
 rmse, rmse_log, a1, a2, a3. The split's value is the mean over images.
+
+Beside each metric the same metric of a trivial predictor, ``baseline_<name>``: a constant depth,
+scaled as median scaling scales any prediction, i.e. each image's median ground-truth depth. A
+model that has learned depth beats it; a model that predicts one depth everywhere ties it (with
+fixed scaling the baseline still gets the median scale, so it is an optimistic reference there).
 """
 from __future__ import annotations
 
@@ -36,10 +41,12 @@ def crop_mask(height: int, width: int, crop: str) -> Tensor:
 
 
 def median(x: Tensor) -> Tensor:
-    """numpy-style median of a 1-D tensor (mean of the two middle values for even sizes)."""
-    s = x.sort().values
-    n = s.numel()
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+    """numpy-style median of a 1-D tensor (mean of the two middle values for even sizes), by
+    selection (``kthvalue``, linear time: a full-resolution KITTI frame's ~10^5 values are sorted
+    in ~35 ms on one core, selected in a few)."""
+    n = x.numel()
+    upper = x.kthvalue(n // 2 + 1).values
+    return upper if n % 2 else (x.kthvalue(n // 2).values + upper) / 2
 
 
 def depth_errors(pred: Tensor, gt: Tensor) -> Tensor:
@@ -57,8 +64,8 @@ def depth_errors(pred: Tensor, gt: Tensor) -> Tensor:
 
 
 class DepthMetric(Metric):
-    """Sums of the per-image metrics + image count (+ count of images with no valid ground
-    truth, reported rather than dropped silently, + sum of median ratios)."""
+    """Sums of the per-image metrics, of the constant-depth baseline's metrics, image count (+ count
+    of images with no valid ground truth, reported rather than dropped silently, + sum of median ratios)."""
 
     def __init__(self, min_depth: float = 1e-3, max_depth: float = 80.0, scaling: str = "median",
                  fixed_scale: float = 1.0, crop: str = "none") -> None:
@@ -71,7 +78,8 @@ class DepthMetric(Metric):
         crop_mask(1, 1, crop)  # validates the name
         self.min_depth, self.max_depth = min_depth, max_depth
         self.scaling, self.fixed_scale, self.crop = scaling, fixed_scale, crop
-        self._sums = torch.zeros(len(METRIC_NAMES) + 3, dtype=torch.float64)
+        n = len(METRIC_NAMES)  # state: metric sums | baseline sums | images, images without gt, ratio sum
+        self._sums = torch.zeros(2 * n + 3, dtype=torch.float64)
 
     def update_image(self, pred: Tensor, gt: Tensor) -> None:
         """Add one image: ``pred`` (H', W') predicted depth, ``gt`` (H, W) metres, 0 = invalid.
@@ -87,7 +95,9 @@ class DepthMetric(Metric):
         ratio = median(g) / median(p).clamp(min=1e-12) if self.scaling == "median" else torch.tensor(
             self.fixed_scale, dtype=torch.float64)
         p = (p * ratio).clamp(self.min_depth, self.max_depth)
-        self._sums[:len(METRIC_NAMES)] += depth_errors(p, g)
+        n = len(METRIC_NAMES)
+        self._sums[:n] += depth_errors(p, g)
+        self._sums[n:2 * n] += depth_errors(median(g).expand_as(g), g)  # constant depth, median-scaled
         self._sums[-3] += 1
         self._sums[-1] += float(ratio)
 
@@ -115,6 +125,7 @@ class DepthMetric(Metric):
             return out
         for i, name in enumerate(METRIC_NAMES):
             out[name] = float(state[i]) / n
+            out[f"baseline_{name}"] = float(state[len(METRIC_NAMES) + i]) / n
         if self.scaling == "median":
             out["median_ratio"] = float(state[-1]) / n
         return out

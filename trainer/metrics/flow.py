@@ -3,6 +3,8 @@
 EPE is the Euclidean distance (pixels) between predicted and ground-truth flow, averaged over
 every valid ground-truth pixel of the split (``flow`` channel 2 = 1). Fl-all is the fraction of
 valid pixels whose error exceeds both 3 px and 5 % of the ground-truth magnitude (KITTI 2015).
+Beside them ``baseline_epe`` / ``baseline_fl_all``: the same metrics of zero flow (every pixel
+predicted static), the trivial predictor a flow model must beat.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from trainer.metrics.base import Metric
 
 
 def flow_error_sums(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """float64 [sum EPE, valid pixels, outliers] for pred (B, 2, H, W) vs gt (B, 3, H, W)."""
+    """float64 [sum EPE, valid pixels, outliers, zero flow's sum EPE, zero flow's outliers] for
+    pred (B, 2, H, W) vs gt (B, 3, H, W)."""
     if pred.dim() != 4 or pred.shape[1] != 2 or gt.dim() != 4 or gt.shape[1] != 3:
         raise ValueError(f"flow metric: expected pred (B,2,H,W) and gt (B,3,H,W), got "
                          f"{tuple(pred.shape)} and {tuple(gt.shape)}")
@@ -25,14 +28,16 @@ def flow_error_sums(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     epe = (pred - gt[:, :2]).norm(dim=1)
     mag = gt[:, :2].norm(dim=1)
     outlier = (epe > 3.0) & (epe > 0.05 * mag)
-    return torch.stack([epe[valid].sum(), valid.sum().double(), outlier[valid].sum().double()])
+    zero_outlier = mag > 3.0  # zero flow's error is the magnitude itself (> 0.05 x it whenever > 0)
+    return torch.stack([epe[valid].sum(), valid.sum().double(), outlier[valid].sum().double(),
+                        mag[valid].sum(), zero_outlier[valid].sum().double()])
 
 
 class FlowMetric(Metric):
-    """EPE and Fl-all over a split; ``update`` takes ``outputs['flow']`` (B, 2, H, W) pixels."""
+    """EPE and Fl-all over a split, and zero flow's; ``update`` takes ``outputs['flow']`` (B, 2, H, W) pixels."""
 
     def __init__(self) -> None:
-        self.sums = torch.zeros(3, dtype=torch.float64)
+        self.sums = torch.zeros(5, dtype=torch.float64)
 
     def update(self, batch: dict[str, Any], outputs: Any) -> None:
         if "flow" not in batch:
@@ -51,9 +56,10 @@ class FlowMetric(Metric):
         return self.sums.clone()
 
     def compute(self, state: torch.Tensor) -> dict[str, float]:
-        if state.numel() != 3:
-            raise ValueError(f"flow metric state has {state.numel()} values, expected 3")
+        if state.numel() != 5:
+            raise ValueError(f"flow metric state has {state.numel()} values, expected 5")
         n = float(state[1])
         if n == 0:
             return {"epe": float("nan"), "fl_all": float("nan"), "flow_pixels": 0.0}
-        return {"epe": float(state[0]) / n, "fl_all": float(state[2]) / n, "flow_pixels": n}
+        return {"epe": float(state[0]) / n, "fl_all": float(state[2]) / n, "flow_pixels": n,
+                "baseline_epe": float(state[3]) / n, "baseline_fl_all": float(state[4]) / n}

@@ -29,7 +29,8 @@ def build_depth_net(model_cfg, scales: Sequence[int] = (0, 1, 2, 3), init_depth:
         if not min_depth < init_depth < max_depth:
             raise ValueError(f"task.init_depth={init_depth}: must lie in (min_depth={min_depth}, "
                              f"max_depth={max_depth})")
-        disp = float(depth_to_disp(torch.tensor(init_depth, dtype=torch.float64), min_depth, max_depth))
+        # a CPU scalar on purpose: preflight builds the model under torch.device("meta")
+        disp = float(depth_to_disp(torch.tensor(init_depth, dtype=torch.float64, device="cpu"), min_depth, max_depth))
         with torch.no_grad():
             for head in decoder.heads.values():
                 head.bias.fill_(math.log(disp / (1 - disp)))
@@ -46,6 +47,17 @@ def upsampled_depths(disps: dict[int, Tensor], size: tuple[int, int], min_depth:
             disp = F.interpolate(disp, size=size, mode="bilinear", align_corners=False)
         out[s] = disp_to_depth(disp, min_depth, max_depth)
     return out
+
+
+def disparities(model: nn.ModuleDict, images: Tensor) -> tuple[list[Tensor], dict[int, Tensor]]:
+    """(encoder features, {scale: sigmoid disparity}) of float images of any size: the network sees
+    them padded (:func:`pad_to_stride`: a multiple of 32, at least 64 px, which its reflection
+    padding needs); each scale's output is cropped back to ceil(side / 2^scale). Sizes that need
+    no padding (multiples of 32, >= 64) run exactly as before, unpadded."""
+    h, w = images.shape[-2:]
+    feats = model["encoder"](pad_to_stride(images))
+    disps = model["depth_decoder"](feats)
+    return feats, {s: d[..., :-(-h // 2 ** s), :-(-w // 2 ** s)] for s, d in disps.items()}
 
 
 def predict_depth(model: nn.ModuleDict, images: Tensor, min_depth: float, max_depth: float,
@@ -65,6 +77,5 @@ def predict_depth(model: nn.ModuleDict, images: Tensor, min_depth: float, max_de
     x = images
     if net_size is not None and tuple(net_size) != (h, w):
         x = F.interpolate(images, size=tuple(net_size), mode="bilinear", align_corners=False)
-    nh, nw = x.shape[-2:]
-    disp = model["depth_decoder"](model["encoder"](pad_to_stride(x)))[0][..., :nh, :nw]  # scale 0: full size
+    disp = disparities(model, x)[1][0]  # scale 0: full size
     return upsampled_depths({0: disp}, out_size, min_depth, max_depth)[0][1]

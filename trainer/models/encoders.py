@@ -21,6 +21,9 @@ _RESNETS = {
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: input normalisation -> per-channel (mean, std): torchvision's ImageNet statistics, or the single
+#: pair Monodepth2's ResnetEncoder applies (``(x - 0.45) / 0.225``), which its weights expect
+INPUT_NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "monodepth2": ((0.45,) * 3, (0.225,) * 3)}
 
 
 def imagenet_weights_file(name: str) -> Path:
@@ -46,13 +49,15 @@ def load_imagenet_state(name: str, weights_path: Optional[str]) -> dict[str, tor
 class ResNetEncoder(nn.Module):
     """ResNet trunk returning features at strides 2, 4, 8, 16, 32 (channels in ``num_ch``).
 
-    Input: float images in [0, 1], shape (B, in_channels, H, W); normalised with the ImageNet
-    statistics inside (for in_channels = 3k, the statistics are tiled, e.g. stacked frames).
+    Input: float images in [0, 1], shape (B, in_channels, H, W); normalised inside with
+    ``INPUT_NORMS[norm]`` (for in_channels = 3k, the statistics are tiled, e.g. stacked frames).
     """
 
     def __init__(self, name: str = "resnet18", init: str = "random",
-                 weights_path: Optional[str] = None, in_channels: int = 3) -> None:
+                 weights_path: Optional[str] = None, in_channels: int = 3, norm: str = "imagenet") -> None:
         super().__init__()
+        if norm not in INPUT_NORMS:
+            raise ValueError(f"model.input_norm={norm!r}: expected one of {', '.join(INPUT_NORMS)}")
         if name not in _RESNETS:
             raise ValueError(f"model.encoder={name!r}: known encoders are {', '.join(_RESNETS)}")
         if init not in ("random", "imagenet"):
@@ -77,9 +82,10 @@ class ResNetEncoder(nn.Module):
             "layer3": net.layer3,
             "layer4": net.layer4,
         })
-        reps = in_channels // 3
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN * reps).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD * reps).view(1, -1, 1, 1), persistent=False)
+        reps, (mean, std) = in_channels // 3, INPUT_NORMS[norm]
+        self.norm = norm
+        self.register_buffer("mean", torch.tensor(mean * reps).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std * reps).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = (x - self.mean) / self.std
@@ -100,4 +106,5 @@ def set_bn_momentum(module: nn.Module, momentum: float) -> nn.Module:
 
 def build_encoder(model_cfg, in_channels: int = 3) -> ResNetEncoder:
     """Encoder from a :class:`trainer.config.ModelConfig`."""
-    return ResNetEncoder(model_cfg.encoder, model_cfg.init, model_cfg.imagenet_weights, in_channels)
+    return ResNetEncoder(model_cfg.encoder, model_cfg.init, model_cfg.imagenet_weights, in_channels,
+                         getattr(model_cfg, "input_norm", "imagenet"))

@@ -122,3 +122,77 @@ def load_pretrained(module: nn.Module, state: Mapping[str, torch.Tensor], *, tak
     report.loaded = sorted(selected)
     log.info(report.summary())
     return report
+
+
+@dataclass
+class InitWeights:
+    """Weights read for an initialisation, with where they came from."""
+
+    state: dict[str, torch.Tensor]
+    provenance: str
+    """One line: the file(s), their sha256, and what made them (a run id, a release)."""
+    input_norm: str | None = None
+    """The encoder input normalisation the weights need when the file says (a Monodepth2 release)."""
+
+
+def _sha256(path: Path) -> str:
+    from trainer.models.monodepth2 import sha256
+
+    return sha256(path)
+
+
+def export_provenance(path: Path) -> str:
+    """``geoprime export <path> (sha256 ...; run <id>, step <n>)``: the run and step from the
+    ``metrics.json`` a run writes beside its ``weights.pt`` (when there is one)."""
+    import json
+
+    made_by = ""
+    metrics = path.parent / "metrics.json"
+    if path.name == "weights.pt" and metrics.is_file():
+        try:
+            saved = json.loads(metrics.read_text())
+            made_by = f"; run {saved.get('run_id')}, step {saved.get('step')}"
+        except (OSError, ValueError):
+            made_by = "; its metrics.json is unreadable"
+    return f"weights file {path} (sha256 {_sha256(path)[:16]}{made_by})"
+
+
+def read_init_weights(path: str | Path) -> InitWeights:
+    """The weights an initialisation names: a Monodepth2 release folder (or its ``encoder.pth``),
+    mapped into our layout (:mod:`trainer.models.monodepth2`), or a plain state_dict file."""
+    from trainer.models import monodepth2
+
+    p = Path(path)
+    folder = p.parent if p.name == "encoder.pth" and monodepth2.is_release(p.parent) else p
+    if monodepth2.is_release(folder):
+        state, info = monodepth2.read_release(folder)
+        log.info("%s: %d tensors; dropped %s; filled %s", folder, len(state), info["dropped"] or "none",
+                 info["filled"] or "none")
+        return InitWeights(state, monodepth2.describe(folder, info), monodepth2.NORM)
+    return InitWeights(read_state_dict(p), export_provenance(p))
+
+
+def is_weights_source(path: str | Path) -> bool:
+    """A file, or a Monodepth2 release folder: something :func:`read_init_weights` reads."""
+    from trainer.models import monodepth2
+
+    return Path(path).is_file() or monodepth2.is_release(path)
+
+
+def check_input_norm(weights: InitWeights, norm: str, source: str) -> None:
+    """Refuse weights that need another encoder input normalisation than the model's."""
+    if weights.input_norm is not None and weights.input_norm != norm:
+        raise PretrainedMismatchError(
+            f"{source}: these weights expect model.input_norm={weights.input_norm} (their encoders normalise "
+            f"inputs that way), the model has {norm}: set model.input_norm={weights.input_norm}")
+
+
+def encoder_provenance(imagenet: bool, encoder: str, imagenet_weights: str | None, seed: int) -> str:
+    """Provenance of an encoder not initialised from a file of ours: torchvision's ImageNet weights
+    (the file and its sha256) or a random initialisation (the seed)."""
+    if imagenet:
+        from trainer.models.encoders import imagenet_weights_file
+
+        path = Path(imagenet_weights) if imagenet_weights else imagenet_weights_file(encoder)
+        return f"torchvision ImageNet weights {path} (sha256 {_sha256(path)[:16]})"
+    return f"random initialisation (seed {seed})"

@@ -1,4 +1,8 @@
-"""Task registry: task name -> module defining ``TASK`` (a Task subclass) and ``CONFIG`` (its dataclass)."""
+"""Task registry: task name -> module defining ``TASK`` (a Task subclass) and ``CONFIG`` (its dataclass).
+
+Each task's config dataclass lives in its own torch-free module (``<name>_config.py``), so the
+entry points register and check configs without importing torch (:func:`TASK_CONFIGS`).
+"""
 from __future__ import annotations
 
 import importlib
@@ -11,6 +15,14 @@ TASK_MODULES = {
     "segmentation": "trainer.tasks.segmentation",
 }
 
+#: task name -> (torch-free module, class) of its config dataclass
+CONFIG_CLASSES = {
+    "depth": ("trainer.tasks.depth_config", "DepthTaskConfig"),
+    "flow": ("trainer.tasks.flow_config", "FlowConfig"),
+    "classification": ("trainer.tasks.classification_config", "ClassificationConfig"),
+    "segmentation": ("trainer.tasks.segmentation_config", "SegmentationConfig"),
+}
+
 
 def _module(name: str):
     if name not in TASK_MODULES:
@@ -19,8 +31,8 @@ def _module(name: str):
 
 
 def TASK_CONFIGS() -> dict[str, type]:
-    """Every task's config dataclass, by task name."""
-    return {name: _module(name).CONFIG for name in TASK_MODULES}
+    """Every task's config dataclass, by task name (imports no torch)."""
+    return {name: getattr(importlib.import_module(mod), cls) for name, (mod, cls) in CONFIG_CLASSES.items()}
 
 
 def build_task(task_cfg: Any, run_cfg: Any):

@@ -30,6 +30,18 @@ class Task(abc.ABC):
     #: keys read for evaluation when they differ from training's (e.g. self-supervised depth trains
     #: on video frames alone and evaluates on rgb + ground-truth depth); () = required_keys
     eval_keys: tuple[str, ...] = ()
+    #: keys an evaluation compares pixel by pixel, so each sample must have them at one size
+    #: (preflight checks; e.g. segmentation's rgb and seg); () = none
+    same_size_keys: tuple[str, ...] = ()
+    #: smallest frame side the task trains on (preflight refuses smaller frames), and why
+    min_train_side: int = 1
+    min_side_reason: str = ""
+
+    def train_frame_size(self) -> Any:
+        """(height, width) every training sample has after ``train_transform`` whatever its frame
+        size (a fixed crop), or None when the frames keep their size (then they must share one)."""
+        crop = getattr(self.cfg, "crop", None)
+        return tuple(crop) if crop is not None and len(crop) == 2 and all(crop) else None
 
     def stream_keys(self, train: bool) -> tuple[str, ...]:
         """The sample keys a training (``train``) or evaluation stream must read."""
@@ -74,3 +86,14 @@ class Task(abc.ABC):
 
     def on_train_mode(self, model: nn.Module) -> None:
         """Called after ``model.train()``: e.g. to keep a frozen encoder's BatchNorm in eval mode."""
+
+    def before_optimizer_step(self, model: nn.Module) -> None:
+        """Called after a step's backward pass(es), before the optimizer step (gradients in place)."""
+
+    def stateful(self) -> dict[str, Any]:
+        """Task state to checkpoint per rank, by name (``state_dict()`` / ``load_state_dict()``)."""
+        return {}
+
+    def provenance(self) -> dict[str, str]:
+        """Run tags saying where the initial weights came from (file, digest, run), for tracking."""
+        return {}

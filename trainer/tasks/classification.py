@@ -10,7 +10,7 @@ imagefolder``): cross-entropy on the sample's ``label``, top-1 / top-5 accuracy.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import zlib
 from typing import Any
 
 import torch
@@ -23,34 +23,12 @@ from trainer.metrics.classification import TopKAccuracy
 from trainer.models.encoders import build_encoder
 from trainer.tasks.base import Metric, Task
 from trainer.tasks.common import as_dataclass, keep_keys, random_scale_crop_flip, to_unit_float
+from trainer.tasks.classification_config import ClassificationConfig
 
 log = logging.getLogger("geoprime.classification")
 
 #: training batches whose multi-hot targets are checked for an empty learning signal
 LABEL_CHECK_BATCHES = 20
-
-
-@dataclass
-class ClassificationConfig:
-    name: str = "classification"
-    """Task name (selects this module)."""
-    target: str = "multilabel"
-    """``multilabel``: multi-hot classes present in ``seg``, BCE | ``single``: ImageNet-style
-    folders, cross-entropy on the meta ``label`` (``num_classes`` must match the folders)."""
-    num_classes: int = 19
-    """Classes (train ids 0..num_classes-1 of ``seg``; 255 = ignore, never a target)."""
-    min_pixels: int = 1
-    """A class is a positive target when it covers at least this many pixels of the (cropped) label."""
-    threshold: float = 0.5
-    """Sigmoid probability above which a class is predicted present (F1 metrics)."""
-    ap_bins: int = 200
-    """Score histogram bins per class for the rank-exact binned average precision."""
-    crop: list[int] = field(default_factory=lambda: [0, 0])
-    """Training crop (height, width) after scaling; 0 = the input's own size."""
-    scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
-    """Random training rescale factor range [min, max]."""
-    hflip: bool = True
-    """Random horizontal flip (p = 0.5) in training."""
 
 
 def multi_hot(seg: torch.Tensor, num_classes: int, min_pixels: int = 1,
@@ -67,7 +45,8 @@ def multi_hot(seg: torch.Tensor, num_classes: int, min_pixels: int = 1,
 class MultiLabelMetric(Metric):
     """Per-class TP / FP / FN at a threshold, and per-class score histograms of positives and
     negatives. Both sum exactly over ranks; AP from the histograms treats scores within a bin as
-    tied (exact for any world size, approximates sklearn's AP to the bin width)."""
+    tied (exact for any world size, approximates sklearn's AP to the bin width). ``baseline_map``:
+    the mAP of class frequencies (:func:`frequency_map`)."""
 
     def __init__(self, num_classes: int, threshold: float = 0.5, bins: int = 200,
                  class_names: list[str] | None = None) -> None:
@@ -118,7 +97,17 @@ class MultiLabelMetric(Metric):
             aps.append(ap)
             out[f"ap/{self.names[k]}"] = ap
         out["map"] = sum(aps) / len(aps) if aps else float("nan")
+        out["baseline_map"] = frequency_map(hist)
         return out
+
+
+def frequency_map(hist: torch.Tensor) -> float:
+    """mAP of scoring every image by the class frequencies (the same score per class for all images):
+    each class's AP is then its prevalence, positives / images, averaged over the classes with
+    positives as ``map`` is. ``hist``: (2, C, bins) score histograms of positives and negatives."""
+    pos, neg = hist[0].sum(1), hist[1].sum(1)
+    seen = pos > 0
+    return float((pos[seen] / (pos[seen] + neg[seen])).mean()) if seen.any() else float("nan")
 
 
 class ClassificationTask(Task):
@@ -179,9 +168,17 @@ class ClassificationTask(Task):
         return self._with_labels(out, seg)
 
     def eval_transform(self, sample: dict[str, Any]) -> dict[str, Any]:
+        out = keep_keys(sample, ("rgb",))
+        seg = None if self.single else sample["seg"]
+        if self.cfg.eval_crop:
+            key = str(sample.get("__key__", ""))
+            generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+            out["rgb"], labels = random_scale_crop_flip(sample["rgb"], [] if seg is None else [seg], generator,
+                                                        self.cfg.scale_range, self.cfg.crop, False)
+            seg = labels[0] if labels else None
         if self.single:
-            return self._with_label(keep_keys(sample, ("rgb",)), sample)
-        return self._with_labels(keep_keys(sample, ("rgb",)), sample["seg"])
+            return self._with_label(out, sample)
+        return self._with_labels(out, seg)
 
     def _logits(self, model: nn.Module, rgb: torch.Tensor) -> torch.Tensor:
         return model["classifier"](model["encoder"](to_unit_float(rgb, model["classifier"])))
@@ -227,7 +224,7 @@ class ClassificationTask(Task):
 
     def new_metric(self) -> MultiLabelMetric | TopKAccuracy:
         if self.single:
-            return TopKAccuracy((1, 5))
+            return TopKAccuracy((1, 5), num_classes=self.cfg.num_classes)
         return MultiLabelMetric(self.cfg.num_classes, self.cfg.threshold, self.cfg.ap_bins, self.class_names)
 
 

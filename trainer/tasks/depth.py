@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +30,12 @@ from trainer.geometry import stereo_pose, warp_scales
 from trainer.losses.depth_supervised import masked_l1, scale_invariant_log, valid_depth_mask
 from trainer.kernels.dispatch import IMPLS, PAD, depth_functions, multiscale_reprojection_loss
 from trainer.metrics.depth import DepthMetric
-from trainer.models.depth import build_depth_net, predict_depth, upsampled_depths
+from trainer.models.depth import build_depth_net, disparities, predict_depth, upsampled_depths
+from trainer.models.pretrained import check_input_norm, encoder_provenance, load_pretrained, read_init_weights
+from trainer.models.unet import pad_to_stride
 from trainer.models.pose import build_pose_net, predict_pose
 from trainer.tasks.base import Metric, Task
+from trainer.tasks.depth_config import DepthTaskConfig
 
 SUPERVISION_MODES = ("mono", "stereo", "mono_stereo", "supervised")
 _FRAME_KEYS = {
@@ -42,69 +44,6 @@ _FRAME_KEYS = {
     "mono_stereo": ("rgb", "rgb_prev", "rgb_next", "rgb_right"),
     "supervised": ("rgb",),
 }
-
-
-@dataclass
-class DepthTaskConfig:
-    name: str = "depth"
-    """Task name (selects trainer.tasks.depth)."""
-    supervision: str = "mono"
-    """Training signal: mono (video, predicted pose) | stereo (known baseline) | mono_stereo | supervised."""
-    pose_encoder: str = "separate"
-    """Pose net layout (mono / mono_stereo): separate (own 6-channel ResNet) | shared (depth encoder features)."""
-    scales: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    """Decoder output scales (s = 1/2^s resolution) used in the loss; each upsampled to the input size."""
-    min_depth: float = 0.1
-    """Smallest depth the network can output (metres); disparity sigmoid maps to [1/max, 1/min]."""
-    max_depth: float = 100.0
-    """Largest depth the network can output (metres)."""
-    init_depth: Optional[float] = None
-    """Depth (metres) the untrained network predicts (disparity-head bias); None = by mode
-    (MODE_INIT_DEPTH): Monodepth2's init (sigmoid 0.5, ~2 x min_depth) for mono / supervised,
-    10 m for the metric stereo modes."""
-    ssim_weight: float = 0.85
-    """Weight of (1 - SSIM) / 2 in the photometric error; 1 - ssim_weight goes to L1."""
-    photometric_impl: str = "auto"
-    """Reprojection loss implementation: auto (fused Triton on CUDA; on a CPU ``compiled`` where a C++
-    compiler is found, else ``handwritten``) | triton | compiled (trainer/kernels/photometric_cpu and the
-    warp's projection compiled by inductor) | handwritten (the same eager: the loss with a hand-written backward) | reference
-    (plain autograd, per scale)."""
-    smoothness_weight: float = 1e-3
-    """Edge-aware smoothness weight (divided by 2^scale); 0 disables it (self-supervised modes)."""
-    automask: bool = True
-    """Auto-masking: ignore pixels where an unwarped source already matches better (static scenes)."""
-    supervised_loss: str = "l1"
-    """supervised mode: l1 (masked L1 in metres) | silog (scale-invariant log loss)."""
-    silog_variance_focus: float = 0.85
-    """silog: weight of the mean term (1 = fully scale invariant, 0 = log L2)."""
-    flip_prob: float = 0.5
-    """Probability of a horizontal flip of a training sample (all frames, K, baseline)."""
-    jitter_prob: float = 0.5
-    """Probability of colour jitter (same factors on all frames; networks only, not the loss)."""
-    jitter_brightness: float = 0.2
-    """Colour jitter brightness range: factor in [1 - x, 1 + x]."""
-    jitter_contrast: float = 0.2
-    """Colour jitter contrast range: factor in [1 - x, 1 + x]."""
-    jitter_saturation: float = 0.2
-    """Colour jitter saturation range: factor in [1 - x, 1 + x]."""
-    jitter_hue: float = 0.1
-    """Colour jitter hue range: shift in [-x, x]."""
-    eval_scaling: str = "auto"
-    """Prediction scaling at evaluation: auto (median for mono, fixed otherwise) | median | fixed."""
-    eval_fixed_scale: float = 1.0
-    """Scale applied to predictions when eval scaling is fixed (1 = metric, e.g. stereo on the synthetic world)."""
-    eval_min_depth: float = 1e-3
-    """Evaluation cap: ground truth below is ignored, predictions are clamped up to it (metres)."""
-    eval_max_depth: float = 80.0
-    """Evaluation cap: ground truth above is ignored, predictions are clamped down to it (metres)."""
-    eval_crop: str = "none"
-    """Evaluation region: none | garg | eigen (KITTI crops)."""
-    eval_resize: list[int] = field(default_factory=lambda: [0, 0])
-    """Network input (height, width) at evaluation, e.g. [192, 640] as Monodepth2 (the training
-    resolution); [0, 0] = the image's own size, padded to a multiple of 32. The prediction is
-    upsampled to the ground truth's size either way."""
-    vis_samples: int = 4
-    """Validation images written as depth colour-map PNGs by visualize()."""
 
 
 def _float(images: Tensor) -> Tensor:
@@ -171,6 +110,11 @@ class DepthTask(Task):
             keys.append("depth")
         self.required_keys = tuple(keys)  # self-supervised modes train on frames alone (raw video)
         self.eval_keys = ("rgb", "depth")  # evaluation: the frame and its ground-truth depth
+        if self.mode != "supervised" and cfg.smoothness_weight > 0:
+            # frames are padded for the network; the smoothness term needs 2 px at the coarsest scale
+            self.min_train_side = 2 ** max(cfg.scales) + 1
+            self.min_side_reason = (f"the edge-aware smoothness needs 2 px at the 1/{2 ** max(cfg.scales)} scale "
+                                    f"of task.scales={list(cfg.scales)}")
 
     # ----------------------------------------------------------------- model
     def build_model(self) -> nn.ModuleDict:
@@ -178,7 +122,20 @@ class DepthTask(Task):
                                 self.cfg.min_depth, self.cfg.max_depth)
         if self.uses_pose:
             parts.update(build_pose_net(self.run_cfg.model, self.cfg.pose_encoder, parts["encoder"].num_ch))
-        return nn.ModuleDict(parts)
+        model = nn.ModuleDict(parts)
+        m = self.run_cfg.model
+        self.init_provenance = encoder_provenance(m.init == "imagenet", m.encoder, m.imagenet_weights,
+                                                  int(getattr(self.run_cfg, "seed", 0)))
+        if self.cfg.weights:
+            source = f"task.weights={self.cfg.weights}"
+            weights = read_init_weights(self.cfg.weights)
+            check_input_norm(weights, model["encoder"].norm, source)
+            load_pretrained(model, weights.state, source=source)
+            self.init_provenance = weights.provenance
+        return model
+
+    def provenance(self) -> dict[str, str]:
+        return {"init.provenance": self.init_provenance} if getattr(self, "init_provenance", "") else {}
 
     # ------------------------------------------------------------ transforms
     def train_transform(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
@@ -215,7 +172,7 @@ class DepthTask(Task):
         if self.uses_pose:
             shared = "pose_encoder" not in model
             for key, invert in (("rgb_prev", True), ("rgb_next", False)):
-                deep_s = model["encoder"](net[key])[-1] if shared else None
+                deep_s = model["encoder"](pad_to_stride(net[key]))[-1] if shared else None
                 deep_t = feats_t[-1] if shared else None
                 if invert:  # temporal order (prev, t); inverted so it maps t -> prev
                     T = predict_pose(model, net[key], net["rgb"], True, deep_s, deep_t)
@@ -229,8 +186,7 @@ class DepthTask(Task):
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
         net, frames = self._frames(batch)
-        feats = model["encoder"](net["rgb"])
-        disps = model["depth_decoder"](feats)
+        feats, disps = disparities(model, net["rgb"])  # any frame size: padded
         if self.mode == "supervised":
             return self._supervised_loss(disps, batch)
         with record_function("depth/pose"):

@@ -9,7 +9,6 @@ training; end-point error against ground truth is the evaluation metric where it
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,28 +27,9 @@ from trainer.models.flow_net import FlowDecoder, flow_to_pixel_coords
 from trainer.tasks.base import Task
 from trainer.tasks.common import as_dataclass, keep_keys, to_unit_float
 from trainer.visuals import flow_to_color
+from trainer.tasks.flow_config import FlowConfig
 
 FRAME_KEYS = ("rgb", "rgb_next")
-
-
-@dataclass
-class FlowConfig:
-    name: str = "flow"
-    """Task name (selects this module)."""
-    scales: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    """Decoder output scales (s = 1/2^s of the input), each upsampled to full size for the loss."""
-    ssim_weight: float = 0.85
-    """Weight of SSIM vs L1 in the photometric error (Monodepth2: 0.85)."""
-    smoothness_weight: float = 1e-3
-    """Edge-aware smoothness weight on flow in units of the image size, divided by 2^scale."""
-    flip_prob: float = 0.5
-    """Probability of a horizontal flip of both frames (flow u negated)."""
-    jitter_prob: float = 0.5
-    """Probability of colour jitter (same factors on both frames; the loss sees the originals)."""
-    visualize_max: int = 4
-    """Qualitative flow images written per ``visualize`` call."""
-    gt_flow: bool = True
-    """Read ground-truth flow (key ``flow``) so evaluation reports EPE; false for data without it."""
 
 
 def warp_by_flow(image: torch.Tensor, flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

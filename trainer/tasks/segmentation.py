@@ -8,7 +8,6 @@ crop and horizontal flip applied to image and label together, then optional colo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,12 +22,15 @@ from data_shards.schema import CITYSCAPES_CLASSES, IGNORE_INDEX
 from trainer.augment import apply_jitter, sample_jitter
 from trainer.metrics.seg_reference import MetricSet, ReferencePerImageMetric
 from trainer.metrics.segmentation import SegmentationMetric
-from trainer.models.encoders import ResNetEncoder, set_bn_momentum
-from trainer.models.pretrained import load_pretrained, read_state_dict
+from trainer.models.encoders import IMAGENET_MEAN, IMAGENET_STD, ResNetEncoder, set_bn_momentum
+from trainer.models.pretrained import (check_input_norm, encoder_provenance, load_pretrained,
+                                       read_init_weights)
 from trainer.models.seg_heads import HEADS, build_seg_head, dilate_encoder
 from trainer.models.unet import pad_to_stride
 from trainer.tasks.base import Metric, Task
+from trainer.quirks import GradientCarry
 from trainer.tasks.common import as_dataclass, keep_keys, random_scale_crop_flip, to_unit_float
+from trainer.tasks.segmentation_config import SegmentationConfig
 
 INITS = ("random", "imagenet", "depth", "depth_full", "classification", "flow", "checkpoint")
 PROTOCOLS = ("full", "frozen", "linear")
@@ -36,64 +38,6 @@ PROTOCOLS = ("full", "frozen", "linear")
 PRETRAINING_MARKERS = {"depth": "depth_decoder.", "depth_full": "depth_decoder.",
                        "classification": "classifier.", "flow": "flow_decoder."}
 
-@dataclass
-class SegmentationConfig:
-    name: str = "segmentation"
-    """Task name (selects this module)."""
-    num_classes: int = 19
-    """Classes trained (train ids 0..num_classes-1; 255 = ignore)."""
-    head: str = "unet"
-    """unet (Monodepth2-style decoder) | deeplabv3 (torchvision's) | aspp (the reference code's
-    DeepLabV3 head); protocol=linear uses a 1x1 probe instead."""
-    output_stride: int = 32
-    """Encoder output stride: 32 (plain) | 16 | 8 (last strides replaced by dilation; DeepLab uses 16)."""
-    encoder_bn_momentum: Optional[float] = None
-    """BatchNorm momentum of the encoder (None = PyTorch's 0.1; the Cityscapes reference uses 0.05)."""
-    atrous_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
-    """DeepLabV3 ASPP dilation rates."""
-    init: str = "random"
-    """random | imagenet | depth | depth_full (encoder + U-Net decoder) | classification | flow | checkpoint."""
-    weights: Optional[str] = None
-    """Exported weights.pt of the pre-training (init depth / depth_full / classification / flow / checkpoint)."""
-    drop_prefixes: list[str] = field(default_factory=list)
-    """File key prefixes to drop on purpose (otherwise any unmatched key is an error)."""
-    keep_init_prefixes: list[str] = field(default_factory=list)
-    """init=checkpoint: model key prefixes deliberately left at initialisation (e.g. decoder.)."""
-    protocol: str = "full"
-    """full (fine-tune everything) | frozen (encoder and its BN statistics frozen) | linear (frozen + 1x1 probe)."""
-    ignore_index: int = IGNORE_INDEX
-    """Label value excluded from loss and metrics."""
-    class_weights: Optional[list[float]] = None
-    """Per-class cross-entropy weights (length num_classes), or None for uniform."""
-    crop: list[int] = field(default_factory=lambda: [0, 0])
-    """Training crop (height, width) after scaling; 0 = the input's own size."""
-    scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
-    """Random training rescale factor range [min, max] (1, 1 = no rescale)."""
-    hflip: bool = True
-    """Random horizontal flip (p = 0.5) in training."""
-    jitter_prob: float = 0.0
-    """Probability of colour jitter of a training image, after the crop (0 = off; Cityscapes reference: 1)."""
-    jitter_brightness: float = 0.5
-    """Colour jitter brightness range: factor in [1 - x, 1 + x]."""
-    jitter_contrast: float = 0.5
-    """Colour jitter contrast range: factor in [1 - x, 1 + x]."""
-    jitter_saturation: float = 0.5
-    """Colour jitter saturation range: factor in [1 - x, 1 + x]."""
-    jitter_hue: float = 0.0
-    """Colour jitter hue range: shift in [-x, x] (0 = no hue change)."""
-    eval_subset: list[int] = field(default_factory=list)
-    """Train ids also scored as a subset (miou_subset, miou_subset_per_image); empty = none."""
-    parity_classes: list[int] = field(default_factory=list)
-    """Train ids scored by the reference code's KITTI per-image metric (parity/*, predictions on
-    unlabelled pixels count as false positives); empty = off. See trainer/metrics/seg_reference.py."""
-    export_predictions: Optional[str] = None
-    """Folder to write evaluation predictions to (None = off), in ``export_format``."""
-    export_format: str = "cityscapes"
-    """cityscapes (label-id PNGs, the benchmark's format) | trainid (train-id PNGs)."""
-    export_size: list[int] = field(default_factory=lambda: [0, 0])
-    """Resize exported predictions (nearest) to (height, width), e.g. [1024, 2048]; 0 = as predicted."""
-    visualize_max: int = 4
-    """Qualitative overlays written per ``visualize`` call."""
 
 
 def sample_name(sample: dict[str, Any]) -> str:
@@ -115,11 +59,14 @@ class SegmentationTask(Task):
     """Encoder + segmentation head trained with cross-entropy; see the module docstring."""
 
     required_keys = ("rgb", "seg")
+    same_size_keys = ("rgb", "seg")
 
     def __init__(self, cfg: SegmentationConfig, run_cfg: Any) -> None:
         super().__init__(as_dataclass(cfg, SegmentationConfig), run_cfg)
         self._validate()
-        self.frozen = cfg.protocol in ("frozen", "linear")
+        self.frozen = cfg.protocol in ("frozen", "linear") and not cfg.quirk_frozen_trains_encoder
+        self.carry = GradientCarry() if cfg.quirk_no_zero_grad else None
+        self.init_provenance = ""
         names = CITYSCAPES_CLASSES if cfg.num_classes == len(CITYSCAPES_CLASSES) else None
         self.class_names = list(names) if names else [str(i) for i in range(cfg.num_classes)]
 
@@ -160,12 +107,16 @@ class SegmentationTask(Task):
             raise ValueError(f"task.export_size={list(c.export_size)}: expected [height, width] >= 0")
         if c.export_format not in ("cityscapes", "trainid"):
             raise ValueError(f"task.export_format={c.export_format!r}: expected cityscapes or trainid")
+        if c.quirk_frozen_trains_encoder and c.protocol != "frozen":
+            raise ValueError("task.quirk_frozen_trains_encoder reproduces --freezeencoder: needs task.protocol=frozen")
+        if c.quirk_no_zero_grad:
+            GradientCarry.check_supported(self.run_cfg)
 
     # ---- model -------------------------------------------------------------------------------
     def build_model(self) -> nn.ModuleDict:
         c, m = self.cfg, self.run_cfg.model
         encoder = ResNetEncoder(m.encoder, "imagenet" if c.init == "imagenet" else "random",
-                                m.imagenet_weights)
+                                m.imagenet_weights, norm=getattr(m, "input_norm", "imagenet"))
         if c.output_stride != 32:
             dilate_encoder(encoder, c.output_stride)
         if c.encoder_bn_momentum is not None:
@@ -182,8 +133,13 @@ class SegmentationTask(Task):
     def _initialise(self, model: nn.ModuleDict) -> None:
         c = self.cfg
         if c.init in ("random", "imagenet"):
+            m = self.run_cfg.model
+            self.init_provenance = encoder_provenance(c.init == "imagenet", m.encoder, m.imagenet_weights,
+                                                      int(getattr(self.run_cfg, "seed", 0)))
             return
-        state = read_state_dict(c.weights)
+        weights = read_init_weights(c.weights)
+        check_input_norm(weights, model["encoder"].norm, f"task.weights={c.weights}")
+        self.init_provenance, state = weights.provenance, weights.state
         if c.init == "checkpoint":
             load_pretrained(model, state, drop=c.drop_prefixes, keep_init=c.keep_init_prefixes,
                             source=str(c.weights))
@@ -206,8 +162,18 @@ class SegmentationTask(Task):
         return [{"params": params}]
 
     def on_train_mode(self, model: nn.Module) -> None:
-        if self.frozen:
+        if self.cfg.protocol in ("frozen", "linear"):
             model["encoder"].eval()  # BatchNorm running statistics stay exactly as loaded
+
+    def before_optimizer_step(self, model: nn.Module) -> None:
+        if self.carry is not None:
+            self.carry.apply(model)
+
+    def stateful(self) -> dict[str, Any]:
+        return {"grad_carry": self.carry} if self.carry is not None else {}
+
+    def provenance(self) -> dict[str, str]:
+        return {"init.provenance": self.init_provenance} if self.init_provenance else {}
 
     # ---- data --------------------------------------------------------------------------------
     def train_transform(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
@@ -233,6 +199,8 @@ class SegmentationTask(Task):
         """(B, num_classes, H, W) logits; the input is padded (replicated border) to a multiple of 32,
         at least 64, and the logits cropped back to the input size."""
         x = to_unit_float(rgb, model["decoder"])
+        if self.cfg.quirk_double_normalize:  # the reference's transforms.Normalize before the encoder's own
+            x = (x - x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
         h, w = x.shape[-2:]
         x = pad_to_stride(x)
         if self.frozen:
