@@ -141,7 +141,7 @@ class Phases:
 
 def build(args: argparse.Namespace, height: int, width: int, shards: Path | None):
     """(engine, task, batches, train_log) as ``python -m trainer`` builds them for one rank."""
-    from trainer.__main__ import compose
+    from trainer.compose import compose
     from trainer.distributed import seed_everything
     from trainer.engine import Engine
     from trainer.loop import _Batches, _build_task, shard_loader_factory
