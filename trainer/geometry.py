@@ -192,7 +192,7 @@ def _fold(g: Tensor, pad: int) -> Tensor:
 
 class _PadImage(torch.autograd.Function):
     """:func:`pad_image` with a backward of two copies and a few row / column adds (torch's
-    replication-pad backward took 33 ms on a (8, 4, 96, 320) depth stack, one thread)."""
+    replication-pad backward is several times slower on a depth stack; docs/depth.md)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, pad: int) -> Tensor:
@@ -270,7 +270,7 @@ GRID_EAGER = SimpleNamespace(forward=sampling_grid, backward=sampling_grid_backw
 class SamplingGrid(torch.autograd.Function):
     """:func:`sampling_grid` with its hand-written gradient (:func:`sampling_grid_backward`): one
     pass, where autograd through the compiled forward reduced A's and t's gradients in ~12 passes
-    (28-44 ms against 10 ms for 8 images, 4 scales, 96x320, one thread)."""
+    (3-4x slower; docs/depth.md)."""
 
     @staticmethod
     def forward(ctx, depths: Tensor, Ap: Tensor, c: Tensor, height: int, width: int,
