@@ -231,6 +231,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--md2-samples", type=int, default=96, help="samples Monodepth2's data set loads per round")
     p.add_argument("--gpu-rate", type=float, default=166.0, help="samples/s a GPU trains at (cores needed)")
+    p.add_argument("--json", help="also write the best rate of each loader here (samples per CPU-s)")
     a = p.parse_args()
     torch.set_num_threads(1)
     raw, lines, roots = prepare(Path(a.work), a.frames, (a.height, a.width), a.jpeg_quality)
@@ -257,6 +258,9 @@ def main() -> None:
         print(f"# decoding one {a.height}x{a.width} {fmt} frame: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
     print(f"# jitter in step on this CPU (1 thread): {jitter_ms:.1f} ms per batch of {a.batch} "
           f"({jitter_ms / a.batch:.2f} ms per sample); on a GPU it is a few kernels per batch")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"best_samples_per_cpu_s": {k: max(v) for k, v in rates.items()},
+                                            "rounds": a.rounds, "load_avg_1min": os.getloadavg()[0]}, indent=1))
 
 
 if __name__ == "__main__":

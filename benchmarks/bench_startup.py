@@ -12,6 +12,7 @@ the CPU model and the load average beside the numbers: run it on a quiet machine
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -82,12 +83,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=3, help="fresh processes per command (median)")
     p.add_argument("--no-train", action="store_true", help="skip the tiny run's fixed costs")
+    p.add_argument("--json", help="also write each command's median seconds and exit code here")
     a = p.parse_args()
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} (1 min) at the start")
     print(f"{'command':<58} {'median s':>9} {'exit':>5}")
+    results = {}
     for name, args in COMMANDS:
         seconds, code = wall(args, a.runs)
+        results[name] = {"seconds": seconds, "exit": code}
         print(f"{name:<58} {seconds:>9.2f} {code:>5}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"commands": results, "runs": a.runs}, indent=1))
     if not a.no_train:
         print("tiny depth run (64x96, 2 steps, 1 loader worker, sqlite MLflow), from its log:")
         for line in tiny_run_costs():
