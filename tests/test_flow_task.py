@@ -153,3 +153,18 @@ def test_coordinates_let_the_decoder_vary_flow_with_image_position():
         flow = dec(feats, feats, (64, 192))[0]
         assert flow.shape == (1, 2, 64, 192)
         assert (flow.amax((2, 3)) - flow.amin((2, 3)) > 1e-3).all() == coords
+
+
+def test_one_adam_step_moves_every_scales_flow_alike():
+    """Adam moves each head weight by about the lr: unscaled, the 128-channel coarsest head's
+    flow moved ~8x as far per step as the 16-channel finest one's (and ran away in training)."""
+    torch.manual_seed(0)
+    num_ch = (8, 8, 16, 32, 64)
+    feats = [torch.rand(2, c, 64 // 2 ** (i + 1), 96 // 2 ** (i + 1)) for i, c in enumerate(num_ch)]
+    dec = FlowDecoder(num_ch)
+    before = {s: f.detach() for s, f in dec.fractions(feats, feats).items()}
+    opt = torch.optim.Adam(dec.parameters(), lr=1e-4)
+    sum(f.mean() for f in dec.fractions(feats, feats).values()).backward()
+    opt.step()
+    moved = [(after - before[s]).abs().mean().item() for s, after in dec.fractions(feats, feats).items()]
+    assert max(moved) < 2.5 * min(moved), moved

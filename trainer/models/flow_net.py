@@ -15,6 +15,9 @@ from torch import nn
 
 from trainer.models.unet import UNetDecoder
 
+#: The finest head's input channels (the U-Net's scale-0 width): heads' outputs are scaled to it.
+HEAD_CHANNELS = 16
+
 
 class FlowDecoder(nn.Module):
     """U-Net decoder over the per-level concatenation of both frames' features.
@@ -37,6 +40,11 @@ class FlowDecoder(nn.Module):
             for head in self.unet.heads.values():
                 head.weight.mul_(0.01)
                 head.bias.zero_()
+        # Adam moves every head weight by about the lr per step, so a head's output moves in
+        # proportion to its fan-in: scaled by 1 / channels, every scale's flow moves as fast as
+        # the finest one's (unscaled, the 128-channel coarsest head ran away to flows of
+        # hundreds of pixels, where the warped frame is all border and the loss has no gradient)
+        self.gains = {int(s): HEAD_CHANNELS / head.in_channels for s, head in self.unet.heads.items()}
 
     def fractions(self, feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
         """``{scale: flow (B, 2, H / 2^s, W / 2^s)}`` at each head's own resolution, as a fraction of
@@ -44,7 +52,7 @@ class FlowDecoder(nn.Module):
         pairs = [torch.cat([a, b], dim=1) for a, b in zip(feats_a, feats_b)]
         if self.coordinates:
             pairs = [torch.cat([p, coordinate_maps(p)], dim=1) for p in pairs]
-        return self.unet(pairs)
+        return {s: self.gains[s] * f for s, f in self.unet(pairs).items()}
 
     def forward(self, feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor],
                 size: tuple[int, int]) -> dict[int, torch.Tensor]:
