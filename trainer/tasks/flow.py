@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.augment import hflip_sample, jitter_frames, sample_jitter
-from trainer.geometry import bilinear_warp, in_bounds
-from trainer.kernels.dispatch import IMPLS, multiscale_reprojection_loss
+from trainer.geometry import bilinear_warp, in_bounds, pad_image
+from trainer.kernels.dispatch import IMPLS, PAD, multiscale_reprojection_loss
 from trainer.losses.smoothness import edge_aware_smoothness
 from trainer.metrics.flow import FlowMetric
 from trainer.models.encoders import build_encoder
@@ -120,6 +120,8 @@ class FlowTask(Task):
         # every pixel counts (border padding, as Monodepth2): masking the pixels whose flow
         # leaves the image would let the network lower the loss by pushing pixels out.
         warped, _ = warp_by_flow(source.repeat(n, 1, 1, 1), full * to_px)
+        # the kernels' layout: (B, C, S, H, W), padded as their SSIM windows read it
+        warped = pad_image(warped.unflatten(0, (n, -1)).permute(1, 2, 0, 3, 4), PAD)
         photo = multiscale_reprojection_loss(target, [warped], None, self.cfg.ssim_weight,
                                              self.cfg.photometric_impl)[0].mean()
         smooth = torch.stack([edge_aware_smoothness(f, target) / 2 ** s
