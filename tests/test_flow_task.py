@@ -7,10 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from data_shards.sources.synthetic import SyntheticConfig, iter_samples
 from trainer.config import ModelConfig
-from trainer.models.flow_net import flow_to_pixel_coords
+from trainer.losses.photometric import photometric_error
+from trainer.models.flow_net import FlowDecoder, flow_to_pixel_coords
 from trainer.tasks.flow import FlowConfig, FlowTask, warp_by_flow
 from trainer.tasks.segmentation import SegmentationConfig, SegmentationTask
 
@@ -51,26 +53,45 @@ def test_integer_shift_is_exact():
     assert flow_to_pixel_coords(flow)[0, 4, 5].tolist() == [8.0, 6.0]
 
 
+class FixedFlow(torch.nn.Module):
+    """Stands in for the flow decoder: a fixed flow (1, 2, H, W) in pixels at every scale (and a
+    parameter, so the loss has a graph)."""
+
+    def __init__(self, flow, scales=(0,)):
+        super().__init__()
+        self.flow, self.scales, self.w = flow, scales, torch.nn.Parameter(torch.zeros(()))
+
+    def fractions(self, fa, fb):
+        h, w = self.flow.shape[-2:]
+        hp, wp = fa[0].shape[-2] * 2, fa[0].shape[-1] * 2  # the padded input (stride-2 features)
+        frac = F.pad(self.flow, (0, wp - w, 0, hp - h)) / torch.tensor([wp, hp]).view(1, 2, 1, 1)
+        return {s: F.avg_pool2d(frac, 2 ** s) + self.w for s in self.scales}
+
+
+def _reference_photometric(fixed, batch, size):
+    """Mean over the scales of photometric_error (trainer/losses) of the next frame warped by
+    each scale's flow upsampled to the padded size (pixels), cropped: the loss computed by hand."""
+    target, source = batch["rgb"].float() / 255, batch["rgb_next"].float() / 255
+    (h, w), pad = target.shape[-2:], torch.tensor([size[1], size[0]]).view(1, 2, 1, 1)
+    feats = [torch.zeros(1, 1, size[0] // 2, size[1] // 2)]
+    errs = [photometric_error(warp_by_flow(source, (F.interpolate(f, size=size, mode="bilinear") * pad)[..., :h, :w])[0],
+                              target).mean() for f in fixed.fractions(feats, feats).values()]
+    return torch.stack(errs).mean().item()
+
+
 def test_loss_prefers_true_flow_and_trains_the_shared_encoder(samples):
-    task = FlowTask(FlowConfig(scales=[0]), SimpleNamespace(model=ModelConfig()))
+    task = FlowTask(FlowConfig(scales=[0, 1, 2, 3]), SimpleNamespace(model=ModelConfig()))
     model = task.build_model()
     s = samples[0]
     batch = {"rgb": _chw(s["rgb"]), "rgb_next": _chw(s["rgb_next"])}
     gt = _chw(s["flow"])[:, :2]
-
-    class Fixed(torch.nn.Module):  # stands in for the decoder: a fixed flow
-        def __init__(self, flow):
-            super().__init__()
-            self.flow, self.w = flow, torch.nn.Parameter(torch.zeros(()))
-
-        def forward(self, fa, fb, size):
-            return {0: self.flow + self.w}
-
     losses = {}
-    for name, f in (("gt", gt), ("zero", torch.zeros_like(gt))):
-        m = torch.nn.ModuleDict({"encoder": model["encoder"], "flow_decoder": Fixed(f)})
+    for name, f in (("gt", gt), ("zero", torch.zeros_like(gt)), ("half", gt / 2)):
+        m = torch.nn.ModuleDict({"encoder": model["encoder"], "flow_decoder": FixedFlow(f, (0, 1, 2, 3))})
         losses[name] = task.training_step(m, batch)[1]["photometric"].item()
-    assert losses["gt"] < 0.7 * losses["zero"]
+        # the stacked scales (one warp, depth's loss kernels) compute the per-scale loss
+        assert losses[name] == pytest.approx(_reference_photometric(m["flow_decoder"], batch, (64, 160)), rel=1e-4)
+    assert losses["gt"] < 0.7 * losses["zero"] and losses["gt"] < losses["half"] < losses["zero"], losses
     loss, logs = task.training_step(model, batch)
     loss.backward()
     assert set(logs) == {"photometric", "smoothness"} and torch.isfinite(loss)
@@ -82,6 +103,23 @@ def test_loss_prefers_true_flow_and_trains_the_shared_encoder(samples):
     metric.update({"flow": _chw(s["flow"])}, out)
     r = metric.compute(metric.state())
     assert out["flow"].shape == (1, 2, 48, 160) and r["epe"] > 0 and r["flow_pixels"] > 0
+
+
+def test_eval_returns_the_decoders_flow_in_pixels(samples):
+    """The evaluated flow is the decoder's (padded-size fraction x padded size, cropped): with the
+    ground truth as the decoder's output, EPE is 0 and zero flow's is the mean GT magnitude."""
+    task = FlowTask(FlowConfig(scales=[0]), SimpleNamespace(model=ModelConfig()))
+    s = samples[0]
+    gt = _chw(s["flow"])
+    model = torch.nn.ModuleDict({"encoder": task.build_model()["encoder"], "flow_decoder": FixedFlow(gt[:, :2])})
+    with torch.no_grad():
+        out = task.eval_step(model, {"rgb": _chw(s["rgb"]), "rgb_next": _chw(s["rgb_next"])})
+    metric = task.new_metric()
+    metric.update({"flow": gt}, out)
+    r = metric.compute(metric.state())
+    valid = gt[0, 2] > 0.5
+    assert r["epe"] < 1e-5 and r["flow_pixels"] == valid.sum()
+    assert r["baseline_epe"] == pytest.approx(gt[0, :2].norm(dim=0)[valid].double().mean().item(), rel=1e-6)
 
 
 def test_train_transform_flips_frames_and_flow_together():
@@ -101,3 +139,32 @@ def test_flow_export_initialises_segmentation(tmp_path):
     seg = SegmentationTask(SegmentationConfig(init="flow", weights=str(tmp_path / "weights.pt")), run).build_model()
     assert torch.equal(seg["encoder"].layers["layer4"][1].conv2.weight,
                        flow_model["encoder"].layers["layer4"][1].conv2.weight)
+
+
+def test_coordinates_let_the_decoder_vary_flow_with_image_position():
+    """On features that are the same everywhere, the decoder's flow is the same everywhere, unless
+    it is given each pixel's position (task.coordinates): the ego-motion field needs that."""
+    feats = [torch.ones(1, c, 64 // 2 ** (i + 1), 192 // 2 ** (i + 1)) for i, c in enumerate((8, 8, 8, 8, 8))]
+    for coords in (False, True):
+        torch.manual_seed(0)
+        dec = FlowDecoder([8] * 5, scales=[0], coordinates=coords)
+        for head in dec.unet.heads.values():
+            torch.nn.init.normal_(head.weight)
+        flow = dec(feats, feats, (64, 192))[0]
+        assert flow.shape == (1, 2, 64, 192)
+        assert (flow.amax((2, 3)) - flow.amin((2, 3)) > 1e-3).all() == coords
+
+
+def test_one_adam_step_moves_every_scales_flow_alike():
+    """Adam moves each head weight by about the lr: unscaled, the 128-channel coarsest head's
+    flow moved ~8x as far per step as the 16-channel finest one's (and ran away in training)."""
+    torch.manual_seed(0)
+    num_ch = (8, 8, 16, 32, 64)
+    feats = [torch.rand(2, c, 64 // 2 ** (i + 1), 96 // 2 ** (i + 1)) for i, c in enumerate(num_ch)]
+    dec = FlowDecoder(num_ch)
+    before = {s: f.detach() for s, f in dec.fractions(feats, feats).items()}
+    opt = torch.optim.Adam(dec.parameters(), lr=1e-4)
+    sum(f.mean() for f in dec.fractions(feats, feats).values()).backward()
+    opt.step()
+    moved = [(after - before[s]).abs().mean().item() for s, after in dec.fractions(feats, feats).items()]
+    assert max(moved) < 2.5 * min(moved), moved

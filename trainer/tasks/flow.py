@@ -2,9 +2,10 @@
 
 A siamese encoder (one ResNet, shared weights, both frames in one batched call) feeds the
 flow decoder, which predicts flow t -> t+1 at 4 scales. Loss per scale, at the input
-resolution: the same photometric error as depth (SSIM + L1, ``photometric_error``) between
-frame t and frame t+1 warped back by the flow (``bilinear_warp``, border padding), over every
-pixel, plus edge-aware smoothness of the flow. No flow labels are used in
+resolution: the same photometric error as depth (SSIM + L1, computed by depth's loss kernels,
+``multiscale_reprojection_loss`` with one source and no auto-mask) between frame t and frame
+t+1 warped back by the flow (``bilinear_warp``, border padding), over every pixel, plus
+edge-aware smoothness of the flow. No flow labels are used in
 training; end-point error against ground truth is the evaluation metric where it exists.
 """
 from __future__ import annotations
@@ -18,12 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.augment import hflip_sample, jitter_frames, sample_jitter
-from trainer.geometry import bilinear_warp, in_bounds
-from trainer.losses.photometric import photometric_error
+from trainer.geometry import bilinear_warp, in_bounds, pad_image
+from trainer.kernels.dispatch import IMPLS, PAD, multiscale_reprojection_loss
 from trainer.losses.smoothness import edge_aware_smoothness
 from trainer.metrics.flow import FlowMetric
 from trainer.models.encoders import build_encoder
-from trainer.models.flow_net import FlowDecoder, flow_to_pixel_coords
+from trainer.models.flow_net import FlowDecoder, flow_to_pixel_coords, fraction_to_pixels
+from trainer.models.unet import pad_to_stride
 from trainer.tasks.base import Task
 from trainer.tasks.common import as_dataclass, keep_keys, to_unit_float
 from trainer.visuals import flow_to_color
@@ -49,6 +51,8 @@ class FlowTask(Task):
         cfg = self.cfg
         if not cfg.scales or any(s not in range(4) for s in cfg.scales):
             raise ValueError(f"task.scales={list(cfg.scales)}: need a non-empty subset of 0..3")
+        if cfg.photometric_impl not in IMPLS:
+            raise ValueError(f"task.photometric_impl={cfg.photometric_impl!r}: expected one of {', '.join(IMPLS)}")
         if not 0 <= cfg.ssim_weight <= 1 or cfg.smoothness_weight < 0:
             raise ValueError(f"task.ssim_weight={cfg.ssim_weight} must be in [0, 1] and "
                              f"task.smoothness_weight={cfg.smoothness_weight} >= 0")
@@ -57,7 +61,7 @@ class FlowTask(Task):
 
     def build_model(self) -> nn.ModuleDict:
         encoder = build_encoder(self.run_cfg.model)
-        return nn.ModuleDict({"encoder": encoder, "flow_decoder": FlowDecoder(encoder.num_ch, self.cfg.scales)})
+        return nn.ModuleDict({"encoder": encoder, "flow_decoder": FlowDecoder(encoder.num_ch, self.cfg.scales, self.cfg.coordinates)})
 
     def train_transform(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         """Flip both frames (and GT flow) together, then jitter into ``aug_*`` copies; always
@@ -77,37 +81,52 @@ class FlowTask(Task):
         return keep_keys(sample, FRAME_KEYS + ("flow",))
 
     def predict(self, model: nn.Module, frame_a: torch.Tensor, frame_b: torch.Tensor) -> dict[int, torch.Tensor]:
-        """{scale: flow (B, 2, H, W) pixels} from two float [0, 1] frames; one encoder call on
-        both frames (shared weights; a single call keeps DDP's once-per-step gradient hooks).
-        Frames are padded (replicated border) to a multiple of 32 and the flow cropped back."""
-        b, (h, w) = frame_a.shape[0], frame_a.shape[-2:]
-        x = torch.cat([frame_a, frame_b], 0)
-        ph, pw = max((-h) % 32, 64 - h), max((-w) % 32, 64 - w)  # as segmentation: /32, >= 64
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        """{scale: flow (B, 2, H, W) pixels} from two float [0, 1] frames, every scale upsampled to
+        the input size; see :meth:`predict_fractions`."""
+        h, w = frame_a.shape[-2:]
+        fracs, (hp, wp) = self.predict_fractions(model, frame_a, frame_b)
+        return {s: fraction_to_pixels(f, (hp, wp))[..., :h, :w] for s, f in fracs.items()}
+
+    def predict_fractions(self, model: nn.Module, frame_a: torch.Tensor, frame_b: torch.Tensor
+                          ) -> tuple[dict[int, torch.Tensor], tuple[int, int]]:
+        """({scale: flow (B, 2, Hp / 2^s, Wp / 2^s) as a fraction of the image size}, (Hp, Wp)):
+        one encoder call on both frames (shared weights; a single call keeps DDP's once-per-step
+        gradient hooks), on frames padded (replicated border) to (Hp, Wp), a multiple of 32."""
+        b = frame_a.shape[0]
+        x = pad_to_stride(torch.cat([frame_a, frame_b], 0))
         feats = model["encoder"](x)
-        flows = model["flow_decoder"]([f[:b] for f in feats], [f[b:] for f in feats], tuple(x.shape[-2:]))
-        return {s: f[..., :h, :w] for s, f in flows.items()}
+        fracs = model["flow_decoder"].fractions([f[:b] for f in feats], [f[b:] for f in feats])
+        return fracs, tuple(x.shape[-2:])
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ref = model["flow_decoder"]
         a = to_unit_float(batch.get("aug_rgb", batch["rgb"]), ref)
         b = to_unit_float(batch.get("aug_rgb_next", batch["rgb_next"]), ref)
         target, source = to_unit_float(batch["rgb"], ref), to_unit_float(batch["rgb_next"], ref)
-        h, w = target.shape[-2:]
-        size = torch.tensor([w, h], dtype=target.dtype, device=target.device).view(1, 2, 1, 1)
-        flows = self.predict(model, a, b)
-        photo_total, smooth_total = target.new_zeros(()), target.new_zeros(())
-        for s, flow in flows.items():
-            # every pixel counts (border padding, as Monodepth2): masking the pixels whose flow
-            # leaves the image would let the network lower the loss by pushing pixels out.
-            warped, _ = warp_by_flow(source, flow)
-            photo_total = photo_total + photometric_error(warped, target, self.cfg.ssim_weight).mean()
-            smooth_total = smooth_total + edge_aware_smoothness(flow / size, target) / (2 ** s)
-        n = len(flows)
-        photo, smooth = photo_total / n, smooth_total / n
+        fracs, padded = self.predict_fractions(model, a, b)
+        photo, smooth = self._loss_terms(fracs, padded, target, source)
         loss = photo + self.cfg.smoothness_weight * smooth
         return loss, {"photometric": photo.detach(), "smoothness": smooth.detach()}
+
+    def _loss_terms(self, fracs: dict[int, torch.Tensor], padded: tuple[int, int], target: torch.Tensor,
+                    source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean over scales of the photometric error and the edge-aware smoothness, every scale's
+        flow upsampled to the input size (Monodepth2's convention for depth). The scales are
+        stacked (S*B, scale-major): one warp and one call of depth's photometric loss kernels."""
+        (h, w), n = target.shape[-2:], len(fracs)
+        full = torch.cat([F.interpolate(f, size=padded, mode="bilinear", align_corners=False)
+                          if f.shape[-2:] != padded else f for f in fracs.values()])[..., :h, :w]
+        to_px = torch.tensor([padded[1], padded[0]], dtype=full.dtype, device=full.device).view(1, 2, 1, 1)
+        # every pixel counts (border padding, as Monodepth2): masking the pixels whose flow
+        # leaves the image would let the network lower the loss by pushing pixels out.
+        warped, _ = warp_by_flow(source.repeat(n, 1, 1, 1), full * to_px)
+        # the kernels' layout: (B, C, S, H, W), padded as their SSIM windows read it
+        warped = pad_image(warped.unflatten(0, (n, -1)).permute(1, 2, 0, 3, 4), PAD)
+        photo = multiscale_reprojection_loss(target, [warped], None, self.cfg.ssim_weight,
+                                             self.cfg.photometric_impl)[0].mean()
+        smooth = torch.stack([edge_aware_smoothness(f, target) / 2 ** s
+                              for s, f in zip(fracs, full.chunk(n))]).mean()
+        return photo, smooth
 
     def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> Any:
         ref = model["flow_decoder"]

@@ -18,6 +18,12 @@ class FlowConfig:
     """Weight of SSIM vs L1 in the photometric error (Monodepth2: 0.85)."""
     smoothness_weight: float = 1e-3
     """Edge-aware smoothness weight on flow in units of the image size, divided by 2^scale."""
+    photometric_impl: str = "auto"
+    """Photometric loss implementation, as depth's ``photometric_impl``: auto (fused Triton on CUDA;
+    on a CPU ``compiled`` where a C++ compiler is found, else ``handwritten``) | triton | compiled |
+    handwritten | reference (trainer/losses/photometric.py)."""
+    coordinates: bool = False
+    """Give the flow decoder each pixel's normalised image position (2 channels per level)."""
     flip_prob: float = 0.5
     """Probability of a horizontal flip of both frames (flow u negated)."""
     jitter_prob: float = 0.5
