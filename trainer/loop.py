@@ -151,12 +151,32 @@ class _Run:
         """The Stateful objects rank 0 saves in each checkpoint, by name."""
         return {"progress": self.progress, **({"best": self.best} if self.best is not None else {})}
 
-    def save(self, step: int, stopping: bool = False) -> Path:
+    def save(self, step: int, control: Optional[StepControl] = None, stopping: bool = False,
+             background: bool = False) -> Path:
+        """Checkpoint ``step`` (a save in flight is finished first); ``background``: return once it is
+        staged (:meth:`reap` reports it when it is whole)."""
+        self.reap(control, wait=True)
         self.progress.step = step
-        path = self.ckpt.save(step, self.shared_state(), self.per_rank, stopping=stopping)
+        path = self.ckpt.save(step, self.shared_state(), self.per_rank, stopping=stopping, background=background)
+        if background and control is not None:
+            control.saved(None)  # the wall-clock cadence counts from the start of a save
+        elif not background:
+            self._saved(control, self.ckpt.last_save, stopping)
+        return path
+
+    def reap(self, control: Optional[StepControl], wait: bool = False) -> None:
+        """Report a background save once it is whole on every rank (collective while one is in
+        flight); its failure is raised here."""
+        done = self.ckpt.poll(wait=wait)
+        if done is not None:
+            self._saved(control, done, False, restart_clock=False)
+
+    def _saved(self, control: Optional[StepControl], times: dict[str, float], stopping: bool,
+               restart_clock: bool = True) -> None:
+        if control is not None:
+            control.saved(times.get("total_s"), stopping=stopping, restart_clock=restart_clock)
         if self.best is not None and self.engine.is_logging_rank:
             self.best.prune()  # the checkpoint names the best step: older candidates can go
-        return path
 
 
 def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[LoaderFactory] = None,
@@ -201,6 +221,8 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
         # (file only: the entry point prints it on the terminal, once)
         log.error("run failed: %s: %s", type(e).__name__, e, exc_info=not isinstance(e, ConfigError),
                   extra={"file_only": True})
+        if run is not None and run.ckpt is not None:
+            run.ckpt.abandon()  # a checkpoint being written in the background may still become whole
         if own_engine and engine is not None:
             engine.abandon_group()  # a failed rank cannot rely on its peers reaching a barrier
         _close(run, own_tracker, False, "FAILED")
@@ -372,18 +394,20 @@ def _run(run: _Run, control: StepControl) -> dict[str, Any]:
                            int(tc.eval_max_batches))
             train_log.send({f"val/{k}": v for k, v in val.items()}, step)
             _select(run, step, val)
+        run.reap(control)
         stop, due = control.poll(step)
         if stop or (step < total and (due or (int(tc.ckpt_every) and step % int(tc.ckpt_every) == 0))):
-            run.save(step, stopping=stop)
+            # the stop's save is whole before the exit; a periodic one is written in the background
+            run.save(step, control, stopping=stop, background=bool(tc.ckpt_async) and not stop)
             last_saved = step
-            control.saved(run.ckpt.last_save.get("total_s"), stopping=stop)
         if stop:
             raise Preempted(control.signum, step, str(run.ckpt.root / step_dir_name(step)))
         _maybe_kill(step, engine.rank)
     if bar is not None:
         bar.close()
+    run.reap(control, wait=True)
     if last_saved != total:
-        run.save(total)
+        run.save(total, control)
     return _finish(run, train_log.latest, val_loader)
 
 
@@ -429,7 +453,8 @@ def _select(run: _Run, step: int, val: dict[str, float], final: bool = False) ->
         best.test = evaluate(engine, run.task, _eval_progress(engine, _test_loader(run), "test evaluation of the best "
                                                                  "checkpoint so far", 0), 0)
     if engine.is_logging_rank:
-        best.prune()
+        if not run.ckpt.in_flight:  # the checkpoint being written names its best step: pruned once it is whole
+            best.prune()
         run.tracker.log_metrics({"best/step": float(step), f"best/val_{best.metric}": float(best.value)}, step=step)
 
 
