@@ -245,34 +245,38 @@ def test_kill_9_right_after_a_commit_resumes_from_the_new_one(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_stop_signal_during_a_save_in_flight_waits_for_it_then_saves_whole(tmp_path):
-    """SIGTERM while checkpoint 4 is being written: the stop's save waits for it, then writes its own;
-    both are whole, nothing is left partial, and the resumed run ends equal to an uninterrupted one."""
+    """SIGTERM while checkpoint 300 is being written (~3 s at 5 kB/s; the tiny steps go on meanwhile):
+    the stop's save waits for it, then writes its own; both are whole, nothing is left partial, and the
+    resumed run ends equal to an uninterrupted one."""
     from dist_helpers import REPO_ROOT, child_env, signal_and_wait, wait_for_text
 
-    base = ["train.steps=9", "train.ckpt_every=4", "train.keep_last=3"]
+    base = ["train.steps=600", "train.ckpt_every=300", "train.keep_last=3", "train.log_every=100"]
 
     def direct(out: Path, env: dict | None = None) -> subprocess.Popen:  # one plain process, no torchrun
         return subprocess.Popen([sys.executable, WORKER, f"out_dir={out}", *base], env=child_env(env), cwd=REPO_ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     ref = direct(tmp_path / "ref")
-    assert ref.wait(timeout=120) == 0, ref.stdout.read()[-3000:]
+    assert ref.wait(timeout=200) == 0, ref.stdout.read()[-3000:]
     run = tmp_path / "run"
-    proc = direct(run, SLOW_WRITES)
+    proc = direct(run, {"GEOPRIME_TEST_WRITE_MB_S": "0.005"})
     log, ck = run / "logs" / "rank0.log", run / "checkpoints"
-    wait_for_text(log, "checkpoint step_00000004 staged", proc, timeout=120)
+    wait_for_text(log, "checkpoint step_00000300 staged", proc, timeout=120)
     output = signal_and_wait(proc, signal.SIGTERM, 120)
     assert proc.returncode != 0 and "stopped by SIGTERM after step" in output, output[-3000:]
     text = log.read_text()
     stopped = int(text.split("stopped by SIGTERM after step ")[1].split(";")[0])
-    assert 4 < stopped < 8, stopped
-    assert 0 <= text.index(f"checkpoint saved: {ck / 'step_00000004'}") < text.index(
-        f"checkpoint saved: {ck / f'step_{stopped:08d}'}")  # the one in flight first, then the stop's own
+    assert 300 < stopped < 600, stopped
+    # the signal came while 300 was in flight; the stop's save waited for it, then made its own
+    order = [text.index(s) for s in ("checkpoint step_00000300 staged", "received SIGTERM",
+                                     f"checkpoint saved: {ck / 'step_00000300'}",
+                                     f"checkpoint saved: {ck / f'step_{stopped:08d}'}")]
+    assert order == sorted(order), order
     assert not list(ck.glob(".step_*")) and not (ck / ".stopping.json").exists()  # nothing left partial
-    verify(ck / "step_00000004")
+    verify(ck / "step_00000300")
     verify(ck / f"step_{stopped:08d}")
     again = direct(run)
-    assert again.wait(timeout=120) == 0, again.stdout.read()[-3000:]
+    assert again.wait(timeout=200) == 0, again.stdout.read()[-3000:]
     assert f"resumed from {ck / f'step_{stopped:08d}'} (step {stopped})" in log.read_text()
     _weights_equal(tmp_path / "ref", run)
 
