@@ -212,8 +212,10 @@ def test_kill_9_while_a_save_is_in_flight_resumes_from_the_previous_one(tmp_path
     _tiny_run(tmp_path / "ref", 2, *base)
     run = tmp_path / "run"
     first = _tiny_run(run, 2, *base, env={**SLOW_WRITES, "GEOPRIME_TEST_KILL_AT_STEP": "5",
-                                          "GEOPRIME_TEST_KILL_RANK": "1"}, check=False)
+                                          "GEOPRIME_TEST_KILL_RANK": "1", "GEOPRIME_TEST_KILL_MID_SAVE": "1"},
+                      check=False)
     assert first.returncode != 0
+    assert "killing rank 1 at step 5 with a checkpoint in flight" in (run / "logs" / "rank1.log").read_text()
     log = (run / "logs" / "rank0.log").read_text()
     assert "checkpoint step_00000004 staged" in log and "checkpoint saved: " + str(run / "checkpoints" /
                                                                                  "step_00000004") not in log

@@ -111,16 +111,21 @@ class _Background:
             self._error = e
         finally:
             self._finished.set()
+            self = None  # type: ignore[assignment]  # (the error's traceback holds this frame: no cycle)
 
     def done(self) -> bool:
         return self._finished.is_set()
 
     def result(self, timeout: Optional[float] = None) -> Any:
-        """The value ``fn`` returned, or its exception raised; :class:`TimeoutError` after ``timeout`` s."""
+        """The value ``fn`` returned, or its exception raised (once); :class:`TimeoutError` after ``timeout`` s."""
         if not self._finished.wait(timeout):
             raise TimeoutError(f"{self._thread.name} still running after {timeout} s")
-        if self._error is not None:
-            raise self._error
+        if self._error is not None:  # raised once, and then named by nothing here (no reference cycle
+            error, self._error = self._error, None  # through the frames of its traceback)
+            try:
+                raise error
+            finally:
+                error = self = None  # type: ignore[assignment]
         return self._value
 
 
@@ -264,28 +269,26 @@ class Checkpointer:
         thread, or on the background one); every rank ends with the same outcome. Returns the timings."""
         eng, group, times = self.engine, job.group, job.times
         t_write = time.perf_counter()
-        failure: Optional[BaseException] = None
         try:
             for write in job.writes:
                 write()
             if job.stopping and os.environ.get(SLOW_STOP_SAVE_ENV):
                 time.sleep(float(os.environ[SLOW_STOP_SAVE_ENV]))
         except BaseException as e:  # DCP's CheckpointException is a BaseException
-            failure = e
-        said = group.all_gather_object(None if failure is None else (is_out_of_space(failure),
-                                                                     f"{type(failure).__name__}: {failure}"))
+            self._failed(job, group.all_gather_object((is_out_of_space(e), f"{type(e).__name__}: {e}")), mine=True)
+        said = group.all_gather_object(None)
         if any(said):
-            self._failed(job, failure, said)
+            self._failed(job, said, mine=False)
         t_seal = time.perf_counter()
-        outcome = None
+        outcome: Any = None
         if eng.is_logging_rank:
             try:
                 outcome = self._seal_and_commit(job)
             except BaseException as e:
-                failure, outcome = e, (is_out_of_space(e), f"{type(e).__name__}: {e}")
+                self._failed(job, [group.broadcast_object((is_out_of_space(e), f"{type(e).__name__}: {e}"))], mine=True)
         outcome = group.broadcast_object(outcome)
         if isinstance(outcome, tuple):
-            self._failed(job, failure, [outcome])
+            self._failed(job, [outcome], mine=False)
         times.update(write_s=t_seal - t_write, seal_s=outcome["seal_s"], commit_s=outcome["commit_s"],
                      prune_s=outcome["prune_s"], bytes=float(outcome["bytes"]))
         times["total_s"] = sum(times.get(k, 0.0) for k in ("check_s", "stage_s", "write_s", "seal_s", "commit_s",
@@ -312,18 +315,19 @@ class Checkpointer:
             self._prune(keep=job.final)
         return {"seal_s": t1 - t0, "commit_s": t2 - t1, "prune_s": time.perf_counter() - t2, "bytes": size}
 
-    def _failed(self, job: "_Save", failure: Optional[BaseException], said: list[Any]) -> None:
-        """Raise the save's failure on every rank: a full disk (on any rank) as one line saying what was
-        needed and is free, its partial folder removed; otherwise this rank's own error, or one naming
-        the rank that failed."""
+    def _failed(self, job: "_Save", said: list[Any], mine: bool) -> None:
+        """Raise the save's failure on every rank (``said``: what each rank reported, None where all was
+        well): a full disk (on any rank) as one line saying what was needed and is free, its partial
+        folder removed; else, on a rank that failed (``mine``: called while handling its exception), that
+        exception; on the others, one naming the rank that failed."""
         name = job.final.name
         if any(s and s[0] for s in said):
             if self.engine.is_logging_rank:
                 shutil.rmtree(job.partial, ignore_errors=True)
             raise CheckpointError(f"{no_space_message(self.root, self._needed_bytes(), free_bytes(self.root))} "
-                                  f"(checkpoint {name} not written; the previous ones are kept)") from failure
-        if failure is not None:
-            raise failure
+                                  f"(checkpoint {name} not written; the previous ones are kept)")
+        if mine:
+            raise  # the exception being handled (no local names it: no reference cycle through this frame)
         rank, what = next((r, s[1]) for r, s in enumerate(said) if s)
         raise CheckpointError(f"checkpoint {name} not written: rank {rank} failed ({what}); the previous ones "
                               "are kept")

@@ -7,7 +7,10 @@ weights (``<out_dir>/weights.pt``) and writes ``<out_dir>/metrics.json`` atomica
 
 Test hook (documented, for fault-tolerance tests only): with ``GEOPRIME_TEST_KILL_AT_STEP=k``
 the process whose rank is ``GEOPRIME_TEST_KILL_RANK`` (default 0) SIGKILLs itself right after
-step ``k`` on its first attempt (``TORCHELASTIC_RESTART_COUNT`` 0), to exercise elastic restarts.
+step ``k`` on its first attempt (``TORCHELASTIC_RESTART_COUNT`` 0), to exercise elastic restarts. A
+checkpoint still being written in the background is first let become whole (the checkpoints of steps
+up to ``k`` are whole, as synchronous saves left them) unless ``GEOPRIME_TEST_KILL_MID_SAVE=1``: then
+the kill lands while it is in flight.
 """
 from __future__ import annotations
 
@@ -106,13 +109,16 @@ class _Batches:
         raise RuntimeError("the training loader yielded no batch in a whole epoch")
 
 
-def _maybe_kill(step: int, rank: int) -> None:
+def _maybe_kill(step: int, rank: int, ckpt: Checkpointer) -> None:
     """The documented fault-injection test hook (see the module docstring)."""
     at = os.environ.get("GEOPRIME_TEST_KILL_AT_STEP")
     if not at or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) != 0:
         return
     if step == int(at) and rank == int(os.environ.get("GEOPRIME_TEST_KILL_RANK", "0")):
-        log.warning("test hook: killing rank %d at step %d", rank, step)
+        if os.environ.get("GEOPRIME_TEST_KILL_MID_SAVE") != "1":
+            ckpt.wait()  # no collective: this rank's own writer thread
+        log.warning("test hook: killing rank %d at step %d%s", rank, step,
+                    " with a checkpoint in flight" if ckpt.in_flight else "")
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -402,7 +408,7 @@ def _run(run: _Run, control: StepControl) -> dict[str, Any]:
             last_saved = step
         if stop:
             raise Preempted(control.signum, step, str(run.ckpt.root / step_dir_name(step)))
-        _maybe_kill(step, engine.rank)
+        _maybe_kill(step, engine.rank, run.ckpt)
     if bar is not None:
         bar.close()
     run.reap(control, wait=True)

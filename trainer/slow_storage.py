@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from data_shards.atomic import atomic_save, atomic_write
+from data_shards.atomic import atomic_write
 
 #: test / benchmark hook: checkpoint writes go at most this many MB/s (10^6 bytes)
 WRITE_RATE_ENV = "GEOPRIME_TEST_WRITE_MB_S"
@@ -62,13 +62,10 @@ def held(f: Any) -> Any:
 
 def torch_save(obj: Any, path: Path, *, zipfile: bool = True) -> None:
     """``torch.save`` to ``path`` atomically (temporary name, fsync, rename), at the hook's rate;
-    ``zipfile=False``: torch's legacy format (DeepSpeed's choice when configured so)."""
-    rate = write_rate()
-    if rate:
-        atomic_write(path, lambda f: torch.save(obj, _Held(f, rate), _use_new_zipfile_serialization=zipfile),
-                     fsync=True)
-    else:  # torch's own file writer, as a plain torch.save(obj, path)
-        atomic_save(path, lambda tmp: torch.save(obj, tmp, _use_new_zipfile_serialization=zipfile), fsync=True)
+    ``zipfile=False``: torch's legacy format (DeepSpeed's choice when so configured). Through a Python
+    file object, closed as soon as a write fails (a full disk gets its space back at once, not when the
+    exception is collected)."""
+    atomic_write(path, lambda f: torch.save(obj, held(f), _use_new_zipfile_serialization=zipfile), fsync=True)
 
 
 class _HeldFileSystem:
