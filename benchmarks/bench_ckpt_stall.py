@@ -2,9 +2,9 @@
 
 The depth model of the depth task (ResNet-18 depth + pose networks, Adam: a 309 MiB checkpoint) trains
 through the real ``Engine`` and saves through the real ``Checkpointer`` under each strategy (``single``:
-one process; ``ddp``, ``fsdp`` and, on request, ``zero2``: ``--nproc`` ranks under torchrun), on each storage (``--rates``: 0 is
-the disk of ``--dir``; N stands in for a network volume writing N MB/s per rank, through the
-``GEOPRIME_TEST_WRITE_MB_S`` hook) and in each mode:
+one process; ``ddp``, ``fsdp`` and, on request, ``zero2``: ``--nproc`` ranks under torchrun), on each
+storage (``--rates``: 0 is the disk of ``--dir``; N stands in for a network volume writing N MB/s per
+rank, through the ``GEOPRIME_TEST_WRITE_MB_S`` hook) and in each mode:
 
 * ``sync``  (before): the loop waits for the whole save (write, seal, commit, prune);
 * ``async`` (after, ``train.ckpt_async=true``): the loop waits while the state is staged into CPU memory,

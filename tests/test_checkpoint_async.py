@@ -38,6 +38,7 @@ def _snapshot_round_trip(eng: Engine, directory: Path, world: int) -> dict:
     train_steps(eng, data, range(STEPS), world)
     at_stage = eng.full_state_dict()
     write = eng.stage_state(directory)
+    staged_only = not any(p.suffix in (".pt", ".distcp") for p in directory.rglob("*"))  # no state file yet
     train_steps(eng, data, range(STEPS, STEPS + 1), world)  # changes weights and Adam moments in place
     after = eng.full_state_dict()
     writer = threading.Thread(target=write)
@@ -50,7 +51,8 @@ def _snapshot_round_trip(eng: Engine, directory: Path, world: int) -> dict:
     loaded = eng.full_state_dict()
     train_steps(eng, data, range(STEPS, STEPS + 1), world)  # the same step again, from the loaded moments
     again = eng.full_state_dict()
-    return {"step_moved": any(not torch.equal(at_stage[k], after[k]) for k in at_stage),
+    return {"staged_only": staged_only,
+            "step_moved": any(not torch.equal(at_stage[k], after[k]) for k in at_stage),
             "loaded_is_staged": all(torch.equal(loaded[k], at_stage[k]) for k in at_stage),
             "again_equal": all(torch.equal(again[k], after[k]) for k in after)}
 
@@ -77,7 +79,7 @@ def test_the_staged_copy_is_a_snapshot_single_process(tmp_path):
         res = _snapshot_round_trip(eng, tmp_path / "ck", 1)
     finally:
         eng.close()
-    assert res == {"step_moved": True, "loaded_is_staged": True, "again_equal": True}
+    assert res == {"staged_only": True, "step_moved": True, "loaded_is_staged": True, "again_equal": True}
 
 
 @pytest.mark.dist
@@ -92,7 +94,7 @@ def test_the_staged_copy_is_a_snapshot_under_every_strategy(tmp_path):
     run_torchrun([__file__, "snapshot", str(tmp_path), *names], nproc=2, timeout=360)
     for name in names:
         res = json.loads((tmp_path / f"{name}.json").read_text())
-        assert res == {"step_moved": True, "loaded_is_staged": True, "again_equal": True}, name
+        assert res == {"staged_only": True, "step_moved": True, "loaded_is_staged": True, "again_equal": True}, name
 
 
 # ------------------------------------------------------------------ the checkpointer, one process

@@ -14,7 +14,9 @@ Layout under ``<out_dir>/checkpoints``::
 
 A checkpoint is whole only if ``COMPLETE.json`` exists and every file it lists has the listed
 size and sha256; anything else is skipped on resume with a warning naming it. All ranks must
-see the same ``out_dir`` (a shared file system on multi-node runs).
+see the same ``out_dir`` (a shared file system on multi-node runs). A periodic save may be made
+in the background: staged (copied into CPU memory) on the training thread, then written, sealed,
+committed and pruned on another, one save at a time (see :class:`Checkpointer`).
 """
 from __future__ import annotations
 
