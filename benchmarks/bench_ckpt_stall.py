@@ -9,11 +9,15 @@ rank, through the ``GEOPRIME_TEST_WRITE_MB_S`` hook) and in each mode:
 * ``sync``  (before): the loop waits for the whole save (write, seal, commit, prune);
 * ``async`` (after, ``train.ckpt_async=true``): the loop waits while the state is staged into CPU memory,
   then trains on while a thread writes, seals, commits and prunes; the per-step check of that thread
-  (one all-reduce) counts as stall too.
+  (one all-reduce) counts as stall too. Each step ends with a barrier, standing in for the loop's own
+  per-step agreement (stop signal, wall-clock cadence), so the check's time is its own.
 
 Each mode saves ``--saves`` times (the first async save allocates the staging buffers; later ones reuse
-them). Printed per save: the stall (the slowest rank's), the whole save's seconds, the step time with no
-save running and while one is written in the background.
+them). Printed per save: the stall (the slowest rank's: the save call, then each step's check), the whole
+save's seconds and size, the step right before it (no save running), the mean step while it is written in
+the background and how many (``k``), and ``waited``: what the benchmark waited for a save not yet whole
+after ``--max-steps`` steps (a run trains on instead; not part of the stall: only a save due before the
+previous one is whole would wait for it).
 
     python benchmarks/bench_ckpt_stall.py                                  # 96x320; single ddp fsdp; disk + 100 MB/s
     python benchmarks/bench_ckpt_stall.py --strategies single --rates 0 --dir /pvc/scratch
@@ -63,10 +67,13 @@ def _build(a: argparse.Namespace):
     batch = engine.to_device(fake_batch(1, a.height, a.width, seed=engine.rank))
 
     def step() -> float:
+        """One step and the loop's per-step agreement (a barrier here): a rank slowed by its writer thread
+        makes the others wait there, which is step time, not the checkpoint check's."""
         t = time.perf_counter()
         loss, _ = engine.forward(task.training_step, batch)
         engine.backward(loss)
         engine.step()
+        engine.barrier()
         return time.perf_counter() - t
 
     return engine, step
@@ -88,7 +95,9 @@ def _one_save(ck, step, n: int, background: bool, max_steps: int) -> dict:
         t = time.perf_counter()
         ck.wait()
         waited = time.perf_counter() - t
-    return {"stall_s": stall + waited, "waited_s": waited, "steps_during": during, **ck.last_save}
+    # stall: what the loop paid (the save call, then each step's check); waited: the bench stopped
+    # stepping after max_steps (a run trains on; only a save due before this one is whole would wait)
+    return {**ck.last_save, "stall_s": stall, "waited_s": waited, "steps_during": during}
 
 
 def worker(a: argparse.Namespace) -> None:
@@ -109,9 +118,9 @@ def worker(a: argparse.Namespace) -> None:
         for mode in ("sync", "async"):
             for i in range(a.saves):
                 n += 1
-                step()
+                before = step()  # no save running: the step time this save is compared with
                 rec = _one_save(ck, step, n, mode == "async", a.max_steps)
-                records.append({"rate": rate, "mode": mode, "save": i + 1, **rec})
+                records.append({"rate": rate, "mode": mode, "save": i + 1, "step_s": before, **rec})
     ranks = engine.all_gather_object(records)
     if engine.is_logging_rank:
         for i, rec in enumerate(records):
@@ -133,8 +142,14 @@ def _free_port() -> int:
 def _table_row(r: dict) -> str:
     storage = "disk" if not r["rate"] else f"{r['rate']:g} MB/s"
     during = f"{r['during_s']:.2f}" if r["mode"] == "async" else "-"
+    waited = f"{r['waited_s']:.1f}" if r["mode"] == "async" else "-"
     return (f"{r['strategy']:<7}{r['world']:>3}  {storage:<9}{r['mode']:<6}{r['save']:>3}{r['stall_s']:>9.3f}"
-            f"{r['total_s']:>8.2f}{r['bytes'] / 2**20:>8.0f}{r['idle_step_s']:>8.2f}{during:>8}")
+            f"{r['total_s']:>8.2f}{r['bytes'] / 2**20:>8.0f}{r['step_s']:>8.2f}{during:>8}{during_n(r):>4}{waited:>8}")
+
+
+def during_n(r: dict) -> str:
+    """How many steps were trained while the save was written (async)."""
+    return str(r["steps_during"]) if r["mode"] == "async" else "-"
 
 
 def main() -> int:
@@ -146,7 +161,7 @@ def main() -> int:
     ap.add_argument("--height", type=int, default=96)
     ap.add_argument("--width", type=int, default=320)
     ap.add_argument("--idle-steps", type=int, default=2, help="steps timed with no save running")
-    ap.add_argument("--max-steps", type=int, default=8, help="steps trained at most while a save is written")
+    ap.add_argument("--max-steps", type=int, default=20, help="steps trained at most while a save is written")
     ap.add_argument("--dir", default=None, help="folder for the checkpoints (default: a temporary one under /tmp)")
     ap.add_argument("--timeout", type=float, default=1200)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -165,7 +180,7 @@ def main() -> int:
     print(f"# bench_ckpt_stall: depth model (ResNet-18 depth + pose, Adam), {a.height}x{a.width}, batch 1/rank; "
           f"checkpoints in {root}; torch {torch.__version__}; {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
     print(f"{'strat':<7}{'n':>3}  {'storage':<9}{'mode':<6}{'#':>3}{'stall s':>9}{'save s':>8}{'MiB':>8}"
-          f"{'step s':>8}{'during':>8}")
+          f"{'step s':>8}{'during':>8}{'k':>4}{'waited':>8}")
     try:
         for name in a.strategies:
             n = 1 if name == "single" else a.nproc
