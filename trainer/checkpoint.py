@@ -66,10 +66,6 @@ def rank_file(rank: int) -> str:
     return f"rank_{int(rank):05d}.pt"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_text(path, text, fsync=True)
-
-
 def _maybe_kill_after_commit(step: int) -> None:
     """The documented fault-injection hook :data:`KILL_AFTER_COMMIT_ENV` (first attempt only)."""
     at = os.environ.get(KILL_AFTER_COMMIT_ENV)
@@ -310,7 +306,7 @@ class Checkpointer:
         if job.final.exists():  # a damaged leftover of the same step
             shutil.rmtree(job.final)
         os.rename(job.partial, job.final)
-        _atomic_write_text(self.root / LATEST, job.final.name + "\n")
+        atomic_write_text(self.root / LATEST, job.final.name + "\n", fsync=True)
         _maybe_kill_after_commit(job.step)
         t2 = time.perf_counter()
         if not job.stopping:

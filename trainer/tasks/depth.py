@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.augment import hflip_sample, jitter_frames, sample_jitter
+from trainer.augment import hflip_sample, jitter_batch, jitter_frames, jitter_row, sample_jitter
 from trainer.geometry import disp_to_depth, reprojection_coefficients, stereo_pose, warp_depths
 from trainer.losses.depth_supervised import masked_l1, scale_invariant_log, valid_depth_mask
 from trainer.kernels.dispatch import IMPLS, multiscale_reprojection_loss
@@ -44,6 +44,15 @@ _FRAME_KEYS = {
     "mono_stereo": ("rgb", "rgb_prev", "rgb_next", "rgb_right"),
     "supervised": ("rgb",),
 }
+#: the frames the networks see (jittered into ``aug_*``): the depth net sees t, the pose net t-1, t and
+#: t+1; the stereo view is only warped for the loss, which compares unaugmented frames
+_NET_KEYS = {
+    "mono": ("rgb", "rgb_prev", "rgb_next"),
+    "stereo": ("rgb",),
+    "mono_stereo": ("rgb", "rgb_prev", "rgb_next"),
+    "supervised": ("rgb",),
+}
+JITTER_ON = ("auto", "loader", "step")
 
 
 def _float(images: Tensor) -> Tensor:
@@ -101,6 +110,11 @@ class DepthTask(Task):
         self.mode = cfg.supervision
         self.uses_pose = self.mode in ("mono", "mono_stereo")
         self.frame_keys = _FRAME_KEYS[self.mode]
+        self.net_keys = _NET_KEYS[self.mode]
+        if cfg.jitter_on not in JITTER_ON:
+            raise ValueError(f"task.jitter_on={cfg.jitter_on!r}: expected one of {', '.join(JITTER_ON)}")
+        # auto: in the step where it runs on a GPU (the loader's cores then only decode and flip)
+        self.jitter_in_step = cfg.jitter_on == "step" or (cfg.jitter_on == "auto" and torch.cuda.is_available())
         keys = list(self.frame_keys)
         if self.mode != "supervised":
             keys.append("K")
@@ -139,8 +153,9 @@ class DepthTask(Task):
 
     # ------------------------------------------------------------ transforms
     def train_transform(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
-        """Flip (whole sample, geometry consistent) then colour jitter into ``aug_*`` copies of the
-        frames the networks see. Always adds the ``aug_*`` keys, so samples collate alike."""
+        """Flip (whole sample, geometry consistent) then colour jitter of the frames the networks see
+        into ``aug_*`` copies, here or (``jitter_in_step``) as a ``jitter`` row the step applies on its
+        device (:meth:`augmented`). Always adds the same keys, so samples collate alike."""
         cfg = self.cfg
         flip = float(torch.rand(1, generator=generator)) < cfg.flip_prob
         jitter = float(torch.rand(1, generator=generator)) < cfg.jitter_prob
@@ -148,12 +163,21 @@ class DepthTask(Task):
                                cfg.jitter_saturation, cfg.jitter_hue)  # drawn always: fixed stream use
         if flip:
             sample = hflip_sample(sample)
+        if self.jitter_in_step:
+            return {**sample, "jitter": jitter_row(params, applied=jitter)}
         if jitter:
-            return jitter_frames(sample, self.frame_keys, params)
+            return jitter_frames(sample, self.net_keys, params)
         out = dict(sample)
-        for key in self.frame_keys:
+        for key in self.net_keys:
             out["aug_" + key] = sample[key]
         return out
+
+    def augmented(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch with its ``aug_*`` frames: jittered here, on the batch's device, when the loader
+        sent ``jitter`` rows instead (on the CPU the values the loader would have made, bit for bit)."""
+        if "jitter" not in batch or "aug_rgb" in batch:
+            return batch
+        return jitter_batch(batch, self.net_keys)
 
     # ------------------------------------------------------------------ loss
     def _net_input(self, batch: dict[str, Any], key: str) -> Tensor:
@@ -181,6 +205,7 @@ class DepthTask(Task):
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
+        batch = self.augmented(batch)
         feats, disps = disparities(model, self._net_input(batch, "rgb"))  # any frame size: padded
         size = tuple(batch["rgb"].shape[-2:])
         if self.mode == "supervised":

@@ -54,6 +54,9 @@ class DepthTaskConfig:
     """Colour jitter saturation range: factor in [1 - x, 1 + x]."""
     jitter_hue: float = 0.1
     """Colour jitter hue range: shift in [-x, x]."""
+    jitter_on: str = "auto"
+    """Where the colour jitter runs: loader (per sample, in the loader's workers) | step (batched, on the
+    trainer's device: same values on the CPU) | auto (step where CUDA is available, else loader)."""
     eval_scaling: str = "auto"
     """Prediction scaling at evaluation: auto (median for mono, fixed otherwise) | median | fixed."""
     eval_fixed_scale: float = 1.0
