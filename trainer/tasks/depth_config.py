@@ -31,9 +31,9 @@ class DepthTaskConfig:
     """Weight of (1 - SSIM) / 2 in the photometric error; 1 - ssim_weight goes to L1."""
     photometric_impl: str = "auto"
     """Reprojection loss implementation: auto (fused Triton on CUDA; on a CPU ``compiled`` where a C++
-    compiler is found, else ``handwritten``) | triton | compiled (trainer/kernels/photometric_cpu compiled
-    by inductor) | handwritten (the same eager: the loss with a hand-written backward) | reference
-    (plain autograd, per scale)."""
+    compiler is found, else ``handwritten``) | triton | compiled (trainer/kernels/photometric_cpu and
+    the warp's projection compiled by inductor) | handwritten (the same eager: the loss with a
+    hand-written backward) | reference (plain autograd, per scale)."""
     smoothness_weight: float = 1e-3
     """Edge-aware smoothness weight (divided by 2^scale); 0 disables it (self-supervised modes)."""
     automask: bool = True
