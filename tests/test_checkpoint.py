@@ -1,5 +1,6 @@
 """Checkpoints: completion marker + sizes + sha256, damaged / partial ones skipped with a warning
-naming them, keep-last-K, and exact resume under DDP, FSDP2 and DeepSpeed ZeRO-2 with BatchNorm (2 ranks, gloo).
+naming them, keep-last-K, and exact resume under DDP, FSDP2 and DeepSpeed ZeRO-2 with BatchNorm (2 ranks, gloo)
+after kill -9 while a background save is in flight or right after its commit.
 """
 from __future__ import annotations
 
@@ -113,16 +114,34 @@ def test_metrics_json_is_never_partial(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
-def _resume_matches_uninterrupted(tmp_path: Path, *args: str, kill_rank: int = 0) -> None:
-    base = ["train.steps=7", "train.ckpt_every=2", *args]
+#: tiny checkpoints (~10 KiB per rank) written at 20 kB/s: a background save is in flight for a good second
+SLOW_WRITES = {"GEOPRIME_TEST_WRITE_MB_S": "0.02"}
+#: how each exact-resume run is killed: (its test hooks, the checkpoint its resume takes)
+KILLS = {"mid_save": ({**SLOW_WRITES, "GEOPRIME_TEST_KILL_AT_STEP": "5", "GEOPRIME_TEST_KILL_MID_SAVE": "1"}, 2),  # 4 in flight
+         "after_commit": ({"GEOPRIME_TEST_KILL_AFTER_COMMIT_STEP": "4"}, 4)}  # rank 0, before its prune
+
+
+def _resume_matches_uninterrupted(tmp_path: Path, *args: str, kill_rank: int, kill: str) -> None:
+    """A run killed (``kill``: see :data:`KILLS`; periodic checkpoints at 2 and 4, written in the
+    background) resumes from the checkpoint it must take and ends equal to an uninterrupted one."""
+    base = ["train.steps=7", "train.ckpt_every=2", "train.keep_last=1", *args]
     run_torchrun([WORKER, f"out_dir={tmp_path / 'ref'}", *base], nproc=2, timeout=300)
-    # first run: dies right after step 5 (checkpoints at 2 and 4); the second run resumes at 4
-    first = run_torchrun([WORKER, f"out_dir={tmp_path / 'run'}", *base], nproc=2, timeout=300, check=False,
-                         env={"GEOPRIME_TEST_KILL_AT_STEP": "5", "GEOPRIME_TEST_KILL_RANK": str(kill_rank)})
-    assert first.returncode != 0 and not (tmp_path / "run" / "weights.pt").exists()
-    run_torchrun([WORKER, f"out_dir={tmp_path / 'run'}", *base], nproc=2, timeout=300)
-    assert "resumed from" in (tmp_path / "run" / "logs" / "rank0.log").read_text()
-    ref, got = load_weights(tmp_path / "ref"), load_weights(tmp_path / "run")
+    hooks, resumed_at = KILLS[kill]
+    run, ck = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    first = run_torchrun([WORKER, f"out_dir={run}", *base], nproc=2, timeout=300, check=False,
+                         env={**hooks, "GEOPRIME_TEST_KILL_RANK": str(kill_rank)})
+    assert first.returncode != 0 and not (run / "weights.pt").exists()
+    if kill == "mid_save":  # checkpoint 4 was being written: left partial, never taken for a whole one
+        assert f"killing rank {kill_rank} at step 5 with a checkpoint in flight" in (
+            run / "logs" / f"rank{kill_rank}.log").read_text()
+        assert (ck / ".step_00000004.partial").is_dir() and not (ck / "step_00000004").exists()
+    if kill == "after_commit":  # 4 committed; killed before pruning 2: pruning comes only after a commit
+        assert (ck / "latest").read_text().strip() == "step_00000004" and (ck / "step_00000002").is_dir()
+    assert find_latest_whole(ck) == ck / f"step_{resumed_at:08d}"
+    run_torchrun([WORKER, f"out_dir={run}", *base], nproc=2, timeout=300)
+    assert f"resumed from {ck / f'step_{resumed_at:08d}'} (step {resumed_at})" in (run / "logs" / "rank0.log").read_text()
+    assert sorted(p.name for p in ck.iterdir() if p.name.startswith(("step_", ".step_"))) == ["step_00000007"]
+    ref, got = load_weights(tmp_path / "ref"), load_weights(run)
     assert ref.keys() == got.keys()
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
@@ -131,14 +150,17 @@ def _resume_matches_uninterrupted(tmp_path: Path, *args: str, kill_rank: int = 0
 @pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("strategy,kill_rank", [("ddp", 1), ("fsdp", 0), ("deepspeed", 1)])
-def test_exact_resume_with_batchnorm(tmp_path, strategy, kill_rank):
+@pytest.mark.parametrize("strategy,kill_rank,kill", [("ddp", 0, "after_commit"), ("fsdp", 0, "mid_save"),
+                                                     ("deepspeed", 1, "mid_save")])
+def test_exact_resume_with_batchnorm(tmp_path, strategy, kill_rank, kill):
     """Exact resume under FSDP2 and ZeRO-2 (and DDP) after one rank is killed: each rank keeps its
     own BatchNorm running statistics, so the resumed run must get back every rank's own; its final
-    weights equal the uninterrupted run's, buffers included."""
+    weights equal the uninterrupted run's, buffers included. The kills land on the background saves
+    (issue 31.3): while one is being written (the previous checkpoint is taken: FSDP2, ZeRO-2), right
+    after a commit (the new one: DDP)."""
     extra = ["parallel.zero_stage=2"] if strategy == "deepspeed" else []
     _resume_matches_uninterrupted(tmp_path, f"parallel.strategy={strategy}", "task.bn=true", *extra,
-                                  kill_rank=kill_rank)
+                                  kill_rank=kill_rank, kill=kill)
 
 
 def _resume_on_world_size(tmp_path: Path, before: int, after: int, *args: str) -> str:

@@ -1,6 +1,7 @@
 """Engine: schedules, optimizers, DeepSpeed config generation, and every strategy (DDP, FSDP2,
 ZeRO 1/2/3, ZeRO-3 + CPU offload) agreeing with a single-process reference on the same global
-batch, with a state round trip and a plain-weights export per strategy; 2-rank FSDP2 (DCP
+batch, with a state round trip (a staged snapshot written on a thread while training goes on) and a
+plain-weights export per strategy; 2-rank FSDP2 (DCP
 resharding) and ZeRO-2 / ZeRO-3 (DeepSpeed's universal format) checkpoints resumed on 1 rank.
 
 This file is also the torchrun worker: ``python tests/test_engine.py <mode> <out_dir> ...``.
@@ -87,9 +88,31 @@ def reference(world: int) -> tuple[dict, list[float], dict]:
     return w3, norms, eng.full_state_dict()
 
 
+def staged_round_trip(eng: Engine, directory: Path, data: torch.Tensor, world: int) -> dict:
+    """Stage a checkpoint of ``eng`` now (a CPU snapshot), take step STEPS, write the snapshot on a thread
+    while this one makes collectives of its own, load it, take step STEPS again. Returns whether staging
+    wrote no state file yet and the states after the step, once loaded and after the step again."""
+    import threading
+
+    write = eng.stage_state(directory)
+    staged_only = not any(p.suffix in (".pt", ".distcp") for p in directory.rglob("*"))
+    train_steps(eng, data, range(STEPS, STEPS + 1), world)  # changes weights and Adam moments in place
+    after = eng.full_state_dict()
+    writer = threading.Thread(target=write)
+    writer.start()
+    for _ in range(20):  # the training thread's collectives meanwhile, on the default group
+        eng.all_reduce_sum(torch.ones(3))
+    writer.join()
+    eng.barrier()
+    eng.load_state(directory)
+    loaded = eng.full_state_dict()
+    train_steps(eng, data, range(STEPS, STEPS + 1), world)  # the same step again, from the loaded moments
+    return {"staged_only": staged_only, "after": after, "loaded": loaded, "again": eng.full_state_dict()}
+
+
 # ------------------------------------------------------------------ worker (under torchrun)
 def worker_agree(out: Path, names: list[str]) -> None:
-    """Every strategy in ``names``: STEPS steps, export, save, one step, load, the step again."""
+    """Every strategy in ``names``: STEPS steps, export, then :func:`staged_round_trip`."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
@@ -101,19 +124,13 @@ def worker_agree(out: Path, names: list[str]) -> None:
         eng.setup(tiny_model())
         norms = train_steps(eng, data, range(STEPS), world)
         eng.export_weights(out / f"{name}.pt")
-        eng.save_state(out / f"ck_{name}")
-        train_steps(eng, data, range(STEPS, STEPS + 1), world)
-        after = eng.full_state_dict()
-        eng.load_state(out / f"ck_{name}")
-        reloaded = eng.full_state_dict()
-        train_steps(eng, data, range(STEPS, STEPS + 1), world)
-        again = eng.full_state_dict()
+        rt = staged_round_trip(eng, out / f"ck_{name}", data, world)
         if rank == 0:
-            torch.save(after, out / f"{name}_step4.pt")
-            json.dump({"norms": norms, "lr": eng.lr,
-                       "reload_equal": all(torch.equal(reloaded[k], v) for k, v in torch.load(
-                           out / f"{name}.pt", weights_only=True).items()),
-                       "again_equal": all(torch.equal(again[k], after[k]) for k in after)},
+            exported = torch.load(out / f"{name}.pt", weights_only=True)
+            torch.save(rt["after"], out / f"{name}_step4.pt")
+            json.dump({"norms": norms, "lr": eng.lr, "staged_only": rt["staged_only"],
+                       "reload_equal": all(torch.equal(rt["loaded"][k], v) for k, v in exported.items()),
+                       "again_equal": all(torch.equal(rt["again"][k], v) for k, v in rt["after"].items())},
                       open(out / f"{name}.json", "w"))
         eng.close()
     dist.destroy_process_group()
@@ -258,6 +275,8 @@ def test_strategies_agree_with_single_process_and_reshard(tmp_path):
         for k in w4_ref:
             torch.testing.assert_close(step4[k], w4_ref[k], rtol=1e-5, atol=1e-6, msg=f"{name} step 4 {k}")
         assert res["norms"] == pytest.approx(n_ref, rel=1e-4), name
+        assert res["staged_only"], f"{name}: staging wrote a state file"
+        # the snapshot: what was written after a step is the state staged before it (issue 31.3)
         assert res["reload_equal"] and res["again_equal"], f"{name}: state round trip is not exact"
 
     # FSDP2 resharding: the 2-rank DCP checkpoint (after STEPS steps) loads into a 1-rank FSDP2

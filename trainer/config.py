@@ -142,6 +142,10 @@ class TrainConfig:
     ckpt_every_minutes: float = 30.0
     """Checkpoint when this much wall-clock time passed since the last one (0 = off); always at the
     end and on SIGTERM / SIGINT / SIGHUP."""
+    ckpt_async: bool = True
+    """Write periodic checkpoints in the background: the loop is held only while the state is copied
+    into CPU memory (a snapshot; host memory for one more copy of the model and optimizer state per
+    rank); false: the loop waits for the whole save. The stop signal's and the last save always wait."""
     keep_last: int = 2
     """Checkpoints kept on disk (older ones are deleted)."""
     keep_checkpoints: bool = True

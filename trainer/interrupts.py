@@ -105,9 +105,11 @@ class StepControl:
         vec = self.engine.all_reduce_sum(vec)
         return bool(vec[0] > 0), bool(vec[1] > 0)
 
-    def saved(self, seconds: Optional[float] = None, stopping: bool = False) -> None:
-        """A whole checkpoint was written (in ``seconds``), the stop's own when ``stopping``."""
-        self.last = time.monotonic()
+    def saved(self, seconds: Optional[float] = None, stopping: bool = False, restart_clock: bool = True) -> None:
+        """A whole checkpoint was written (in ``seconds``), the stop's own when ``stopping``.
+        ``restart_clock=False``: a background save that became whole (the clock restarted when it began)."""
+        if restart_clock:
+            self.last = time.monotonic()
         self.last_save_s = seconds if seconds is not None else self.last_save_s
         if self._root is None:
             return

@@ -7,7 +7,10 @@ weights (``<out_dir>/weights.pt``) and writes ``<out_dir>/metrics.json`` atomica
 
 Test hook (documented, for fault-tolerance tests only): with ``GEOPRIME_TEST_KILL_AT_STEP=k``
 the process whose rank is ``GEOPRIME_TEST_KILL_RANK`` (default 0) SIGKILLs itself right after
-step ``k`` on its first attempt (``TORCHELASTIC_RESTART_COUNT`` 0), to exercise elastic restarts.
+step ``k`` on its first attempt (``TORCHELASTIC_RESTART_COUNT`` 0), to exercise elastic restarts. A
+checkpoint still being written in the background is first let become whole (the checkpoints of steps
+up to ``k`` are whole, as synchronous saves left them) unless ``GEOPRIME_TEST_KILL_MID_SAVE=1``: then
+the kill lands while it is in flight.
 """
 from __future__ import annotations
 
@@ -103,13 +106,16 @@ class _Batches:
         raise RuntimeError("the training loader yielded no batch in a whole epoch")
 
 
-def _maybe_kill(step: int, rank: int) -> None:
+def _maybe_kill(step: int, rank: int, ckpt: Checkpointer) -> None:
     """The documented fault-injection test hook (see the module docstring)."""
     at = os.environ.get("GEOPRIME_TEST_KILL_AT_STEP")
     if not at or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) != 0:
         return
     if step == int(at) and rank == int(os.environ.get("GEOPRIME_TEST_KILL_RANK", "0")):
-        log.warning("test hook: killing rank %d at step %d", rank, step)
+        if os.environ.get("GEOPRIME_TEST_KILL_MID_SAVE") != "1":
+            ckpt.wait()  # no collective: this rank's own writer thread
+        log.warning("test hook: killing rank %d at step %d%s", rank, step,
+                    " with a checkpoint in flight" if ckpt.in_flight else "")
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -136,12 +142,32 @@ class _Run:
         """The Stateful objects rank 0 saves in each checkpoint, by name."""
         return {"progress": self.progress, **({"best": self.best} if self.best is not None else {})}
 
-    def save(self, step: int, stopping: bool = False) -> Path:
+    def save(self, step: int, control: Optional[StepControl] = None, stopping: bool = False,
+             background: bool = False) -> Path:
+        """Checkpoint ``step`` (a save in flight is finished first); ``background``: return once it is
+        staged (:meth:`reap` reports it when it is whole)."""
+        self.reap(control, wait=True)
         self.progress.step = step
-        path = self.ckpt.save(step, self.shared_state(), self.per_rank, stopping=stopping)
+        path = self.ckpt.save(step, self.shared_state(), self.per_rank, stopping=stopping, background=background)
+        if background and control is not None:
+            control.saved(None)  # the wall-clock cadence counts from the start of a save
+        elif not background:
+            self._saved(control, self.ckpt.last_save, stopping)
+        return path
+
+    def reap(self, control: Optional[StepControl], wait: bool = False) -> None:
+        """Report a background save once it is whole on every rank (collective while one is in
+        flight); its failure is raised here."""
+        done = self.ckpt.poll(wait=wait)
+        if done is not None:
+            self._saved(control, done, False, restart_clock=False)
+
+    def _saved(self, control: Optional[StepControl], times: dict[str, float], stopping: bool,
+               restart_clock: bool = True) -> None:
+        if control is not None:
+            control.saved(times.get("total_s"), stopping=stopping, restart_clock=restart_clock)
         if self.best is not None and self.engine.is_logging_rank:
             self.best.prune()  # the checkpoint names the best step: older candidates can go
-        return path
 
 
 def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[LoaderFactory] = None,
@@ -186,6 +212,8 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
         # (file only: the entry point prints it on the terminal, once)
         log.error("run failed: %s: %s", type(e).__name__, e, exc_info=not isinstance(e, ConfigError),
                   extra={"file_only": True})
+        if run is not None and run.ckpt is not None:
+            run.ckpt.abandon()  # a checkpoint being written in the background may still become whole
         if own_engine and engine is not None:
             engine.abandon_group()  # a failed rank cannot rely on its peers reaching a barrier
         _close(run, own_tracker, False, "FAILED")
@@ -357,18 +385,20 @@ def _run(run: _Run, control: StepControl) -> dict[str, Any]:
                            int(tc.eval_max_batches))
             train_log.send({f"val/{k}": v for k, v in val.items()}, step)
             _select(run, step, val)
+        run.reap(control)
         stop, due = control.poll(step)
         if stop or (step < total and (due or (int(tc.ckpt_every) and step % int(tc.ckpt_every) == 0))):
-            run.save(step, stopping=stop)
+            # the stop's save is whole before the exit; a periodic one is written in the background
+            run.save(step, control, stopping=stop, background=bool(tc.ckpt_async) and not stop)
             last_saved = step
-            control.saved(run.ckpt.last_save.get("total_s"), stopping=stop)
         if stop:
             raise Preempted(control.signum, step, str(run.ckpt.root / step_dir_name(step)))
-        _maybe_kill(step, engine.rank)
+        _maybe_kill(step, engine.rank, run.ckpt)
     if bar is not None:
         bar.close()
+    run.reap(control, wait=True)
     if last_saved != total:
-        run.save(total)
+        run.save(total, control)
     return _finish(run, train_log.latest, val_loader)
 
 
@@ -414,7 +444,8 @@ def _select(run: _Run, step: int, val: dict[str, float], final: bool = False) ->
         best.test = evaluate(engine, run.task, _eval_progress(engine, _test_loader(run), "test evaluation of the best "
                                                                  "checkpoint so far", 0), 0)
     if engine.is_logging_rank:
-        best.prune()
+        if not run.ckpt.in_flight:  # the checkpoint being written names its best step: pruned once it is whole
+            best.prune()
         run.tracker.log_metrics({"best/step": float(step), f"best/val_{best.metric}": float(best.value)}, step=step)
 
 

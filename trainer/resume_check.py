@@ -21,7 +21,7 @@ log = logging.getLogger("geoprime.checkpoint")
 
 #: dotted keys (or prefixes ending in ".") a resumed run may change
 RESUMABLE = ("out_dir", "train.steps", "train.resume", "train.progress", "train.log_every", "train.eval_every",
-             "train.eval_max_batches", "train.ckpt_every", "train.ckpt_every_minutes", "train.keep_last", "train.keep_checkpoints", "train.export",
+             "train.eval_max_batches", "train.ckpt_every", "train.ckpt_every_minutes", "train.ckpt_async", "train.keep_last", "train.keep_checkpoints", "train.export",
              "train.batch_size", "train.deterministic", "tracking.", "data.root", "data.num_workers",
              "data.on_corrupt", "parallel.")
 

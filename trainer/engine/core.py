@@ -44,6 +44,23 @@ def quiet_single_process() -> Iterator[None]:
         yield
 
 
+def silence_single_process_warning() -> None:
+    """Ignore DCP's "assuming the intent is to save in a single process" for good: a background
+    thread cannot use :func:`quiet_single_process` (``warnings.catch_warnings`` swaps the process's
+    filters under the other threads)."""
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+
+def cpu_stager() -> Any:
+    """DCP's stager: deep copies of state dicts with every tensor in CPU memory (pinned, and copied
+    without blocking, where a GPU is), reusing its buffers from one checkpoint to the next."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    gpu = torch.cuda.is_available()
+    return DefaultStager(StagingOptions(use_pinned_memory=gpu, use_shared_memory=False, use_async_staging=False,
+                                        use_non_blocking_copy=gpu))
+
+
 class TaskModule(nn.Module):
     """Root module wrapping the task's ``ModuleDict``: ``forward(fn, *args) = fn(parts, *args)``.
 
@@ -133,9 +150,12 @@ class ProcessGroup:
     (and then destroyed at :meth:`close`), and the collectives the loop and the backends use.
     Every collective is the identity when no group exists (a plain single-process run)."""
 
-    def __init__(self, env: DistEnv, device: torch.device) -> None:
+    def __init__(self, env: DistEnv, device: torch.device, handle: Any = None) -> None:
         self.env, self.device = env, device
         self.owned = False
+        self.handle = handle
+        """None: the default group; else the group :meth:`background` made (every collective passes it)."""
+        self._background: Optional[ProcessGroup] = None
 
     def start(self, needed: bool) -> None:
         """Join (or create) the process group: torchrun's when distributed, else, if ``needed``
@@ -158,13 +178,22 @@ class ProcessGroup:
     def active(self) -> bool:
         return dist.is_available() and dist.is_initialized()
 
+    def background(self) -> "ProcessGroup":
+        """A second gloo group over the same ranks, for collectives made on a background thread (the
+        asynchronous checkpoint's): on their own group they never interleave with the training
+        thread's. Made on first use: collective, every rank calls it at the same point."""
+        if self._background is None:
+            handle = dist.new_group(backend="gloo") if self.active else None
+            self._background = ProcessGroup(self.env, torch.device("cpu"), handle)
+        return self._background
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over ranks (returned on its original device and dtype)."""
         if not self.active:
             return tensor
         dev = self.device if self.device.type == "cuda" else torch.device("cpu")
         t = tensor.detach().to(dev).clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.handle)
         return t.to(tensor.device)
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
@@ -172,7 +201,7 @@ class ProcessGroup:
         if not self.active:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=src)
+        dist.broadcast_object_list(box, src=src, group=self.handle)
         return box[0]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -180,13 +209,13 @@ class ProcessGroup:
         if not self.active:
             return [obj]
         out: list[Any] = [None] * self.env.world_size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.handle)
         return out
 
     def barrier(self) -> None:
         """Wait for every rank."""
         if self.active:
-            dist.barrier()
+            dist.barrier(group=self.handle)
 
     def abandon(self) -> None:
         """Do not wait for peers at :meth:`close` (after a failure on this rank they may never
@@ -202,6 +231,7 @@ class ProcessGroup:
                 dist.destroy_process_group()
                 gc.collect()
         self.owned = False
+        self._background = None
 
 
 @dataclass
@@ -250,6 +280,12 @@ class Backend:
         raise NotImplementedError
 
     def save(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def stage(self, directory: Path) -> Callable[[], None]:
+        """Snapshot what :meth:`save` writes, now, into CPU memory; the function returned writes that
+        snapshot into ``directory`` later, on a background thread, while training goes on (its
+        collectives on ``group.background()``). Collective."""
         raise NotImplementedError
 
     def load(self, directory: Path, saved_world_size: Optional[int]) -> None:

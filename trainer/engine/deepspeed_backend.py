@@ -15,13 +15,14 @@ import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
+from trainer import slow_storage
 from trainer.distributed import DistEnv
-from trainer.engine.core import Backend, GroupsFn, TaskModule, log
+from trainer.engine.core import Backend, GroupsFn, TaskModule, cpu_stager, log
 from trainer.optim import build_optimizer
 from trainer.schedules import build_scheduler
 
@@ -89,6 +90,44 @@ def to_universal(directory: Path, saved_world_size: int, world_size: int) -> Non
     log.info("universal checkpoint ready: %s", target)
 
 
+class _StagingEngine:
+    """A DeepSpeed checkpoint engine that stages: ``save(state_dict, path)`` keeps a CPU copy of the
+    state dict for :meth:`write` (DeepSpeed's other calls: directories now, nothing to commit)."""
+
+    name = "GeoprimeStagingEngine"
+
+    def __init__(self, stager: Any, zipfile_serialization: bool) -> None:
+        self.stager, self.zipfile_serialization = stager, bool(zipfile_serialization)
+        self.staged: list[tuple[str, Any]] = []
+
+    def create(self, info: Any) -> None:
+        pass
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        os.makedirs(path, exist_ok=exist_ok)
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self.staged.append((path, self.stager.stage(state_dict)))
+
+    def commit(self, info: Any) -> bool:
+        return True
+
+    def is_data_parallel_writer(self, dp_rank: int) -> bool:
+        return dp_rank == 0
+
+    def is_decoupled(self) -> bool:
+        return False
+
+    def preserves_storage_sharing(self) -> bool:
+        return True
+
+    def write(self) -> None:
+        """Every staged file, as DeepSpeed's torch engine writes it (``torch.save``), at the hook's rate."""
+        for path, state in self.staged:
+            slow_storage.torch_save(state, Path(path), zipfile=self.zipfile_serialization)
+        self.staged.clear()
+
+
 class DeepSpeedBackend(Backend):
     """ZeRO 1 / 2 / 3 through ``deepspeed.initialize``; DeepSpeed applies its own precision
     (torch autocast inside its forward for bf16), accumulation and clipping."""
@@ -96,6 +135,7 @@ class DeepSpeedBackend(Backend):
     def __init__(self, setting: Any) -> None:
         super().__init__(setting)
         self.ds: Any = None
+        self._stager: Any = None
 
     @staticmethod
     def check(pcfg: Any, env: DistEnv) -> None:
@@ -133,6 +173,22 @@ class DeepSpeedBackend(Backend):
     # ------------------------------------------------------------------ state
     def save(self, directory: Path) -> None:
         self.ds.save_checkpoint(str(directory), tag=DS_TAG, client_state={}, save_latest=False)
+
+    def stage(self, directory: Path) -> Callable[[], None]:
+        """DeepSpeed's own ``save_checkpoint`` with its checkpoint engine swapped, for this one call, for
+        :class:`_StagingEngine`, which keeps a CPU copy of each file's state dict instead of writing it;
+        the function returned writes those copies. (DeepSpeed's asynchronous engines need its NVMe
+        async-I/O op or an external package; its engine attribute is the hook it offers.)"""
+        if self._stager is None:
+            self._stager = cpu_stager()
+        real = self.ds.checkpoint_engine
+        staging = _StagingEngine(self._stager, getattr(real, "zipfile_serialization", True))
+        self.ds.checkpoint_engine = staging
+        try:
+            self.ds.save_checkpoint(str(directory), tag=DS_TAG, client_state={}, save_latest=False)
+        finally:
+            self.ds.checkpoint_engine = real
+        return staging.write
 
     def load(self, directory: Path, saved_world_size: Optional[int]) -> None:
         """DeepSpeed's per-rank ZeRO shards load only on the world size that wrote them; from
@@ -182,4 +238,7 @@ class DeepSpeedBackend(Backend):
         if self.ds is not None:
             self.ds.destroy()
             self.ds = None
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
         super().close()

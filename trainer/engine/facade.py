@@ -195,6 +195,17 @@ class Engine:
         directory must be visible to every rank, e.g. a shared file system)."""
         self._backend.save(Path(directory))
 
+    def stage_state(self, directory: str | Path) -> Callable[[], None]:
+        """What :meth:`save_state` writes, copied now into CPU memory (a snapshot: later steps do not
+        change it); the function returned writes it into ``directory`` and may run on a background
+        thread while training goes on: its collectives use :meth:`background_group`. Collective."""
+        return self._backend.stage(Path(directory))
+
+    def background_group(self) -> ProcessGroup:
+        """Collectives for a background thread (the asynchronous checkpoint): a second group over the
+        same ranks, made on first use (collective)."""
+        return self.group.background()
+
     def load_state(self, directory: str | Path, saved_world_size: Optional[int] = None) -> None:
         """Restore what :meth:`save_state` wrote by ``saved_world_size`` ranks (None: this many).
         DCP reshards to this world size; DeepSpeed's per-rank ZeRO shards are first converted to

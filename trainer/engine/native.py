@@ -9,15 +9,18 @@ device -> layout -> compile -> data parallelism (FSDP2: each part, then the root
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from trainer.distributed import DistEnv
-from trainer.engine.core import PRECISIONS, Backend, GroupsFn, TaskModule, quiet_single_process
+from trainer import slow_storage
+from trainer.engine.core import (PRECISIONS, Backend, GroupsFn, ProcessGroup, TaskModule, cpu_stager,
+                                 quiet_single_process, silence_single_process_warning)
 from trainer.optim import build_optimizer
 from trainer.safe_dcp import SafeFileSystemReader, check_metadata
 from trainer.schedules import build_scheduler
@@ -94,6 +97,10 @@ class NativeBackend(Backend):
             raise ValueError(f"parallel.strategy=single but WORLD_SIZE={env.world_size}: "
                              "pick ddp, fsdp or a zero stage for multi-process runs")
 
+    def __init__(self, setting: Any) -> None:
+        super().__init__(setting)
+        self._stager: Any = None
+
     def setup(self, root: TaskModule, groups_fn: GroupsFn) -> nn.Module:
         s = self.s
         self.root = root
@@ -148,17 +155,41 @@ class NativeBackend(Backend):
     # ------------------------------------------------------------------ state
     def save(self, directory: Path) -> None:
         """Model + optimizer through DCP (sharded, reshardable); scheduler + scaler by rank 0."""
-        import torch.distributed.checkpoint as dcp
+        with quiet_single_process():
+            self._write(self._state(), self._extra(), directory, self.s.group)
+
+    def stage(self, directory: Path) -> Callable[[], None]:
+        """:meth:`save`'s state copied now into CPU memory by DCP's stager (buffers reused from one
+        checkpoint to the next); the function returned writes the copy with DCP on the background group."""
+        if self._stager is None:
+            self._stager = cpu_stager()
+            if not self.s.group.active:
+                silence_single_process_warning()
+        staged, extra = self._stager.stage(self._state()), copy.deepcopy(self._extra())
+        group = self.s.group.background()
+        return lambda: self._write(staged, extra, directory, group)
+
+    def _state(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         msd, osd = get_state_dict(self.model, self.optimizer)
         self._rank0_buffers_into(msd)
-        with quiet_single_process():
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(directory / DCP_DIR))
-        if self.s.env.is_logging_rank:
-            extra = {"scheduler": self.scheduler.state_dict(),
-                     "scaler": self.scaler.state_dict() if self.scaler is not None else None}
-            torch.save(extra, directory / ENGINE_STATE_FILE)
+        return {"model": msd, "optim": osd}
+
+    def _extra(self) -> Optional[dict[str, Any]]:
+        """Scheduler and scaler state, on rank 0 (None elsewhere)."""
+        if not self.s.env.is_logging_rank:
+            return None
+        return {"scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    @staticmethod
+    def _write(state: dict[str, Any], extra: Optional[dict[str, Any]], directory: Path, group: ProcessGroup) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(state, storage_writer=slow_storage.dcp_writer(directory / DCP_DIR), process_group=group.handle)
+        if extra is not None:
+            slow_storage.torch_save(extra, directory / ENGINE_STATE_FILE)
 
     def _rank0_buffers_into(self, msd: dict[str, Any]) -> None:
         """Put rank 0's copy of every plain buffer into ``msd``. Buffers such as BatchNorm running
@@ -199,6 +230,13 @@ class NativeBackend(Backend):
 
             return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: v.detach().to("cpu", copy=True) for k, v in self.root.state_dict().items()}
+
+    def close(self) -> None:
+        """Release the stager's CPU copies too."""
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+        super().close()
 
     def __repr__(self) -> str:
         return f"NativeBackend({self.s.pcfg.strategy})"
