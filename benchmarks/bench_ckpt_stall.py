@@ -166,6 +166,7 @@ def main() -> int:
     ap.add_argument("--max-steps", type=int, default=20, help="steps trained at most while a save is written")
     ap.add_argument("--dir", default=None, help="folder for the checkpoints (default: a temporary one under /tmp)")
     ap.add_argument("--timeout", type=float, default=1200)
+    ap.add_argument("--json", help="also write every save's row here (a list)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -183,6 +184,7 @@ def main() -> int:
           f"checkpoints in {root}; torch {torch.__version__}; {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
     print(f"{'strat':<7}{'n':>3}  {'storage':<9}{'mode':<6}{'#':>3}{'stall s':>9}{'save s':>8}{'MiB':>8}"
           f"{'step s':>8}{'during':>8}{'k':>4}{'waited':>8}")
+    every = []
     try:
         for name in a.strategies:
             n = 1 if name == "single" else a.nproc
@@ -200,12 +202,15 @@ def main() -> int:
             if proc.returncode != 0 or not rows:
                 print(f"{name:<7}{n:>3}  FAILED (rc={proc.returncode}): {proc.stderr.strip().splitlines()[-3:]}")
                 continue
+            every += rows
             for r in rows:
                 print(_table_row(r), flush=True)
                 print("# " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
     finally:
         if not a.dir:
             shutil.rmtree(root, ignore_errors=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(every, indent=1))
     return 0
 
 

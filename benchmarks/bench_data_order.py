@@ -162,9 +162,9 @@ def frame_png_bytes(h: int, w: int) -> int:
     """PNG bytes of one textured frame at h x w (the fake KITTI frames of bench_vs_reference)."""
     from PIL import Image
 
-    from benchmarks.bench_vs_reference import _texture
+    from benchmarks.bench_vs_reference import texture
 
-    img = _texture(np.random.default_rng(0), 375, 1242)
+    img = texture(np.random.default_rng(0), 375, 1242)
     small = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
     return len(schema.encode_rgb(small, "frame", "rgb"))
 

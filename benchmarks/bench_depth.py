@@ -32,7 +32,7 @@ from trainer.config import ModelConfig, OptimConfig, ParallelConfig, ScheduleCon
 from trainer.tasks.depth import DepthTask, DepthTaskConfig  # noqa: E402
 
 
-class _Run:
+class Run:
     """The slice of a RunConfig the depth task reads."""
 
     def __init__(self, encoder: str) -> None:
@@ -60,7 +60,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     pcfg = ParallelConfig(strategy=args.strategy, zero_stage=args.zero_stage)
     engine = Engine(pcfg, OptimConfig(lr=1e-4), ScheduleConfig(name="constant"), args.warmup + args.steps,
                     micro_batch_size=args.batch)
-    task = DepthTask(DepthTaskConfig(supervision=args.mode), _Run(args.encoder))
+    task = DepthTask(DepthTaskConfig(supervision=args.mode), Run(args.encoder))
     engine.setup(task.build_model(), task.parameter_groups)
     engine.train(True)
     batch = engine.to_device(fake_batch(args.batch, args.height, args.width, seed=engine.rank))
@@ -126,7 +126,7 @@ def baselines(args: argparse.Namespace) -> None:
     from data_shards.loader import build_loader
     from data_shards.stream import ShardStream, StreamConfig
 
-    task = DepthTask(DepthTaskConfig(supervision="mono"), _Run(args.encoder))
+    task = DepthTask(DepthTaskConfig(supervision="mono"), Run(args.encoder))
     torch.manual_seed(args.seed)
     model = task.build_model().eval()
     stream = ShardStream(StreamConfig(args.data, args.split, shuffle=False, tail="pad", keys=("rgb", "depth")))

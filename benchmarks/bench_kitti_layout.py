@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.bench_vs_reference import _env, write_fake_kitti  # noqa: E402
+from benchmarks.bench_vs_reference import child_env, write_fake_kitti  # noqa: E402
 from data_shards.loader import build_loader  # noqa: E402
 from data_shards.stream import ShardStream, StreamConfig  # noqa: E402
 
@@ -39,7 +39,7 @@ def convert(raw: Path, split: Path, out: Path, hw: tuple[int, int], layout: str)
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "data_shards", "build", "kitti", "--root", str(raw), "--out", str(out),
                     "--split", f"train={split}", "--resize", str(hw[0]), str(hw[1]), "--layout", layout,
-                    "--no-progress"], check=True, cwd=ROOT, env=_env(), capture_output=True)
+                    "--no-progress"], check=True, cwd=ROOT, env=child_env(), capture_output=True)
     return time.perf_counter() - t
 
 

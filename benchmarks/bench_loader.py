@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.bench_vs_reference import _env, write_fake_kitti  # noqa: E402
+from benchmarks.bench_vs_reference import child_env, write_fake_kitti  # noqa: E402
 from data_shards.loader import build_loader  # noqa: E402
 from data_shards.stream import ShardStream, StreamConfig  # noqa: E402
 from trainer.tasks.depth import DepthTask  # noqa: E402
@@ -88,7 +88,7 @@ def prepare(work: Path, frames: int, hw: tuple[int, int], quality: int) -> tuple
                 subprocess.run([sys.executable, "-m", "data_shards", "build", "kitti", "--root", str(raw), "--out",
                                 str(out), "--split", f"train={split}", "--resize", str(hw[0]), str(hw[1]), "--layout",
                                 layout, "--image-format", fmt, "--jpeg-quality", str(quality), "--no-progress"],
-                               check=True, cwd=ROOT, env=_env(), capture_output=True)
+                               check=True, cwd=ROOT, env=child_env(), capture_output=True)
             m = json.loads((out / "train" / "manifest.json").read_text())
             roots[(layout, fmt)] = (out, sum(s["bytes"] for s in m["shards"]) / m["num_samples"])
     return raw, lines, roots

@@ -144,11 +144,12 @@ def build(args: argparse.Namespace, height: int, width: int, shards: Path | None
     from trainer.compose import compose
     from trainer.distributed import seed_everything
     from trainer.engine import Engine
-    from trainer.loop import _Batches, _build_task, shard_loader_factory
+    from trainer.loop import Batches, shard_loader_factory
+    from trainer.tasks import build_task
     from trainer.train_log import TrainLog
 
     cfg = compose(overrides(args, height, width, shards))
-    task = _build_task(cfg)
+    task = build_task(cfg)
     seed_everything(int(cfg.seed))
     engine = Engine(cfg.parallel, cfg.optim, cfg.schedule, 10 ** 6, micro_batch_size=args.batch)
     engine.setup(task.build_model(), task.parameter_groups)
@@ -157,7 +158,7 @@ def build(args: argparse.Namespace, height: int, width: int, shards: Path | None
     if shards is None:
         batches = FixedBatches(task, args.batch, height, width)
     else:
-        batches = _Batches(shard_loader_factory(cfg, task, engine)(cfg.data.train_split, True))
+        batches = Batches(shard_loader_factory(cfg, task, engine)(cfg.data.train_split, True))
     train_log = TrainLog(engine, _NoTracker(), total=10 ** 6, log_every=int(cfg.train.log_every),
                          samples_per_step=args.batch, sys_every_s=0.0)
     return engine, task, batches, train_log

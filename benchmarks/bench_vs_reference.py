@@ -49,7 +49,7 @@ STEP_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*step (\d+)/(\
 # --------------------------------------------------------------------------- fake KITTI raw
 
 
-def _texture(rng, height: int, width: int):
+def texture(rng, height: int, width: int):
     """A smooth multi-octave colour texture (uint8 H x W x 3) with some vertical structure."""
     import numpy as np
     from PIL import Image
@@ -80,7 +80,7 @@ def write_fake_kitti(raw: Path, frames: int, hw: tuple[int, int] = (375, 1242), 
     (date_dir / "calib_cam_to_cam.txt").write_text(calib_cam_to_cam(np.array(KITTI_K), w, h, KITTI_BASELINE_M))
     (date_dir / "calib_velo_to_cam.txt").write_text(calib_velo_to_cam())
     rng = np.random.default_rng(seed)
-    world = _texture(rng, h, w + 4 * frames + 40)
+    world = texture(rng, h, w + 4 * frames + 40)
     for cam, shift in (("image_02", 0), ("image_03", 20)):  # the right view: a 20 px disparity
         out = date_dir / DRIVE / cam / "data"
         out.mkdir(parents=True, exist_ok=True)
@@ -98,10 +98,10 @@ def convert(raw: Path, split: Path, shards: Path, height: int, width: int) -> No
         return
     cmd = [sys.executable, "-m", "data_shards", "build", "kitti", "--root", str(raw), "--out", str(shards),
            "--split", f"train={split}", "--resize", str(height), str(width), "--no-progress"]
-    subprocess.run(cmd, check=True, cwd=ROOT, env=_env())
+    subprocess.run(cmd, check=True, cwd=ROOT, env=child_env())
 
 
-def _env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
@@ -121,7 +121,7 @@ def step_times_from_log(log: Path) -> list[float]:
 
 def _run(cmd: list[str], timeout: int, what: str) -> str:
     """Run ``cmd`` from the repository root; its stdout, or an error quoting its stderr's tail."""
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), timeout=timeout, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), timeout=timeout, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise RuntimeError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")

@@ -67,7 +67,7 @@ def jitter_images(images: Tensor, rows: Tensor) -> Tensor:
     [0, 1] also). torchvision's ColorJitter formulas (brightness scales; contrast and saturation blend
     with the grayscale mean / grayscale; hue rotates HSV hue) in the row's order, computed in float32,
     clamped after each adjustment, rounded once at the end (torchvision truncates after each: results
-    are within a few levels). On the CPU one image at a time (it stays in cache: ~1.5x faster), so an
+    are within a few levels). On the CPU one image at a time (it stays in cache), so an
     image's result never depends on what it is stacked with; on other devices the whole stack at once."""
     if images.dim() != 4 or images.shape[1] != 3 or rows.shape != (images.shape[0], JITTER_ROW):
         raise ValueError(f"jitter_images: expected (N, 3, H, W) images and (N, {JITTER_ROW}) rows, "

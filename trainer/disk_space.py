@@ -1,7 +1,7 @@
 """Free space for a checkpoint: checked before a save whose size is known, and named when a save fails.
 
-A full disk used to surface as torch's ``RuntimeError: [enforce fail at inline_container.cc:672]
-unexpected pos 704 vs 598``; here it reads ``no space left on <path>: N MiB needed, M free``.
+A full disk reads ``no space left on <path>: N MiB needed, M free`` (torch's own error for it names
+no path and no sizes: ``[enforce fail at inline_container.cc:672] unexpected pos ...``).
 """
 from __future__ import annotations
 

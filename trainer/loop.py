@@ -84,7 +84,7 @@ def _config_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True) if isinstance(cfg, DictConfig) else str(cfg)
 
 
-class _Batches:
+class Batches:
     """Endless batches from a resumable loader, crossing epochs; times the wait for data."""
 
     def __init__(self, loader: Any) -> None:
@@ -332,7 +332,7 @@ def _start_tracking(run: _Run, resumed: bool) -> None:
 
 
 @contextlib.contextmanager
-def _first_step(engine: Engine, step: int, batches: _Batches) -> Iterator[None]:
+def _first_step(engine: Engine, step: int, batches: Batches) -> Iterator[None]:
     """The first step of a process: data start-up and compilation (where enabled), once; its time
     split into waiting for data and computing."""
     wait0, what = batches.wait_s, f"step {step + 1}, the first of this process"
@@ -352,7 +352,7 @@ def _run(run: _Run, control: StepControl) -> dict[str, Any]:
 
     cfg, engine, task, tc = run.cfg, run.engine, run.task, run.cfg.train
     total, step = int(tc.steps), run.progress.step
-    batches = _Batches(run.train_loader)
+    batches = Batches(run.train_loader)
     last_step = getattr(run.tracker, "last_step", None)  # optional in the tracker interface
     train_log = TrainLog(engine, run.tracker, total=total, log_every=int(tc.log_every),
                          samples_per_step=int(tc.batch_size) * engine.world_size * engine.grad_accum,

@@ -3,14 +3,12 @@
 torch starts one intra-op (OpenMP) thread per core in every process, and with torchrun several
 ranks share a machine: with the defaults they run more busy threads than there are cores. Every
 op that runs in parallel ends at a barrier that waits for its slowest thread, so as soon as one
-thread loses its core each op waits a scheduler time slice (on the 2-core development machine,
-with another process busy, the depth step went from ~2 s to ~16 s).
+thread loses its core each op waits a scheduler time slice.
 
 Default: each rank gets its share of the cores, ``cores // ranks_on_this_node``, less up to a
 quarter of that share for its DataLoader workers (one per worker). Loader workers run one thread
 each and mostly wait (decoding a batch is a small part of a step), so leaving a whole core per
-worker wasted half of a 2-core machine: the depth step with 2 workers took 2.8 s with 1 thread,
-1.7 s with 2 (``benchmarks/bench_vs_reference.py``, 2026-12-02). ``cores`` is what this process
+worker wastes half of a 2-core machine (measured: docs/engine.md, "Threads"). ``cores`` is what this process
 may run on (``os.sched_getaffinity``). On a machine shared with other work, set the count yourself.
 Precedence:
 

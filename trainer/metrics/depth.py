@@ -42,8 +42,7 @@ def crop_mask(height: int, width: int, crop: str) -> Tensor:
 
 def median(x: Tensor) -> Tensor:
     """numpy-style median of a 1-D tensor (mean of the two middle values for even sizes), by
-    selection (``kthvalue``, linear time: a full-resolution KITTI frame's ~10^5 values are sorted
-    in ~35 ms on one core, selected in a few)."""
+    selection (``kthvalue``, linear time, where a sort is n log n)."""
     n = x.numel()
     upper = x.kthvalue(n // 2 + 1).values
     return upper if n % 2 else (x.kthvalue(n // 2).values + upper) / 2

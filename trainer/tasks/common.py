@@ -1,8 +1,6 @@
 """Helpers the task modules share: config coercion, per-sample key filtering, the joint
-image + label augmentation and image-to-float conversion.
-
-They used to live in ``trainer.tasks.segmentation`` and were borrowed from there by the
-classification and flow tasks; a task module now imports its siblings' helpers from here only.
+image + label augmentation and image-to-float conversion. A task module imports what it shares
+with its siblings from here only.
 """
 from __future__ import annotations
 
