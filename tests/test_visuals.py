@@ -16,11 +16,11 @@ def test_label_colors_use_the_cityscapes_palette_and_draw_ignore_black():
     assert tuple(rgb[1, 0]) == (119, 11, 32) and tuple(rgb[1, 1]) == (0, 0, 0)
 
 
-def test_inverse_depth_colors_near_is_bright_and_invalid_black():
+def test_inverse_depth_colors_near_is_bright_and_invalid_not_black():
     depth = np.array([[1.0, 10.0, 5.0]])
     rgb = V.inverse_depth_colors(depth, valid=np.array([[True, True, False]]))
     assert rgb[0, 0].sum() > rgb[0, 1].sum()  # 1 m brighter than 10 m
-    assert tuple(rgb[0, 2]) == (0, 0, 0)
+    assert tuple(rgb[0, 2]) == V.NO_DEPTH_COLOR  # not black: black is "far" on this map
 
 
 def test_class_legend_names_only_the_classes_shown():
