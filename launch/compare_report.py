@@ -1,0 +1,140 @@
+"""The comparison as people read it (Markdown): the headline sentence, then per column a table of the
+rows' means and a table of the paired differences with their 95 % intervals and verdicts.
+
+Narrow on purpose: MLflow shows a run's description and ``comparison.md`` in a panel about 800 px
+wide, so each table has at most five columns (one row per pre-training, one per compared pair)
+instead of one column per baseline and metric. The numbers come from :class:`launch.compare.Table`
+(the statistics: :mod:`launch.paired_stats`); nothing here computes a statistic.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from launch.chart import column_name, pairs
+
+if TYPE_CHECKING:  # launch.compare imports this module
+    from launch.compare import Table
+    from launch.paired_stats import Paired
+
+METRICS = ("miou", "pixel_acc")
+
+
+def _fmt(mean: float, std: float, n: int, expected: int) -> str:
+    if math.isnan(mean):
+        return "–"
+    text = f"{mean:.1f} ± {std:.1f}"
+    return text + (f" (n={n})" if expected and n != expected else "")
+
+
+def interval(pair: "Paired") -> str:
+    """``+1.7 .. +10.7`` (the 95 % interval of the paired mean difference), '' below 2 units."""
+    if pair.n < 2:
+        return ""
+    return f"{pair.mean - pair.ci95:+.1f} .. {pair.mean + pair.ci95:+.1f}"
+
+
+def judged(pair: "Paired") -> str:
+    """better / worse when the 95 % interval excludes 0, else not resolved; '' below 2 units."""
+    if pair.n < 2:
+        return ""
+    lo, hi = pair.mean - pair.ci95, pair.mean + pair.ci95
+    return "better" if lo > 0 else "worse" if hi < 0 else "not resolved"
+
+
+def _delta(pair: "Paired") -> str:
+    if pair.n == 0:
+        return "–"
+    span = interval(pair)
+    return f"{pair.mean:+.1f} ({span})" if span else f"{pair.mean:+.1f} (n<2)"
+
+
+def headline_pair(table: "Table", wanted: list[str]) -> tuple[str, str] | None:
+    """(row, baseline) the headline reports: ``wanted`` when both are in the table, else the first row
+    that is not a baseline against the first baseline (None when there is no such pair)."""
+    if len(wanted) == 2 and all(w in table.rows for w in wanted):
+        return wanted[0], wanted[1]
+    others = [r for r in table.rows if r not in table.baselines]
+    if not table.baselines or not (others or len(table.baselines) > 1):
+        return None
+    base = table.baselines[0]
+    return (others or [b for b in table.baselines if b != base])[0], base
+
+
+def headline(table: "Table", wanted: list[str], metric_name: str) -> str:
+    """One sentence: the question's answer (``row`` against ``baseline`` in the first column that has
+    both, their paired mIoU difference with its 95 % interval and what that allows one to say)."""
+    if not table.columns:
+        return ""
+    pair_names = headline_pair(table, wanted)
+    both = [c for c in table.columns if pair_names and all(table.cell(r, c) for r in pair_names)]
+    col = (both or table.columns)[0]
+    where = f"{column_name(col)}, mIoU = `{metric_name}`"
+    if pair_names is None:
+        present = [r for r in table.rows if table.cell(r, col)]
+        best = max(present, key=lambda r: table.cell(r, col).mean("miou"))
+        return f"**Highest mean mIoU: {best} ({table.cell(best, col).mean('miou'):.1f} %)** ({where}; no baseline to pair)."
+    row, base = pair_names
+    pair = table.paired(row, col, base, "miou")
+    units = f"{pair.n} paired {table.unit}s"
+    if pair.n < 2:
+        return (f"**{row} vs {base}: {_delta(pair) if pair.n else 'no paired runs'} mIoU points**: {units}, too few "
+                f"for an interval ({where}).")
+    verdict_word = judged(pair)
+    claim = {"better": f"{row} transfers better than {base}", "worse": f"{row} transfers worse than {base}",
+             "not resolved": f"{row} vs {base}: not resolved"}[verdict_word]
+    return (f"**{claim}: {pair.mean:+.1f} mIoU points (95 % interval {interval(pair)})** over {units} "
+            f"({where}).")
+
+
+def means_table(table: "Table", col: tuple[str, str, str]) -> list[str]:
+    """| pre-training | mIoU % | pixel acc % | runs |: each row's mean ± std over the table's units."""
+    unit = "runs" if table.unit_word == "run" else "seeds"
+    lines = [f"| pre-training | mIoU % | pixel acc % | {unit} |", "|---|---:|---:|---:|"]
+    for row in table.rows:
+        c = table.cell(row, col)
+        if c is None:
+            continue
+        count = f"{c.n_units}" + (f" ({c.n} fine-tunings)" if c.n != c.n_units else "")
+        lines.append(f"| {row} | {_fmt(c.mean('miou'), c.std('miou'), c.n, table.expected_seeds)} | "
+                     f"{_fmt(c.mean('pixel_acc'), c.std('pixel_acc'), c.n, table.expected_seeds)} | {count} |")
+    return lines
+
+
+def differences_table(table: "Table", col: tuple[str, str, str]) -> list[str]:
+    """One line per (row, baseline) pair (:func:`launch.chart.pairs`: two baselines' pair once): the
+    paired Δ mIoU and Δ pixel accuracy with their 95 % intervals, and the verdict on mIoU."""
+    lines = ["| pair | Δ mIoU (95 % interval) | verdict | Δ pixel acc (95 % interval) | paired |",
+             "|---|---:|---|---:|---:|"]
+    for base in table.baselines:
+        if table.cell(base, col) is None:
+            lines.append(f"| – vs {base} | no {base} run in this column | | | |")
+    for row, base in pairs(table, col):
+        miou, acc = table.paired(row, col, base, "miou"), table.paired(row, col, base, "pixel_acc")
+        lines.append(f"| {row} − {base} | {_delta(miou)} | {judged(miou) or 'no spread to judge'} | "
+                     f"{_delta(acc)} | {miou.n} |")
+    return lines
+
+
+def to_markdown(table: "Table") -> str:
+    """Per column: its means table, then its differences table; then what the intervals cover."""
+    out = []
+    for col in table.columns:
+        out += [f"### {column_name(col)}", "", *means_table(table, col), ""]
+        if table.baselines:
+            out += [*differences_table(table, col), ""]
+    return "\n".join(out) + "\n" + table.note() + "\n"
+
+
+def verdict(table: "Table") -> list[str]:
+    """Markdown list items: per column, the row with the highest mean mIoU. A difference is called
+    better / worse only when the 95 % interval of its paired differences excludes 0 (the differences
+    table's verdict column)."""
+    out = []
+    for col in table.columns:
+        present = [r for r in table.rows if table.cell(r, col)]
+        if present:
+            best = max(present, key=lambda r: table.cell(r, col).mean("miou"))
+            out.append(f"- {column_name(col)}: highest mean mIoU: {best} ({table.cell(best, col).mean('miou'):.1f} %); "
+                       f"whether it is ahead of a baseline is the differences table's verdict.")
+    return out
