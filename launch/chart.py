@@ -9,7 +9,7 @@ Per table column (dataset · protocol · N), two panels one above the other, eac
   filled when resolved, hollow when not; a pair of two baselines is drawn once.
 
 The numbers are written at the right of each line, labels are on the axes (no legend covers a bar);
-pixel accuracy stays in the table. 1000 px wide and ~700 px high for the demo's four rows.
+pixel accuracy stays in the table. 1000 px wide and ~800 px high for the demo's four rows.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ from data_shards.atomic import atomic_write
 if TYPE_CHECKING:  # launch.compare imports this module
     from launch.compare import Table
 
-#: Figure width (inches) and resolution: 1000 px.
+#: Figure width (inches) and resolution: 1000 px (MLflow's artifact viewer scales it to its ~700-px panel).
 WIDTH_IN, DPI = 10.0, 100
-#: Height per bar / pair line, and the fixed part of a panel (title, axis), in inches.
-LINE_IN, PANEL_BASE_IN = 0.38, 1.0
-FONT = 11
+#: Height per bar, per pair (two label lines), and the fixed part of a panel (title, axis), in inches.
+LINE_IN, PAIR_IN, PANEL_BASE_IN = 0.42, 0.6, 1.1
+FONT = 12
 
 
 def column_name(col: tuple[str, str, str]) -> str:
@@ -52,7 +52,7 @@ def _means_panel(ax, table: "Table", col, colors: dict[str, str]) -> None:
     ax.set_xlim(0, max((m + s for m, s in zip(means, stds)), default=1.0) * 1.05)
     _numbers(ax, ys, [f"{m:.1f} ± {s:.1f}" for m, s in zip(means, stds)])
     ax.set_xlabel(f"mIoU (%): mean ± std over {table.unit}s", fontsize=FONT)
-    ax.set_title(f"{column_name(col)}: mIoU of each pre-training", fontsize=FONT + 1, loc="left")
+    ax.set_title(f"{column_name(col)}: mIoU", fontsize=FONT + 1, loc="left")
 
 
 def pairs(table: "Table", col) -> list[tuple[str, str]]:
@@ -88,11 +88,10 @@ def _differences_panel(ax, table: "Table", col, colors: dict[str, str]) -> None:
     pad = 0.05 * ((high - low) or 1.0)
     ax.set_xlim(low - pad, high + pad)
     ax.set_ylim(-0.6, len(shown) - 0.4)
-    ax.set_yticks(ys, [f"{r} − {b}" for r, b in shown], fontsize=FONT)
+    ax.set_yticks(ys, [f"{r}\n− {b}" for r, b in shown], fontsize=FONT - 1)
     _numbers(ax, ys, texts)
-    ax.set_xlabel(f"Δ mIoU (points): paired mean per {table.unit_word}, 95 % interval (filled: excludes 0)",
-                  fontsize=FONT)
-    ax.set_title("differences to the baselines", fontsize=FONT + 1, loc="left")
+    ax.set_xlabel(f"Δ mIoU (points): paired mean per {table.unit_word} and 95 % interval", fontsize=FONT)
+    ax.set_title("differences (filled: the interval excludes 0)", fontsize=FONT + 1, loc="left")
 
 
 def bar_chart(table: "Table", path: Path, title: str, colors: dict[str, str]) -> Path:
@@ -105,10 +104,10 @@ def bar_chart(table: "Table", path: Path, title: str, colors: dict[str, str]) ->
 
     panels = []
     for col in table.columns:
-        panels.append((col, _means_panel, len([r for r in table.rows if table.cell(r, col)])))
+        panels.append((col, _means_panel, LINE_IN * len([r for r in table.rows if table.cell(r, col)])))
         if table.baselines and pairs(table, col):
-            panels.append((col, _differences_panel, len(pairs(table, col))))
-    heights = [PANEL_BASE_IN + LINE_IN * n for _, _, n in panels]
+            panels.append((col, _differences_panel, PAIR_IN * len(pairs(table, col))))
+    heights = [PANEL_BASE_IN + h for _, _, h in panels]
     fig = plt.figure(figsize=(WIDTH_IN, 0.4 + sum(heights)), dpi=DPI, layout="constrained")
     fig.suptitle(title, fontsize=FONT + 2)
     grid = fig.add_gridspec(len(panels), 1, height_ratios=heights)

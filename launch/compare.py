@@ -285,13 +285,14 @@ def unfinished_note(runs: list[RunRecord], fingerprints: dict[str, str] | None, 
 
 
 def _markdown(study_name: str, table: Table, compare: CompareConfig, top: str, runs: list[RunRecord],
-              fingerprints: dict[str, str] | None, pre_lines: list[str]) -> str:
-    """comparison.md: the headline, the per-column tables, what the intervals cover, the notes."""
+              fingerprints: dict[str, str] | None, pre_lines: list[str], text_tables: bool = False) -> str:
+    """comparison.md: the headline, the per-column tables, what the intervals cover, the notes
+    (``text_tables``: the tables as aligned text, for MLflow's run description)."""
     md = (f"# Study {study_name}: segmentation after each pre-training\n\n" + (f"{top}\n\n" if top else "")
           + unfinished_note(runs, fingerprints, study_name)
           + f"Scored: {scored_metrics(compare)}; mIoU and pixel accuracy in %, Δ in points; ± and the intervals "
             f"count the unit named under the tables.\n\n"
-          + to_markdown(table) + "\n" + "\n".join(verdict(table)) + "\n"
+          + to_markdown(table, text_tables) + "\n" + "\n".join(verdict(table)) + "\n"
           + provenance.notes(runs, table.rows, compare))
     if pre_lines:
         md += ("\nPre-trainings on their own task, against a trivial predictor (has each learned its task?):\n\n"
@@ -312,8 +313,8 @@ def _log_to_parent(store: TrackingStore, study_name: str, parent_run_id: str, ta
     used: dict[str, dict[str, float]] = {}
     for (row, col), c in table.cells.items():
         key = f"{row}/{col[0]}/{col[1]}/n{col[2]}"
-        summary[f"{key}/miou_mean"] = c.mean("miou")
-        summary[f"{key}/pixel_acc_mean"] = c.mean("pixel_acc")
+        summary[f"{key}/miou_mean"] = round(c.mean("miou"), 2)  # % (MLflow shows every digit)
+        summary[f"{key}/pixel_acc_mean"] = round(c.mean("pixel_acc"), 2)
         for i, run_id in enumerate(c.run_ids):
             used[run_id] = {m: c.values[m][i] for m in METRICS}
     store.log_metrics(parent_run_id, summary | extra_metrics)
@@ -340,14 +341,15 @@ def compare_runs(store: TrackingStore, study_name: str, compare: CompareConfig, 
     rows = [r for r in (row_order or []) if r] or table.rows
     rows += [r for r in table.rows if r not in rows]
     top = headline(table, compare.headline, compare.miou)
-    md = _markdown(study_name, table, compare, top, runs, fingerprints,
-                   pretraining_lines(pre_runs, pretrain_fingerprints, row_order))
+    pre_lines = pretraining_lines(pre_runs, pretrain_fingerprints, row_order)
+    md = _markdown(study_name, table, compare, top, runs, fingerprints, pre_lines)
     files = [_write(out_dir / "comparison.md", md), _write(out_dir / "comparison.csv", to_csv(table)),
              bar_chart(table, out_dir / "comparison.png",
                        f"study {study_name}: segmentation after each pre-training (mIoU = {compare.miou})",
                        row_colors(rows))]
     if parent_run_id:
-        _log_to_parent(store, study_name, parent_run_id, table, files, md, top,
+        note = _markdown(study_name, table, compare, top, runs, fingerprints, pre_lines, text_tables=True)
+        _log_to_parent(store, study_name, parent_run_id, table, files, note, top,
                        pretraining_summary(pre_runs, pretrain_fingerprints), rows)
     if echo:
         print(md, flush=True)

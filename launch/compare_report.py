@@ -87,42 +87,79 @@ def headline(table: "Table", wanted: list[str], metric_name: str) -> str:
             f"({where}).")
 
 
-def means_table(table: "Table", col: tuple[str, str, str]) -> list[str]:
-    """| pre-training | mIoU % | pixel acc % | runs |: each row's mean ± std over the table's units."""
+def _means_rows(table: "Table", col: tuple[str, str, str]) -> tuple[list[str], list[list[str]]]:
+    """Header and lines of a column's means table: each row's mean ± std over the table's units."""
     unit = "runs" if table.unit_word == "run" else "seeds"
-    lines = [f"| pre-training | mIoU % | pixel acc % | {unit} |", "|---|---:|---:|---:|"]
+    lines = []
     for row in table.rows:
         c = table.cell(row, col)
-        if c is None:
-            continue
-        count = f"{c.n_units}" + (f" ({c.n} fine-tunings)" if c.n != c.n_units else "")
-        lines.append(f"| {row} | {_fmt(c.mean('miou'), c.std('miou'), c.n, table.expected_seeds)} | "
-                     f"{_fmt(c.mean('pixel_acc'), c.std('pixel_acc'), c.n, table.expected_seeds)} | {count} |")
-    return lines
+        if c is not None:
+            count = f"{c.n_units}" + (f" ({c.n} fine-tunings)" if c.n != c.n_units else "")
+            lines.append([row, _fmt(c.mean("miou"), c.std("miou"), c.n, table.expected_seeds),
+                          _fmt(c.mean("pixel_acc"), c.std("pixel_acc"), c.n, table.expected_seeds), count])
+    return ["pre-training", "mIoU %", "pixel acc %", unit], lines
 
 
-def differences_table(table: "Table", col: tuple[str, str, str]) -> list[str]:
-    """One line per (row, baseline) pair (:func:`launch.chart.pairs`: two baselines' pair once): the
-    paired Δ mIoU and Δ pixel accuracy with their 95 % intervals, and the verdict on mIoU."""
-    lines = ["| pair | Δ mIoU (95 % interval) | verdict | Δ pixel acc (95 % interval) | paired |",
-             "|---|---:|---|---:|---:|"]
+def _difference_rows(table: "Table", col: tuple[str, str, str]) -> list[tuple[str, list[list[str]]]]:
+    """Per baseline: (its name, lines of pre-training | Δ mIoU | Δ pixel acc | verdict), the pairs of
+    :func:`launch.chart.pairs` (two baselines' pair once); a baseline missing from the column says so."""
+    out = []
+    shown = pairs(table, col)
     for base in table.baselines:
         if table.cell(base, col) is None:
-            lines.append(f"| – vs {base} | no {base} run in this column | | | |")
-    for row, base in pairs(table, col):
-        miou, acc = table.paired(row, col, base, "miou"), table.paired(row, col, base, "pixel_acc")
-        lines.append(f"| {row} − {base} | {_delta(miou)} | {judged(miou) or 'no spread to judge'} | "
-                     f"{_delta(acc)} | {miou.n} |")
-    return lines
+            out.append((base, [[f"no {base} run in this column", "", "", ""]]))
+            continue
+        lines = []
+        for row, b in shown:
+            if b == base:
+                miou, acc = table.paired(row, col, base, "miou"), table.paired(row, col, base, "pixel_acc")
+                lines.append([row, _delta(miou), _delta(acc), judged(miou) or "no spread to judge"])
+        if lines:
+            out.append((base, lines))
+    return out
 
 
-def to_markdown(table: "Table") -> str:
-    """Per column: its means table, then its differences table; then what the intervals cover."""
+DIFF_HEADER = ["pre-training", "Δ mIoU", "Δ pixel acc", "verdict"]
+
+
+def _md_table(header: list[str], lines: list[list[str]], right: int) -> list[str]:
+    """A Markdown table whose columns 1..``right`` are right-aligned."""
+    align = ["---"] + ["---:"] * right + ["---"] * (len(header) - 1 - right)
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|",
+            *["| " + " | ".join(line) + " |" for line in lines]]
+
+
+def _text_table(header: list[str], lines: list[list[str]]) -> list[str]:
+    """The same table as aligned plain text (for a code block: MLflow's run description draws Markdown
+    tables without cell padding)."""
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+    return ["   ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header, *lines]]
+
+
+#: Said once above a column's difference tables.
+DIFF_NOTE = "Δ: paired difference in points, its 95 % interval in parentheses; the verdict is on mIoU."
+
+
+def to_markdown(table: "Table", text_tables: bool = False) -> str:
+    """Per column: its means table, then per baseline the paired differences to it with the verdict;
+    then what the intervals cover. ``text_tables``: the tables as aligned text in one code block per
+    column instead of Markdown tables."""
     out = []
     for col in table.columns:
-        out += [f"### {column_name(col)}", "", *means_table(table, col), ""]
-        if table.baselines:
-            out += [*differences_table(table, col), ""]
+        out += [f"### {column_name(col)}", ""]
+        means = _means_rows(table, col)
+        diffs = _difference_rows(table, col)
+        if diffs:
+            out += [DIFF_NOTE, ""]
+        if text_tables:
+            block = _text_table(*means)
+            for base, rows in diffs:
+                block += ["", *_text_table([f"vs {base}", *DIFF_HEADER[1:]], rows)]
+            out += ["```", *block, "```", ""]
+            continue
+        out += [*_md_table(*means, right=3), ""]
+        for base, rows in diffs:
+            out += [f"Paired differences to **{base}**:", "", *_md_table(DIFF_HEADER, rows, right=2), ""]
     return "\n".join(out) + "\n" + table.note() + "\n"
 
 

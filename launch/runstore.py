@@ -125,7 +125,7 @@ class TrackingStore:
         person wrote (one not starting with "geoprime" or the comparison's headline) is kept."""
         exp_id = experiment_id(self.client, self.uri, experiment)
         current = self.client.get_experiment(exp_id).tags.get(NOTE_TAG, "")
-        if not current or current.startswith(("geoprime", "**Latest comparison**")):
+        if not current or current.startswith(("geoprime", "**Result**: ")):
             self.client.set_experiment_tag(exp_id, NOTE_TAG, text)
 
     def experiment_note(self, experiment: str) -> str:

@@ -42,7 +42,7 @@ Re-running the same command skips finished jobs and resumes interrupted ones.
 #: The heading under which the parent run's description carries the latest comparison.
 COMPARISON_HEADING = "## Latest comparison"
 #: How the first paragraph of a study's transfer-experiment description starts once compared.
-HEADLINE_MARKER = "**Latest comparison**: "
+HEADLINE_MARKER = "**Result**: "
 #: Parent-run tag with how the study is compared (``launch compare --study`` reads it, having no config).
 COMPARE_TAG = "study_compare"
 #: MLflow keeps at most this many characters in a run tag (the run description is one).

@@ -33,8 +33,9 @@ VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 #: The pre-trainings' task metrics and their trivial baselines (launch.pretrain_report), as columns.
 PRETRAIN_COLUMNS = ("test/abs_rel", "test/baseline_abs_rel", "test/epe", "test/baseline_epe", "val/map",
                     "val/baseline_map")
-#: Width of the run-name column in the views (MLflow's default, 190 px, cuts a long row name's seed).
-NAME_WIDTH = 300
+#: Widths of the run-name column in the views (MLflow's default, 190 px, cuts a long row name's seed)
+#: and of the "Created" column (150 px by default), so that the score columns fit a 1200-px window.
+NAME_WIDTH, DATE_WIDTH = 270, 115
 
 
 def view_id(study_name: str, pretraining: bool = False) -> str:
@@ -65,11 +66,12 @@ def view_state(columns: list[str], order_by: str | None, runs: int) -> dict:
     """The view: ``columns`` (metric keys) shown, runs grouped by pre-training row (group rows show the
     average), sorted by ``order_by`` (highest first; None: MLflow's order), every run in the charts in
     its own colour, a bar chart per column first."""
-    name_col = "attributes.`Run Name`"
+    name_col, date_col = "attributes.`Run Name`", "runDateAndNestInfo"
     order = {"orderByKey": _metric(order_by), "orderByAsc": False} if order_by else {}
     return {**order,
             "selectedColumns": [_metric(c) for c in columns] + ["tags.`grid_pretraining`"],
-            "columnOrder": [name_col, *[_metric(c) for c in columns]], "columnWidths": {name_col: NAME_WIDTH},
+            "columnOrder": [name_col, date_col, *[_metric(c) for c in columns]],
+            "columnWidths": {name_col: NAME_WIDTH, date_col: DATE_WIDTH},
             "groupBy": {"aggregateFunction": "average",
                         "groupByKeys": [{"mode": "tag", "groupByData": "grid_pretraining"}]},
             "groupsExpanded": {}, "useGroupedValuesInCharts": False, "runsHiddenMode": "SHOW_ALL",

@@ -65,12 +65,16 @@ def test_table_values_match_hand_computation():
     full_part = md[md.index("### syn · full · all"):]
     assert "| depth | 43.0 ± 2.6 | 82.3 ± 2.1 | 3 |" in full_part
     # the means differ by more than either row's std, yet 3 paired seeds do not resolve it
-    assert "| depth − imagenet | +3.7 (-0.1 .. +7.5) | not resolved |" in full_part
-    assert "| depth − random | +22.0 (+17.0 .. +27.0) | better |" in full_part
-    assert "| random − imagenet |" in full_part and "| imagenet − random |" not in full_part  # two baselines: once
+    to_imagenet = full_part[full_part.index("Paired differences to **imagenet**"):]
+    assert "| depth | +3.7 (-0.1 .. +7.5) | +1.3 " in to_imagenet and "| not resolved |" in to_imagenet.split("\n\n")[1]
+    to_random = full_part[full_part.index("Paired differences to **random**"):]
+    assert "| depth | +22.0 (+17.0 .. +27.0) |" in to_random and "| better |" in to_random.split("\n\n")[1]
+    assert "| random | -18.3 (-22.1 .. -14.5) |" in to_imagenet and "| imagenet |" not in to_random  # two baselines: once
     assert "| depth | 30.0 ± 0.0 (n=1) |" in md  # the frozen cell has one seed of the 3 expected
-    assert "| – vs imagenet | no imagenet run in this column |" in md[:md.index("### syn · full")]
-    assert max(len(line.split("|")) for line in lines) <= 7  # at most 5 columns: fits MLflow's 800-px panel
+    assert "| no imagenet run in this column |" in md[:md.index("### syn · full")]
+    assert max(len(line.split("|")) for line in lines) <= 6  # at most 4 columns: fits MLflow's 800-px panel
+    text = to_markdown(table, text_tables=True)  # the run description's version: aligned text in code blocks
+    assert "```" in text and "vs imagenet" in text and "| depth |" not in text
     assert "highest mean mIoU: depth (43.0 %)" in "\n".join(verdict(table))
     assert headline(table, [], "miou").startswith("**depth vs imagenet: not resolved: +3.7 mIoU points")  # full
 
@@ -96,7 +100,7 @@ def test_newest_run_of_a_job_counts_and_bad_runs_are_listed():
     assert table.cell("random", ("syn", "full", "0")).n == 1
     assert any("no grid tag" in s for s in table.skipped)
     assert any("'pixel_acc' missing" in s for s in table.skipped)
-    assert "| depth − random | +10.0 (n<2) | no spread to judge |" in to_markdown(table)
+    assert "| depth | +10.0 (n<2) | +10.0 (n<2) | no spread to judge |" in to_markdown(table)
 
 
 def test_compare_runs_from_mlflow_writes_and_logs(tmp_path, capsys):
@@ -189,7 +193,7 @@ def test_pretraining_runs_are_the_unit_when_rows_have_several():
     assert "Unit: the pre-training run. Each pre-training row ran 3 times" in md
     assert "fine-tuned with 2 seed(s) of its own" in md and "46.0 ± 5.0" in md
     assert "(n=" not in md  # 6 fine-tunings as expected
-    assert "| depth − random | +15.7 (+5.3 .. +26.0) | better |" in md and "| depth | 46.0 ± 5.0 | " in md
+    assert "| depth | +15.7 (+5.3 .. +26.0) | " in md and "| better |" in md and "| depth | 46.0 ± 5.0 | " in md
     assert headline(table, [], "miou") == ("**depth transfers better than random: +15.7 mIoU points (95 % interval "
                                            "+5.3 .. +26.0)** over 3 paired pre-training runs (syn · full · all, mIoU = "
                                            "`miou`).")
