@@ -16,6 +16,11 @@ from typing import Iterable
 from trainer.errors import ConfigError
 from trainer.tracking.spool import SpoolError
 
+#: MLflow 3 sends usage telemetry to its own servers (a config fetch, then batches of events) unless
+#: told not to: geoprime reaches no network it was not pointed at, so it is off unless the user sets it.
+#: Set here, before anything imports mlflow (its import creates the telemetry client).
+TELEMETRY_ENV = "MLFLOW_DISABLE_TELEMETRY"
+os.environ.setdefault(TELEMETRY_ENV, "true")
 #: MLflow's HTTP client retries for minutes by default; an unreachable server must fail fast
 #: so that training continues and the spool takes over (a user's own setting wins).
 HTTP_ENV_DEFAULTS = {
