@@ -124,12 +124,12 @@ def throughput(args: argparse.Namespace) -> None:
 def baselines(args: argparse.Namespace) -> None:
     """abs_rel etc. of the untrained network and of a constant depth, median scaled, on a split."""
     from data_shards.loader import build_loader
-    from data_shards.stream import ShardStream
+    from data_shards.stream import ShardStream, StreamConfig
 
     task = DepthTask(DepthTaskConfig(supervision="mono"), _Run(args.encoder))
     torch.manual_seed(args.seed)
     model = task.build_model().eval()
-    stream = ShardStream(args.data, args.split, shuffle=False, tail="pad", keys=("rgb", "depth"))
+    stream = ShardStream(StreamConfig(args.data, args.split, shuffle=False, tail="pad", keys=("rgb", "depth")))
     metrics = {"untrained_network": task.new_metric(), "constant_depth": task.new_metric()}
     with torch.no_grad():
         for batch in build_loader(stream, args.batch):

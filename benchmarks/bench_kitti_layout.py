@@ -7,6 +7,8 @@ streams the depth pre-training keys (4 RGB frames, K, baseline) once per layout.
 lines; nothing is asserted (numbers go in docs/data.md and docs/real-datasets.md).
 
     .venv/bin/python benchmarks/bench_kitti_layout.py --frames 40 --height 96 --width 320
+    .venv/bin/python benchmarks/bench_kitti_layout.py --frames 200 --lanes 10 --height 192 --width 640
+      (lanes of ~40 samples, as 960 lanes give on the Eigen-Zhou split: read amplification and frames held)
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch  # noqa: E402
 
 from benchmarks.bench_vs_reference import _env, write_fake_kitti  # noqa: E402
 from data_shards.loader import build_loader  # noqa: E402
-from data_shards.stream import ShardStream  # noqa: E402
+from data_shards.stream import ShardStream, StreamConfig  # noqa: E402
 
 KEYS = ("rgb", "rgb_prev", "rgb_next", "rgb_right", "K", "baseline")
 
@@ -46,14 +48,21 @@ def _cpu() -> float:
     return me.ru_utime + me.ru_stime
 
 
-def stream_rate(root: Path, epochs: int) -> tuple[int, float]:
-    """(samples, samples per CPU-second) streaming the depth pre-training keys, 0 workers, batch 8."""
-    loader = build_loader(ShardStream(str(root), "train", keys=KEYS), 8)
+def stream_rate(root: Path, epochs: int, lanes: int) -> tuple[int, float, dict]:
+    """(samples, samples per CPU-second, what the last epoch read) streaming the depth pre-training
+    keys, 0 workers, batch 8."""
+    loader = build_loader(ShardStream(StreamConfig(str(root), "train", keys=KEYS, lanes=lanes)), 8)
     n, c = 0, _cpu()
     for _ in range(epochs):
         for b in loader:
             n += len(b["__key__"])
-    return n, n / max(_cpu() - c, 1e-9)
+    st = loader.stream.read_stats
+    m = loader.stream.manifest
+    frames = sum(len(s.frames) for s in m.shards)
+    read = {"frames_read_per_stored": round(st.frames_read / frames, 3) if frames else None,
+            "peak_held_frames": st.peak_held_frames, "peak_held_MiB": round(st.peak_held_bytes / 2**20, 2),
+            "MiB_read_per_epoch": round(st.bytes_read / 2**20, 2)}
+    return n, n / max(_cpu() - c, 1e-9), read
 
 
 def main() -> None:
@@ -64,6 +73,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2, help="stream epochs per layout")
     p.add_argument("--work", default=None, help="work folder (default: a new temporary one)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (as bench_stream.py)")
+    p.add_argument("--lanes", type=int, default=960, help="data.lanes of the stream (lanes of N/lanes samples)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     work = Path(a.work or tempfile.mkdtemp(prefix="bench_kitti_layout_"))
@@ -79,12 +89,12 @@ def main() -> None:
             secs = convert(raw, split, out, (a.height, a.width), layout)
             m = json.loads((out / "train" / "manifest.json").read_text())
             sizes[layout] = sum(s["bytes"] for s in m["shards"]) / m["num_samples"]
-            n, rate = stream_rate(out, a.epochs)  # best of 3 (a loaded machine)
-            rate = max([rate] + [stream_rate(out, a.epochs)[1] for _ in range(2)])
+            n, rate, read = stream_rate(out, a.epochs, a.lanes)  # best of 3 (a loaded machine)
+            rate = max([rate] + [stream_rate(out, a.epochs, a.lanes)[1] for _ in range(2)])
             print(json.dumps({"targets": targets, "layout": layout, "samples": m["num_samples"],
                               "MiB": round(sum(s["bytes"] for s in m["shards"]) / 2**20, 2),
                               "KiB_per_triplet": round(sizes[layout] / 1024, 1), "build_s": round(secs, 1),
-                              "stream_samples_per_cpu_s": round(rate, 1), "streamed": n,
+                              "stream_samples_per_cpu_s": round(rate, 1), "streamed": n, "lanes": a.lanes, **read,
                               "load_avg_1min": round(os.getloadavg()[0], 2)}), flush=True)
         print(json.dumps({"targets": targets, "compact_over_plain": round(sizes["compact"] / sizes["plain"], 3)}))
 

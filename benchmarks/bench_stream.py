@@ -19,8 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from data_shards.assemble import assemble  # noqa: E402
 from data_shards.loader import build_loader  # noqa: E402
-from data_shards.stream import ShardStream  # noqa: E402
+from data_shards.stream import Plan, ShardStream, StreamConfig  # noqa: E402
 
 KEYSETS = {
     "all": None,
@@ -51,12 +52,25 @@ def _cpu_seconds() -> float:
 
 def measure(root: str, split: str, keys, workers: int, batch: int, epochs: int) -> tuple[int, float, float]:
     """(samples, wall seconds, CPU seconds) for ``epochs`` full epochs, worker start-up included."""
-    loader = build_loader(ShardStream(root, split, keys=keys, shuffle_buffer=64), batch, num_workers=workers)
+    loader = build_loader(ShardStream(StreamConfig(root, split, keys=keys)), batch, num_workers=workers)
     n, t, c = 0, time.perf_counter(), _cpu_seconds()
     for _ in range(epochs):
         for b in loader:
             n += len(b["__key__"])
     return n, time.perf_counter() - t, _cpu_seconds() - c
+
+
+def assembly_cost(root: str, split: str, batch: int, workers: int = 2) -> tuple[float, float]:
+    """(CPU ms, MiB) of putting one batch (all keys) together from ``workers`` workers' shares: the
+    one copy per batch that makes batches independent of the worker count (measured in-process)."""
+    stream = ShardStream(StreamConfig(root, split))
+    shares = [list(stream.iter_partials(Plan(batch, False, workers), w, workers)) for w in range(workers)]
+    steps = [[share[t] for share in shares] for t in range(len(shares[0]))]
+    t = time.process_time()
+    out = [assemble(parts) for parts in steps]
+    ms = (time.process_time() - t) * 1e3 / len(steps)
+    mib = sum(v.numel() * v.element_size() for v in out[0].values() if isinstance(v, torch.Tensor)) / 2**20
+    return ms, mib
 
 
 def main() -> None:
@@ -71,7 +85,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     root = ensure_shards(a.root, a.sequences)
-    stream = ShardStream(root, a.split)
+    stream = ShardStream(StreamConfig(root, a.split))
     m = stream.manifest
     print(f"# {root}/{a.split}: {m.num_samples} samples, {len(m.shards)} shards, "
           f"{sum(s.bytes for s in m.shards) / 2**20:.1f} MiB, source resolution {m.source.get('resolution')}, "
@@ -83,6 +97,8 @@ def main() -> None:
         for w in a.workers:
             n, wall, cpu = measure(root, a.split, keys, w, a.batch_size, a.epochs)
             print(f"{name:<16} {w:>7} {n:>8} {wall:>7.2f} {cpu:>7.2f} {n / wall:>10.1f} {n / cpu:>9.1f}")
+    ms, mib = assembly_cost(root, a.split, a.batch_size)
+    print(f"# a batch of {a.batch_size} (all keys) put together from 2 workers' shares: {ms:.2f} ms CPU, {mib:.1f} MiB copied")
 
 
 if __name__ == "__main__":

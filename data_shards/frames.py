@@ -2,20 +2,22 @@
 
 A compact shard (:mod:`data_shards.compact`) stores each frame once after the sample records;
 the manifest says where (data offset, size, crc32) and which frame fills which image slot of
-each sample. :func:`attach_frames` follows the records that :func:`reader.iter_members` yields
-and adds the frames they need, read forward from one open of the shard (seeking locally, one
-range request remotely), each read once and held only until its last use in this read. The
-raw sample is then exactly a plain shard's, plus ``__frames__`` (member name and crc32 of each
-frame used), so the checksum check names the frame member and ``on_corrupt`` applies per sample.
+each sample. A :class:`FrameCursor` reads the frames a run of samples needs in offset order,
+each once, and holds one read ahead of its turn only until its last use: the stream's lanes
+(:mod:`data_shards.lanes`) fetch through their handle pool, ``verify`` (:func:`attach_frames`)
+from one forward open of the shard. The raw sample is then exactly a plain shard's, plus
+``__frames__`` (member name and crc32 of each frame used), so the checksum check names the frame
+member and ``on_corrupt`` applies per sample.
 """
 from __future__ import annotations
 
 import tarfile
 from collections import Counter
-from typing import IO, Iterable, Iterator, Sequence
+from typing import IO, Callable, Iterable, Iterator, Sequence
 
 from webdataset.tariterators import base_plus_ext
 
+from data_shards.handles import ReadStats
 from data_shards.manifest import ShardInfo
 from data_shards.openers import is_remote
 from data_shards.reader import ShardError, open_at
@@ -39,42 +41,21 @@ def _skip(f: IO[bytes], n: int) -> None:
         n -= len(chunk)
 
 
-class FrameCursor:
-    """Reads the frames ``uses`` counts (index -> uses) in offset order from one open of the shard."""
+class SequentialFetch:
+    """Frame bytes from one open of the shard, read forward (seeking locally, reading through remotely)."""
 
-    def __init__(self, url: str, info: ShardInfo, uses: Counter):
-        self.url, self.info, self.uses = url, info, uses
-        self.order = sorted(uses)  # frames ascend by offset (checked when the manifest is loaded)
-        self.next = 0
-        self.held: dict[int, bytes] = {}
+    def __init__(self, url: str, shard_bytes: int | None):
+        self.url, self.shard_bytes = url, shard_bytes
         self.f: IO[bytes] | None = None
         self.pos = 0
 
-    def take(self, i: int) -> bytes:
-        """Frame ``i``'s bytes (read ahead of their turn are held until their last use)."""
-        while i not in self.held:
-            if self.next >= len(self.order):
-                raise ShardError(f"{self.url}: frame {self.info.frames[i].name} asked for more often than planned")
-            self._read(self.order[self.next])
-            self.next += 1
-        self.uses[i] -= 1
-        return self.held[i] if self.uses[i] > 0 else self.held.pop(i)
-
-    def _read(self, i: int) -> None:
-        fr = self.info.frames[i]
-        try:
-            if self.f is None:
-                self.f, self.pos = open_at(self.url, fr.offset, self.info.bytes), fr.offset
-            _skip(self.f, fr.offset - self.pos)
-            data = self.f.read(fr.size)
-        except ShardError:
-            raise
-        except (OSError, EOFError, ValueError) as e:
-            raise ShardError(f"{self.url}: member {fr.name}: unreadable frame ({type(e).__name__}: {e})") from None
-        if len(data) != fr.size:
-            raise ShardError(f"{self.url}: member {fr.name}: truncated ({len(data)} of {fr.size} bytes)")
-        self.pos = fr.offset + fr.size
-        self.held[i] = data
+    def __call__(self, offset: int, size: int) -> bytes:
+        if self.f is None:
+            self.f, self.pos = open_at(self.url, offset, self.shard_bytes), offset
+        _skip(self.f, offset - self.pos)
+        data = self.f.read(size)
+        self.pos = offset + len(data)
+        return data
 
     def close(self) -> None:
         if self.f is not None:
@@ -82,32 +63,116 @@ class FrameCursor:
             self.f = None
 
 
+class FrameCursor:
+    """Reads the frames ``uses`` counts (index -> uses) in offset order through ``fetch(offset,
+    size)``, each once, holding one read ahead of its turn until its last use."""
+
+    def __init__(self, url: str, info: ShardInfo, uses: Counter, fetch: Callable[[int, int], bytes],
+                 stats: ReadStats | None = None):
+        self.url, self.info, self.uses, self.fetch = url, info, uses, fetch
+        self.stats = stats or ReadStats()
+        self.order = sorted(uses)  # frames ascend by offset (checked when the manifest is loaded)
+        self.next = 0
+        self.held: dict[int, bytes] = {}
+
+    def take(self, i: int) -> bytes:
+        """Frame ``i``'s bytes (read ahead of their turn are held until their last use)."""
+        while i not in self.held:
+            while self.next < len(self.order) and self.uses[self.order[self.next]] <= 0:
+                self.next += 1  # every use of it was dropped (its samples could not be read)
+            if self.next >= len(self.order):
+                raise ShardError(f"{self.url}: frame {self.info.frames[i].name} asked for more often than planned")
+            self._read(self.order[self.next])
+            self.next += 1
+        return self._use(i)
+
+    def drop(self, i: int) -> None:
+        """One planned use of frame ``i`` will not happen (its sample failed before reading it)."""
+        if self.uses[i] > 0 and i in self.held:
+            self._use(i)
+        elif self.uses[i] > 0:
+            self.uses[i] -= 1
+
+    def _use(self, i: int) -> bytes:
+        self.uses[i] -= 1
+        if self.uses[i] > 0:
+            return self.held[i]
+        data = self.held.pop(i)
+        self.stats.release(len(data))
+        return data
+
+    def _read(self, i: int) -> None:
+        fr = self.info.frames[i]
+        try:
+            data = self.fetch(fr.offset, fr.size)
+        except ShardError as e:
+            raise ShardError(f"{self.url}: member {fr.name}: unreadable frame ({e})") from None
+        except (OSError, EOFError, ValueError) as e:
+            raise ShardError(f"{self.url}: member {fr.name}: unreadable frame ({type(e).__name__}: {e})") from None
+        if len(data) != fr.size:
+            raise ShardError(f"{self.url}: member {fr.name}: truncated ({len(data)} of {fr.size} bytes)")
+        self.stats.frames_read += 1
+        self.stats.frame_bytes_read += fr.size
+        self.stats.hold(fr.size)
+        self.held[i] = data
+
+    def close(self) -> None:
+        """Forget the frames still held (their later uses will not come)."""
+        for data in self.held.values():
+            self.stats.release(len(data))
+        self.held.clear()
+
+
 def slots_wanted(slots: Sequence[str], exts: frozenset[str] | None) -> list[tuple[int, str]]:
     """(slot index, image member) of the frame slots that ``exts`` asks for (None: all)."""
     return [(k, ext) for k, ext in enumerate(slots) if exts is None or ext in exts]
 
 
+def frame_uses(info: ShardInfo, wanted: Sequence[tuple[int, str]], members: Iterable[int]) -> Counter:
+    """How often each frame is used by the samples ``members`` (only the ``wanted`` slots)."""
+    return Counter(info.refs[j][k] for j in members for k, _ in wanted if info.refs[j][k] >= 0)
+
+
+def fill_frames(cursor: FrameCursor, info: ShardInfo, wanted: Sequence[tuple[int, str]], j: int, raw: dict) -> dict:
+    """Fill sample ``j``'s wanted image slots from its frames; ``__frames__`` = {member: (frame
+    member, crc32)} so the checksum check can name the frame."""
+    used = {}
+    for n, (k, ext) in enumerate(wanted):
+        i = info.refs[j][k]
+        if i < 0:
+            continue
+        try:
+            raw[ext] = cursor.take(i)
+        except ShardError:
+            drop_frames(cursor, info, wanted[n:], j)  # the slots not filled will not be asked for
+            raise
+        used[ext] = (info.frames[i].name, info.frames[i].crc32)
+    raw["__frames__"] = used
+    return raw
+
+
+def drop_frames(cursor: FrameCursor, info: ShardInfo, wanted: Sequence[tuple[int, str]], j: int) -> None:
+    """Sample ``j`` will not be assembled: forget its planned frame uses."""
+    for k, _ in wanted:
+        if info.refs[j][k] >= 0:
+            cursor.drop(info.refs[j][k])
+
+
 def attach_frames(url: str, info: ShardInfo, slots: Sequence[str], members: Sequence[int],
                   records: Iterable[tuple[int, dict]], exts: frozenset[str] | None = None
                   ) -> Iterator[tuple[int, dict]]:
-    """``(index, raw)`` of ``records`` (the samples at the ascending indices ``members``) with
-    each wanted image slot filled from its frame and ``__frames__`` = {member: (frame member,
-    crc32)}. A frame that cannot be read raises :class:`ShardError` naming shard and member."""
+    """``(index, raw)`` of ``records`` (the samples at the ascending indices ``members``, read
+    forward: ``verify``) with their frames filled in (:func:`fill_frames`), read from one open of
+    the shard. A frame that cannot be read raises :class:`ShardError` naming shard and member."""
     wanted = slots_wanted(slots, exts)
-    uses = Counter(info.refs[j][k] for j in members for k, _ in wanted if info.refs[j][k] >= 0)
-    cursor = FrameCursor(url, info, uses)
+    fetch = SequentialFetch(url, info.bytes)
+    cursor = FrameCursor(url, info, frame_uses(info, wanted, members), fetch)
     try:
         for j, raw in records:
-            used = {}
-            for k, ext in wanted:
-                i = info.refs[j][k]
-                if i >= 0:
-                    raw[ext] = cursor.take(i)
-                    used[ext] = (info.frames[i].name, info.frames[i].crc32)
-            raw["__frames__"] = used
-            yield j, raw
+            yield j, fill_frames(cursor, info, wanted, j, raw)
     finally:
         cursor.close()
+        fetch.close()
 
 
 def layout_problems(url: str, info: ShardInfo) -> list[str]:

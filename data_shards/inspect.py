@@ -19,7 +19,8 @@ from data_shards.frames import attach_frames, layout_problems
 from data_shards.manifest import MANIFEST_NAME, Manifest
 from data_shards.openers import OpenError, is_remote, join, open_stream
 from data_shards.reader import ShardError, iter_members
-from data_shards.stream import check_members, load_manifest
+from data_shards.stages import check_members
+from data_shards.stream import load_manifest
 
 def split_location(path: str) -> tuple[str, str]:
     """``DIR/SPLIT`` (or ``URL/SPLIT``) -> (root, split)."""
@@ -75,7 +76,7 @@ def summarize(m: Manifest) -> dict[str, Any]:
 
 def inspect_split(path: str, out_png: str | None, n: int = 4) -> dict[str, Any]:
     """Summary of ``DIR/SPLIT``; with ``out_png``, also write a contact sheet of ``n`` samples."""
-    from data_shards.stream import ShardStream
+    from data_shards.stream import ShardStream, StreamConfig
 
     root, split = split_location(path)
     m = load_manifest(root, split)
@@ -83,8 +84,8 @@ def inspect_split(path: str, out_png: str | None, n: int = 4) -> dict[str, Any]:
     if out_png and n > 0 and "rgb.png" not in m.keys:
         info["contact_sheet"] = None  # nothing to show without an RGB frame in every sample
     elif out_png and n > 0:
-        stream = ShardStream(root, split, shuffle=False, keys=[k for k in ("rgb", "depth", "seg")
-                                                                 if f"{k}.png" in m.keys])
+        stream = ShardStream(StreamConfig(root, split, shuffle=False, keys=[k for k in ("rgb", "depth", "seg")
+                                                                 if f"{k}.png" in m.keys]))
         picked = []
         for s in stream:
             picked.append(s)
@@ -179,7 +180,8 @@ def _verify_sample(url: str, raw: dict, crc32: dict | None, m: Manifest, rep: Ve
             raise schema.SchemaError(f"{url}: sample {raw['__key__']}: members {missing} missing")
         if crc32:
             check_members({**raw, "__crc32__": crc32})
-        schema.decode_sample({k: v for k, v in raw.items() if k != "__url__"}, where=url)
+        schema.decode_sample({k: v for k, v in raw.items() if k != "__url__"}, where=url,
+                             image_hw=schema.declared_image_hw(m.source))
         rep.samples += 1
     except (schema.SchemaError, ShardError) as e:
         rep.problems.append(str(e))

@@ -67,10 +67,17 @@ def _split_s3(url: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _open_once(url: str, start: int) -> tuple[IO[bytes], int | None]:
-    """(stream positioned at ``start``, total object size if known)."""
+def _range_header(start: int, end: int | None) -> dict[str, str]:
+    """``Range: bytes=start-`` (or ``start-(end-1)``); none for a whole object."""
+    if end is not None:
+        return {"Range": f"bytes={start}-{end - 1}"}
+    return {"Range": f"bytes={start}-"} if start else {}
+
+
+def _open_once(url: str, start: int, end: int | None = None) -> tuple[IO[bytes], int | None]:
+    """(stream positioned at ``start``, total object size if known); remote reads stop at ``end``."""
     if url.startswith(("http://", "https://")):
-        req = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+        req = urllib.request.Request(url, headers=_range_header(start, end))
         f = urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S)  # noqa: S310 (user-given URL)
         total = _total_size(f.headers.get("Content-Range"), f.headers.get("Content-Length"), f.status == 206)
         if start and f.status != 206:  # the server ignored the Range header: skip by reading
@@ -78,8 +85,7 @@ def _open_once(url: str, start: int) -> tuple[IO[bytes], int | None]:
         return f, total
     if url.startswith("s3://"):
         bucket, key = _split_s3(url)
-        extra = {"Range": f"bytes={start}-"} if start else {}
-        r = _s3_client().get_object(Bucket=bucket, Key=key, **extra)
+        r = _s3_client().get_object(Bucket=bucket, Key=key, **_range_header(start, end))
         return r["Body"], _total_size(r.get("ContentRange"), r.get("ContentLength"), "ContentRange" in r)
     f = open(url, "rb")
     f.seek(start)
@@ -113,13 +119,16 @@ def open_stream(url: str, retries: int = RETRIES) -> IO[bytes]:
     return open_range(url, 0, retries)[0]
 
 
-def open_range(url: str, start: int, retries: int = RETRIES) -> tuple[IO[bytes], int | None]:
-    """Like :func:`open_stream` but from byte ``start`` (seek / HTTP or S3 range request);
-    also returns the object's total size when the server tells it."""
+def open_range(url: str, start: int, retries: int = RETRIES, end: int | None = None) -> tuple[IO[bytes], int | None]:
+    """Like :func:`open_stream` but from byte ``start`` (seek / HTTP or S3 range request, up to
+    ``end`` when given: a remote stream then ends there); also returns the object's total size
+    when the server tells it."""
+    if end is not None and end <= start:
+        raise OpenError(f"{url}: empty byte range {start}-{end}")
     attempt = 0
     while True:
         try:
-            return _open_once(url, start)
+            return _open_once(url, start, end)
         except OpenError:
             raise
         except Exception as e:

@@ -1,19 +1,21 @@
 """Read the raw members of chosen samples of a shard, naming shard and member on any error.
 
 Raw samples are ``{"__key__", "__url__", "<ext>": bytes}`` dicts, grouped by webdataset's
-``base_plus_ext`` rule. Samples that are not wanted are skipped without reading their bytes
-(seeking for local files), so resuming mid-epoch and reading a slice of a shard are cheap.
+``base_plus_ext`` rule. The stream reads one sample at a time from its byte range (the
+manifest's per-sample offsets: :func:`record_span`, :func:`parse_record`); ``verify`` reads whole
+shards forward (:func:`iter_members`, skipping unwanted samples without reading their bytes).
 Nothing is extracted to disk; member names must be plain ``<key>.<ext>`` (no folders).
 """
 from __future__ import annotations
 
 import tarfile
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import IO, Iterator, Sequence
 
 from webdataset.tariterators import base_plus_ext
 
 from data_shards import schema
+from data_shards.manifest import ShardInfo
 from data_shards.openers import OpenError, is_remote, open_range
 
 
@@ -40,10 +42,11 @@ def _check_name(url: str, name: str) -> tuple[str, str]:
     return key, ext
 
 
-def open_at(url: str, offset: int, shard_bytes: int | None):
-    """Open ``url`` at byte ``offset``; with ``shard_bytes``, refuse a shard whose size changed."""
+def open_at(url: str, offset: int, shard_bytes: int | None, end: int | None = None):
+    """Open ``url`` at byte ``offset`` (a remote stream ends at ``end`` when given); with
+    ``shard_bytes``, refuse a shard whose size changed."""
     try:
-        f, size = open_range(url, offset)
+        f, size = open_range(url, offset, end=end)
     except OpenError as e:
         raise ShardError(str(e)) from None
     if shard_bytes is not None and size is not None and size != shard_bytes:
@@ -116,3 +119,37 @@ def iter_members(url: str, members: Sequence[int], expected: int,
         raise ShardError(f"{url}: member after {last_member}: unreadable tar ({type(e).__name__}: {e})") from None
     finally:
         f.close()
+
+
+def record_span(info: ShardInfo, j: int) -> tuple[int, int]:
+    """Byte range holding sample ``j``'s members: up to the next sample's first header, or, for the
+    last sample, up to a compact shard's first frame (its header included) or the shard's end."""
+    if j + 1 < info.count:
+        return info.offsets[j], info.offsets[j + 1]
+    return info.offsets[j], (info.frames[0].offset if info.frames else info.bytes)
+
+
+def parse_record(url: str, f: IO[bytes], exts: frozenset[str] | None) -> dict:
+    """The raw sample whose members file ``f`` starts with (a member of another key, or the end of
+    ``f``, ends it); only the members ``exts`` wants are read (None: all)."""
+    cur: dict | None = None
+    last = "(start of sample)"
+    try:
+        tar = tarfile.TarFile(fileobj=f, mode="r")
+        for info in tar:
+            if not info.isreg():
+                continue
+            key, ext = _check_name(url, info.name)
+            if cur is None:
+                cur = {"__key__": key, "__url__": url}
+            elif key != cur["__key__"]:
+                break
+            last = info.name
+            _add_member(url, tar, info, ext, cur, exts)
+    except ShardError:
+        raise
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        raise ShardError(f"{url}: member after {last}: unreadable tar ({type(e).__name__}: {e})") from None
+    if cur is None:
+        raise ShardError(f"{url}: no sample where the manifest's offsets put one: the shard does not match its manifest")
+    return cur

@@ -42,12 +42,18 @@ Keys (``E`` = encoding in the shard, ``D`` = decoded type returned by :func:`dec
 
 Any key may be absent from a dataset; ``manifest.json`` lists the keys every sample of a
 split has. Nothing is ever pickled: PNG, .npz / .npy (no pickle) and JSON only.
+
+Image sizes are checked before any pixel is decoded: each PNG's header (and a flow array's header)
+must give the split's size where its manifest states one (:func:`declared_image_hw`), and never more
+than :data:`MAX_IMAGE_PIXELS` pixels, so that a decompression bomb (a few hundred KB that decode to
+hundreds of MB) is refused unread.
 """
 from __future__ import annotations
 
 import io
 import json
-from typing import Any
+import zipfile
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
@@ -78,8 +84,45 @@ LEGACY_KEYS = ("flow.npy",)
 KNOWN_KEYS = ALL_KEYS + LEGACY_KEYS
 
 
+MAX_IMAGE_PIXELS = 1 << 25
+"""The most pixels (height x width) an image member may have: ~33.6 million, an 8K frame."""
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 class SchemaError(ValueError):
     """A sample does not follow the schema; the message names the sample key and field."""
+
+
+def declared_image_hw(source: dict[str, Any]) -> Optional[tuple[int, int]]:
+    """(height, width) of every image of a split as its manifest's ``source`` states it: ``resolution``
+    (synthetic world, image folders) or the ``geometry`` resize (KITTI, Cityscapes, NYU); None where
+    the split keeps each image's own size (then only :data:`MAX_IMAGE_PIXELS` applies)."""
+    geometry = source.get("geometry") or {}
+    hw = source.get("resolution") or geometry.get("resize_hw")
+    if not hw and geometry.get("crop_tlhw"):
+        hw = geometry["crop_tlhw"][2:]
+    if isinstance(hw, (list, tuple)) and len(hw) == 2 and all(isinstance(v, int) and v > 0 for v in hw):
+        return int(hw[0]), int(hw[1])
+    return None
+
+
+def png_header_hw(data: bytes) -> Optional[tuple[int, int]]:
+    """(height, width) from a PNG's IHDR chunk, without decoding; None when ``data`` is no PNG."""
+    if len(data) < 24 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+
+
+def check_image_hw(hw: tuple[int, int], expected_hw: Optional[tuple[int, int]], what: str = "PNG header") -> None:
+    """Refuse an image of ``hw`` (from its header) that is not the split's size or too large to decode."""
+    h, w = hw
+    if expected_hw is not None and (h, w) != tuple(expected_hw):
+        raise SchemaError(f"{what} says {h}x{w} (height x width), the manifest's size is "
+                          f"{expected_hw[0]}x{expected_hw[1]}: refused before decoding")
+    if h * w > MAX_IMAGE_PIXELS:
+        raise SchemaError(f"{what} says {h}x{w} = {h * w / 1e6:.1f} million pixels, above the decode limit of "
+                          f"{MAX_IMAGE_PIXELS / 1e6:.1f} million (data_shards.schema.MAX_IMAGE_PIXELS): "
+                          f"refused before decoding")
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
@@ -154,6 +197,30 @@ def encode_flow(flow: Any, key: str = "?") -> bytes:
     return buf.getvalue()
 
 
+def _npy_shape(f: Any) -> tuple[int, ...]:
+    """The shape in a ``.npy`` stream's header (the data is not read)."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)[0]
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)[0]
+    raise SchemaError(f"unsupported .npy format version {version}")
+
+
+def check_flow_hw(data: bytes, expected_hw: Optional[tuple[int, int]], legacy_npy: bool = False) -> None:
+    """Check a flow member's array size from its headers before its (compressed) data is read."""
+    try:
+        if legacy_npy:
+            shape = _npy_shape(io.BytesIO(data))[:2]
+        else:
+            with zipfile.ZipFile(io.BytesIO(data)) as z, z.open("uv.npy") as f:
+                shape = _npy_shape(f)[1:]
+    except (KeyError, ValueError, zipfile.BadZipFile) as e:
+        raise SchemaError(f"unreadable array header ({e})") from None
+    if len(shape) == 2:
+        check_image_hw((int(shape[0]), int(shape[1])), expected_hw, "array header")
+
+
 def decode_flow(data: bytes, legacy_npy: bool = False) -> np.ndarray:
     """``flow.npz`` (or a schema v1 ``flow.npy``) bytes -> float32 (3, H, W) = (u, v, valid)."""
     if legacy_npy:
@@ -175,9 +242,14 @@ def decode_flow(data: bytes, legacy_npy: bool = False) -> np.ndarray:
     return out
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> numpy array keeping the bit depth (webdataset's decoder would drop 16 bits)."""
+def decode_png(data: bytes, expected_hw: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """PNG bytes -> numpy array keeping the bit depth (webdataset's decoder would drop 16 bits). The size
+    in its header is checked first (:func:`check_image_hw`); so is what PIL reads for another format."""
+    header = png_header_hw(data)
+    if header is not None:
+        check_image_hw(header, expected_hw)
     with Image.open(io.BytesIO(data)) as im:
+        check_image_hw((im.height, im.width), expected_hw, f"{im.format or 'image'} header")
         im.load()
         if im.mode == "I;16" or im.mode == "I;16B":
             return np.asarray(im, dtype=np.uint16)
@@ -186,13 +258,14 @@ def decode_png(data: bytes) -> np.ndarray:
         return np.array(im)  # a writable copy: tensors made from it may be changed in place
 
 
-def decode_sample(raw: dict[str, Any], where: str = "") -> dict[str, Any]:
+def decode_sample(raw: dict[str, Any], where: str = "", image_hw: Optional[tuple[int, int]] = None) -> dict[str, Any]:
     """Raw tar members (bytes) -> tensors of the documented dtypes.
 
     ``where`` names the shard for error messages. Unknown keys are an error (never dropped
-    silently). Returns ``__key__``, the schema keys without extension (``rgb``, ``depth``,
-    ``seg``, ``flow``, ...), ``meta``, and from it ``K`` (float32 (3, 3)) and ``baseline``
-    (float32 scalar, metres) and ``label`` (int64 scalar) when the meta has them.
+    silently). ``image_hw``: the split's image size (:func:`declared_image_hw`), checked in every
+    image's header before it is decoded. Returns ``__key__``, the schema keys without extension
+    (``rgb``, ``depth``, ``seg``, ``flow``, ...), ``meta``, and from it ``K`` (float32 (3, 3)) and
+    ``baseline`` (float32 scalar, metres) and ``label`` (int64 scalar) when the meta has them.
     """
     import torch
 
@@ -203,21 +276,22 @@ def decode_sample(raw: dict[str, Any], where: str = "") -> dict[str, Any]:
             continue
         try:
             if name in IMAGE_KEYS:
-                arr = decode_png(data)
+                arr = decode_png(data, image_hw)
                 if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
                     raise SchemaError(f"expected 8-bit RGB, got {arr.dtype} {arr.shape}")
                 out[name[:-4]] = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
             elif name == "depth.png":
-                arr = decode_png(data)
+                arr = decode_png(data, image_hw)
                 if arr.dtype != np.uint16 or arr.ndim != 2:
                     raise SchemaError(f"expected 16-bit grayscale, got {arr.dtype} {arr.shape}")
                 out["depth"] = torch.from_numpy(arr.astype(np.float32) / DEPTH_PNG_SCALE)[None]
             elif name == "seg.png":
-                arr = decode_png(data)
+                arr = decode_png(data, image_hw)
                 if arr.dtype != np.uint8 or arr.ndim != 2:
                     raise SchemaError(f"expected 8-bit grayscale, got {arr.dtype} {arr.shape}")
                 out["seg"] = torch.from_numpy(np.array(arr, copy=True))
             elif name in ("flow.npz", "flow.npy"):
+                check_flow_hw(data, image_hw, legacy_npy=name == "flow.npy")
                 out["flow"] = torch.from_numpy(decode_flow(data, legacy_npy=name == "flow.npy"))
             elif name == "json":
                 meta = json.loads(data.decode("utf-8"))

@@ -1,33 +1,38 @@
 """The one reader every task uses: exactly-once, resumable streaming of a split's shards.
 
-``ShardStream`` reads ``<root>/<split>/manifest.json`` (root: folder, http(s) URL or
-``s3://bucket/prefix``), lays the epoch out with :mod:`data_shards.split`, reads only the
-shards overlapping this consumer's range (:mod:`data_shards.reader`), shuffles with a seeded
-buffer, skips already-consumed batches without reading them, decodes with
-``schema.decode_sample`` (never webdataset's image decoder, which drops 16-bit depth to 8
-bits), then applies the per-sample transform with a generator seeded by (seed, epoch, key).
+``ShardStream(StreamConfig(root, split, ...))`` reads ``<root>/<split>/manifest.json`` (root:
+folder, http(s) URL or ``s3://bucket/prefix``). Each epoch has one global order that depends only
+on the data, the seed and the epoch (:mod:`data_shards.epoch_order`); steps take consecutive
+positions of it and deal them to ranks and workers (:mod:`data_shards.deal`). A consumer reads
+its lanes forward through a bounded pool of open handles (:mod:`data_shards.lanes`) and sends
+each sample through the per-sample stages (:mod:`data_shards.stages`: checks, decode with
+``schema.decode_sample``, the task's transform, user stages).
 
-``data_shards.loader.build_loader`` wraps it in a ``ResumableLoader`` whose ``state_dict()`` is the number
-of batches handed out in the current epoch; after ``load_state_dict`` the rest of the epoch is
-exactly the unseen batches, in the uninterrupted order, for any number of workers.
+``data_shards.loader.build_loader`` wraps a stream in a ``ResumableLoader`` whose state is the
+number of the epoch's positions consumed: it resumes exactly under any world size, worker count
+or batch size.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Hashable, Iterator, Optional, Sequence
 
-import torch
+import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data_shards import schema
-from data_shards import split as layout
-from data_shards import stages
+from data_shards.assemble import partial
+from data_shards.collate import collate
+from data_shards.deal import TAILS, deal, epoch_steps
+from data_shards.epoch_order import DEFAULT_LANES, EpochOrder, epoch_order, subset_indices
+from data_shards.handles import DEFAULT_OPEN_HANDLES, HandlePool, ReadStats
+from data_shards.lanes import LaneReader
 from data_shards.manifest import MANIFEST_NAME, Manifest, ManifestError
 from data_shards.openers import OpenError, join, read_bytes
-from data_shards.reader import Corrupt, ShardError
-from data_shards.stages import check_members  # noqa: F401 (public here too)
+from data_shards.reader import Corrupt
+from data_shards.stages import SamplePipeline, SampleFn, Stage, with_stand_ins
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +51,11 @@ def load_manifest(root: str, split_name: str) -> Manifest:
     m = Manifest.from_json(text, url)
     if m.split != split_name:
         raise ManifestError(f"{url}: describes split {m.split!r}, not {split_name!r}")
+    missing = [s.name for s in m.shards if s.count and not s.offsets]
+    if missing:
+        raise ManifestError(f"{url}: shard {missing[0]} has no per-sample offsets (built by an older "
+                            f"version); rebuild the split (the stream reads samples by their offsets)")
     return m
-
-
-def _sample_seed(seed: int, epoch: int, key: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{epoch}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def resolve_keys(manifest: Manifest, keys: Sequence[str] | None, split: str, root: str) -> frozenset[str]:
@@ -68,9 +72,9 @@ def resolve_keys(manifest: Manifest, keys: Sequence[str] | None, split: str, roo
     exts = {"json"}
     for k in keys:
         if k in META_DERIVED:
-            field = META_DERIVED[k]
-            if "json" not in have or (field and field not in manifest.meta_fields):
-                raise KeyError(f"split {split!r} ({root}): key {k!r} needs meta field {field!r}, "
+            field_name = META_DERIVED[k]
+            if "json" not in have or (field_name and field_name not in manifest.meta_fields):
+                raise KeyError(f"split {split!r} ({root}): key {k!r} needs meta field {field_name!r}, "
                                f"which not every sample has (meta fields: {manifest.meta_fields})")
             continue
         if k not in by_name:
@@ -83,15 +87,64 @@ def resolve_keys(manifest: Manifest, keys: Sequence[str] | None, split: str, roo
 
 
 @dataclass(frozen=True)
+class StreamConfig:
+    """What a stream reads and how (validated on creation; one line per bad value)."""
+
+    root: str
+    """Folder or URL prefix (http(s)://, s3://) holding ``<split>/manifest.json`` and the shards."""
+    split: str
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    shuffle: bool = True
+    """Shard order and lane slots seeded by (seed, epoch); False: manifest order, lanes in order."""
+    lanes: int = DEFAULT_LANES
+    """Lanes interleaved per epoch (part of the order: a resume mid-epoch needs the same value)."""
+    tail: str = "drop"
+    """The last positions that do not fill a step: drop | pad (see :mod:`data_shards.deal`)."""
+    resampled: bool = False
+    """Whole shards drawn with replacement per epoch (same size, not exactly-once)."""
+    on_corrupt: str = "raise"
+    """raise (naming shard and member) | skip (a stand-in, counted and reported)."""
+    keys: Optional[tuple[str, ...]] = None
+    """Sample keys to read and decode (None: all the split has)."""
+    subset: int = 0
+    """If > 0: a seeded N-shot subset of this many samples (the same every epoch)."""
+    subset_seed: int = 0
+    transform: Optional[SampleFn] = None
+    """The task's ``transform(sample, generator)``; the generator is seeded by (seed, epoch, key)."""
+    stages: tuple[Stage, ...] = ()
+    """User per-sample stages after the transform (or before decoding: ``Stage(raw=True)``)."""
+    open_handles: int = DEFAULT_OPEN_HANDLES
+    """Open shard handles per consumer (least recently used closed first)."""
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank={self.rank}, world_size={self.world_size}: need 0 <= rank < world_size")
+        if self.tail not in TAILS:
+            raise ValueError(f"tail={self.tail!r}: must be 'drop' or 'pad'")
+        if self.on_corrupt not in ("raise", "skip"):
+            raise ValueError(f"on_corrupt={self.on_corrupt!r}: must be 'raise' or 'skip'")
+        for name in ("seed", "subset", "subset_seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+        if self.lanes < 1 or self.open_handles < 1:
+            raise ValueError(f"lanes={self.lanes}, open_handles={self.open_handles}: must be >= 1")
+        if self.keys is not None:
+            object.__setattr__(self, "keys", tuple(self.keys))
+        object.__setattr__(self, "stages", tuple(self.stages))
+
+
+@dataclass(frozen=True)
 class Plan:
-    """How a consumer groups its samples into batches (the loader passes one per iteration)."""
+    """How a consumer groups its samples into steps (the loader passes one per iteration)."""
 
     batch_size: int = 1
     drop_last: bool = False
     num_workers: int | None = None
     """Consumers per rank; None: as many as the DataLoader running the stream has (1 in-process)."""
-    start_batch: int = 0
-    """First batch of the epoch to produce (the ones before it were consumed before a resume)."""
+    start: int = 0
+    """Positions of the epoch's order consumed before (by any layout): the plan starts after them."""
 
 
 @dataclass
@@ -103,61 +156,75 @@ class CorruptLog:
     messages: list[str] = field(default_factory=list)
 
     def record(self, message: str) -> None:
+        log.warning("skipping corrupt sample (on_corrupt='skip'): %s", message)
         self.count += 1
         self.messages.append(message)
 
 
 class ShardStream(IterableDataset):
-    """A split's samples for one rank: exactly once per epoch, seeded order, exact resume.
+    """A split's samples for one rank: exactly once per epoch, one global order, exact resume.
 
     Iterating yields decoded sample dicts (``__key__``, ``__valid__``, the requested schema
-    keys without extension, ``meta``, ``K``/``baseline`` when present); :meth:`iter_batches`
-    yields a consumer's batches under a :class:`Plan`. See module docstring and ``docs/data.md``
-    for the tail, corrupt and resampled policies.
+    keys without extension, ``meta``, ``K``/``baseline`` when present); :meth:`iter_partials`
+    yields one consumer's share of every step under a :class:`Plan`. See ``docs/data.md``.
     """
 
-    def __init__(self, root: str, split: str, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, shuffle_buffer: int = 64, tail: str = "drop",
-                 resampled: bool = False, on_corrupt: str = "raise",
-                 keys: Sequence[str] | None = None,
-                 subset: int = 0, subset_seed: int = 0,
-                 transform: Callable[[dict, torch.Generator], dict] | None = None):
+    def __init__(self, config: StreamConfig):
         super().__init__()
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
-        if tail not in ("drop", "pad"):
-            raise ValueError(f"tail={tail!r}: must be 'drop' or 'pad'")
-        if on_corrupt not in ("raise", "skip"):
-            raise ValueError(f"on_corrupt={on_corrupt!r}: must be 'raise' or 'skip'")
-        if shuffle_buffer < 0 or seed < 0 or subset < 0 or subset_seed < 0:
-            raise ValueError("shuffle_buffer, seed, subset and subset_seed must be >= 0")
-        self.root, self.split = root, split
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.shuffle, self.shuffle_buffer, self.tail = shuffle, shuffle_buffer, tail
-        self.resampled, self.on_corrupt, self.transform = resampled, on_corrupt, transform
-        self.manifest = load_manifest(root, split)
-        self.shard_urls = [join(root, split, s.name) for s in self.manifest.shards]
+        c = self.config = config
+        self.manifest = load_manifest(c.root, c.split)
+        self.shard_urls = [join(c.root, c.split, s.name) for s in self.manifest.shards]
         self.counts = [s.count for s in self.manifest.shards]
-        self.exts = resolve_keys(self.manifest, keys, split, root)
-        self.subset = layout.subset_indices(self.manifest.num_samples, subset, subset_seed)
+        self.exts = resolve_keys(self.manifest, c.keys, c.split, c.root)
+        self.subset = subset_indices(self.manifest.num_samples, c.subset, c.subset_seed)
         self.total = len(self.subset) if self.subset is not None else self.manifest.num_samples
         if self.total == 0:
-            raise ValueError(f"split {split!r} at {root}: no samples to read (the manifest lists "
-                             f"{self.manifest.num_samples}{', subset ' + str(subset) if subset else ''})")
-        if self.num_samples() == 0:
-            raise ValueError(f"split {split!r} at {root}: {self.total} samples cannot give every one of "
-                             f"{world_size} ranks a sample with tail={tail!r}; use tail='pad' or fewer ranks")
+            raise ValueError(f"split {c.split!r} at {c.root}: no samples to read (the manifest lists "
+                             f"{self.manifest.num_samples}{', subset ' + str(c.subset) if c.subset else ''})")
+        if epoch_steps(self.total, 0, c.world_size, 1, False, c.tail).count == 0:
+            raise ValueError(f"split {c.split!r} at {c.root}: {self.total} samples cannot give every one of "
+                             f"{c.world_size} ranks a sample with tail={c.tail!r}; use tail='pad' or fewer ranks")
+        self.pipeline = SamplePipeline(self.exts, c.on_corrupt, c.seed, c.transform, c.stages,
+                                       image_hw=schema.declared_image_hw(self.manifest.source))
         self.epoch = 0
         self.corrupt = CorruptLog()
+        self.read_stats = ReadStats()
+        """What this process's last consumer fetched and held (bytes, opens, frames)."""
+        self._order: tuple[int, EpochOrder] | None = None
 
     # ---------------------------------------------------------------- public API
+    @property
+    def rank(self) -> int:
+        return self.config.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.config.world_size
+
+    @property
+    def split(self) -> str:
+        return self.config.split
+
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch: shard order, shuffle buffer and transforms are seeded by it."""
+        """Select the epoch: its order and the transforms' generators are seeded by it."""
         self.epoch = int(epoch)
 
-    def num_samples(self) -> int:
-        """Samples this rank yields per epoch (identical on every rank)."""
-        return layout.per_rank_count(self.total, self.world_size, self.tail)
+    def order_identity(self) -> dict[str, Any]:
+        """What fixes every epoch's order besides the epoch number (JSON-able; a mid-epoch resume
+        needs it unchanged). World size, workers and batch size are not part of it."""
+        c = self.config
+        shards = hashlib.sha256(repr([(s.name, s.count) for s in self.manifest.shards]).encode()).hexdigest()[:16]
+        return {"samples": self.total, "shards": shards, "seed": c.seed, "shuffle": c.shuffle, "lanes": c.lanes,
+                "resampled": c.resampled, "subset": c.subset, "subset_seed": c.subset_seed}
+
+    def epoch_order(self) -> EpochOrder:
+        """The current epoch's global order (computed once per epoch and process)."""
+        if self._order is None or self._order[0] != self.epoch:
+            c = self.config
+            order = epoch_order(self.counts, seed=c.seed, epoch=self.epoch, shuffle=c.shuffle, lanes=c.lanes,
+                                subset=self.subset, resampled=c.resampled)
+            self._order = (self.epoch, order)
+        return self._order[1]
 
     @property
     def corrupt_count(self) -> int:
@@ -170,76 +237,62 @@ class ShardStream(IterableDataset):
         return self.corrupt.messages
 
     def __iter__(self) -> Iterator[dict]:
-        """Yield this consumer's decoded samples for the current epoch (one sample per batch)."""
-        for batch in self.iter_batches(Plan()):
-            for sample in batch:
-                if "__skipped__" in sample:
-                    self.corrupt.record(sample["__skipped__"])
-                yield sample
+        """This consumer's samples of the current epoch, one per step of this rank (batch 1);
+        stand-ins replace unreadable or dropped samples (counted here)."""
+        worker, nw = _worker()
+        items = (s for step in self.iter_steps(Plan(1, False, nw), worker, nw) for _, s in step)
+        yield from with_stand_ins(items, self.corrupt.record)
 
-    def iter_batches(self, plan: Plan, worker: int | None = None, num_workers: int | None = None
-                     ) -> Iterator[list[dict]]:
-        """This consumer's remaining batches (lists of decoded samples) under ``plan``.
+    def iter_partials(self, plan: Plan, worker: int | None = None, num_workers: int | None = None) -> Iterator[dict]:
+        """This consumer's share of each remaining step (:func:`data_shards.assemble.partial`):
+        every consumer yields one per step, possibly empty, so the loader can put steps together."""
+        for t, items in enumerate(self.iter_steps(plan, worker, num_workers)):
+            goods = [s for _, s in items if isinstance(s, dict)]
+            bad = {p: ("corrupt" if isinstance(s, Corrupt) else "filtered", str(s))
+                   for p, s in items if not isinstance(s, dict)}
+            yield partial(t, [p for p, _ in items], bad, collate(goods) if goods else None)
+
+    def iter_steps(self, plan: Plan, worker: int | None = None, num_workers: int | None = None
+                   ) -> Iterator[list[tuple[int, Any]]]:
+        """Per remaining step, this consumer's ``(position, sample or stand-in marker)`` in order.
 
         ``worker``/``num_workers`` default to the DataLoader worker info (0/1 in-process).
-        A corrupt position (skip policy) becomes a stand-in with ``__valid__`` False and
-        ``__skipped__`` set (see :func:`stages.stand_in`); the consumer counts it.
         """
         if worker is None:
-            info = get_worker_info()
-            worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+            worker, num_workers = _worker()
         nw = max(1, num_workers or 1)
         if plan.num_workers is not None and max(1, plan.num_workers) != nw:
             raise RuntimeError(f"ShardStream planned for {plan.num_workers} workers but runs in {nw}")
-        chunks = layout.worker_chunks(self.num_samples(), plan.batch_size, plan.drop_last, nw)
-        # After a resume at batch `start`, consumer i serves the batches j >= start with
-        # (j - start) % nw == i, i.e. the rest of layout worker (start + i) % nw's batches, so the
-        # DataLoader's round-robin collection gives them in the uninterrupted order.
-        yield from self._chunk_batches(chunks[(plan.start_batch + worker) % nw], plan.start_batch)
-
-    # ---------------------------------------------------------------- internals
-    def _rank_pieces(self) -> list[layout.Piece]:
-        per_rank = self.num_samples()
-        if self.resampled:
-            return layout.resampled_pieces(self.counts, per_rank, self.seed, self.epoch, self.rank, 0x2E5)
-        pieces = layout.epoch_pieces(self.counts, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
-                                    subset=self.subset)
-        return layout.take(pieces, self.rank * per_rank, (self.rank + 1) * per_rank)
-
-    def _chunk_batches(self, chunk: layout.WorkerChunk, start: int) -> Iterator[list[dict]]:
-        """A layout worker's batches from ``start`` on, composed from :mod:`data_shards.stages`.
-        The shuffle buffer is a permutation of positions computed up front, so batches consumed
-        before a resume are not even read."""
-        pieces = layout.take(self._rank_pieces(), chunk.offset, chunk.offset + chunk.count) if chunk.count else []
-        g = layout.rng(self.seed, self.epoch, self.rank, chunk.worker, 0xB0F)
-        order = layout.buffer_order(chunk.count, self.shuffle_buffer if self.shuffle else 0, g)
-        k = sum(size for j, size in zip(chunk.batches, chunk.sizes) if j < start)
-        sizes = [size for j, size in zip(chunk.batches, chunk.sizes) if j >= start]
-        read = stages.read_positions(pieces, set(order[k:]), self.manifest, self.shard_urls, self.exts,
-                                     self.on_corrupt)
-        ordered = stages.in_order(read, order[k:], f"split {self.split!r} (rank {self.rank})")
-        decoded = stages.decode_all(ordered, self._decode)
-        yield from stages.stand_in(stages.batches_of(decoded, sizes))
-
-    def _decode(self, raw: Any, valid: bool) -> dict | Corrupt:
-        if isinstance(raw, Corrupt):
-            return raw
-        url, key = raw["__url__"], raw["__key__"]
+        c, order = self.config, self.epoch_order()
+        steps = epoch_steps(order.n, plan.start, c.world_size, plan.batch_size, plan.drop_last, c.tail)
+        per_step = deal(order, steps, nw).positions(c.rank, worker)
+        self.read_stats = ReadStats()
+        groups, keys = group_positions(order, per_step)
+        reader = LaneReader(self.manifest, self.shard_urls, self.exts, c.on_corrupt,
+                            HandlePool(c.open_handles, self.read_stats), groups)
+        group_of = iter(keys)
         try:
-            missing = sorted(self.exts - raw.keys())
-            if missing:
-                raise ShardError(f"{url}: sample {key}: members {', '.join(key + '.' + m for m in missing)} missing "
-                                 f"(the manifest says every sample has them)")
-            stages.check_members(raw)
-            members = {k: v for k, v in raw.items() if k not in ("__url__", "__crc32__")}
-            sample = schema.decode_sample(members, where=url)
-        except (ShardError, schema.SchemaError) as e:
-            if self.on_corrupt == "raise":
-                raise
-            return Corrupt(url, key, str(e))
-        if self.transform is not None:
-            g = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, key))
-            sample = self.transform(sample, g)
-        sample["__key__"] = key
-        sample["__valid__"] = valid
-        return sample
+            for positions in per_step:
+                yield [(p, self.pipeline(reader.next(next(group_of)), self.epoch, p < order.n))
+                       for p in positions.tolist()]
+        finally:
+            reader.close()
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def group_positions(order: EpochOrder, per_step: Sequence[np.ndarray]
+                    ) -> tuple[dict[Hashable, list[tuple[int, int]]], list[Hashable]]:
+    """For a consumer's positions (per step, ascending): each reading group's (shard, member) list
+    in reading order, and the group of every position in the order they are read. A group is a
+    lane slot and a pass over the epoch (positions past its end are padding: a second pass)."""
+    pos = np.concatenate(per_step) if len(per_step) else np.zeros(0, dtype=np.int64)
+    shard, member = order.samples(pos)
+    keys = list(zip(order.slot(pos).tolist(), (pos // order.n).tolist()))
+    groups: dict[Hashable, list[tuple[int, int]]] = {}
+    for key, s, m in zip(keys, shard.tolist(), member.tolist()):
+        groups.setdefault(key, []).append((s, m))
+    return groups, keys

@@ -1,7 +1,9 @@
 """Run a study's job commands as child process groups, one or several at a time.
 
-Each job runs in its own process group (a timeout or Ctrl-C ends it and every process it
-started). With ``parallel > 1`` up to that many jobs run at once, each limited to its share of
+Each job runs in its own process group. A timeout SIGKILLs it and every process it started; a stop
+of the study (SIGTERM / Ctrl-C) passes SIGTERM on to every running job, so that each writes a
+checkpoint that the study's re-run resumes from, and SIGKILLs what is left after a bounded grace
+(:func:`stop_running`). With ``parallel > 1`` up to that many jobs run at once, each limited to its share of
 the cores (``GEOPRIME_THREADS``, unless the caller set it), and a job that needs another one's
 output waits for it: on a 2-core machine two one-thread jobs finish sooner than the same jobs one
 after another with two threads (start-up, scoring and small convolutions do not use both cores).
@@ -17,11 +19,12 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from launch.supervise import descendants
 from trainer.threads import ENV as THREADS_ENV, available_cores
 
 _RUNNING: set[subprocess.Popen] = set()
 _RUNNING_LOCK = threading.Lock()
-_STOPPING = threading.Event()  # set by kill_running: no job starts after it
+_STOPPING = threading.Event()  # set by kill_running / stop_running: no job starts after it
 
 
 def _copy_output(src, log, echo: bool) -> None:
@@ -79,17 +82,59 @@ def run_job(cmd: list[str], log_path: Path, timeout: float, verbose: bool,
     return rc, time.monotonic() - start
 
 
+def stopping() -> bool:
+    """Whether the study is stopping its jobs (a job that ends now was stopped, not failed)."""
+    return _STOPPING.is_set()
+
+
+def _signal_jobs(procs: list[subprocess.Popen], sig: int) -> None:
+    """``sig`` to each job's process group and to every process below it (torchrun's ranks run in
+    sessions of their own)."""
+    for proc in procs:
+        targets = [proc.pid, *descendants(proc.pid)]
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        if sig == signal.SIGKILL:
+            for pid in targets:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+
+
 def kill_running() -> None:
-    """SIGKILL every running job's process group (Ctrl-C / SIGTERM of the study); start no more."""
+    """SIGKILL every running job's processes; start no more."""
     with _RUNNING_LOCK:
         _STOPPING.set()
         procs = list(_RUNNING)
+    _signal_jobs(procs, signal.SIGKILL)
     for proc in procs:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait()
+
+
+def stop_running(grace_s: float) -> None:
+    """Pass SIGTERM on to every running job (trainers checkpoint and exit 143; torchrun forwards it to its
+    ranks), wait up to ``grace_s`` s for them, SIGKILL what is left; start no more. A second
+    interrupt meanwhile SIGKILLs at once."""
+    with _RUNNING_LOCK:
+        _STOPPING.set()
+        procs = list(_RUNNING)
+    _signal_jobs(procs, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    try:
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        left = [p for p in procs if p.poll() is None]
+        if left:
+            _signal_jobs(left, signal.SIGKILL)
+            for proc in left:
+                proc.wait()
 
 
 def thread_env(parallel: int) -> dict[str, str]:
@@ -100,11 +145,12 @@ def thread_env(parallel: int) -> dict[str, str]:
 
 
 def run_all(items: Sequence, needs: Callable[[object], object | None], work: Callable[[object], None],
-            parallel: int) -> None:
+            parallel: int, stop_grace_s: float = 0.0) -> None:
     """``work(item)`` for every item, up to ``parallel`` at once; an item whose ``needs(item)`` is
     another item of the list starts only after that one ended. A free slot takes the first item,
     in list order, that is ready (so a long pre-training does not hold back unrelated jobs).
-    Ctrl-C / SIGTERM (KeyboardInterrupt here) kills every running job and starts no more."""
+    Ctrl-C / SIGTERM (KeyboardInterrupt here) stops every running job (:func:`stop_running` with
+    ``stop_grace_s``) and starts no more."""
     _STOPPING.clear()
     pending, ids = list(items), {id(i) for i in items}
     ended: set[int] = set()
@@ -140,7 +186,7 @@ def run_all(items: Sequence, needs: Callable[[object], object | None], work: Cal
                 running[id(nxt)] = threading.Thread(target=one, args=(nxt,), name="study-job", daemon=True)
                 running[id(nxt)].start()
     except BaseException:
-        kill_running()
+        stop_running(stop_grace_s)
         for t in list(running.values()):
             t.join(timeout=30)
         raise

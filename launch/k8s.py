@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 
 from data_shards.atomic import atomic_write_text
-from launch.torchrun import DEFAULT_RDZV_PORT, TORCHRUN_ENV, TorchrunJob
+from launch.torchrun import DEFAULT_GRACE_S, DEFAULT_RDZV_PORT, STOP_MARGIN_S, TORCHRUN_ENV, TorchrunJob
+from trainer.stop_record import GRACE_ENV
 
 KINDS = ("job", "jobset", "pytorchjob")
 CONTAINER_NAME = "pytorch"  # the training operator requires this name for PyTorchJob
@@ -50,6 +51,9 @@ class K8sJob:
     ttl_seconds: int = 86400
     run_as_user: int = 1000
     labels: dict[str, str] = field(default_factory=dict)
+    grace_s: int = DEFAULT_GRACE_S
+    """Seconds the ranks get to checkpoint after a stop (torchrun's --shutdown-timeout); the pod's
+    terminationGracePeriodSeconds is this plus STOP_MARGIN_S, so Kubernetes never cuts it short."""
 
     def __post_init__(self) -> None:
         if not _DNS1123.match(self.name) or len(self.name) > 40:
@@ -58,6 +62,8 @@ class K8sJob:
             raise ValueError("--image is required (the geoprime image built from the Dockerfile)")
         if self.nodes < 1 or self.gpus_per_node < 0:
             raise ValueError(f"--nodes={self.nodes} / --gpus-per-node={self.gpus_per_node}: nodes >= 1, gpus >= 0")
+        if self.grace_s < 0:
+            raise ValueError(f"--grace={self.grace_s}: must be >= 0 seconds")
         if bool(self.shards_url) == bool(self.shards_pvc):
             raise ValueError("give exactly one of --shards-url (object storage / http URL) or --shards-pvc (a PersistentVolumeClaim)")
         if self.shards_url and not re.match(r"^(s3|https?)://", self.shards_url):
@@ -85,7 +91,7 @@ class K8sJob:
             {"name": "MLFLOW_TRACKING_USERNAME", "valueFrom": {"secretKeyRef": {"name": secret, "key": "username", "optional": True}}},
             {"name": "MLFLOW_TRACKING_PASSWORD", "valueFrom": {"secretKeyRef": {"name": secret, "key": "password", "optional": True}}},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
-            *({"name": k, "value": v} for k, v in TORCHRUN_ENV.items()),
+            *({"name": k, "value": v} for k, v in {**TORCHRUN_ENV, GRACE_ENV: str(self.grace_s)}.items()),
         ]
         if self.shards_url and self.shards_url.startswith("s3://"):
             env += [
@@ -139,6 +145,7 @@ class K8sJob:
         volumes, _ = self._volumes()
         spec: dict[str, Any] = {
             "restartPolicy": restart_policy,
+            "terminationGracePeriodSeconds": self.grace_s + STOP_MARGIN_S,
             "securityContext": {
                 "runAsNonRoot": True,
                 "runAsUser": self.run_as_user,
@@ -157,7 +164,8 @@ class K8sJob:
     def torchrun_command(self, rdzv_host: str, nnodes: str | None = None) -> list[str]:
         """torchrun inside the pod; node rank comes from the rendezvous, restarts resume from checkpoints."""
         job = TorchrunJob(overrides=self.trainer_overrides(), nodes=self.nodes, procs_per_node=self.procs_per_node,
-                          rdzv=f"{rdzv_host}:{DEFAULT_RDZV_PORT}", run_id=self.name, max_restarts=self.max_restarts)
+                          rdzv=f"{rdzv_host}:{DEFAULT_RDZV_PORT}", run_id=self.name, max_restarts=self.max_restarts,
+                          grace_s=self.grace_s)
         return ["torchrun", *job.torchrun_args(nnodes=nnodes)]
 
 
@@ -236,7 +244,7 @@ def render_pytorchjob(job: K8sJob) -> list[dict[str, Any]]:
     """Kubeflow PyTorchJob with an elastic policy; the operator sets torchrun's PET_* variables."""
     # With elasticPolicy the operator passes --nnodes/--rdzv_* to torchrun through PET_* env.
     command = ["torchrun", f"--nproc_per_node={job.procs_per_node}", f"--max_restarts={job.max_restarts}",
-               "-m", "trainer", *job.trainer_overrides()]
+               f"--shutdown-timeout={job.grace_s}", "-m", "trainer", *job.trainer_overrides()]
     return [{
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
@@ -301,6 +309,9 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-restarts", type=int, default=3)
     p.add_argument("--backoff-limit", type=int, default=3)
     p.add_argument("--ttl-seconds", type=int, default=86400, help="delete the finished job after this long")
+    p.add_argument("--grace", type=int, default=DEFAULT_GRACE_S,
+                   help="seconds the ranks get to checkpoint after SIGTERM (torchrun --shutdown-timeout); "
+                        f"terminationGracePeriodSeconds is {STOP_MARGIN_S} s more")
 
 
 def job_from_args(args: argparse.Namespace, name: str, overrides: list[str], labels: dict[str, str] | None = None) -> K8sJob:
@@ -308,7 +319,8 @@ def job_from_args(args: argparse.Namespace, name: str, overrides: list[str], lab
                   gpus_per_node=args.gpus_per_node, namespace=args.namespace, shards_url=args.shards_url,
                   shards_pvc=args.shards_pvc, checkpoint_pvc=args.checkpoint_pvc, mlflow_secret=args.mlflow_secret,
                   cpu=args.cpu, memory=args.memory, shm_size=args.shm_size, max_restarts=args.max_restarts,
-                  backoff_limit=args.backoff_limit, ttl_seconds=args.ttl_seconds, labels=labels or {})
+                  backoff_limit=args.backoff_limit, ttl_seconds=args.ttl_seconds, labels=labels or {},
+                  grace_s=args.grace)
 
 
 def default_name(args: argparse.Namespace) -> str:

@@ -16,6 +16,13 @@ checkpoint; a run folder made with another fingerprint (or none: made before fin
 renamed ``<job id>.stale-<UTC time>`` (kept, never deleted) and the job runs fresh (:mod:`launch.job_state`).
 ``--emit k8s`` writes one Kubernetes manifest per job instead (launch.k8s renders them).
 ``python -m launch study replay <spool>`` sends a run's offline tracking spool to MLflow.
+
+Stopping a study (SIGTERM, Ctrl-C) passes the signal on to its running jobs: each writes a
+checkpoint within ``--grace`` seconds (then SIGKILL) and the re-run resumes it from there. Jobs
+checkpoint every ``--ckpt-every-minutes`` (2) unless their overrides set a cadence: the trainer's
+30-minute default would never fire in a job of a few minutes. One study per output folder: a
+second one is refused, naming the first. Tracking records a job spooled while MLflow was away are
+replayed before the jobs' states are read and before the comparison (:mod:`launch.spools`).
 """
 from __future__ import annotations
 
@@ -29,14 +36,47 @@ from data_shards.atomic import atomic_write_text
 from launch import k8s
 from launch.compare import compare_study
 from launch.grid import Job, job_command, job_overrides, k8s_name, plan, study_root, study_uri, weights_path
+from launch import job_runner
 from launch.job_runner import run_all, run_job, thread_env
 from launch.job_state import finished_configs, job_state, move_aside, write_stamp
 from launch.runstore import TrackingStore
+from launch.torchrun import DEFAULT_GRACE_S, STOP_MARGIN_S
 from launch.study_config import StudyConfig, load_study
+from launch.spools import replay_spools
 from launch.study_notes import HELP_EPILOG, describe_study
 from trainer import tracking
+from trainer.errors import ConfigError
+from trainer.run_lock import OutDirLock
+from trainer.stop_record import GRACE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
+#: how often a study's job checkpoints unless its own overrides say (minutes of work a kill -9 may cost)
+CKPT_EVERY_MINUTES = 2.0
+
+
+class StudyStopped(KeyboardInterrupt):
+    """A stop signal reached the study (SIGTERM / SIGHUP; Ctrl-C is a plain KeyboardInterrupt)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+class Stopping:
+    """How the study's jobs are stopped and checkpoint: the grace after a stop signal, the cadence."""
+
+    def __init__(self, grace_s: int = DEFAULT_GRACE_S, ckpt_every_minutes: float = CKPT_EVERY_MINUTES) -> None:
+        self.grace_s, self.ckpt_every_minutes = int(grace_s), float(ckpt_every_minutes)
+
+    def env(self) -> dict[str, str]:
+        """What a job is started with: its ranks know the grace; torchrun gives them that long."""
+        return {GRACE_ENV: str(self.grace_s), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(self.grace_s)}
+
+    def cadence(self, overrides: list[str]) -> list[str]:
+        """The study's checkpoint cadence for a job whose overrides set none."""
+        if any(o.split("=", 1)[0].lstrip("+~") == "train.ckpt_every_minutes" for o in overrides):
+            return []
+        return [f"train.ckpt_every_minutes={self.ckpt_every_minutes:g}"]
 
 
 # ----------------------------------------------------------------------------- local run
@@ -65,8 +105,9 @@ def _parent_run(store: TrackingStore, study: StudyConfig) -> str:
 
 
 def run_study(study: StudyConfig, *, dry_run: bool = False, compare: bool = True, verbose: bool = False,
-              only: list[str] | None = None) -> int:
+              only: list[str] | None = None, stopping: Stopping | None = None) -> int:
     """Run (or resume) the whole grid locally, one job after another; 0 when every job finished."""
+    stopping = stopping or Stopping()
     jobs = plan(study)
     by_id = {j.job_id: j for j in jobs}
     if only:
@@ -87,19 +128,21 @@ def run_study(study: StudyConfig, *, dry_run: bool = False, compare: bool = True
                 print(f"# {job.job_id} [{job.fingerprint}]: {_DRY_WORDS[state.action]} ({state.reason})")
             print(" ".join(cmd))
         return 0
-    store = TrackingStore(uri, study.experiment)
-    parent = _parent_run(store, study)
-    describe_study(store, study, parent)
-    configs = finished_configs(store, study)
-    print(f"[study] {study.name}: {len(jobs)} jobs, tracking {uri} (experiment {study.experiment!r}, "
-          f"parent run {parent})", flush=True)
-    try:
-        return _run_jobs(study, jobs, by_id, store, parent, configs, uri, compare, verbose)
-    except KeyboardInterrupt:
-        store.set_status(parent, "KILLED")
-        print("[study] interrupted; re-run the same command to continue (jobs finished with the same config are "
-              "skipped)", flush=True)
-        raise
+    with OutDirLock(study_root(study)):  # one study per folder: a second one is refused, naming this one
+        replay_spools(jobs, "before reading the jobs' states")
+        store = TrackingStore(uri, study.experiment)
+        parent = _parent_run(store, study)
+        describe_study(store, study, parent)
+        configs = finished_configs(store, study)
+        print(f"[study] {study.name}: {len(jobs)} jobs, tracking {uri} (experiment {study.experiment!r}, "
+              f"parent run {parent})", flush=True)
+        try:
+            return _run_jobs(study, jobs, by_id, store, parent, configs, uri, compare, verbose, stopping)
+        except KeyboardInterrupt:
+            store.set_status(parent, "KILLED")
+            print("[study] interrupted; re-run the same command to continue (jobs finished with the same config "
+                  "are skipped, stopped ones resume from their checkpoints)", flush=True)
+            raise
 
 
 _DRY_WORDS = {"skip": "would be skipped", "resume": "would resume", "fresh": "would run fresh",
@@ -127,7 +170,7 @@ def _blocked(study: StudyConfig, job: Job, by_id: dict[str, Job], failed: dict[s
 
 
 def _run_one(study: StudyConfig, job: Job, prefix: str, by_id: dict[str, Job], configs: dict[str, list[str]],
-             uri: str, parent: str, verbose: bool, failed: dict[str, str]) -> None:
+             uri: str, parent: str, verbose: bool, failed: dict[str, str], stopping: Stopping) -> None:
     """Skip, resume or run one job and print its outcome; a failure is recorded in ``failed``."""
     state = job_state(study, job, configs)
     if state.action == "skip":
@@ -146,9 +189,15 @@ def _run_one(study: StudyConfig, job: Job, prefix: str, by_id: dict[str, Job], c
     write_stamp(job)
     resumed = " (resuming)" if state.action == "resume" else ""
     print(f"{prefix}: running{resumed} ...", flush=True)
-    cmd = job_command(job_overrides(study, job, by_id, uri=uri, parent_run_id=parent,
-                                    out_dir=str(job.out_dir)), job.nproc)
-    rc, secs = run_job(cmd, job.out_dir / "job.log", study.timeout_s, verbose, env=thread_env(study.parallel_jobs))
+    overrides = job_overrides(study, job, by_id, uri=uri, parent_run_id=parent, out_dir=str(job.out_dir))
+    cmd = job_command(overrides + stopping.cadence(overrides), job.nproc)
+    rc, secs = run_job(cmd, job.out_dir / "job.log", study.timeout_s, verbose,
+                       env={**thread_env(study.parallel_jobs), **stopping.env()})
+    if rc != 0 and job_runner.stopping():
+        failed[job.job_id] = "stopped"
+        saved = "checkpointed, the re-run resumes it" if rc == 143 else f"exit code {rc}"
+        print(f"{prefix}: stopped after {secs:.0f} s ({saved}; log {job.out_dir / 'job.log'})", flush=True)
+        return
     if rc == 0 and job.kind == "pretrain" and not weights_path(study, job).exists():
         failed[job.job_id] = f"exited 0 but wrote no {weights_path(study, job)}"
     elif rc != 0:
@@ -161,7 +210,8 @@ def _run_one(study: StudyConfig, job: Job, prefix: str, by_id: dict[str, Job], c
 
 
 def _run_jobs(study: StudyConfig, jobs: list[Job], by_id: dict[str, Job], store: TrackingStore,
-              parent: str, configs: dict[str, list[str]], uri: str, compare: bool, verbose: bool) -> int:
+              parent: str, configs: dict[str, list[str]], uri: str, compare: bool, verbose: bool,
+              stopping: Stopping) -> int:
     """The jobs of :func:`run_study` (``study.parallel_jobs`` at a time), then the comparison; the exit code.
 
     ``configs`` (:func:`finished_configs`) says which fingerprints each job FINISHED with in MLflow."""
@@ -170,10 +220,11 @@ def _run_jobs(study: StudyConfig, jobs: list[Job], by_id: dict[str, Job], store:
     number = {job.job_id: i for i, job in enumerate(jobs, 1)}
     run_all(jobs, lambda job: by_id.get(job.needs) if job.needs else None,
             lambda job: _run_one(study, job, f"[study] {number[job.job_id]:>3}/{len(jobs)} {job.job_id}", by_id,
-                                 configs, uri, parent, verbose, failed),
-            study.parallel_jobs)
+                                 configs, uri, parent, verbose, failed, stopping),
+            study.parallel_jobs, stop_grace_s=stopping.grace_s + STOP_MARGIN_S)
     elapsed = time.monotonic() - t_start
     store.log_metrics(parent, {"jobs_failed": float(len(failed)), "grid_seconds": elapsed})
+    replay_spools(jobs, "before the comparison")
     if compare:
         try:
             compare_study(study, store=store, parent_run_id=parent)
@@ -229,8 +280,9 @@ def emit_k8s(study: StudyConfig, args: argparse.Namespace) -> int:
 
 
 def _terminate(signum, frame) -> None:
-    """SIGTERM -> KeyboardInterrupt: the running job's process group is killed, the parent run marked KILLED."""
-    raise KeyboardInterrupt(f"signal {signum}")
+    """SIGTERM / SIGHUP -> :class:`StudyStopped`: the running jobs get the signal and checkpoint, the parent
+    run is marked KILLED."""
+    raise StudyStopped(signum)
 
 
 def main(argv: list[str]) -> int:
@@ -248,17 +300,25 @@ def main(argv: list[str]) -> int:
     p.add_argument("--verbose", action="store_true", help="show the jobs' output (always kept in <run>/job.log)")
     p.add_argument("--only", nargs="+", default=None, help="run only these job ids (end the list with --)")
     p.add_argument("--emit", choices=["k8s"], default=None, help="write Kubernetes manifests instead of running")
-    if emit:
+    if emit:  # --grace is the manifests' (torchrun --shutdown-timeout, terminationGracePeriodSeconds)
         p.add_argument("--out", default=None, help="folder for the manifests (default <study out_dir>/k8s)")
         k8s.add_job_arguments(p)
+    else:
+        p.add_argument("--grace", type=int, default=DEFAULT_GRACE_S,
+                       help="seconds a stopped study's running jobs get to checkpoint before SIGKILL")
+        p.add_argument("--ckpt-every-minutes", type=float, default=CKPT_EVERY_MINUTES,
+                       help="checkpoint cadence of every job whose overrides set none")
     args = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)  # a killed study also ends the job it is running
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a stopped study stops its jobs, which checkpoint
+        signal.signal(sig, _terminate)
     try:
         study = load_study(args.overrides)
         if args.emit == "k8s":
             return emit_k8s(study, args)
         return run_study(study, dry_run=args.dry_run, compare=not args.no_compare, verbose=args.verbose,
-                         only=args.only)
-    except (ValueError, FileNotFoundError) as e:
+                         only=args.only, stopping=Stopping(args.grace, args.ckpt_every_minutes))
+    except (ValueError, FileNotFoundError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        return 128 + getattr(e, "signum", signal.SIGINT)

@@ -3,6 +3,11 @@
 The same command line, run on every node, joins one c10d rendezvous: the run id defaults to
 a hash of the job's arguments, so nodes agree on it without talking. ``--sbatch`` prints a
 SLURM batch script instead (one srun task per node, each running torchrun).
+
+``--grace`` is how long a stop signal gives the ranks to finish their step and checkpoint before
+torchrun SIGKILLs them (torchrun's ``--shutdown-timeout``, also handed to the ranks as
+``$GEOPRIME_STOP_GRACE_S`` so that a too-short grace is named); the launcher itself, and a
+Kubernetes pod's ``terminationGracePeriodSeconds``, wait :data:`STOP_MARGIN_S` longer.
 """
 from __future__ import annotations
 
@@ -14,11 +19,16 @@ import sys
 from dataclasses import dataclass, field
 
 from launch.supervise import run_supervised
+from trainer.stop_record import GRACE_ENV
 
 DEFAULT_RDZV_PORT = 29400
 #: Environment torchrun needs for elastic restarts: without it, restarted workers can read the
 #: previous attempt's addresses from the shared rendezvous store (pytorch/pytorch#135712).
 TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+#: seconds ranks get after a stop signal to finish the step in flight and checkpoint (torchrun's own default is 30)
+DEFAULT_GRACE_S = 120
+#: what the launcher / a pod waits beyond the grace: torchrun's SIGKILL, the tracker closing, the exits
+STOP_MARGIN_S = 30
 
 
 @dataclass
@@ -35,8 +45,12 @@ class TorchrunJob:
     module: str = "trainer"
     slurm: bool = False
     """The job runs from an sbatch script, whose first node hosts the rendezvous (no --rdzv needed)."""
+    grace_s: int = DEFAULT_GRACE_S
+    """Seconds the ranks get after a stop signal to finish their step and checkpoint."""
 
     def __post_init__(self) -> None:
+        if self.grace_s < 0:
+            raise ValueError(f"--grace={self.grace_s}: must be >= 0 seconds")
         if self.nodes < 1:
             raise ValueError(f"--nodes={self.nodes}: must be >= 1")
         if self.procs_per_node < 1:
@@ -80,8 +94,13 @@ class TorchrunJob:
             ]
             if self.rdzv_conf:
                 args.append(f"--rdzv_conf={','.join(self.rdzv_conf)}")
-        args.append(f"--max_restarts={self.max_restarts}")
+        args += [f"--max_restarts={self.max_restarts}", f"--shutdown-timeout={self.grace_s}"]
         return args + ["-m", self.module, *self.overrides]
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment torchrun and its ranks need (restarts, the stop grace)."""
+        return {**TORCHRUN_ENV, GRACE_ENV: str(self.grace_s)}
 
     def command(self) -> list[str]:
         """The command to run here, with this interpreter's torchrun."""
@@ -89,7 +108,7 @@ class TorchrunJob:
 
     def display_command(self) -> str:
         """The command as a user would type it on each node (with the environment it needs)."""
-        env = " ".join(f"{k}={v}" for k, v in TORCHRUN_ENV.items())
+        env = " ".join(f"{k}={v}" for k, v in self.env.items())
         return f"{env} " + shlex.join(["torchrun", *self.torchrun_args()])
 
     def sbatch_script(self, *, job_name: str = "geoprime", time_limit: str = "24:00:00",
@@ -109,7 +128,7 @@ class TorchrunJob:
             lines.append(f"#SBATCH --partition={partition}")
         lines += [
             "set -euo pipefail",
-            *(f"export {k}={v}" for k, v in TORCHRUN_ENV.items()),
+            *(f"export {k}={v}" for k, v in self.env.items()),
             'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
             "srun torchrun " + shlex.join(self.torchrun_args(rdzv_endpoint="__HEAD__", nnodes="__NNODES__"))
             .replace("--rdzv_endpoint=__HEAD__", f"--rdzv_endpoint=${{head_node}}:{port}")
@@ -149,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the command, check nothing, run nothing")
     p.add_argument("--no-preflight", action="store_true",
                    help="skip checking config, data, init files and out_dir before starting torchrun")
-    p.add_argument("--stop-timeout", type=float, default=60.0,
-                   help="seconds the job gets to checkpoint and exit after SIGTERM/SIGINT before SIGKILL")
+    p.add_argument("--grace", type=int, default=DEFAULT_GRACE_S,
+                   help="seconds the ranks get after SIGTERM/SIGINT to finish their step and checkpoint before "
+                        f"torchrun SIGKILLs them (the launcher waits {STOP_MARGIN_S} s more)")
     p.add_argument("--sbatch", action="store_true", help="print a SLURM sbatch script instead of running")
     p.add_argument("--partition", default=None, help="SLURM partition (with --sbatch)")
     p.add_argument("--time", default="24:00:00", help="SLURM time limit (with --sbatch)")
@@ -162,7 +182,7 @@ def main(argv: list[str]) -> int:
     try:
         job = TorchrunJob(overrides=args.overrides, nodes=args.nodes, procs_per_node=args.procs_per_node,
                           rdzv=args.rdzv, run_id=args.run_id, max_restarts=args.max_restarts,
-                          rdzv_conf=args.rdzv_conf, slurm=args.sbatch)
+                          rdzv_conf=args.rdzv_conf, slurm=args.sbatch, grace_s=args.grace)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -178,7 +198,7 @@ def main(argv: list[str]) -> int:
         print(f"[launch] run the same command on each of the {job.nodes} nodes", flush=True)
     if args.dry_run:
         return 0
-    return run_supervised(job.command(), env={**os.environ, **TORCHRUN_ENV}, stop_timeout=args.stop_timeout)
+    return run_supervised(job.command(), env={**os.environ, **job.env}, stop_timeout=job.grace_s + STOP_MARGIN_S)
 
 
 def _preflight(job: TorchrunJob) -> int:

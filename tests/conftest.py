@@ -19,3 +19,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def small_synthetic(tmp_path_factory):
+    """Synthetic-world shards at 64x64, one sequence of 6 frames per split (4 train samples): built once
+    per session for the tests that drive whole runs through the CLIs."""
+    from dist_helpers import build_synthetic
+
+    return build_synthetic(tmp_path_factory.mktemp("small_syn"), "--width", "64", "--sequences", "train=1",
+                           "val=1", "test=1", "--frames-per-sequence", "6")

@@ -111,3 +111,54 @@ def run_multinode(args: Sequence[str], nnodes: int = 2, nproc: int = 1, timeout:
             raise AssertionError(f"node failed (rc={r.returncode}): {' '.join(r.args)}\n"
                                  f"--- stdout ---\n{r.stdout[-6000:]}\n--- stderr ---\n{r.stderr[-6000:]}")
     return results
+
+
+def processes_naming(marker: str) -> dict[int, str]:
+    """pid -> command line of every live process (not a zombie) whose command line contains ``marker``
+    (e.g. a run's out_dir), read from /proc: ``ps`` cuts its lines at 80 columns under pytest, so a
+    check through it can pass for want of seeing the process."""
+    found: dict[int, str] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmdline and state != "Z" and int(entry.name) != os.getpid():
+            found[int(entry.name)] = cmdline.strip()
+    return found
+
+
+def survivors(marker: str, wait: float = 5.0) -> dict[int, str]:
+    """:func:`processes_naming` ``marker`` once none is left or ``wait`` s have passed (processes that
+    were just told to end take a moment)."""
+    import time
+
+    end = time.monotonic() + wait
+    while processes_naming(marker) and time.monotonic() < end:
+        time.sleep(0.2)
+    return processes_naming(marker)
+
+
+def wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Return once ``text`` is in the file ``path`` (a run's log); AssertionError when ``proc`` ended
+    first or ``timeout`` s passed."""
+    import time
+
+    end = time.monotonic() + timeout
+    while not (path.is_file() and text in path.read_text(errors="replace")):
+        assert proc.poll() is None, f"the process ended (rc={proc.returncode}) before {text!r} was in {path}"
+        assert time.monotonic() < end, f"{text!r} not in {path} within {timeout} s"
+        time.sleep(0.2)
+
+
+def signal_and_wait(proc: subprocess.Popen, sig: int, timeout: float) -> str:
+    """Send ``sig`` to ``proc``, wait for it to exit and return its output (text, '' when not piped);
+    a process still running when this raises is SIGKILLed."""
+    try:
+        proc.send_signal(sig)
+        return proc.communicate(timeout=timeout)[0] or ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -169,3 +169,32 @@ def test_deepspeed_resumes_on_another_world_size(tmp_path):
     assert (tmp_path / "down" / "checkpoints" / "step_00000002" / "deepspeed_universal").is_dir()
     _resume_on_world_size(tmp_path / "up", 1, 2, *zero2)
     verify(tmp_path / "up" / "checkpoints" / "step_00000006")  # saves after a universal load are whole
+
+
+def test_large_files_are_hashed_in_pieces_and_old_whole_file_markers_still_verify(tmp_path, monkeypatch):
+    """Files above PIECE_BYTES get one sha256 per piece (hashed on several threads); a flipped byte in any
+    piece is named; a marker written with one whole-file sha256 (before pieces) still verifies."""
+    import hashlib
+
+    import trainer.checkpoint_marker as marker
+
+    monkeypatch.setattr(marker, "PIECE_BYTES", 1024)
+    ck = tmp_path / "step_00000001"
+    (ck / "dcp").mkdir(parents=True)
+    big = ck / "dcp" / "__0_0.distcp"
+    big.write_bytes(bytes(range(256)) * 20)  # 5120 bytes: 5 pieces
+    (ck / "train_state.pt").write_bytes(b"small")
+    assert marker.write_marker(ck, 1, 1) == 5125
+    info = json.loads((ck / "COMPLETE.json").read_text())
+    assert len(info["files"]["dcp/__0_0.distcp"]["sha256_pieces"]) == 5 and "sha256" in info["files"]["train_state.pt"]
+    assert verify(ck)["step"] == 1
+    data = bytearray(big.read_bytes())
+    data[3 * 1024 + 7] ^= 0xFF
+    big.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"file dcp/__0_0.distcp fails its sha256 check"):
+        verify(ck)
+    # the format before pieces: one digest of the whole file, whatever its size
+    info["files"]["dcp/__0_0.distcp"] = {"size": len(data), "sha256": hashlib.sha256(bytes(data)).hexdigest()}
+    del info["piece_bytes"]
+    (ck / "COMPLETE.json").write_text(json.dumps(info))
+    assert verify(ck)["step"] == 1

@@ -129,14 +129,14 @@ def test_write_predictions_official_names(tmp_path):
 
 def test_build_two_workers_and_read_back(cs):
     root, arrays = cs
-    from data_shards.stream import ShardStream
+    from data_shards.stream import ShardStream, StreamConfig
     ms = cityscapes.build(_args(root, "--workers", "2", "--max-samples-per-shard", "1", "--no-progress",
                                 "--crop", "0", "0", "4", "4", "--resize", "2", "2"))
     assert ms["train"].num_samples == 2 and len(ms["train"].shards) == 2 and ms["val"].num_samples == 1
     assert set(ms["train"].keys) == {"rgb.png", "rgb_prev.png", "rgb_next.png", "rgb_right.png", "depth.png",
                                      "seg.png", "json"}
     assert ms["train"].source["parts"] == ["video", "right", "depth", "seg"]
-    s = next(iter(ShardStream(str(root / "out"), "val", shuffle=False)))
+    s = next(iter(ShardStream(StreamConfig(str(root / "out"), "val", shuffle=False))))
     assert s["__key__"] == "frankfurt_000000_000294" and tuple(s["rgb"].shape) == (3, 2, 2)
     K = s["K"].numpy()
     cam = CITYSCAPES_CAMERA["intrinsic"]

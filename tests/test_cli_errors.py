@@ -170,3 +170,14 @@ def test_a_wrong_data_root_says_what_is_there(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"data.val_split='valid': no split 'valid' in .* \(its splits: test, "
                                           r"train, val\)"):
         check_job([*base, f"data.root={tiny}", "data.val_split=valid"], world_size=1)
+
+
+@pytest.mark.parametrize("task", ["task=depth task.supervision=mono", "task=depth task.supervision=stereo",
+                                  "task=depth task.supervision=mono_stereo", "task=depth task.supervision=supervised",
+                                  "task=flow", "task=classification", "task=segmentation"])
+def test_every_task_and_depth_mode_passes_the_whole_job_check(tiny, tmp_path, task):
+    """The launcher's check builds each model on the meta device: code that reads a value while
+    building it (stereo's init_depth did) must not fail there for a good config."""
+    from trainer.preflight import check_job
+
+    check_job([*task.split(), *_common(tiny, tmp_path / "run")], world_size=1)

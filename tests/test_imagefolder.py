@@ -17,7 +17,7 @@ from PIL import Image
 
 from data_shards.sources import imagefolder
 from data_shards.sources.resize import SourceError
-from data_shards.stream import ShardStream, load_manifest
+from data_shards.stream import ShardStream, StreamConfig, load_manifest
 
 CLASSES = ["cat", "dog", "zebra"]
 GREEN, RED, BLUE = (0, 200, 0), (220, 0, 0), (0, 0, 230)
@@ -61,7 +61,7 @@ def _args(root, out, **kw):
 
 
 def _samples(out, split):
-    return {s["meta"]["source"]["path"]: s for s in ShardStream(str(out), split, shuffle=False)}
+    return {s["meta"]["source"]["path"]: s for s in ShardStream(StreamConfig(str(out), split, shuffle=False))}
 
 
 def test_cli_conversion_mapping_crop_keys_manifest(tmp_path):

@@ -215,8 +215,8 @@ def test_build_stops_on_a_bad_file_then_resumes(raw, tmp_path):
     assert m.num_samples == 3 and [s.name for s in m.shards] == [f"train-00000{i}.tar" for i in range(3)]
     assert set(m.keys) == {"rgb.png", "rgb_prev.png", "rgb_next.png", "rgb_right.png", "json"}
     assert m.source["dataset"] == "kitti" and m.source["skipped"] == {"train": {"static": 0, "no_neighbours": 4, "no_depth": 0}}
-    from data_shards.stream import ShardStream
-    got = {s["__key__"]: s for s in ShardStream(str(out), "train", shuffle=False)}
+    from data_shards.stream import ShardStream, StreamConfig
+    got = {s["__key__"]: s for s in ShardStream(StreamConfig(str(out), "train", shuffle=False))}
     s = got[f"{D2}_0000000001_l"]
     np.testing.assert_array_equal(s["rgb_next"].permute(1, 2, 0).numpy(), kitti_pixel(index[D2], 2, "l", (6, 10)))
     assert s["meta"]["source"]["drive"] == f"{KITTI_DATE}/{D2}"
@@ -230,8 +230,8 @@ def test_kitti_semantics_build(tmp_path):
                                      "--no-progress", "--resize", "3", "4"))
     assert ms["train"].num_samples == 2 and ms["test"].num_samples == 4
     assert ms["train"].source["geometry"] == {"crop_tlhw": None, "resize_hw": [3, 4]}
-    from data_shards.stream import ShardStream
-    got = [s["__key__"] for s in ShardStream(str(tmp_path / "o"), "train", shuffle=False)]
+    from data_shards.stream import ShardStream, StreamConfig
+    got = [s["__key__"] for s in ShardStream(StreamConfig(str(tmp_path / "o"), "train", shuffle=False))]
     assert got == ["000000_10", "000001_10"]
 
 

@@ -20,7 +20,7 @@ from data_shards.manifest import Manifest, ManifestError
 from data_shards.reader import ShardError
 from data_shards.sources import kitti
 from data_shards.loader import build_loader
-from data_shards.stream import Plan, ShardStream
+from data_shards.stream import Plan, ShardStream, StreamConfig
 from fixtures_real import KITTI_DATE, write_kitti_raw
 
 D1, D2 = f"{KITTI_DATE}_drive_0001_sync", f"{KITTI_DATE}_drive_0002_sync"
@@ -69,7 +69,7 @@ def built(raw, tmp_path_factory) -> dict[str, Path]:
 
 
 def _samples(root: Path, **kw) -> dict[str, dict]:
-    return {s["__key__"]: s for s in ShardStream(str(root), "train", shuffle=False, **kw)}
+    return {s["__key__"]: s for s in ShardStream(StreamConfig(str(root), "train", shuffle=False, **kw))}
 
 
 def _assert_same(a: dict, b: dict) -> None:
@@ -110,22 +110,24 @@ def test_compact_samples_equal_plain_ones_bit_for_bit(built, raw, tmp_path):
 
 def test_exactly_once_over_2_ranks_x_2_workers(built):
     for tail in ("drop", "pad"):
-        seen, batches = [], []
+        seen, steps = [], []
         for rank in range(2):
-            stream = ShardStream(str(built["compact"]), "train", rank=rank, world_size=2, seed=3, tail=tail,
-                                 shuffle_buffer=4)
+            stream = ShardStream(StreamConfig(str(built["compact"]), "train", rank=rank, world_size=2, seed=3,
+                                              tail=tail, lanes=4))
             plan = Plan(batch_size=2, num_workers=2)
             counts = []
             for worker in range(2):
-                got = list(stream.iter_batches(plan, worker, 2))
+                got = list(stream.iter_steps(plan, worker, 2))
                 counts.append(len(got))
-                seen += [s["__key__"] for b in got for s in b if s["__valid__"]]
-                assert all(s["rgb"].shape == (3, *HW) and "rgb_prev" in s for b in got for s in b)
-            batches.append(sum(counts))
+                samples = [s for step in got for _, s in step]
+                seen += [s["__key__"] for s in samples if s["__valid__"]]
+                assert all(s["rgb"].shape == (3, *HW) and "rgb_prev" in s for s in samples)
+            assert counts[0] == counts[1]  # every worker delivers a share (maybe empty) of every step
+            steps.append(counts[0])
         assert len(seen) == len(set(seen)) == 18, tail
-        assert batches[0] == batches[1]
+        assert steps[0] == steps[1]
     # through real DataLoader workers as well
-    stream = ShardStream(str(built["compact"]), "train", rank=1, world_size=2, seed=3)
+    stream = ShardStream(StreamConfig(str(built["compact"]), "train", rank=1, world_size=2, seed=3))
     keys = [k for b in build_loader(stream, 2, num_workers=2) for k in b["__key__"]]
     assert len(keys) == len(set(keys)) == 9
 
@@ -136,7 +138,7 @@ def _pass(loader) -> list[tuple[list[str], float]]:
 
 def test_mid_epoch_resume_gives_the_remaining_batches(built):
     def loader():
-        return build_loader(ShardStream(str(built["compact"]), "train", seed=5, shuffle_buffer=6), 3)
+        return build_loader(ShardStream(StreamConfig(str(built["compact"]), "train", seed=5, lanes=4)), 3)
 
     full = _pass(loader())
     assert len(full) == 6
@@ -166,8 +168,8 @@ def test_a_flipped_byte_in_a_frame_is_caught_and_named(built, tmp_path, capsys):
     data[frame.offset + frame.size // 2] ^= 0x01
     path.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=rf"{shard.name}: member {frame.name} \(frame used as rgb.*checksum mismatch"):
-        list(ShardStream(str(root), "train", shuffle=False))
-    stream = ShardStream(str(root), "train", shuffle=False, on_corrupt="skip")
+        list(ShardStream(StreamConfig(str(root), "train", shuffle=False)))
+    stream = ShardStream(StreamConfig(str(root), "train", shuffle=False, on_corrupt="skip"))
     loader = build_loader(stream, 2)
     valid = sum(int(b["__valid__"].sum()) for b in loader)
     assert loader.corrupt_count == users and valid == 18 - users
@@ -223,7 +225,7 @@ def test_compact_over_http_equals_local(built):
         url = f"http://127.0.0.1:{server.server_address[1]}"
         local = _samples(built["compact"])
         _assert_same(_samples(url), local)
-        stream = ShardStream(url, "train", seed=2, rank=1, world_size=2)
+        stream = ShardStream(StreamConfig(url, "train", seed=2, rank=1, world_size=2))
         stream.set_epoch(1)
         assert all(torch.equal(s["rgb_next"], local[s["__key__"]]["rgb_next"]) for s in stream)
         assert main(["verify", f"{url}/train"]) == 0
@@ -242,8 +244,8 @@ def test_a_truncated_frames_section_loses_only_that_shard(built, tmp_path):
     path = root / "train" / last.name
     path.write_bytes(path.read_bytes()[:last.frames[-1].offset + 10])  # records intact, frames cut short
     with pytest.raises(ShardError, match=rf"{last.name}: \d+ bytes but its manifest says {last.bytes}"):
-        list(ShardStream(str(root), "train", shuffle=False))
-    loader = build_loader(ShardStream(str(root), "train", shuffle=False, on_corrupt="skip"), 3)
+        list(ShardStream(StreamConfig(str(root), "train", shuffle=False)))
+    loader = build_loader(ShardStream(StreamConfig(str(root), "train", shuffle=False, on_corrupt="skip")), 3)
     valid = [k for b in loader for k, v in zip(b["__key__"], b["__valid__"].tolist()) if v]
     assert loader.corrupt_count == last.count and len(valid) == 18 - last.count
 
@@ -269,7 +271,7 @@ def test_compact_over_s3_range_requests_equals_local(built, monkeypatch):
         for p in (built["compact"] / "train").iterdir():
             s3.upload_file(str(p), "geoprime", f"kitti/train/{p.name}")
         local = _samples(built["compact"])
-        stream = ShardStream("s3://geoprime/kitti", "train", seed=4, rank=0, world_size=2, shuffle_buffer=3)
+        stream = ShardStream(StreamConfig("s3://geoprime/kitti", "train", seed=4, rank=0, world_size=2))
         got = {s["__key__"]: s for s in stream}
         assert len(got) == 9
         _assert_same(got, {k: local[k] for k in got})

@@ -158,6 +158,21 @@ def test_rendezvous_and_topology():
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_pod_grace_covers_the_ranks_grace(kind):
+    """Kubernetes SIGKILLs a pod terminationGracePeriodSeconds after its SIGTERM: that must be longer
+    than the time torchrun gives the ranks to checkpoint (--shutdown-timeout), which they are told."""
+    from launch.torchrun import STOP_MARGIN_S
+
+    pods = [pod for doc in render(kind, typical_job(grace_s=600)) for pod in pod_templates(doc)]
+    assert pods
+    for pod in pods:
+        container = pod["spec"]["containers"][0]
+        assert pod["spec"]["terminationGracePeriodSeconds"] == 600 + STOP_MARGIN_S
+        assert "--shutdown-timeout=600" in container["command"]
+        assert {"name": "GEOPRIME_STOP_GRACE_S", "value": "600"} in container["env"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_golden_file(kind):
     """The rendered YAML of a typical case is kept; a change to it must be deliberate."""
     text = to_yaml(render(kind, typical_job()))

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_single_node_is_standalone():
     job = TorchrunJob(overrides=["task=depth", "parallel=ddp"], procs_per_node=2, max_restarts=1)
     assert job.display_command() == (
-        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nproc_per_node=2 --standalone --max_restarts=1 -m trainer task=depth parallel=ddp")
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 GEOPRIME_STOP_GRACE_S=120 torchrun --nproc_per_node=2 --standalone "
+        "--max_restarts=1 --shutdown-timeout=120 -m trainer task=depth parallel=ddp")
     assert job.command()[:3] == [sys.executable, "-m", "torch.distributed.run"]
 
 
@@ -35,6 +36,7 @@ def test_multi_node_uses_c10d_with_a_shared_run_id():
     (dict(rdzv="nohostport"), "host:port"),
     (dict(procs_per_node=0), "gpus-per-node"),
     (dict(overrides=["--oops"]), "key=value"),
+    (dict(grace_s=-1), "--grace"),
 ])
 def test_bad_arguments_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -46,7 +48,7 @@ def test_sbatch_script():
     script = job.sbatch_script(partition="gpu")
     assert "#SBATCH --nodes=4" in script and "#SBATCH --gpus-per-node=8" in script
     assert "#SBATCH --partition=gpu" in script
-    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in script
+    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in script and "export GEOPRIME_STOP_GRACE_S=120" in script
     srun = [line for line in script.splitlines() if line.startswith("srun torchrun")][0]
     assert "--nnodes=$SLURM_NNODES" in srun and "--rdzv_endpoint=${head_node}:29500" in srun
     assert "--rdzv_id=$SLURM_JOB_ID" in srun and srun.endswith("-m trainer task=depth parallel=fsdp")
@@ -56,7 +58,10 @@ def test_cli_dry_run_prints_the_command():
     r = subprocess.run([sys.executable, "-m", "launch", "run", "task=depth", "--gpus-per-node", "2", "--dry-run"],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    assert "torchrun --nproc_per_node=2 --standalone --max_restarts=3 -m trainer task=depth" in r.stdout
+    assert "torchrun --nproc_per_node=2 --standalone --max_restarts=3 --shutdown-timeout=120 -m trainer task=depth" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "launch", "run", "task=depth", "--grace", "600", "--dry-run"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert "GEOPRIME_STOP_GRACE_S=600 torchrun" in r.stdout and "--shutdown-timeout=600 -m trainer" in r.stdout
     r = subprocess.run([sys.executable, "-m", "launch", "run", "--nodes", "2"], capture_output=True, text=True,
                        timeout=60, cwd=ROOT)
     assert r.returncode == 2 and "--rdzv" in r.stderr

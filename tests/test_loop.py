@@ -74,40 +74,45 @@ def tiny_sample(i: int) -> dict[str, torch.Tensor]:
 
 
 class TinyLoader:
-    """In-memory stand-in for ``data_shards.stream.ResumableLoader``: seeded per-epoch order,
-    rank-strided, equal batch counts (drop for training, pad for evaluation), exact resume."""
+    """In-memory stand-in for ``data_shards.loader.ResumableLoader`` with its contract: one seeded order
+    per epoch; step t takes the next world x batch positions (rank r every world-th of them); the state
+    is the positions consumed, so a resume on any world size continues exactly. Equal batch counts
+    (drop for training, pad for evaluation)."""
 
     def __init__(self, n: int, rank: int, world: int, batch_size: int, seed: int, train: bool) -> None:
         self.n, self.rank, self.world, self.bs, self.seed, self.train = n, rank, world, batch_size, seed, train
         per_rank = n // world if train else -(-n // world)
-        self.per_rank = per_rank
-        self.batches_per_epoch = per_rank // batch_size if train else -(-per_rank // batch_size)
-        self.epoch, self.batches = 0, 0
+        self.batches_per_epoch = n // (world * batch_size) if train else -(-per_rank // batch_size)
+        self.epoch, self.samples = 0, 0
 
     def state_dict(self):
-        return {"epoch": self.epoch, "batches": self.batches}
+        return {"epoch": self.epoch, "samples": self.samples}
 
     def load_state_dict(self, s):
-        self.epoch, self.batches = int(s["epoch"]), int(s["batches"])
+        self.epoch, self.samples = int(s["epoch"]), int(s["samples"])
 
     def _indices(self) -> list[int]:
+        """This rank's share of the positions not yet consumed."""
         order = list(range(self.n))
         if self.train:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100 + self.epoch)).tolist()
-        order += [-1] * (self.per_rank * self.world - self.n)  # padding (eval only)
-        return order[self.rank::self.world][: self.per_rank]
+            rest = order[self.samples:]
+            rest = rest[: len(rest) // (self.world * self.bs) * self.world * self.bs]
+        else:
+            rest = order + [-1] * (-(-self.n // self.world) * self.world - self.n)  # padding
+        return rest[self.rank::self.world]
 
     def __iter__(self):
         idx = self._indices()
-        while self.batches < self.batches_per_epoch:
-            chunk = idx[self.batches * self.bs:(self.batches + 1) * self.bs]
+        for a in range(0, len(idx), self.bs):
+            chunk = idx[a:a + self.bs]
             samples = [tiny_sample(max(i, 0)) for i in chunk]
             batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
             batch["__valid__"] = torch.tensor([i >= 0 for i in chunk])
             batch["__key__"] = [f"s{i}" for i in chunk]
-            self.batches += 1
+            self.samples += len(chunk) * self.world
             yield batch
-        self.epoch, self.batches = self.epoch + 1, 0
+        self.epoch, self.samples = self.epoch + 1, 0
 
 
 def tiny_loaders(cfg, rank: int, world: int):

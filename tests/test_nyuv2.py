@@ -11,7 +11,7 @@ from data_shards.sources import nyuv2
 from data_shards.sources.labels import NYU13_CLASSES, NYU40_CLASSES, NYU40_TO_13, load_nyu40_mapping, \
     nyu_raw_to_trainids
 from data_shards.sources.resize import SourceError
-from data_shards.stream import ShardStream
+from data_shards.stream import ShardStream, StreamConfig
 from fixtures_real import write_nyu_labeled, write_nyu_mapping40, write_nyu_raw_scene, write_nyu_splits
 
 TRAIN, TEST = [1, 3, 4], [2, 6]  # 1-based, as in splits.mat; frame 5 in neither
@@ -110,7 +110,7 @@ def test_build_parallel_and_read_back(nyu):
     assert manifests["test"].num_samples == 2
     assert manifests["train"].source["label_set"] == "nyu13"
     assert set(manifests["train"].keys) == {"rgb.png", "depth.png", "seg.png", "json"}
-    got = {s["__key__"]: s for s in ShardStream(str(root / "out"), "test", shuffle=False)}
+    got = {s["__key__"]: s for s in ShardStream(StreamConfig(str(root / "out"), "test", shuffle=False))}
     assert sorted(got) == ["nyu_0002", "nyu_0006"]
     s = got["nyu_0006"]
     np.testing.assert_array_equal(s["rgb"].permute(1, 2, 0).numpy(), arrays["images"][5])

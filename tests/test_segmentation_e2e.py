@@ -27,14 +27,14 @@ def _cfg(task, root, out, **task_kw):
 def _check_nshot(root):
     """N-shot subsets through the segmentation transform: deterministic by seed, inside the
     training split, and no image shared with the test split."""
-    from data_shards.stream import ShardStream
+    from data_shards.stream import ShardStream, StreamConfig
     from trainer.tasks.segmentation import SegmentationTask
 
     task = SegmentationTask(TASK_CONFIGS()["segmentation"](), OmegaConf.structured(RunConfig(task={})))
 
     def images(split, **kw):
-        stream = ShardStream(str(root), split, shuffle=False, keys=task.required_keys,
-                             transform=lambda s, g: task.eval_transform(s), **kw)
+        stream = ShardStream(StreamConfig(str(root), split, shuffle=False, keys=task.required_keys,
+                             transform=lambda s, g: task.eval_transform(s), **kw))
         return {s["__key__"]: s["rgb"] for s in stream}
 
     a, b = images("train", subset=2, subset_seed=1), images("train", subset=2, subset_seed=1)

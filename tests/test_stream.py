@@ -1,5 +1,6 @@
 """ShardStream / ResumableLoader: exactly-once over ranks and workers, equal batch counts,
-exact mid-epoch resume, seeded shuffling, N-shot subsets, resampling and corrupt shards."""
+exact mid-epoch resume, seeded shuffling, N-shot subsets, resampling and corrupt shards.
+The ordering contract across layouts and resume chains: ``tests/test_stream_order.py``."""
 from __future__ import annotations
 
 import json
@@ -10,10 +11,11 @@ from collections import Counter
 import pytest
 import torch
 
-from data_shards import split as layout
+from data_shards.deal import deal, epoch_steps
+from data_shards.epoch_order import epoch_order
 from data_shards.reader import ShardError
 from data_shards.loader import build_loader
-from data_shards.stream import ShardStream
+from data_shards.stream import ShardStream, StreamConfig
 from shard_fixtures import all_keys, build
 
 UNEVEN = [5, 1, 3]  # 9 samples in 3 shards: fewer shards than 2 ranks x 2 workers
@@ -31,7 +33,7 @@ def _epoch(loader):
 def _rank_batches(root, world, tail, batch, workers, drop_last=False, **kw):
     out = []
     for r in range(world):
-        s = ShardStream(root, "train", rank=r, world_size=world, tail=tail, shuffle_buffer=3, **kw)
+        s = ShardStream(StreamConfig(root, "train", rank=r, world_size=world, tail=tail, **kw))
         loader = build_loader(s, batch, num_workers=workers, drop_last=drop_last)
         batches = list(loader)
         assert len(batches) == loader.batches_per_epoch
@@ -56,7 +58,7 @@ def test_exactly_once_two_ranks_two_workers(root, workers):
 
 
 def test_batches_are_stacked_with_documented_dtypes(root):
-    s = ShardStream(root, "train", keys=("rgb", "rgb_right", "depth", "seg", "flow", "K", "baseline"))
+    s = ShardStream(StreamConfig(root, "train", keys=("rgb", "rgb_right", "depth", "seg", "flow", "K", "baseline")))
     b = next(iter(build_loader(s, 4)))
     assert b["rgb"].shape == (4, 3, 8, 12) and b["rgb"].dtype == torch.uint8
     assert b["rgb_right"].shape == (4, 3, 8, 12)
@@ -68,32 +70,39 @@ def test_batches_are_stacked_with_documented_dtypes(root):
 
 
 def test_keys_select_members_and_missing_key_is_named(root):
-    s = ShardStream(root, "train", keys=("rgb", "seg"))
+    s = ShardStream(StreamConfig(root, "train", keys=("rgb", "seg")))
     sample = next(iter(s))
     assert "rgb" in sample and "seg" in sample and "depth" not in sample and "flow" not in sample
     with pytest.raises(KeyError, match="split 'train'.*'rgb_prev'"):
-        ShardStream(root, "train", keys=("rgb", "rgb_prev"))
+        ShardStream(StreamConfig(root, "train", keys=("rgb", "rgb_prev")))
     with pytest.raises(KeyError, match="'normals' is not a schema key"):
-        ShardStream(root, "train", keys=("normals",))
+        ShardStream(StreamConfig(root, "train", keys=("normals",)))
 
 
 @pytest.mark.parametrize("n,world,batch,workers,drop_last", [
     (9, 2, 2, 2, False), (9, 4, 2, 3, False), (10, 3, 4, 2, True), (7, 2, 3, 0, True), (13, 3, 1, 4, False),
+    (50, 7, 3, 2, True), (50, 7, 3, 2, False),
 ])
-def test_same_batch_count_on_every_rank(n, world, batch, workers, drop_last):
+def test_every_rank_gets_its_count_and_every_sample_at_most_once(n, world, batch, workers, drop_last):
+    counts = [4, 1, 0, n - 5]
     for tail in ("drop", "pad"):
-        per_rank = layout.per_rank_count(n, world, tail)
-        chunks = layout.worker_chunks(per_rank, batch, drop_last, workers)
-        # every rank has the same count; the worker chunks tile the used part of the slice
-        assert sum(len(c.batches) for c in chunks) == layout.num_batches(per_rank, batch, drop_last)
-        assert [c.offset for c in chunks] == [sum(c.count for c in chunks[:w]) for w in range(len(chunks))]
-        counts = [4, 1, 0, n - 5]
-        pieces = layout.epoch_pieces(counts, seed=3, epoch=1, shuffle=True)
-        got = [(p.shard, m, p.valid) for r in range(world)
-               for p in layout.take(pieces, r * per_rank, (r + 1) * per_rank) for m in p.members]
-        assert len(got) == per_rank * world
-        real = [(s, m) for s, m, v in got if v]
-        assert len(real) == len(set(real)) == min(n, per_rank * world)
+        order = epoch_order(counts, seed=3, epoch=1, shuffle=True, lanes=4)
+        steps = epoch_steps(n, 0, world, batch, drop_last, tail)
+        dealt = deal(order, steps, workers)
+        for r in range(world):  # every rank the same number of steps, each of its per-rank size
+            per_step = dealt.positions(r)
+            assert [len(p) for p in per_step] == [steps.per_rank(t) for t in range(steps.count)]
+            by_worker = [dealt.positions(r, w) for w in range(max(1, workers))]
+            for t in range(steps.count):  # the workers' shares partition the rank's
+                assert sorted(x for w in by_worker for x in w[t]) == list(per_step[t])
+        real = [int(p) for p in dealt.pos if p < n]
+        assert real == list(range(len(real)))  # a prefix of the order, each position once
+        shard, member = order.samples(dealt.pos[dealt.pos < n])
+        assert len(set(zip(shard.tolist(), member.tolist()))) == len(real)
+        if tail == "pad":
+            assert len(real) == n and steps.end >= n
+        else:
+            assert n - len(real) < (world * batch if drop_last else world)
 
 
 def test_real_batch_counts_for_awkward_sizes(tmp_path):
@@ -105,7 +114,7 @@ def test_real_batch_counts_for_awkward_sizes(tmp_path):
 
 def test_shuffle_is_seeded_and_changes_per_epoch(root):
     def epoch_keys(seed, epoch, shuffle=True):
-        s = ShardStream(root, "train", seed=seed, shuffle=shuffle, shuffle_buffer=4)
+        s = ShardStream(StreamConfig(root, "train", seed=seed, shuffle=shuffle))
         s.set_epoch(epoch)
         return [x["__key__"] for x in s]
 
@@ -123,13 +132,13 @@ def _noise(sample, g):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_mid_epoch_resume_is_exact(root, workers):
     def loader():
-        return build_loader(ShardStream(root, "train", rank=1, world_size=2, tail="pad", seed=7,
-                                        shuffle_buffer=3, transform=_noise), 1, num_workers=workers)
+        return build_loader(ShardStream(StreamConfig(root, "train", rank=1, world_size=2, tail="pad", seed=7,
+                                        transform=_noise)), 1, num_workers=workers)
 
     ref = loader()
     full = [(b["__key__"], b["noise"]) for b in ref] + [(b["__key__"], b["noise"]) for b in ref]  # epochs 0, 1
     nb = ref.batches_per_epoch
-    assert nb == 5 and {k: ref.state_dict()[k] for k in ("epoch", "batches")} == {"epoch": 2, "batches": 0}
+    assert nb == 5 and {k: ref.state_dict()[k] for k in ("epoch", "samples")} == {"epoch": 2, "samples": 0}
     for stop in (1, 2, 3, nb):
         a = loader()
         seen = []
@@ -138,7 +147,7 @@ def test_mid_epoch_resume_is_exact(root, workers):
             if len(seen) == stop:
                 break
         state = json.loads(json.dumps(a.state_dict()))  # JSON-able, tiny
-        assert state["epoch"] == 0 and state["batches"] == stop
+        assert state["epoch"] == 0 and state["samples"] == min(2 * stop, 9)  # positions consumed by both ranks
         b = loader()
         b.load_state_dict(state)
         rest = [(x["__key__"], x["noise"]) for x in b] + [(x["__key__"], x["noise"]) for x in b]
@@ -147,35 +156,44 @@ def test_mid_epoch_resume_is_exact(root, workers):
         assert all(torch.equal(x, y) for (_, x), (_, y) in zip(resumed, full))  # transforms too
 
 
-def test_resume_with_larger_batches_and_workers(root):
-    def loader():
-        return build_loader(ShardStream(root, "train", seed=2, shuffle_buffer=5), 2, num_workers=3)
+def test_resume_under_any_worker_count_and_refused_under_another_order(root):
+    def loader(workers, seed=2):
+        return build_loader(ShardStream(StreamConfig(root, "train", seed=seed)), 2, num_workers=workers)
 
-    full = _epoch(loader())
+    full = _epoch(loader(3))
+    assert all(_epoch(loader(w)) == full for w in (0, 1, 2))  # batches do not depend on the worker count
     for k in range(len(full) + 1):
-        b = loader()
-        b.load_state_dict({"epoch": 0, "batches": k})
+        b = loader(3 - k % 4)
+        b.load_state_dict({"epoch": 0, "samples": min(2 * k, 9)})
         assert _epoch(b) == full[k:]
-    with pytest.raises(ValueError, match="batches must be in"):
-        loader().load_state_dict({"epoch": 0, "batches": 99})
-    state = loader().state_dict()
-    state["batches"] = 2
-    other = build_loader(ShardStream(root, "train", seed=2, shuffle_buffer=5), 2, num_workers=1)
-    with pytest.raises(ValueError, match="different data layout: num_workers 3 -> 1"):
-        other.load_state_dict(state)
-    state["batches"] = 0  # an epoch boundary resumes under any layout
-    other.load_state_dict(state)
+    with pytest.raises(ValueError, match="samples must be in"):
+        loader(3).load_state_dict({"epoch": 0, "samples": 99})
+    state = loader(3).state_dict()
+    state["samples"] = 4
+    with pytest.raises(ValueError, match="another data order: seed 2 -> 5"):
+        loader(1, seed=5).load_state_dict(state)
+    state["samples"] = 0  # an epoch boundary resumes under any order
+    loader(1, seed=5).load_state_dict(state)
+
+
+def test_states_of_the_earlier_order_resume_only_at_an_epoch_boundary(root):
+    old = {"epoch": 3, "batches": 0, "layout": {"world_size": 2, "rank": 0, "num_workers": 0, "batch_size": 2}}
+    a = loader = build_loader(ShardStream(StreamConfig(root, "train")), 2)
+    loader.load_state_dict(old)
+    assert (a.epoch, a.samples) == (3, 0)
+    with pytest.raises(ValueError, match=r"written 2 batches into epoch 3 under the earlier data order.*epoch boundary"):
+        loader.load_state_dict({**old, "batches": 2})
 
 
 def test_plain_dataloader_over_stream_is_exactly_once(root):
-    s = ShardStream(root, "train", shuffle_buffer=2)
+    s = ShardStream(StreamConfig(root, "train"))
     got = [x["__key__"] for x in torch.utils.data.DataLoader(s, batch_size=None, num_workers=2)]
     assert sorted(got) == all_keys(UNEVEN)
 
 
 def test_subset_is_deterministic(root):
     def keys(subset_seed, epoch):
-        s = ShardStream(root, "train", subset=4, subset_seed=subset_seed)
+        s = ShardStream(StreamConfig(root, "train", subset=4, subset_seed=subset_seed))
         s.set_epoch(epoch)
         return [x["__key__"] for x in s]
 
@@ -183,12 +201,12 @@ def test_subset_is_deterministic(root):
     assert len(a0) == 4 and sorted(a0) == sorted(a1) and sorted(a0) == sorted(keys(0, 3))
     assert sorted(a0) != sorted(b0)
     with pytest.raises(ValueError, match="subset=10 is larger than the split"):
-        ShardStream(root, "train", subset=10)
+        ShardStream(StreamConfig(root, "train", subset=10))
 
 
 def test_resampled_is_seeded_and_sized(root):
     def epoch(seed):
-        loader = build_loader(ShardStream(root, "train", rank=0, world_size=2, resampled=True, seed=seed), 2)
+        loader = build_loader(ShardStream(StreamConfig(root, "train", rank=0, world_size=2, resampled=True, seed=seed)), 2)
         return _epoch(loader), loader
 
     keys, loader = epoch(4)
@@ -199,8 +217,8 @@ def test_resampled_is_seeded_and_sized(root):
 
 def test_too_few_samples_for_world_is_clear(root):
     with pytest.raises(ValueError, match="tail='pad'"):
-        ShardStream(root, "train", rank=0, world_size=16)
-    assert ShardStream(root, "train", rank=15, world_size=16, tail="pad").num_samples() == 1
+        ShardStream(StreamConfig(root, "train", rank=0, world_size=16))
+    assert build_loader(ShardStream(StreamConfig(root, "train", rank=15, world_size=16, tail="pad")), 1).batches_per_epoch == 1
 
 
 # ------------------------------------------------------------------------------ corrupt shards
@@ -222,7 +240,7 @@ def broken(tmp_path):
 
 def test_corrupt_member_raises_naming_shard_and_member(broken):
     with pytest.raises(Exception, match=r"train-000001\.tar.*seq000_f000004\.depth\.png"):
-        list(build_loader(ShardStream(broken, "train", shuffle=False), 2))
+        list(build_loader(ShardStream(StreamConfig(broken, "train", shuffle=False)), 2))
 
 
 def test_truncated_shard_raises_naming_shard(broken):
@@ -230,8 +248,8 @@ def test_truncated_shard_raises_naming_shard(broken):
     data = open(path, "rb").read()
     with open(path, "wb") as f:
         f.write(data[: len(data) // 2 + 100])
-    with pytest.raises(ShardError, match=r"train-000002\.tar.*(member|truncated)"):
-        list(ShardStream(broken, "train", shuffle=False, keys=("rgb",)))
+    with pytest.raises(ShardError, match=r"train-000002\.tar: \d+ bytes but its manifest says \d+"):
+        list(ShardStream(StreamConfig(broken, "train", shuffle=False, keys=("rgb",))))
 
 
 def test_skip_policy_counts_and_keeps_batch_count(broken):
@@ -240,7 +258,7 @@ def test_skip_policy_counts_and_keeps_batch_count(broken):
     with open(path, "wb") as f:
         f.write(data[:1024 + 600])  # the first sample's first member is cut
     for workers in (0, 2):
-        s = ShardStream(broken, "train", shuffle=False, on_corrupt="skip")
+        s = ShardStream(StreamConfig(broken, "train", shuffle=False, on_corrupt="skip"))
         loader = build_loader(s, 2, num_workers=workers)
         batches = list(loader)
         assert len(batches) == loader.batches_per_epoch == 5
@@ -256,14 +274,14 @@ _DIST_SCRIPT = """
 import json, sys
 import torch.distributed as dist
 from data_shards.loader import build_loader
-from data_shards.stream import ShardStream
+from data_shards.stream import ShardStream, StreamConfig
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 root, out = sys.argv[1], sys.argv[2]
 result = {}
 for tail in ("pad", "drop"):
-    stream = ShardStream(root, "train", rank=rank, world_size=world, tail=tail, seed=5, shuffle_buffer=3)
+    stream = ShardStream(StreamConfig(root, "train", rank=rank, world_size=world, tail=tail, seed=5))
     loader = build_loader(stream, batch_size=2, num_workers=2)
     keys, n = [], 0
     for epoch in range(2):
@@ -303,22 +321,14 @@ def test_torchrun_two_ranks_exactly_once(root, tmp_path):
 
 def test_resume_does_not_read_consumed_shards(tmp_path):
     root = build(str(tmp_path), "train", [3, 3, 3])
-    full = _epoch(build_loader(ShardStream(root, "train", shuffle=False), 3))
+    full = _epoch(build_loader(ShardStream(StreamConfig(root, "train", shuffle=False)), 3))
     for name in ("train-000000.tar", "train-000001.tar"):  # batches 0 and 1 came from these
         os.remove(os.path.join(root, "train", name))
-    loader = build_loader(ShardStream(root, "train", shuffle=False), 3)
-    loader.load_state_dict({"epoch": 0, "batches": 2})
+    loader = build_loader(ShardStream(StreamConfig(root, "train", shuffle=False)), 3)
+    loader.load_state_dict({"epoch": 0, "samples": 6})
     assert _epoch(loader) == full[2:]
     with pytest.raises(ShardError, match=r"train-000000\.tar: no such file"):
-        _epoch(build_loader(ShardStream(root, "train", shuffle=False), 3))
-
-
-def test_buffer_order_is_a_seeded_local_permutation():
-    a = layout.buffer_order(50, 8, layout.rng(1))
-    assert sorted(a) == list(range(50)) and a == layout.buffer_order(50, 8, layout.rng(1))
-    assert a != layout.buffer_order(50, 8, layout.rng(2)) and a != list(range(50))
-    assert all(pos <= k + 7 for k, pos in enumerate(a))  # an item never leaves before it is read
-    assert layout.buffer_order(5, 0, layout.rng(1)) == [0, 1, 2, 3, 4]
+        _epoch(build_loader(ShardStream(StreamConfig(root, "train", shuffle=False)), 3))
 
 
 def test_reads_start_mid_shard_only_if_the_shard_is_unchanged(tmp_path):
@@ -326,18 +336,18 @@ def test_reads_start_mid_shard_only_if_the_shard_is_unchanged(tmp_path):
     m = json.loads(open(os.path.join(root, "train", "manifest.json")).read())
     offsets = m["shards"][0]["offsets"]
     assert len(offsets) == 6 and offsets[0] == 0 and offsets == sorted(offsets)
-    rank1 = [x["__key__"] for x in ShardStream(root, "train", rank=1, world_size=2, shuffle=False)]
-    assert rank1 == all_keys([6])[3:]  # started at sample 3's offset
+    rank1 = [x["__key__"] for x in ShardStream(StreamConfig(root, "train", rank=1, world_size=2, shuffle=False))]
+    assert rank1 == all_keys([6])[1::2]  # each read at its own offset (6 lanes of one sample: rank 1 has the odd ones)
     with open(os.path.join(root, "train", "train-000000.tar"), "ab") as f:
         f.write(b"\0" * 10240)  # still a valid tar, but not the one the manifest describes
     with pytest.raises(ShardError, match=r"train-000000\.tar: \d+ bytes but its manifest says \d+"):
-        list(ShardStream(root, "train", rank=1, world_size=2, shuffle=False))
+        list(ShardStream(StreamConfig(root, "train", rank=1, world_size=2, shuffle=False)))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("workers", [0, 2])
 def test_pin_memory_on_gpu(root, workers):
-    loader = build_loader(ShardStream(root, "train", keys=("rgb", "depth")), 4, num_workers=workers, pin_memory=True)
+    loader = build_loader(ShardStream(StreamConfig(root, "train", keys=("rgb", "depth"))), 4, num_workers=workers, pin_memory=True)
     batches = list(loader)
     assert len(batches) == loader.batches_per_epoch
     assert all(b["rgb"].is_pinned() and b["depth"].is_pinned() for b in batches)
@@ -347,15 +357,15 @@ def test_pin_memory_on_gpu(root, workers):
 def test_too_few_samples_name_the_tail_policy_in_use(tmp_path):
     root = build(str(tmp_path), "train", [1, 1])
     with pytest.raises(ValueError, match=r"2 samples cannot give every one of 3 ranks a sample with tail='drop'"):
-        ShardStream(root, "train", rank=0, world_size=3, tail="drop")
-    assert ShardStream(root, "train", rank=2, world_size=3, tail="pad").num_samples() == 1
+        ShardStream(StreamConfig(root, "train", rank=0, world_size=3, tail="drop"))
+    assert build_loader(ShardStream(StreamConfig(root, "train", rank=2, world_size=3, tail="pad")), 1).batches_per_epoch == 1
     manifest = tmp_path / "train" / "manifest.json"  # a manifest listing no shard (the writer refuses to make one)
     m = json.loads(manifest.read_text())
     manifest.write_text(json.dumps({**m, "shards": [], "num_samples": 0}))
     empty = root
     for tail in ("drop", "pad"):
         with pytest.raises(ValueError, match=r"no samples to read \(the manifest lists 0\)"):
-            ShardStream(empty, "train", tail=tail)
+            ShardStream(StreamConfig(empty, "train", tail=tail))
 
 
 def _flip_bit_in_png_data(path, member: str) -> None:
@@ -377,12 +387,12 @@ def test_a_flipped_bit_in_a_member_is_caught_on_read(tmp_path):
     shard = os.path.join(root, "train", "train-000001.tar")
     _flip_bit_in_png_data(shard, "seq000_f000004.rgb.png")
     with pytest.raises(ShardError, match=r"train-000001\.tar: member seq000_f000004\.rgb\.png: checksum mismatch"):
-        list(ShardStream(root, "train", shuffle=False, keys=("rgb",)))
-    s = ShardStream(root, "train", shuffle=False, keys=("rgb",), on_corrupt="skip")
+        list(ShardStream(StreamConfig(root, "train", shuffle=False, keys=("rgb",))))
+    s = ShardStream(StreamConfig(root, "train", shuffle=False, keys=("rgb",), on_corrupt="skip"))
     batches = list(build_loader(s, 2))
     assert s.corrupt_count == 1 and sum(b["__valid__"].sum().item() for b in batches) == 5
     # a member the run does not read is not checked (and not read)
-    assert len(list(ShardStream(root, "train", shuffle=False, keys=("depth",)))) == 6
+    assert len(list(ShardStream(StreamConfig(root, "train", shuffle=False, keys=("depth",))))) == 6
 
 
 def test_verify_flags_flipped_bits_extra_samples_and_empty_splits(tmp_path, capsys):
@@ -430,7 +440,7 @@ def test_loader_workers_are_forked_with_stop_signals_blocked_until_they_ignore_t
     monkeypatch.setattr(loader_mod, "ignore_stop_signals", recording)
     root = build(str(tmp_path / "shards"), "train", [6])
     mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    batches = list(build_loader(ShardStream(root, "train", shuffle=False), 2, num_workers=1))
+    batches = list(build_loader(ShardStream(StreamConfig(root, "train", shuffle=False)), 2, num_workers=1))
     assert len(batches) == 3
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask_before  # the rank's mask is back
     got = json.loads(seen.read_text())

@@ -115,17 +115,19 @@ def test_non_logging_rank_and_disabled_do_nothing(tmp_path):
     assert not (tmp_path / "mlflow").exists()
 
 
-def test_unreachable_at_start_spools_then_replays_by_command(tmp_path):
+def test_unreachable_at_start_spools_then_replays_by_command(tmp_path, capsys):
     dead = f"http://127.0.0.1:{free_port()}"
-    cfg = run_cfg(tmp_path / "run", uri=dead, tags={"k": "v"})
+    cfg = run_cfg(tmp_path / "run", uri=dead, tags={"k": "v"}, close_retry_s=0.0)
     with pytest.warns(RuntimeWarning, match="unreachable"):
         tracker = T.create_tracker(cfg, is_logging_rank=True, run_id=None)
     assert tracker.run_id is None
     tracker.log_config("a: 1\n")
     _log_steps(tracker, range(6))
-    with pytest.warns(RuntimeWarning, match="python -m trainer.tracking replay"):
-        tracker.close()
+    tracker.close()
     spool_path = tmp_path / "run" / "tracking" / "spool.jsonl"
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and f"tracking records stay in {spool_path}" in said[0], said
+    assert f"python -m trainer.tracking replay {spool_path}" in said[0]
     ops = [r["op"] for r in Spool(spool_path).all_records()]
     assert ops[:2] == ["target", "create_run"] and ops.count("metrics") == 6 and ops[-1] == "status"
 

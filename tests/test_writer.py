@@ -13,7 +13,7 @@ import torch
 
 from data_shards.manifest import ManifestError
 from data_shards.schema import SchemaError
-from data_shards.stream import ShardStream
+from data_shards.stream import ShardStream, StreamConfig
 from data_shards.writer import WriteError, write_split, write_split_parallel
 from shard_fixtures import make_sample, samples
 
@@ -27,7 +27,7 @@ def _files(d):
 def test_round_trip_exact_values(tmp_path):
     m = write_split(samples(7), str(tmp_path), "train", source=SRC, max_count=3, progress=False)
     assert [s.count for s in m.shards] == [3, 3, 1]
-    got = {s["__key__"]: s for s in ShardStream(str(tmp_path), "train", shuffle=False)}
+    got = {s["__key__"]: s for s in ShardStream(StreamConfig(str(tmp_path), "train", shuffle=False))}
     assert len(got) == 7
     for i in range(7):
         ref = make_sample(i)
@@ -111,7 +111,7 @@ def test_interrupted_build_is_never_taken_for_whole(tmp_path):
     # the old manifest is gone (it no longer describes the files), the partial shard was dropped
     assert "manifest.json" not in _files(d) and not [f for f in _files(d) if ".tmp-" in f]
     with pytest.raises(ManifestError, match="split 'train'.*build the shards"):
-        ShardStream(str(tmp_path), "train")
+        ShardStream(StreamConfig(str(tmp_path), "train"))
     # a leftover of a killed process (temporary name) is removed by the next build
     (d / ".train-000000.tar.tmp-99999").write_bytes(b"half a shard")
     m = write_split(samples(3), str(tmp_path), "train", source={"dataset": "new"}, max_count=2, progress=False)
@@ -158,7 +158,7 @@ def test_parallel_writer_resumes_and_matches(tmp_path):
     assert m2.to_json() == m.to_json()
     for s in m.shards:
         assert (tmp_path / "a" / "train" / s.name).read_bytes() == (tmp_path / "b" / "train" / s.name).read_bytes()
-    keys = [s["__key__"] for s in ShardStream(str(tmp_path / "b"), "train", shuffle=False)]
+    keys = [s["__key__"] for s in ShardStream(StreamConfig(str(tmp_path / "b"), "train", shuffle=False))]
     assert keys == [make_sample(k, 1, 1)["__key__"] for k in range(12)]
 
 
@@ -211,10 +211,10 @@ def test_schema_v1_shards_with_float32_flow_are_still_read(tmp_path, monkeypatch
     j = json.loads(manifest.read_text())
     assert "flow.npy" in j["keys"]
     manifest.write_text(json.dumps({**j, "schema_version": 1}))
-    got = {s["__key__"]: s for s in ShardStream(str(tmp_path), "train", shuffle=False, keys=("rgb", "flow"))}
+    got = {s["__key__"]: s for s in ShardStream(StreamConfig(str(tmp_path), "train", shuffle=False, keys=("rgb", "flow")))}
     for i in range(3):
         ref = make_sample(i)
         assert torch.equal(got[ref["__key__"]]["flow"], torch.from_numpy(ref["flow"]).permute(2, 0, 1))
     manifest.write_text(json.dumps({**j, "schema_version": 7}))
     with pytest.raises(ManifestError, match="schema version 7 but this code reads versions 1, 2"):
-        ShardStream(str(tmp_path), "train")
+        ShardStream(StreamConfig(str(tmp_path), "train"))

@@ -123,6 +123,9 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainer.interrupts import stop_with_launcher
+
+    stop_with_launcher()  # a rank under torchrun stops (checkpoints) when torchrun dies, however it dies
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(usage(), end="")

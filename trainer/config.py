@@ -43,10 +43,12 @@ class DataConfig:
     """Split used for the final evaluation."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0 = load in the training process)."""
-    shuffle_buffer: int = 64
-    """Samples held in the seeded shuffle buffer (after the per-epoch shard shuffle)."""
+    lanes: int = 960
+    """Runs of neighbouring samples interleaved in each epoch's order (docs/data.md): a batch mixes that
+    many shard pieces (drives); part of the order, so a mid-epoch resume needs the same value."""
     tail_policy: str = "drop"
-    """Training tail that cannot be split evenly over ranks: drop (<= world-1 samples per epoch) | pad."""
+    """Training samples left when an epoch's last step cannot be full: drop (< world x batch per epoch) |
+    pad (one more full step, filled with the epoch's first samples marked invalid)."""
     resampled: bool = False
     """Infinite resampled streaming instead of exactly-once epochs (for very large data)."""
     on_corrupt: str = "raise"
@@ -174,6 +176,9 @@ class TrackingConfig:
     color: Optional[str] = None
     """The run's colour in MLflow's UI, ``#rrggbb`` (tag ``mlflow.runColor``; the study gives each
     pre-training row one); None = MLflow's own."""
+    close_retry_s: float = 60.0
+    """Seconds the end of a run keeps retrying an unreachable MLflow before leaving records spooled
+    (then sent at the next start in this out_dir, by ``launch study``, or by ``python -m trainer.tracking replay``)."""
 
 
 @dataclass

@@ -47,15 +47,16 @@ log = logging.getLogger("geoprime.loop")
 __all__ = ["train", "evaluate", "shard_loader_factory"]
 
 #: ``make_loader(split, train) -> loader`` with ``__iter__``, ``batches_per_epoch``, ``epoch``,
-#: ``state_dict()`` / ``load_state_dict()`` (a ``data_shards.loader.ResumableLoader``).
+#: ``state_dict()`` / ``load_state_dict()`` (a ``data_shards.loader.ResumableLoader``: its state is the
+#: same on every rank and loads under another world size, see ``Progress.reposition``).
 LoaderFactory = Callable[[str, bool], Any]
 
 
 def shard_loader_factory(cfg: Any, task: Any, engine: Engine) -> LoaderFactory:
-    """Loaders over ``data_shards`` streams: training shuffled with ``data.tail_policy``;
-    evaluation in order with ``tail="pad"`` so every sample counts exactly once."""
+    """Loaders over ``data_shards`` streams: training in the seeded global order with
+    ``data.tail_policy``; evaluation in order with ``tail="pad"`` so every sample counts exactly once."""
     from data_shards.loader import build_loader
-    from data_shards.stream import ShardStream
+    from data_shards.stream import ShardStream, StreamConfig
 
     d = cfg.data
 
@@ -65,11 +66,11 @@ def shard_loader_factory(cfg: Any, task: Any, engine: Engine) -> LoaderFactory:
         else:
             def transform(sample: dict, generator: torch.Generator) -> dict:
                 return task.eval_transform(sample)
-        stream = ShardStream(d.root, split, rank=engine.rank, world_size=engine.world_size, seed=int(cfg.seed),
-                             shuffle=train, shuffle_buffer=d.shuffle_buffer,
-                             tail=d.tail_policy if train else "pad", resampled=bool(d.resampled) and train,
-                             on_corrupt=d.on_corrupt, keys=task.stream_keys(train),
-                             subset=d.subset if train else 0, subset_seed=d.subset_seed, transform=transform)
+        stream = ShardStream(StreamConfig(
+            d.root, split, rank=engine.rank, world_size=engine.world_size, seed=int(cfg.seed), shuffle=train,
+            lanes=int(d.lanes), tail=d.tail_policy if train else "pad", resampled=bool(d.resampled) and train,
+            on_corrupt=d.on_corrupt, keys=task.stream_keys(train), subset=d.subset if train else 0,
+            subset_seed=d.subset_seed, transform=transform))
         return build_loader(stream, int(cfg.train.batch_size), num_workers=int(d.num_workers), drop_last=train)
 
     return make
@@ -150,9 +151,9 @@ class _Run:
         """The Stateful objects rank 0 saves in each checkpoint, by name."""
         return {"progress": self.progress, **({"best": self.best} if self.best is not None else {})}
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int, stopping: bool = False) -> Path:
         self.progress.step = step
-        path = self.ckpt.save(step, self.shared_state(), self.per_rank)
+        path = self.ckpt.save(step, self.shared_state(), self.per_rank, stopping=stopping)
         if self.best is not None and self.engine.is_logging_rank:
             self.best.prune()  # the checkpoint names the best step: older candidates can go
         return path
@@ -190,7 +191,7 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
         run = _Run(cfg, engine, task, plan=plan)
         _start(run, loaders, tracker, times)
         with StopSignals() as signals:
-            result = _run(run, StepControl(engine, signals, float(cfg.train.ckpt_every_minutes)))
+            result = _run(run, StepControl(engine, signals, float(cfg.train.ckpt_every_minutes), run.ckpt.root))
     except Preempted as e:  # every rank agreed and the checkpoint is whole: an orderly stop
         log.warning("%s", e)
         _close(run, own_tracker, own_engine, "KILLED")
@@ -289,10 +290,10 @@ def _resume(run: _Run) -> bool:
         run.best.prune()  # weights of steps after this checkpoint belong to a run that was not kept
     if not same_world:
         saved = run.progress.saved
-        batch = run.progress.reposition()
-        log.warning("world size changed %d -> %d: resuming epoch %d at batch %d (the sample order within "
-                    "this epoch is not the original run's)", saved["world_size"], engine.world_size,
-                    saved["epoch"], batch)
+        data = run.progress.reposition()
+        log.warning("world size changed %d -> %d: resuming epoch %d after %d samples of its order (the same "
+                    "global order: exactly the samples not yet consumed)", saved["world_size"], engine.world_size,
+                    int(data["epoch"]), int(data.get("samples", 0)))
         seed_everything(rank_seed(int(cfg.seed) + run.progress.step, engine.rank))
     return True
 
@@ -371,11 +372,11 @@ def _run(run: _Run, control: StepControl) -> dict[str, Any]:
                            int(tc.eval_max_batches))
             train_log.send({f"val/{k}": v for k, v in val.items()}, step)
             _select(run, step, val)
-        stop, due = control.poll()
+        stop, due = control.poll(step)
         if stop or (step < total and (due or (int(tc.ckpt_every) and step % int(tc.ckpt_every) == 0))):
-            run.save(step)
+            run.save(step, stopping=stop)
             last_saved = step
-            control.saved()
+            control.saved(run.ckpt.last_save.get("total_s"), stopping=stop)
         if stop:
             raise Preempted(control.signum, step, str(run.ckpt.root / step_dir_name(step)))
         _maybe_kill(step, engine.rank)

@@ -126,8 +126,8 @@ def _split_error(role: str, split: str, root: str, missing: list[str], manifest:
 
 
 def check_train_split(cfg: Any, task: Any, world_size: Optional[int] = None) -> None:
-    """The training split has the task's keys and at least one full batch for every rank."""
-    from data_shards import split as layout
+    """The training split has the task's keys and at least one full step for every rank."""
+    from data_shards.deal import epoch_steps
 
     d = cfg.data
     manifest = _manifest(str(d.root), str(d.train_split), "train")
@@ -138,14 +138,17 @@ def check_train_split(cfg: Any, task: Any, world_size: Optional[int] = None) -> 
     if total == 0:
         raise PreflightError(f"data.train_split={d.train_split!r} ({d.root}): the split is empty")
     world, batch = _world_size(world_size), int(cfg.train.batch_size)
+    if int(d.lanes) < 1:
+        raise PreflightError(f"data.lanes={d.lanes}: must be >= 1 (runs interleaved per epoch; default 960)")
     try:
-        per_rank = total if d.resampled else layout.per_rank_count(total, world, str(d.tail_policy))
+        steps = epoch_steps(total, 0, world, batch, True, str(d.tail_policy)).count
     except ValueError as e:
         raise PreflightError(f"data.tail_policy={d.tail_policy!r}: {e}") from None
-    if per_rank < batch:
+    if steps == 0:
         raise PreflightError(
             f"data.train_split={d.train_split!r} ({d.root}): {total} samples give each of {world} ranks "
-            f"{per_rank} (data.tail_policy={d.tail_policy}), fewer than train.batch_size={batch}: no full batch")
+            f"{total // world} (data.tail_policy={d.tail_policy}), fewer than train.batch_size={batch}: no full step "
+            f"(data.tail_policy=pad pads one)")
 
 
 def check_eval_split(cfg: Any, task: Any, role: str) -> tuple[Optional[str], Optional[str]]:
@@ -253,18 +256,28 @@ def check_job(overrides: list[str], world_size: int) -> Any:
 PROBES = 8
 
 
-def probe_sizes(root: str, split: str, keys: tuple[str, ...], probes: int = PROBES) -> list[tuple[str, dict]]:
+def probe_sizes(root: str, split: str, keys: tuple[str, ...], probes: int = PROBES,
+                on_corrupt: str = "raise") -> list[tuple[str, dict]]:
     """``[(sample key, {key: (height, width)})]`` of up to ``probes`` samples spread evenly over the
-    split (position ``i * ceil(n / probes)``), for the image-like keys among ``keys``."""
-    from data_shards.stream import ShardStream, load_manifest
+    split (the first sample of each of ``probes`` equal parts, in manifest order), for the
+    image-like keys among ``keys``. A corrupt probed sample is skipped under ``on_corrupt="skip"``
+    and a one-line error otherwise."""
+    from itertools import islice
+
+    from data_shards.stream import Plan, ShardStream, StreamConfig, load_manifest
 
     n = min(probes, load_manifest(root, split).num_samples)
+    # one lane per part, not shuffled: the order's first round is the first sample of each part
+    stream = ShardStream(StreamConfig(root, split, shuffle=False, lanes=n, keys=keys, on_corrupt="skip"))
     found = []
-    for i in range(n):
-        stream = ShardStream(root, split, rank=i, world_size=n, shuffle=False, tail="pad", keys=keys)
-        sample = next(iter(stream))
-        found.append((str(sample["__key__"]), {k: tuple(v.shape[-2:]) for k, v in sample.items()
-                                               if k in keys and k != "K" and getattr(v, "dim", lambda: 0)() >= 2}))
+    for step in islice(stream.iter_steps(Plan(1, False, 1), 0, 1), n):
+        for _, sample in step:
+            if not isinstance(sample, dict):  # a corrupt sample's marker (Corrupt)
+                if on_corrupt == "skip":
+                    continue
+                raise PreflightError(f"split {split!r}: {sample.reason} (data.on_corrupt=skip would skip such samples)")
+            found.append((str(sample["__key__"]), {k: tuple(v.shape[-2:]) for k, v in sample.items()
+                                                   if k in keys and k != "K" and getattr(v, "dim", lambda: 0)() >= 2}))
     return found
 
 
@@ -278,7 +291,8 @@ def check_train_frames(cfg: Any, task: Any) -> None:
     d = cfg.data
     where = f"data.train_split={d.train_split!r} ({d.root})"
     seen: dict[tuple[int, int], str] = {}
-    for key, sizes in probe_sizes(str(d.root), str(d.train_split), task.stream_keys(True)):
+    for key, sizes in probe_sizes(str(d.root), str(d.train_split), task.stream_keys(True),
+                                  on_corrupt=str(d.on_corrupt)):
         for size in sizes.values():
             seen.setdefault(size, key)
     smallest = min(seen, key=min, default=None)
@@ -299,7 +313,8 @@ def check_eval_frames(cfg: Any, task: Any, role: str, split: str) -> None:
     same = tuple(task.same_size_keys)
     if len(same) < 2:
         return
-    for key, sizes in probe_sizes(str(cfg.data.root), split, task.stream_keys(False)):
+    for key, sizes in probe_sizes(str(cfg.data.root), split, task.stream_keys(False),
+                                  on_corrupt=str(cfg.data.on_corrupt)):
         got = {k: sizes[k] for k in same if k in sizes}
         if len(set(got.values())) > 1:
             raise PreflightError(f"data.{role}_split={split!r} ({cfg.data.root}): sample {key} has "

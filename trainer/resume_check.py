@@ -25,6 +25,11 @@ RESUMABLE = ("out_dir", "train.steps", "train.resume", "train.progress", "train.
              "train.batch_size", "train.deterministic", "tracking.", "data.root", "data.num_workers",
              "data.on_corrupt", "parallel.")
 
+#: config keys retired (checkpoint has it, this version not) or introduced (the other way round) by a
+#: change of how the data is ordered: such a checkpoint resumes at an epoch boundary (the loader refuses
+#: it mid-epoch with one line), so the key itself does not block
+DATA_ORDER_KEYS = {"data.shuffle_buffer": "retired", "data.lanes": "introduced"}
+
 
 class ConfigMismatch(ConfigError):
     """The checkpoint was written under a configuration this run may not continue."""
@@ -62,6 +67,13 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
+def _order_change(diff: str, old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """A key of :data:`DATA_ORDER_KEYS` present only on the side its change says."""
+    key = diff.split(":", 1)[0]
+    kind = DATA_ORDER_KEYS.get(key)
+    return (kind == "retired" and key not in new) or (kind == "introduced" and key not in old)
+
+
 def config_differences(saved: Any, current: Any) -> list[str]:
     """``key: old -> new`` for every leaf that differs (either side may lack it)."""
     return _differences(_flat(_container(saved)), _flat(_container(current)))
@@ -72,7 +84,7 @@ def check_resume_config(saved: Any, current: Any, checkpoint: str, explicit: boo
     :data:`RESUMABLE` (a warning instead when ``explicit``); returns the allowed differences."""
     old, new = _flat(_container(saved)), _flat(_container(current))
     diffs = _differences(old, new)
-    blocking = [d for d in diffs if not _allowed(d.split(":", 1)[0], RESUMABLE)]
+    blocking = [d for d in diffs if not _allowed(d.split(":", 1)[0], RESUMABLE) and not _order_change(d, old, new)]
     # within parallel.*: DCP strategies reshard among themselves, DeepSpeed only within one ZeRO stage
     was_ds, is_ds = old.get("parallel.strategy") == "deepspeed", new.get("parallel.strategy") == "deepspeed"
     if was_ds != is_ds:

@@ -2,8 +2,8 @@
 (``state_dict()`` / ``load_state_dict()``) the checkpointer saves and restores by name.
 
 Shared (written once, by rank 0): :class:`Progress` — step count, tracking run id, resolved
-config, the global data position (epoch, samples consumed) used to reposition the stream on
-another world size. Per rank: :class:`RNGState`, the data loader (its exact position), and
+config, and the data position (epoch, positions of its global order consumed by all ranks), which
+resumes the stream exactly on another world size. Per rank: :class:`RNGState`, the data loader (its exact position), and
 :class:`RankBuffers` (BatchNorm running statistics: each rank keeps its own).
 """
 from __future__ import annotations
@@ -45,8 +45,8 @@ class RankBuffers:
 
 
 class Progress:
-    """The run's shared progress: step, tracking run id, resolved config (YAML), and the global
-    data position (epoch and samples consumed in it, over all ranks)."""
+    """The run's shared progress: step, tracking run id, resolved config (YAML), and the data
+    position (the loader's state: the same on every rank, whatever the world size)."""
 
     def __init__(self, loader: Any, config_yaml: str, batch_size: int, world_size: int) -> None:
         self.loader, self.config_yaml = loader, config_yaml
@@ -57,20 +57,22 @@ class Progress:
         """What :meth:`load_state_dict` read (the checkpoint's config, batch size, world size...)."""
 
     def state_dict(self) -> dict[str, Any]:
-        pos = self.loader.state_dict()
-        return {"step": self.step, "run_id": self.run_id, "config": self.config_yaml, "epoch": int(pos["epoch"]),
-                "samples": int(pos["batches"]) * self.batch_size * self.world_size, "batch_size": self.batch_size,
-                "world_size": self.world_size}
+        data = self.loader.state_dict()
+        return {"step": self.step, "run_id": self.run_id, "config": self.config_yaml, "epoch": int(data["epoch"]),
+                "data": data, "batch_size": self.batch_size, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.saved = dict(state)
         self.step, self.run_id = int(state["step"]), state.get("run_id")
 
-    def reposition(self) -> int:
-        """After a world-size or batch-size change: keep the epoch and skip the batches that the
-        samples already consumed cover (the order within that epoch is not the original run's).
-        Returns the batch the loader resumes at."""
-        per_batch = self.batch_size * self.world_size
-        batches = min(self.loader.batches_per_epoch, int(self.saved["samples"]) // per_batch)
-        self.loader.load_state_dict({"epoch": int(self.saved["epoch"]), "batches": batches})
-        return batches
+    def reposition(self) -> dict[str, Any]:
+        """After a change of world size: put the loader at the checkpoint's data position (the global
+        order does not depend on the world size, so this is exact). Returns the position loaded.
+        Checkpoints from before the global order hold only ``epoch`` and ``samples``: they resume at
+        an epoch boundary, and the loader refuses them mid-epoch with one line saying why."""
+        data = self.saved.get("data")
+        if data is None:
+            per_step = int(self.saved["batch_size"]) * int(self.saved["world_size"])
+            data = {"epoch": int(self.saved["epoch"]), "batches": int(self.saved["samples"]) // per_step}
+        self.loader.load_state_dict(data)
+        return data

@@ -29,7 +29,8 @@ def build_depth_net(model_cfg, scales: Sequence[int] = (0, 1, 2, 3), init_depth:
         if not min_depth < init_depth < max_depth:
             raise ValueError(f"task.init_depth={init_depth}: must lie in (min_depth={min_depth}, "
                              f"max_depth={max_depth})")
-        disp = float(depth_to_disp(torch.tensor(init_depth, dtype=torch.float64), min_depth, max_depth))
+        # a CPU scalar on purpose: preflight builds the model under torch.device("meta")
+        disp = float(depth_to_disp(torch.tensor(init_depth, dtype=torch.float64, device="cpu"), min_depth, max_depth))
         with torch.no_grad():
             for head in decoder.heads.values():
                 head.bias.fill_(math.log(disp / (1 - disp)))

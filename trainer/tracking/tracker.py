@@ -3,14 +3,17 @@
 The training loop calls :func:`create_tracker` and the :class:`Tracker` methods only. Each call
 becomes one record (:func:`trainer.tracking.client.apply`) sent at once, or appended to
 ``<out_dir>/tracking/spool.jsonl`` while the server does not answer; the spool is replayed, in
-order, as soon as the server answers again (tried every ``retry_interval`` s), at the latest when
-the run closes. :meth:`Tracker.close` ends the run FINISHED, FAILED or KILLED (e.g. on SIGTERM).
+order, as soon as the server answers again (tried every ``retry_interval`` s), when the run closes
+(retried for up to ``close_retry_s``), and at the next start in the same run folder.
+:meth:`Tracker.close` ends the run FINISHED, FAILED or KILLED (e.g. on SIGTERM) and says in one
+line when records are still spooled.
 """
 from __future__ import annotations
 
 import getpass
 import os
 import socket
+import sys
 import time
 import uuid
 import warnings
@@ -26,6 +29,8 @@ from trainer.tracking.spool import Spool
 
 #: Seconds between reconnection attempts while the server is unreachable.
 RETRY_INTERVAL_S = 30.0
+#: Seconds the end of a run retries an unreachable server (``tracking.close_retry_s``).
+CLOSE_RETRY_S = 60.0
 #: What MLflow shows as a training run's source ("Source" column).
 SOURCE_NAME = "python -m trainer"
 #: Description of an experiment the trainer creates (a study describes its own experiments).
@@ -89,11 +94,13 @@ class MlflowTracker(Tracker):
 
     def __init__(self, uri: str, experiment: str, *, run_id: str | None, run_name: str | None,
                  parent_run_id: str | None, tags: dict[str, str], spool_dir: str | os.PathLike,
-                 retry_interval: float = RETRY_INTERVAL_S, announce: bool = True) -> None:
+                 retry_interval: float = RETRY_INTERVAL_S, announce: bool = True,
+                 close_retry_s: float = CLOSE_RETRY_S) -> None:
         super().__init__(run_id)
         self.uri = uri
         self.experiment = experiment
         self.retry_interval = float(retry_interval)
+        self.close_retry_s = float(close_retry_s)
         self.announce = announce
         self.spool_dir = Path(spool_dir)
         self.spool = Spool(self.spool_dir / "spool.jsonl")
@@ -105,8 +112,8 @@ class MlflowTracker(Tracker):
         self._known_params: dict[str, str] | None = None
         self._closed = False
         self.client = connect(uri)
-        if self.spool.count_pending():  # a previous attempt left records: send them first
-            self._online = False
+        if self.spool.count_pending():  # an earlier run in this folder left records: send them first
+            self.replay_now()
         if run_id is None:
             self._start_run(run_name, self._run_tags(parent_run_id, tags))
         else:
@@ -273,17 +280,28 @@ class MlflowTracker(Tracker):
         super().close(status)
         self._closed = True
         self._submit({"op": "status", "status": status, "t": now_ms()})
-        if not self._online:
-            self.replay_now()
+        self._retry_until_sent()
         pending = self.spool.count_pending()
         if pending:
-            warnings.warn(
-                f"MLflow at {self.uri} still unreachable: {pending} tracking records are kept in {self.spool.path}; "
-                f"nothing is lost. Replay them with: python -m trainer.tracking replay {self.spool.path}",
-                RuntimeWarning, stacklevel=2)
-        if self.announce:
+            print(f"[tracking] run {self.run_id or '(not created yet)'} ended {status} here, but MLflow at {self.uri} "
+                  f"did not answer for {self.close_retry_s:.0f} s: {pending} tracking records stay in {self.spool.path} "
+                  f"(sent at the next start in this out_dir, by `python -m launch study`, or now with: "
+                  f"python -m trainer.tracking replay {self.spool.path})", file=sys.stderr, flush=True)
+        elif self.announce:
             print(f"[tracking] run {self.run_id or '(pending)'} {status}; view with: {ui_command(self.uri)}",
                   flush=True)
+
+    def _retry_until_sent(self) -> None:
+        """Replay what is spooled, retrying for up to ``close_retry_s`` (1, 2, 4... s apart, at most 10)."""
+        deadline, pause = time.monotonic() + self.close_retry_s, 1.0
+        while not self._online or self.spool.count_pending():
+            if self.replay_now():
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(pause, left))
+            pause = min(2 * pause, 10.0)
 
 
 def create_tracker(cfg, *, is_logging_rank: bool, run_id: str | None) -> Tracker:
@@ -305,7 +323,8 @@ def create_tracker(cfg, *, is_logging_rank: bool, run_id: str | None) -> Tracker
         tags[RUN_COLOR_TAG] = run_color(color)
     tracker = MlflowTracker(uri, tcfg.experiment, run_id=run_id, run_name=run_name,
                             parent_run_id=tcfg.parent_run_id, tags=tags,
-                            spool_dir=Path(cfg.out_dir) / "tracking")
+                            spool_dir=Path(cfg.out_dir) / "tracking",
+                            close_retry_s=float(getattr(tcfg, "close_retry_s", CLOSE_RETRY_S)))
     if run_id is None and getattr(cfg, "data", None) is not None:
         tracker.log_inputs(manifest_inputs(cfg.data))
     return tracker
