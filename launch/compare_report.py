@@ -77,9 +77,11 @@ def headline(table: "Table", wanted: list[str], metric_name: str) -> str:
     row, base = pair_names
     pair = table.paired(row, col, base, "miou")
     units = f"{pair.n} paired {table.unit}s"
+    if pair.n == 0:
+        return f"**{row} vs {base}: no paired {table.unit}s** ({where})."
     if pair.n < 2:
-        return (f"**{row} vs {base}: {_delta(pair) if pair.n else 'no paired runs'} mIoU points**: {units}, too few "
-                f"for an interval ({where}).")
+        return (f"**{row} vs {base}: {pair.mean:+.1f} mIoU points** from 1 paired {table.unit}: too few for an "
+                f"interval ({where}).")
     verdict_word = judged(pair)
     claim = {"better": f"{row} transfers better than {base}", "worse": f"{row} transfers worse than {base}",
              "not resolved": f"{row} vs {base}: not resolved"}[verdict_word]
