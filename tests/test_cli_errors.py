@@ -131,7 +131,7 @@ BAD_SETTINGS = [
     (["data.on_corrupt=x"], "on_corrupt='x': must be 'raise' or 'skip'"),
     (["data.num_workers=-1"], "num_workers=-1 >= 0"),
     (["train.steps=0"], "schedule: warmup_steps=0 and train.steps=0"),
-    (["train.batch_size=5"], "fewer than train.batch_size=5: no full batch"),
+    (["train.batch_size=5"], "fewer than train.batch_size=5: no full step"),
 ]
 
 

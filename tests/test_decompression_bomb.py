@@ -95,16 +95,24 @@ def test_verify_refuses_the_bombs_from_their_headers(bombed):
 
 @pytest.mark.timeout(300)
 def test_training_refuses_the_bomb_before_decoding_it(bombed, tmp_path):
+    """The start-up check meets the bomb among its probed samples: one line naming shard and member, exit 2,
+    nothing left running. Under data.on_corrupt=skip the same run skips both bombs and trains."""
     root, _, rgb = bombed
+    common = ["task=depth", f"data.root={root}", "tracking=none", "train.progress=false", "train.batch_size=2",
+              "train.steps=4", "data.num_workers=1"]
     out = tmp_path / "run"
-    res = subprocess.run([sys.executable, "-m", "trainer", "task=depth", f"data.root={root}", f"out_dir={out}",
-                          "tracking=none", "train.progress=false", "train.batch_size=2", "train.steps=4",
-                          "data.num_workers=1"],
+    res = subprocess.run([sys.executable, "-m", "trainer", *common, f"out_dir={out}"],
                          env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
-    log = (out / "logs" / "rank0.log").read_text()
-    assert f"member {rgb}: PNG header says 13000x13000 (height x width), the manifest's size is 64x96" in log
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
+    line = next((ln for ln in res.stderr.splitlines() if "error:" in ln), "")
+    assert f"member {rgb}: PNG header says 13000x13000 (height x width), the manifest's size is 64x96" in line
+    assert "train-000000.tar" in line and "Traceback" not in res.stderr
     assert not survivors(str(out))
+    skipped = tmp_path / "skip"
+    res = subprocess.run([sys.executable, "-m", "trainer", *common, f"out_dir={skipped}", "data.on_corrupt=skip"],
+                         env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert not survivors(str(skipped))
 
 
 def test_without_a_declared_size_the_decode_limit_refuses_it():
