@@ -12,7 +12,7 @@ Debian's ``chromium``. ~5 min of CPU on 2 cores.
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import shutil
 import subprocess
 import sys
@@ -69,27 +69,6 @@ def run_study(work: Path) -> tuple[str, Path]:
     return f"sqlite:///{folder / 'mlflow.db'}", folder
 
 
-def start_server(folder: Path, port: int = 5987) -> tuple[subprocess.Popen, str]:
-    """`mlflow server` on the study's own store (its runs' artifacts are local files)."""
-    exe = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen([str(exe), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-                             "--default-artifact-root", str(folder / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], cwd=folder, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
-    import urllib.request
-
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.terminate()
-    raise TimeoutError("mlflow server did not answer in 2 min")
-
-
 def shoot(url: str, uri: str, out: Path) -> list[Path]:
     """Every view of the docs, clicked to as a user does; the files written."""
     from browser import Browser
@@ -144,6 +123,11 @@ def shoot(url: str, uri: str, out: Path) -> list[Path]:
         page.click_text("System metrics")
         time.sleep(4)
         shots.append(page.screenshot(out / "mlflow-system-metrics.png"))
+        pair = json.dumps([ft, runs["random·frozen·s0"].run_id])
+        page.open(f"{url}/#/compare-runs?runs={pair}&experiments={json.dumps([exp])}")
+        page.wait_for_text("Comparing 2 Runs")
+        time.sleep(3)
+        shots.append(page.screenshot(out / "mlflow-compare.png"))
     return shots
 
 
@@ -158,16 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(REPO / "docs" / "img"), help="folder for the PNGs (default docs/img)")
     p.add_argument("--keep", default=None, help="run the study in this folder and keep it (default: a temporary one)")
     args = p.parse_args(argv)
+    from test_tracking_support import MlflowServer
+
     work = Path(args.keep or tempfile.mkdtemp(prefix="geoprime-shots-"))
     work.mkdir(parents=True, exist_ok=True)
     uri, folder = run_study(work)
-    proc, url = start_server(folder)
+    server = MlflowServer(work / "server", db=folder / "mlflow.db").start(timeout=120)
     try:
-        for path in shoot(url, uri, Path(args.out)):
+        for path in shoot(server.uri, uri, Path(args.out)):
             print(f"[screenshots] wrote {path}")
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        server.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -1,5 +1,5 @@
 """Headless Chromium driven over the DevTools protocol: open MLflow's UI, click as a user would,
-read the rendered text, take screenshots. Used by tests/test_mlflow_browser.py and
+read the rendered text, take screenshots. Used by tests/test_study_view.py and
 docs/screenshots.py.
 
 Needs Debian's ``chromium`` (``apt-get install chromium``); the websocket client is aiohttp's
