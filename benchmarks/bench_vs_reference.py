@@ -38,7 +38,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DRIVE = "2011_09_26_drive_0001_sync"
+KITTI_DATE = "2011_09_26"
+DRIVE = f"{KITTI_DATE}_drive_0001_sync"
+#: KITTI 2011_09_26's rectified intrinsics (P_rect_02) and the stereo rig's baseline, in metres
+KITTI_K = ((721.5377, 0.0, 609.5593), (0.0, 721.5377, 172.854), (0.0, 0.0, 1.0))
+KITTI_BASELINE_M = 0.54
 STEP_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*step (\d+)/(\d+) loss")
 
 
@@ -65,14 +69,16 @@ def write_fake_kitti(raw: Path, frames: int, hw: tuple[int, int] = (375, 1242), 
     import numpy as np
     from PIL import Image
 
-    from tests.fixtures_real import KITTI_DATE, write_kitti_calib
+    from data_shards.sources.kitti_export import calib_cam_to_cam, calib_velo_to_cam
 
     split = raw / "train_files.txt"
     if split.exists():
         return split
     date_dir = raw / KITTI_DATE
-    write_kitti_calib(date_dir, hw=hw)
     h, w = hw
+    date_dir.mkdir(parents=True, exist_ok=True)
+    (date_dir / "calib_cam_to_cam.txt").write_text(calib_cam_to_cam(np.array(KITTI_K), w, h, KITTI_BASELINE_M))
+    (date_dir / "calib_velo_to_cam.txt").write_text(calib_velo_to_cam())
     rng = np.random.default_rng(seed)
     world = _texture(rng, h, w + 4 * frames + 40)
     for cam, shift in (("image_02", 0), ("image_03", 20)):  # the right view: a 20 px disparity

@@ -44,10 +44,16 @@ KITTI_K = np.array([[0.58, 0, 0.5, 0], [0, 1.92, 0.5, 0], [0, 0, 1, 0], [0, 0, 0
 
 class KittiRawJpegs(torch.utils.data.Dataset):
     """Monodepth2's ``KITTIRAWDataset`` (training mode) over split-file lines
-    ``<date>/<drive> <frame> <l|r>`` and ``image_0{2,3}/data/<frame:010d>.jpg`` files."""
+    ``<date>/<drive> <frame> <l|r>`` and ``image_0{2,3}/data/<frame:010d>.jpg`` files.
+    ``frame_ids``: its ``--frame_ids`` plus ``"s"`` (the other camera) with ``--use_stereo``.
+    ``full_res``: also what its ``preprocess`` does to the loaded full-resolution frames (scale -1:
+    ``to_tensor`` and the colour jitter, then deleted in ``__getitem__``; off by default, as the
+    step comparison of ``bench_vs_reference.py`` was measured)."""
 
-    def __init__(self, root: str, lines: list[str], height: int, width: int) -> None:
+    def __init__(self, root: str, lines: list[str], height: int, width: int,
+                 frame_ids: tuple = FRAME_IDS, full_res: bool = False) -> None:
         self.root, self.lines, self.height, self.width = Path(root), lines, height, width
+        self.frame_ids, self.full_res = tuple(frame_ids), full_res
         self.resize = {i: transforms.Resize((height // 2 ** i, width // 2 ** i),
                                             interpolation=InterpolationMode.LANCZOS)
                        for i in range(NUM_SCALES)}
@@ -79,7 +85,9 @@ class KittiRawJpegs(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         do_aug, do_flip = random.random() > 0.5, random.random() > 0.5
         folder, frame, side = self.lines[index].split()
-        raw = {i: self._color(folder, int(frame) + i, side, do_flip) for i in FRAME_IDS}
+        other = {"l": "r", "r": "l"}[side]
+        raw = {i: self._color(folder, int(frame), other, do_flip) if i == "s" else
+               self._color(folder, int(frame) + i, side, do_flip) for i in self.frame_ids}
         inputs = {}
         for scale in range(NUM_SCALES):
             K = KITTI_K.copy()
@@ -88,12 +96,18 @@ class KittiRawJpegs(torch.utils.data.Dataset):
             inputs[("K", scale)] = torch.from_numpy(K)
             inputs[("inv_K", scale)] = torch.from_numpy(np.linalg.pinv(K))
         color_aug = self._color_aug(do_aug)
-        for i in FRAME_IDS:
+        for i in self.frame_ids:
             prev = raw[i]
+            if self.full_res:  # computed, then deleted, as Monodepth2 does
+                self.to_tensor(prev), self.to_tensor(color_aug(prev))
             for scale in range(NUM_SCALES):  # chained: scale s is resized from scale s - 1
                 prev = self.resize[scale](prev)
                 inputs[("color", i, scale)] = self.to_tensor(prev)
                 inputs[("color_aug", i, scale)] = self.to_tensor(color_aug(prev))
+        if "s" in self.frame_ids:  # its stereo_T: the baseline's sign follows the flip and the side
+            stereo_T = np.eye(4, dtype=np.float32)
+            stereo_T[0, 3] = (-1 if side == "l" else 1) * (-1 if do_flip else 1) * 0.1
+            inputs["stereo_T"] = torch.from_numpy(stereo_T)
         return inputs
 
 

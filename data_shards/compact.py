@@ -4,7 +4,7 @@ Video datasets (KITTI) make every frame the target of one sample, t-1 / t+1 of t
 the other stereo view of one more, so plain shards store each image about four times. A
 compact shard stores, for every sample, a record of its own members (``json``, ``depth.png``,
 ...) as in a plain shard, then, after all records, each distinct frame once as a member
-``<frame name>.png`` (sorted by name). The manifest (format ``geoprime-shards/2``) lists the
+``<frame name>.png`` (``.jpg``; sorted by name). The manifest (format ``geoprime-shards/2``) lists the
 frames (name, data offset, size, crc32) and per sample the frame index of each image slot
 (``schema.IMAGE_KEYS``); readers (:mod:`data_shards.frames`) assemble exactly the plain sample.
 
@@ -25,8 +25,7 @@ from data_shards import schema
 from data_shards.manifest import member_crc32
 from data_shards.shard_file import TAR_BLOCK, ShardFile, WriteError
 
-IMAGE_NAMES = tuple(k[:-4] for k in schema.IMAGE_KEYS)  # rgb, rgb_prev, rgb_next, rgb_right
-FRAME_EXT = "png"
+IMAGE_NAMES = schema.IMAGE_NAMES  # rgb, rgb_prev, rgb_next, rgb_right
 _SAFE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -39,8 +38,8 @@ def _pixels_digest(img: np.ndarray) -> str:
 class CompactShardFile(ShardFile):
     """A shard whose samples share frame images: records first, then each frame once."""
 
-    def __init__(self, split_dir: str, name: str):
-        super().__init__(split_dir, name)
+    def __init__(self, split_dir: str, name: str, images: schema.ImageEncoding = schema.PNG):
+        super().__init__(split_dir, name, images)
         # An integer mtime: tarfile writes a float one (the plain writer's 0.0) as a 1 KiB PAX header per member.
         self._tar.mtime = 0
         self._spool = tempfile.TemporaryFile(dir=split_dir)  # frames wait here until the records are written
@@ -56,7 +55,7 @@ class CompactShardFile(ShardFile):
             raise WriteError(f"{self.path}: sample {key}: a compact shard needs sample['__frames__'] naming the "
                              f"frame of each image {images}, got {frames!r}")
         enc = schema.encode_sample({k: v for k, v in sample.items() if k not in IMAGE_NAMES})
-        names = {f"{n}.png": self._store(str(frames[n]), sample[n], enc["__key__"], n) for n in images}
+        names = {f"{n}.{self.images.ext}": self._store(str(frames[n]), sample[n], enc["__key__"], n) for n in images}
         self._append(enc, sample["meta"].keys(), more_keys=names)
         self._names.append(names)
 
@@ -71,7 +70,7 @@ class CompactShardFile(ShardFile):
                 raise WriteError(f"{self.path}: sample {key}: frame {name} ({slot}) has other pixels than where it "
                                  f"was first stored: the source is not deterministic, or two frames share a name")
             return name
-        data = schema.encode_rgb(img, key, slot)
+        data = schema.encode_rgb(img, key, slot, self.images)
         self._spool.seek(0, 2)
         self._frames[name] = (self._spool.tell(), len(data), digest)
         self._spool.write(data)
@@ -88,10 +87,10 @@ class CompactShardFile(ShardFile):
             off, size, _ = self._frames[n]
             self._spool.seek(off)
             data = self._spool.read(size)
-            self._tar.write({"__key__": n, FRAME_EXT: data})
+            self._tar.write({"__key__": n, self.images.ext: data})
             start = self._tar.tarstream.offset - -(-size // TAR_BLOCK) * TAR_BLOCK
-            self.stats.frames.append([f"{n}.{FRAME_EXT}", start, size, member_crc32(data)])
-        self.stats.refs = [[index[names[k]] if k in names else -1 for k in schema.IMAGE_KEYS] for names in self._names]
+            self.stats.frames.append([f"{n}.{self.images.ext}", start, size, member_crc32(data)])
+        self.stats.refs = [[index[names[k]] if k in names else -1 for k in self.images.keys] for names in self._names]
         self._spool.close()
         return super().finish()
 

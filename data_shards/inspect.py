@@ -81,11 +81,11 @@ def inspect_split(path: str, out_png: str | None, n: int = 4) -> dict[str, Any]:
     root, split = split_location(path)
     m = load_manifest(root, split)
     info = summarize(m)
-    if out_png and n > 0 and "rgb.png" not in m.keys:
+    if out_png and n > 0 and not {"rgb.png", "rgb.jpg"} & set(m.keys):
         info["contact_sheet"] = None  # nothing to show without an RGB frame in every sample
     elif out_png and n > 0:
         stream = ShardStream(StreamConfig(root, split, shuffle=False, keys=[k for k in ("rgb", "depth", "seg")
-                                                                 if f"{k}.png" in m.keys]))
+                                                                 if {f"{k}.png", f"{k}.jpg"} & set(m.keys)]))
         picked = []
         for s in stream:
             picked.append(s)

@@ -32,7 +32,7 @@ class FrameInfo(NamedTuple):
     """One frame image stored once in a compact shard (JSON: ``[name, offset, size, crc32]``)."""
 
     name: str
-    """Tar member name, ``<frame key>.png``."""
+    """Tar member name, ``<frame key>.png`` (``.jpg`` in a split of JPEG frames)."""
     offset: int
     """Byte offset of the member's *data* in the shard (its tar header is just before)."""
     size: int
@@ -158,9 +158,10 @@ def _check_frames(where: str, m: Manifest) -> None:
     if m.compact != (m.format == COMPACT_FORMAT):
         raise ManifestError(f"{where}: format {m.format!r} but frame_slots {m.frame_slots}: a compact manifest "
                             f"has both {COMPACT_FORMAT!r} and frame slots, a plain one neither")
-    if len(set(m.frame_slots)) != len(m.frame_slots) or not set(m.frame_slots) <= set(schema.IMAGE_KEYS):
+    if len(set(m.frame_slots)) != len(m.frame_slots) or not any(set(m.frame_slots) <= set(keys) for keys in
+                                                                 (schema.IMAGE_KEYS, schema.JPEG_IMAGE_KEYS)):
         raise ManifestError(f"{where}: frame_slots {m.frame_slots} must be distinct image members of "
-                            f"{', '.join(schema.IMAGE_KEYS)}")
+                            f"{', '.join(schema.IMAGE_KEYS)} (or {', '.join(schema.JPEG_IMAGE_KEYS)})")
     for s in m.shards:
         if not m.compact:
             if s.frames or s.refs:

@@ -14,6 +14,10 @@ Keys (``E`` = encoding in the shard, ``D`` = decoded type returned by :func:`dec
 ``rgb_prev.png``   Same, frame t-1 (same camera). Present only in video datasets.
 ``rgb_next.png``   Same, frame t+1 (same camera). Present only in video datasets.
 ``rgb_right.png``  Same, the right stereo camera at time t. Present only in stereo datasets.
+``rgb*.jpg``       The same four images stored as baseline JPEG instead (``--image-format jpeg``,
+                   4:4:4, the quality in the manifest's ``writer.images``): smaller and faster to
+                   decode than the PNG, lossy (docs/data.md, "Feeding a GPU"). A split holds one
+                   of the two encodings. D: the same uint8 tensor (3, H, W).
 ``depth.png``      E: 16-bit grayscale PNG, value = round(depth_m * 256) (the KITTI convention),
                    0 = invalid (sky, no LiDAR return, beyond 255.99 m).
                    D: float32 tensor (1, H, W) in metres, 0.0 where invalid. Depth is z-depth
@@ -53,6 +57,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -69,7 +74,6 @@ CITYSCAPES_CLASSES: tuple[str, ...] = (
     "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
     "truck", "bus", "train", "motorcycle", "bicycle",
 )
-NUM_CLASSES = len(CITYSCAPES_CLASSES)
 IGNORE_INDEX = 255
 DEPTH_PNG_SCALE = 256.0
 FLOW_SCALE = 64.0
@@ -77,11 +81,48 @@ FLOW_SCALE = 64.0
 FLOW_MAX = 32767 / FLOW_SCALE
 """Largest storable |flow| component in pixels (~512)."""
 
-IMAGE_KEYS = ("rgb.png", "rgb_prev.png", "rgb_next.png", "rgb_right.png")
+IMAGE_NAMES = ("rgb", "rgb_prev", "rgb_next", "rgb_right")
+IMAGE_KEYS = tuple(f"{n}.png" for n in IMAGE_NAMES)
+JPEG_IMAGE_KEYS = tuple(f"{n}.jpg" for n in IMAGE_NAMES)
+"""The image members of a split written with ``--image-format jpeg``."""
 ALL_KEYS = IMAGE_KEYS + ("depth.png", "seg.png", "flow.npz", "json")
 LEGACY_KEYS = ("flow.npy",)
 """Members of older schema versions that readers still decode (writers never produce them)."""
-KNOWN_KEYS = ALL_KEYS + LEGACY_KEYS
+KNOWN_KEYS = ALL_KEYS + JPEG_IMAGE_KEYS + LEGACY_KEYS
+RGB_KEYS = IMAGE_KEYS + JPEG_IMAGE_KEYS
+
+
+@dataclass(frozen=True)
+class ImageEncoding:
+    """How the RGB frames of a split are stored: lossless PNG (the default) or JPEG at ``quality``."""
+
+    format: str = "png"
+    """png | jpeg"""
+    quality: int = 95
+    """JPEG quality (1-100; 4:4:4, no chroma subsampling); unused for PNG."""
+
+    def __post_init__(self) -> None:
+        if self.format not in ("png", "jpeg"):
+            raise SchemaError(f"image format {self.format!r}: expected png or jpeg")
+        if not 1 <= int(self.quality) <= 100:
+            raise SchemaError(f"JPEG quality {self.quality}: expected 1..100")
+
+    @property
+    def ext(self) -> str:
+        """The member extension of an image: ``png`` or ``jpg``."""
+        return "png" if self.format == "png" else "jpg"
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The four image members in this encoding (``rgb.png`` ... or ``rgb.jpg`` ...)."""
+        return IMAGE_KEYS if self.format == "png" else JPEG_IMAGE_KEYS
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's record of it (``writer.images``)."""
+        return {"format": self.format, "quality": int(self.quality)}
+
+
+PNG = ImageEncoding()
 
 
 MAX_IMAGE_PIXELS = 1 << 25
@@ -139,20 +180,21 @@ def encode_depth(depth_m: np.ndarray) -> bytes:
     return _png_bytes(scaled.astype(np.uint16))
 
 
-def encode_sample(sample: dict[str, Any]) -> dict[str, Any]:
+def encode_sample(sample: dict[str, Any], images: ImageEncoding = PNG) -> dict[str, Any]:
     """Turn a sample of numpy arrays / dicts into the bytes stored in the tar.
 
     Accepts ``rgb*`` as uint8 (H, W, 3), ``depth`` as float metres (H, W), ``seg`` as
     uint8 (H, W), ``flow`` as float32 (H, W, 3), ``meta`` as dict. Returns a dict with
-    ``__key__`` and schema keys mapped to bytes, ready for ``webdataset.TarWriter``.
+    ``__key__`` and schema keys mapped to bytes, ready for ``webdataset.TarWriter``; the RGB
+    images as ``images`` says (``rgb.png`` or ``rgb.jpg``).
     """
     key = sample.get("__key__")
     if not isinstance(key, str) or not key or any(c in key for c in "./\\ "):
         raise SchemaError(f"sample key {key!r}: must be a non-empty string without '.', '/', spaces")
     out: dict[str, Any] = {"__key__": key}
-    for name in ("rgb", "rgb_prev", "rgb_next", "rgb_right"):
+    for name in IMAGE_NAMES:
         if name in sample:
-            out[f"{name}.png"] = encode_rgb(sample[name], key, name)
+            out[f"{name}.{images.ext}"] = encode_rgb(sample[name], key, name, images)
     if "depth" in sample:
         out["depth.png"] = encode_depth(sample["depth"])
     if "seg" in sample:
@@ -169,13 +211,17 @@ def encode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def encode_rgb(img: Any, key: str = "?", name: str = "rgb") -> bytes:
-    """uint8 (H, W, 3) image -> the PNG bytes of an ``rgb*.png`` member (the one RGB encoder, so
-    compact shards' shared frames are byte-identical to the members of plain shards)."""
+def encode_rgb(img: Any, key: str = "?", name: str = "rgb", images: ImageEncoding = PNG) -> bytes:
+    """uint8 (H, W, 3) image -> the bytes of an ``rgb*.png`` (or ``.jpg``) member (the one RGB
+    encoder, so compact shards' shared frames are byte-identical to the members of plain shards)."""
     img = np.asarray(img)
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise SchemaError(f"sample {key}: {name} must be uint8 (H, W, 3), got {img.dtype} {img.shape}")
-    return _png_bytes(img)
+    if images.format == "png":
+        return _png_bytes(img)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=int(images.quality), subsampling=0)
+    return buf.getvalue()
 
 
 def encode_flow(flow: Any, key: str = "?") -> bytes:
@@ -258,6 +304,56 @@ def decode_png(data: bytes, expected_hw: Optional[tuple[int, int]] = None) -> np
         return np.array(im)  # a writable copy: tensors made from it may be changed in place
 
 
+_JPEG_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+
+
+def jpeg_header_hw(data: bytes) -> Optional[tuple[int, int]]:
+    """(height, width) from a JPEG's frame header (SOF marker), without decoding; None when
+    ``data`` is no JPEG or has no frame header before its end."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in _JPEG_SOF:
+            if i + 9 > len(data):
+                return None
+            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+        i += 2 + length
+    return None
+
+
+def decode_rgb(data: bytes, expected_hw: Optional[tuple[int, int]] = None, jpeg: bool = False) -> "torch.Tensor":
+    """An ``rgb*.png`` (``jpeg``: ``rgb*.jpg``) member -> uint8 tensor (3, H, W), decoded by
+    torchvision.io (libpng / libjpeg-turbo) straight into the channels-first layout. The header's size
+    is checked first (:func:`check_image_hw`); a PNG must be 8-bit RGB (colour type 2) by its header."""
+    import torch  # not at module level: the CLI and the trainer's config checks import this module
+    from torchvision.io import ImageReadMode, decode_jpeg, decode_png as tv_decode_png
+
+    if jpeg:
+        hw = jpeg_header_hw(data)
+        if hw is None:
+            raise SchemaError("not a JPEG (no SOI marker or frame header)")
+        check_image_hw(hw, expected_hw, "JPEG header")
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    hw = png_header_hw(data)
+    if hw is None:
+        raise SchemaError("not a PNG (no signature or IHDR chunk)")
+    check_image_hw(hw, expected_hw)
+    if data[24] != 8 or data[25] != 2:
+        raise SchemaError(f"expected 8-bit RGB, the PNG header says bit depth {data[24]}, colour type {data[25]}")
+    return tv_decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+
+
 def decode_sample(raw: dict[str, Any], where: str = "", image_hw: Optional[tuple[int, int]] = None) -> dict[str, Any]:
     """Raw tar members (bytes) -> tensors of the documented dtypes.
 
@@ -275,11 +371,8 @@ def decode_sample(raw: dict[str, Any], where: str = "", image_hw: Optional[tuple
         if name.startswith("__"):
             continue
         try:
-            if name in IMAGE_KEYS:
-                arr = decode_png(data, image_hw)
-                if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-                    raise SchemaError(f"expected 8-bit RGB, got {arr.dtype} {arr.shape}")
-                out[name[:-4]] = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+            if name in RGB_KEYS:
+                out[name[:-4]] = decode_rgb(data, image_hw, jpeg=name.endswith(".jpg"))
             elif name == "depth.png":
                 arr = decode_png(data, image_hw)
                 if arr.dtype != np.uint16 or arr.ndim != 2:

@@ -60,7 +60,8 @@ def intersect(a: list[str] | None, b: Iterable[str]) -> list[str]:
 class ShardFile:
     """One shard being written to a temporary name; :meth:`finish` renames it into place."""
 
-    def __init__(self, split_dir: str, name: str):
+    def __init__(self, split_dir: str, name: str, images: schema.ImageEncoding = schema.PNG):
+        self.images = images
         self.path = os.path.join(split_dir, name)
         self.tmp = os.path.join(split_dir, f".{name}.tmp-{os.getpid()}")
         self.stats = ShardStats(name)
@@ -71,7 +72,7 @@ class ShardFile:
 
     def add(self, sample: dict[str, Any]) -> None:
         """Encode and append one sample."""
-        self._append(schema.encode_sample(sample), sample["meta"].keys())
+        self._append(schema.encode_sample(sample, self.images), sample["meta"].keys())
 
     def _append(self, enc: dict[str, Any], meta_fields: Iterable[str], more_keys: Iterable[str] = ()) -> None:
         """Append one encoded sample record and account for it (``more_keys``: members the sample

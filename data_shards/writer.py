@@ -97,9 +97,20 @@ def _finalize(split_dir: str, split: str, stats: list[ShardStats], source: dict,
               for st in stats]
     m = Manifest(split=split, shards=shards, keys=keys or [], meta_fields=meta or [], source=json.loads(_canon(source)),
                  writer=writer, format=COMPACT_FORMAT if compact else MANIFEST_FORMAT,
-                 frame_slots=list(schema.IMAGE_KEYS) if compact else [])
+                 frame_slots=list(_encoding(writer).keys) if compact else [])
     write_manifest(split_dir, m)
     return m
+
+
+def _encoding(writer: dict) -> schema.ImageEncoding:
+    """The image encoding a build's writer settings name (``images``; absent: PNG)."""
+    images = writer.get("images")
+    return schema.ImageEncoding(images["format"], images["quality"]) if images else schema.PNG
+
+
+def _writer_settings(settings: dict, images: schema.ImageEncoding) -> dict:
+    """The manifest's ``writer`` record; PNG builds keep the record (and bytes) they always had."""
+    return settings if images == schema.PNG else {**settings, "images": images.describe()}
 
 
 def _start(out_dir: str, split: str, source: dict, writer: dict) -> tuple[str, Manifest | None]:
@@ -118,8 +129,9 @@ def _start(out_dir: str, split: str, source: dict, writer: dict) -> tuple[str, M
 
 def write_split(samples: Iterable[dict], out_dir: str, split: str, *, source: dict,
                 max_count: int = DEFAULT_MAX_COUNT, max_size: int = DEFAULT_MAX_SIZE,
-                progress: bool = True, total: int | None = None) -> Manifest:
-    """Write ``samples`` (``schema.encode_sample`` inputs) as ``<out_dir>/<split>/`` shards.
+                progress: bool = True, total: int | None = None, images: schema.ImageEncoding = schema.PNG) -> Manifest:
+    """Write ``samples`` (``schema.encode_sample`` inputs) as ``<out_dir>/<split>/`` shards, RGB
+    frames as ``images`` says.
 
     ``source`` identifies the input (dataset name, its config, resolution, resize policy):
     if a complete, intact manifest with the same ``source`` and limits exists, nothing is
@@ -127,7 +139,7 @@ def write_split(samples: Iterable[dict], out_dir: str, split: str, *, source: di
     """
     if max_count < 1 or max_size < 1:
         raise WriteError(f"max_count={max_count} and max_size={max_size} must be >= 1")
-    writer = {"mode": "stream", "max_count": max_count, "max_size": max_size}
+    writer = _writer_settings({"mode": "stream", "max_count": max_count, "max_size": max_size}, images)
     split_dir, done = _start(out_dir, split, source, writer)
     if done is not None:
         return done
@@ -137,7 +149,7 @@ def write_split(samples: Iterable[dict], out_dir: str, split: str, *, source: di
     try:
         for sample in samples:
             if shard is None:
-                shard = ShardFile(split_dir, shard_name(split, len(stats)))
+                shard = ShardFile(split_dir, shard_name(split, len(stats)), images)
             shard.add(sample)
             bar.update(1)
             if shard.stats.count >= max_count or shard.size >= max_size:
@@ -161,13 +173,13 @@ def _chunk_fingerprint(source: dict, n_chunks: int, index: int) -> str:
 
 
 def _write_chunk(split_dir: str, name: str, make_samples: Callable[[], Iterable[dict]], fingerprint: str,
-                 compact: bool = False) -> ShardStats:
+                 compact: bool = False, images: schema.ImageEncoding = schema.PNG) -> ShardStats:
     """Write one chunk's shard (compact: frames stored once, :mod:`data_shards.compact`), then its
     completion record (in ``.progress/``)."""
     if compact:
-        shard: ShardFile = CompactShardFile(split_dir, name)
+        shard: ShardFile = CompactShardFile(split_dir, name, images)
     else:
-        shard = ShardFile(split_dir, name)
+        shard = ShardFile(split_dir, name, images)
     try:
         for sample in make_samples():
             shard.add(sample)
@@ -204,7 +216,8 @@ def _finished_chunk(split_dir: str, name: str, fingerprint: str) -> ShardStats |
 
 
 def write_split_parallel(chunks: Sequence[Callable[[], Iterable[dict]]], out_dir: str, split: str, *,
-                         source: dict, workers: int = 1, progress: bool = True, compact: bool = False) -> Manifest:
+                         source: dict, workers: int = 1, progress: bool = True, compact: bool = False,
+                         images: schema.ImageEncoding = schema.PNG) -> Manifest:
     """Write chunk ``i`` (a picklable zero-argument callable yielding samples) as shard ``i``.
 
     Chunks run in ``workers`` processes. An interrupted build resumes: a chunk whose shard
@@ -213,16 +226,19 @@ def write_split_parallel(chunks: Sequence[Callable[[], Iterable[dict]]], out_dir
     be deterministic (e.g. sorted frame list cut every N frames) for resume to be sound.
     ``compact``: each distinct frame image (the samples' ``__frames__`` names) is stored once per
     shard and samples refer to it (:mod:`data_shards.compact`); readers assemble the same samples.
+    ``images``: how RGB frames are stored (PNG, or JPEG at a quality; recorded in ``writer.images``).
     """
     if workers < 1:
         raise WriteError(f"workers={workers} must be >= 1")
-    writer = {"mode": "chunks", "n_chunks": len(chunks), **({"layout": "compact"} if compact else {})}
+    writer = _writer_settings({"mode": "chunks", "n_chunks": len(chunks), **({"layout": "compact"} if compact else {})},
+                              images)
     split_dir, done = _start(out_dir, split, source, writer)
     if done is not None:
         return done
     os.makedirs(os.path.join(split_dir, _PROGRESS_DIR), exist_ok=True)
     names = [shard_name(split, i) for i in range(len(chunks))]
     keyed = {**source, "__layout__": "compact"} if compact else source  # a plain chunk never passes for compact
+    keyed = keyed if images == schema.PNG else {**keyed, "__images__": images.describe()}
     prints = [_chunk_fingerprint(keyed, len(chunks), i) for i in range(len(chunks))]
     stats: list[ShardStats | None] = [_finished_chunk(split_dir, n, fp) for n, fp in zip(names, prints)]
     todo = [i for i, st in enumerate(stats) if st is None]
@@ -232,14 +248,14 @@ def write_split_parallel(chunks: Sequence[Callable[[], Iterable[dict]]], out_dir
         if workers == 1 or len(todo) <= 1:
             for i in todo:
                 try:
-                    stats[i] = _write_chunk(split_dir, names[i], chunks[i], prints[i], compact)
+                    stats[i] = _write_chunk(split_dir, names[i], chunks[i], prints[i], compact, images)
                 except Exception as e:
                     e.add_note(f"while writing chunk {i} ({names[i]}) of {split_dir}")
                     raise
                 bar.update(1)
         else:
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = {pool.submit(_write_chunk, split_dir, names[i], chunks[i], prints[i], compact): i
+                futures = {pool.submit(_write_chunk, split_dir, names[i], chunks[i], prints[i], compact, images): i
                            for i in todo}
                 for fut in as_completed(futures):
                     i = futures[fut]

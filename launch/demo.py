@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from launch.grid import study_root, study_uri
-from launch.study import REPO, _terminate, run_study
+from launch.study import REPO, run_study, stop_on_signal
 from launch.study_config import load_study
 from trainer import tracking
 
@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--verbose", action="store_true", help="show every job's output")
     p.add_argument("overrides", nargs="*", help="Hydra overrides of the demo study, e.g. study.seeds=[0,1,2]")
     args = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)  # a killed demo also ends the job it is running
+    signal.signal(signal.SIGTERM, stop_on_signal)  # a killed demo also ends the job it is running
     start = time.monotonic()
     data, other = _absolute(args.data), _absolute(args.data_other)
     try:

@@ -279,7 +279,7 @@ def emit_k8s(study: StudyConfig, args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- CLI
 
 
-def _terminate(signum, frame) -> None:
+def stop_on_signal(signum, frame) -> None:
     """SIGTERM / SIGHUP -> :class:`StudyStopped`: the running jobs get the signal and checkpoint, the parent
     run is marked KILLED."""
     raise StudyStopped(signum)
@@ -310,7 +310,7 @@ def main(argv: list[str]) -> int:
                        help="checkpoint cadence of every job whose overrides set none")
     args = p.parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGHUP):  # a stopped study stops its jobs, which checkpoint
-        signal.signal(sig, _terminate)
+        signal.signal(sig, stop_on_signal)
     try:
         study = load_study(args.overrides)
         if args.emit == "k8s":

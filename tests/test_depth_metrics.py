@@ -5,9 +5,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from trainer.losses.depth_supervised import masked_l1, scale_invariant_log
-from trainer.losses.smoothness import edge_aware_smoothness, normalize_disp
+from trainer.losses.smoothness import edge_aware_smoothness, multiscale_smoothness, normalize_disp
 from trainer.metrics.depth import DepthMetric, crop_mask, depth_errors, median
 from trainer.visuals import depth_panel
 
@@ -107,6 +108,15 @@ def test_edge_aware_smoothness_hand_computed():
     assert float(edge_aware_smoothness(disp, img)) == pytest.approx(2 * math.exp(-1) + 1)
     nd = normalize_disp(disp)
     assert float(nd.mean()) == pytest.approx(1.0)
+
+
+def test_multiscale_smoothness_is_the_mean_of_the_scales_against_the_area_downsampled_image():
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(2, 3, 8, 12, generator=g)
+    disps = [torch.rand(2, 1, 8 >> s, 12 >> s, generator=g) for s in (0, 2)]
+    by_hand = [edge_aware_smoothness(normalize_disp(disps[0]), img),
+               edge_aware_smoothness(normalize_disp(disps[1]), F.avg_pool2d(img, 4)) / 4]
+    assert float(multiscale_smoothness(disps, img, (0, 2))) == pytest.approx(float(sum(by_hand) / 2), rel=1e-6)
 
 
 def test_depth_panel_shape():

@@ -122,10 +122,11 @@ def test_train_transform_is_seeded_and_keeps_loss_frames_unaugmented(batch):
     sample = {k: (v[0] if not isinstance(v, list) else v[0]) for k, v in batch.items()}
     a = task.train_transform(sample, torch.Generator().manual_seed(3))
     b = task.train_transform(sample, torch.Generator().manual_seed(3))
-    for k in ("rgb", "rgb_prev", "rgb_next", "rgb_right"):
+    for k in ("rgb", "rgb_prev", "rgb_next"):
         assert torch.equal(a[k], sample[k])                      # the loss's frames: untouched
         assert torch.equal(a["aug_" + k], b["aug_" + k])         # generator-only randomness
         assert not torch.equal(a["aug_" + k], sample[k])         # the networks' frames: jittered
+    assert torch.equal(a["rgb_right"], sample["rgb_right"]) and "aug_rgb_right" not in a  # loss only
     flipped = _task(supervision="mono_stereo", flip_prob=1.0, jitter_prob=0.0).train_transform(
         sample, torch.Generator().manual_seed(0))
     assert torch.equal(flipped["rgb"], sample["rgb"].flip(-1)) and torch.equal(flipped["aug_rgb"], flipped["rgb"])

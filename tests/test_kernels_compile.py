@@ -16,7 +16,7 @@ def test_kernels_compile_for_sm90_without_heavy_spills():
     the warped sources and the target."""
     infos = aot.compile_kernels(arch=90, dtype=torch.bfloat16, n_sources=4, grad_mask=0b1100,
                                 grad_target=True)
-    assert [i.name for i in infos] == ["_fwd_kernel", "_bwd_coef_kernel", "_bwd_grad_kernel"]
+    assert [i.name for i in infos] == ["fwd_kernel", "bwd_coef_kernel", "bwd_grad_kernel"]
     for info in infos:
         assert 0 < info.registers <= 255 and info.ptx_lines > 100, info
         # A few bytes of stack are harmless; tens of bytes per thread mean the tile is too big.

@@ -196,8 +196,8 @@ def test_schema_v1_shards_with_float32_flow_are_still_read(tmp_path, monkeypatch
 
     encode = schema.encode_sample
 
-    def encode_v1(sample):
-        out = encode(sample)
+    def encode_v1(sample, *images):
+        out = encode(sample, *images)
         del out["flow.npz"]
         buf = io.BytesIO()
         np.save(buf, np.asarray(sample["flow"], np.float32), allow_pickle=False)

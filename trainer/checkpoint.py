@@ -60,10 +60,6 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_save(path, lambda tmp: torch.save(obj, tmp))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_text(path, text, fsync=True)
-
-
 def list_checkpoints(root: str | Path) -> list[Path]:
     """Checkpoint directories under ``root``, newest step first (whole or not)."""
     root = Path(root)
@@ -137,7 +133,7 @@ class Checkpointer:
             if final.exists():  # a damaged leftover of the same step
                 shutil.rmtree(final)
             os.rename(partial, final)
-            _atomic_write_text(self.root / LATEST, final.name + "\n")
+            atomic_write_text(self.root / LATEST, final.name + "\n", fsync=True)
         t_prune = time.perf_counter()
         if eng.is_logging_rank and not stopping:
             self._prune(keep=final)

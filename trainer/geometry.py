@@ -13,6 +13,7 @@ Under mixed precision the functions that turn depth and pose into pixel coordina
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -167,37 +168,153 @@ def warp_frame(src_image: Tensor, depth_t: Tensor, T_src_from_t: Tensor, K: Tens
 
 
 
+def _padded(x: Tensor, pad: int) -> Tensor:
+    lead, (h, w) = x.shape[:-2], x.shape[-2:]
+    out = F.pad(x.reshape(-1, 1, h, w), (1, 1, 1, 1), mode="reflect")
+    if pad > 1:
+        out = F.pad(out, (pad - 1,) * 4, mode="replicate")
+    return out.reshape(*lead, h + 2 * pad, w + 2 * pad)
+
+
+def _fold(g: Tensor, pad: int) -> Tensor:
+    """Adjoint of :func:`pad_image`: each padded pixel's gradient added onto the pixel it copies."""
+    h, w = g.shape[-2] - 2 * pad, g.shape[-1] - 2 * pad
+    cols = g[..., :, pad:pad + w].clone()
+    for j, src in enumerate(pixel_coordinates(w, pad, torch.int64).tolist()):
+        if not pad <= j < pad + w:
+            cols[..., :, src] += g[..., :, j]
+    out = cols[..., pad:pad + h, :].clone()
+    for i, src in enumerate(pixel_coordinates(h, pad, torch.int64).tolist()):
+        if not pad <= i < pad + h:
+            out[..., src, :] += cols[..., i, :]
+    return out
+
+
+class _PadImage(torch.autograd.Function):
+    """:func:`pad_image` with a backward of two copies and a few row / column adds (torch's
+    replication-pad backward is several times slower on a depth stack; docs/depth.md)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, pad: int) -> Tensor:
+        ctx.pad = pad
+        return _padded(x, pad)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return _fold(g, ctx.pad), None
+
+
+def pad_image(x: Tensor, pad: int) -> Tensor:
+    """Pad the last two dims (any leading dims; sides >= 2) by ``pad``: reflection by one pixel
+    (what SSIM's windows see), then the border replicated for the other ``pad - 1``."""
+    return _PadImage.apply(x, pad) if pad else x
+
+
+def pixel_coordinates(size: int, pad: int = 0, dtype: torch.dtype = torch.float32,
+                      device: torch.device | str = "cpu") -> Tensor:
+    """Pixel coordinates 0 .. size-1 along one axis, padded like :func:`pad_image` (size 5, pad 2:
+    [1, 1, 0, 1, 2, 3, 4, 3, 3]): where each pixel of a padded image comes from."""
+    i = torch.arange(-pad, size + pad, device=device).clamp(-1, size).abs()
+    return ((size - 1) - (size - 1 - i).abs()).to(dtype)
+
+
+def _depth(depths: Tensor, disp_range: tuple[float, float] | None) -> Tensor:
+    """``depths`` as depth: as given, or the network's disparity in [0, 1] through :func:`disp_to_depth`'s
+    formula when ``disp_range`` = (1 / max_depth, 1 / min_depth)."""
+    if disp_range is None:
+        return depths
+    return 1.0 / (disp_range[0] + (disp_range[1] - disp_range[0]) * depths)
+
+
+def sampling_grid(depths: Tensor, Ap: Tensor, c: Tensor, height: int, width: int,
+                  disp_range: tuple[float, float] | None = None, eps: float = 1e-7) -> Tensor:
+    """Where target pixels land in a source image, as ``grid_sample`` coordinates (B, S, H', W', 2).
+
+    A target pixel p with depth ``d = depths[b, s, i, j]`` (B, S, H', W'; disparities when
+    ``disp_range`` is given, see :func:`_depth`) sits at ``d * A p + c`` in the source camera
+    (``Ap`` (B, 3, H', W'): A p with A = K R K^-1; ``c`` (B, 3): K t), which projects to pixel
+    (x / z, y / z), z clamped at ``eps``; normalised for a ``height`` x ``width`` source
+    (``align_corners=True``). Element-wise only: inductor fuses it into one loop."""
+    b = Ap.shape[0]
+    depths = _depth(depths, disp_range)
+    x, y, z = (depths * Ap[:, k:k + 1] + c[:, k].view(b, 1, 1, 1) for k in range(3))
+    z = z.clamp(min=eps)
+    return torch.stack([(x / z) * (2.0 / max(width - 1, 1)) - 1.0, (y / z) * (2.0 / max(height - 1, 1)) - 1.0],
+                       dim=-1)
+
+
+def sampling_grid_backward(g: Tensor, depths: Tensor, Ap: Tensor, c: Tensor, height: int, width: int,
+                           disp_range: tuple[float, float] | None = None,
+                           eps: float = 1e-7) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`sampling_grid` for the upstream gradient ``g`` (B, S, H', W', 2):
+    (depths (B, S, H', W'), Ap (B, 3, H', W'), c as per-pixel maps (B, 3, H', W') still to be summed)."""
+    b = Ap.shape[0]
+    depths = _depth(depths, disp_range)
+    x, y, z_raw = (depths * Ap[:, k:k + 1] + c[:, k].view(b, 1, 1, 1) for k in range(3))
+    z = z_raw.clamp(min=eps)
+    gx = g[..., 0] * (2.0 / max(width - 1, 1)) / z
+    gy = g[..., 1] * (2.0 / max(height - 1, 1)) / z
+    gz = -(gx * x + gy * y) / z * (z_raw >= eps)  # the clamp passes the gradient at the bound, as torch
+    grad_cam = torch.stack([gx, gy, gz], dim=1)  # (B, 3, S, H', W')
+    grad_depths = gx * Ap[:, 0:1] + gy * Ap[:, 1:2] + gz * Ap[:, 2:3]
+    grad_cam_d = (grad_cam * depths.unsqueeze(1)).sum(2)
+    if disp_range is not None:  # d depth / d disparity = -(max_disp - min_disp) * depth^2
+        grad_depths = grad_depths * (-(disp_range[1] - disp_range[0]) * depths * depths)
+    return grad_depths, grad_cam_d, grad_cam.sum(2)
+
+
+GRID_EAGER = SimpleNamespace(forward=sampling_grid, backward=sampling_grid_backward)
+""":class:`SamplingGrid`'s two functions (``trainer.kernels.compiled_cpu.grid_functions`` compiles them)."""
+
+
+class SamplingGrid(torch.autograd.Function):
+    """:func:`sampling_grid` with its hand-written gradient (:func:`sampling_grid_backward`): one
+    pass, where autograd through the compiled forward reduced A's and t's gradients in ~12 passes
+    (3-4x slower; docs/depth.md)."""
+
+    @staticmethod
+    def forward(ctx, depths: Tensor, Ap: Tensor, c: Tensor, height: int, width: int,
+                disp_range: tuple[float, float] | None, fns: SimpleNamespace):
+        ctx.save_for_backward(depths, Ap, c)
+        ctx.meta = (height, width, disp_range, fns)
+        return fns.forward(depths, Ap, c, height, width, disp_range)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        height, width, disp_range, fns = ctx.meta
+        grad_depths, grad_ap, grad_c = fns.backward(g.contiguous(), *ctx.saved_tensors, height, width, disp_range)
+        return grad_depths, grad_ap, grad_c.sum(dim=(2, 3)), None, None, None, None
+
+
 @full_precision
-def reprojection_coefficients(T_src_from_t: Tensor, K: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
-    """The depth-independent part of warping target pixels into a source camera.
-
-    For target pixel p = [u, v, 1] at depth d, the source camera sees ``K (R d K^-1 p + t)`` =
-    ``d * (K R K^-1 p) + K t``. Returns (M (B, H*W, 3) with rows ``K R K^-1 p``, Kt (B, 1, 3)),
-    so that warping with several depth maps (e.g. every decoder scale, upsampled) costs one
-    multiply-add per depth instead of a backprojection, a transform and a projection each."""
-    dtype = T_src_from_t.dtype if T_src_from_t.is_floating_point() else torch.float32
-    Kf = K.to(dtype)
-    T = T_src_from_t.to(dtype)
-    KRKinv = Kf @ T[:, :3, :3] @ torch.linalg.inv(Kf)
-    grid = pixel_grid(T.shape[0], height, width, dtype, T.device)  # (B, 3, N)
-    return grid.transpose(1, 2) @ KRKinv.transpose(1, 2), (Kf @ T[:, :3, 3:4]).transpose(1, 2)
-
-
-@full_precision
-def warp_depths(src_image: Tensor, depths: Tensor, M: Tensor, Kt: Tensor, padding: str = "border",
-                eps: float = 1e-7) -> Tensor:
+def warp_scales(src_image: Tensor, depths: Tensor, T_src_from_t: Tensor, K: Tensor, pad: int = 0,
+                padding: str = "border", grid_fns: SimpleNamespace | None = None,
+                disp_range: tuple[float, float] | None = None) -> Tensor:
     """Warp ``src_image`` (B, C, H, W) into the target view once per depth map in ``depths``
-    (S, B, 1, H, W), with :func:`reprojection_coefficients` (M, Kt) of the source's pose.
+    (B, S, H, W), e.g. every decoder scale upsampled: (B, C, S, H + 2 pad, W + 2 pad). With
+    ``disp_range`` = (1 / max_depth, 1 / min_depth), ``depths`` holds the network's [0, 1]
+    disparities instead, turned into depth as :func:`disp_to_depth` does, inside the projection.
 
-    Returns (S*B, C, H, W), scale-major. Same sampling as :func:`warp_frame` (bilinear,
-    ``align_corners=True``, source depth clamped at ``eps``), without its validity mask."""
-    s, b, _, h, w = depths.shape
-    if src_image.shape[0] != b or src_image.shape[-2:] != (h, w):
-        raise ValueError(f"warp_depths: source {tuple(src_image.shape)} and depths {tuple(depths.shape)} "
+    Same sampling as :func:`warp_frame` (bilinear, ``align_corners=True``, source depth clamped at
+    1e-7), without its validity mask. ``pad``: the output is the warp padded by ``pad`` pixels as
+    :func:`pad_image` pads, sampled directly (a padded pixel samples where the pixel it copies does,
+    so the values are the padded warp's exactly, and its gradient reaches that pixel's depth).
+    ``grid_fns``: :data:`GRID_EAGER` (default) or compiled copies. One ``grid_sample`` for all
+    scales: the scales are stacked along the output's height, the source is never copied."""
+    b, s, h, w = depths.shape
+    if src_image.dim() != 4 or src_image.shape[0] != b or src_image.shape[-2:] != (h, w):
+        raise ValueError(f"warp_scales: source {tuple(src_image.shape)} and depths {tuple(depths.shape)} "
                          "must share B, H, W")
-    cam = depths.reshape(s, b, h * w, 1) * M.to(depths.dtype) + Kt.to(depths.dtype)  # (S, B, N, 3)
-    uv = cam[..., :2] / cam[..., 2:].clamp(min=eps)
-    scale = uv.new_tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)])
-    grid = (uv * scale - 1.0).reshape(s * b, h, w, 2)
-    src = src_image.unsqueeze(0).expand(s, *src_image.shape).reshape(s * b, *src_image.shape[1:])
-    return F.grid_sample(src, grid.to(src.dtype), mode="bilinear", padding_mode=padding, align_corners=True)
+    Kf = K.to(depths.dtype)
+    T = T_src_from_t.to(depths.dtype)
+    hp, wp = h + 2 * pad, w + 2 * pad
+    u = pixel_coordinates(w, pad, depths.dtype, depths.device)
+    v = pixel_coordinates(h, pad, depths.dtype, depths.device)
+    pixels = torch.stack([u.repeat(hp), v.repeat_interleave(wp), torch.ones_like(u).repeat(hp)])  # (3, H' W')
+    Ap = (Kf @ T[:, :3, :3] @ torch.linalg.inv(Kf) @ pixels).reshape(b, 3, hp, wp)
+    c = (Kf @ T[:, :3, 3:4])[..., 0]
+    grid = SamplingGrid.apply(pad_image(depths, pad), Ap, c, h, w, disp_range, grid_fns or GRID_EAGER)
+    out = F.grid_sample(src_image, grid.reshape(b, s * hp, wp, 2).to(src_image.dtype), mode="bilinear",
+                        padding_mode=padding, align_corners=True)
+    return out.reshape(b, src_image.shape[1], s, hp, wp)

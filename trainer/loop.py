@@ -40,6 +40,7 @@ from trainer.resume_check import check_resume_config
 from trainer.run_lock import OutDirLock
 from trainer.run_state import Progress, RankBuffers, RNGState
 from trainer.selection import BestCheckpoint
+from trainer.tasks import build_task
 from trainer.train_log import TrainLog
 
 log = logging.getLogger("geoprime.loop")
@@ -74,10 +75,6 @@ def shard_loader_factory(cfg: Any, task: Any, engine: Engine) -> LoaderFactory:
         return build_loader(stream, int(cfg.train.batch_size), num_workers=int(d.num_workers), drop_last=train)
 
     return make
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
 
 
 def _config_yaml(cfg: Any) -> str:
@@ -115,18 +112,6 @@ def _maybe_kill(step: int, rank: int) -> None:
         log.warning("test hook: killing rank %d at step %d", rank, step)
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _build_task(cfg: Any) -> Any:
-    """The task of ``cfg.task``; its config validation errors are :class:`ConfigError`s."""
-    from trainer.tasks import build_task
-
-    try:
-        return build_task(cfg.task, cfg)
-    except (ValueError, KeyError, TypeError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"task={cfg.task.get('name')}: {e}") from e
 
 
 @dataclass
@@ -179,7 +164,7 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
     try:
         if isinstance(cfg, DictConfig):
             check_known_keys(cfg)
-        task = task if task is not None else _build_task(cfg)
+        task = task if task is not None else build_task(cfg)
         # everything the run will read, checked before step 1 and before any process group starts
         plan = preflight(cfg, task) if loaders is None else RunPlan(cfg.data.val_split, cfg.data.test_split)
         times.mark("preflight")
@@ -310,7 +295,7 @@ def _start_tracking(run: _Run, resumed: bool) -> None:
     run.progress.run_id = engine.broadcast_object(getattr(run.tracker, "run_id", None))
     if engine.is_logging_rank:
         yaml_text = _config_yaml(run.cfg)
-        _atomic_write_text(Path(run.cfg.out_dir) / "config.yaml", yaml_text)
+        atomic_write_text(Path(run.cfg.out_dir) / "config.yaml", yaml_text)
         if not resumed:
             run.tracker.log_config(yaml_text)
             run.tracker.log_params({f"engine.{k}": v for k, v in engine.describe().items()})
@@ -464,7 +449,7 @@ def _finish(run: _Run, train_logs: dict[str, float], val_loader: Any) -> dict[st
     if run.best is not None:
         result["best"] = _report_best(run, total, test_metrics)
     if engine.is_logging_rank:
-        _atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2, sort_keys=True))
+        atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2, sort_keys=True))
         tracker.log_artifact(str(out_dir / "metrics.json"))
         tracker.log_artifact(str(out_dir / "config.yaml"))
     engine.barrier()

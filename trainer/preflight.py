@@ -242,13 +242,13 @@ def check_job(overrides: list[str], world_size: int) -> Any:
     from trainer.run_lock import is_locked
 
     cfg, _ = load_run_config(overrides)  # before anything heavy is imported: a typo is answered at once
-    from trainer.loop import _build_task
+    from trainer.tasks import build_task
 
     holder = is_locked(cfg.out_dir)
     if holder:
         raise ConfigError(f"out_dir={cfg.out_dir!r} is in use by {holder}; wait for that job, stop it, "
                           "or give this one another out_dir=...")
-    preflight(cfg, _build_task(cfg), world_size=world_size)
+    preflight(cfg, build_task(cfg), world_size=world_size)
     return cfg
 
 

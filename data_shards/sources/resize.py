@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from data_shards import schema
+
 log = logging.getLogger(__name__)
 
 
@@ -206,6 +208,17 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                     help="resize every image to HxW (RGB bilinear, labels nearest, depth z-buffer); K scaled")
     _add_if_missing(parser, "--max-samples-per-shard", type=int, default=256, help="samples per shard tar")
     _add_if_missing(parser, "--no-progress", action="store_true", help="no progress bar")
+    _add_if_missing(parser, "--image-format", default="png", choices=["png", "jpeg"],
+                    help="RGB frames as lossless PNG (default) or JPEG (4:4:4, lossy: smaller, faster to decode)")
+    _add_if_missing(parser, "--jpeg-quality", type=int, default=95, help="JPEG quality 1-100 (--image-format jpeg)")
+
+
+def image_encoding_from_args(args: argparse.Namespace) -> schema.ImageEncoding:
+    """The RGB encoding asked for on the command line (PNG when the options are absent)."""
+    try:
+        return schema.ImageEncoding(getattr(args, "image_format", "png") or "png", int(getattr(args, "jpeg_quality", 95)))
+    except schema.SchemaError as e:
+        raise SourceError(f"--image-format / --jpeg-quality: {e}") from None
 
 
 def geometry_from_args(args: argparse.Namespace) -> Geometry:
@@ -253,5 +266,5 @@ def write_splits(args: argparse.Namespace, dataset: str, splits: dict[str, Seque
                   for i in range(0, len(items), per_shard)]
         results[split] = writer.write_split_parallel(
             chunks, str(args.out), split, source=source, workers=int(getattr(args, "workers", 1) or 1),
-            progress=not getattr(args, "no_progress", False), compact=compact)
+            progress=not getattr(args, "no_progress", False), compact=compact, images=image_encoding_from_args(args))
     return results

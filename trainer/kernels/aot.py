@@ -42,7 +42,7 @@ class CompiledInfo:
 def _signatures(K, dtype: torch.dtype, n_sources: int, grad_mask: int, grad_target: bool):
     """(kernel, signature, constexprs) for the three kernels of module K at one configuration."""
     img = POINTER_TYPES[dtype]
-    cdt = K._compute_dtype(dtype)
+    cdt = K.compute_dtype(dtype)
     acc = "*fp64" if cdt == tl.float64 else "*fp32"
     srcs = (img,) * n_sources
     common = {"N_SRC": n_sources, "C": 3, "CDT": cdt, "BLOCK_H": K.BLOCK_H, "BLOCK_W": K.BLOCK_W}
@@ -59,9 +59,9 @@ def _signatures(K, dtype: torch.dtype, n_sources: int, grad_mask: int, grad_targ
             "H": "i32", "W": "i32", "ssim_weight": "fp32", "inv_count": "fp32",
             **const([*common, "GRAD_MASK", "GRAD_TGT"])}
     return [
-        (K._fwd_kernel, fwd, {**common, **ssim}),
-        (K._bwd_coef_kernel, coef, {**common, **ssim}),
-        (K._bwd_grad_kernel, grad, {**common, "GRAD_MASK": grad_mask, "GRAD_TGT": grad_target}),
+        (K.fwd_kernel, fwd, {**common, **ssim}),
+        (K.bwd_coef_kernel, coef, {**common, **ssim}),
+        (K.bwd_grad_kernel, grad, {**common, "GRAD_MASK": grad_mask, "GRAD_TGT": grad_target}),
     ]
 
 

@@ -15,12 +15,16 @@
 from __future__ import annotations
 
 import importlib
+from types import SimpleNamespace
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from trainer.geometry import pad_image
+from trainer.kernels.photometric_cpu import PAD, crop
 from trainer.losses import photometric as reference
+from trainer.losses.smoothness import multiscale_smoothness
 
 IMPLS = ("auto", "triton", "reference", "handwritten", "compiled")
 """Accepted values of ``impl`` (the depth task's ``photometric_impl`` config field)."""
@@ -145,6 +149,18 @@ def resolve_multiscale_impl(impl: str, target: Tensor) -> str:
     return "compiled" if compiled_cpu.available() else "handwritten"
 
 
+def depth_functions(impl: str, like: Tensor) -> SimpleNamespace:
+    """The depth task's other CPU kernels, compiled where ``impl`` resolves to the compiled CPU path:
+    ``grid`` (the warp's projection and its gradient, ``trainer.geometry.GRID_EAGER``; None = eager)
+    and ``smoothness`` (``trainer.losses.smoothness.multiscale_smoothness``)."""
+    if resolve_multiscale_impl(impl, like) != "compiled":
+        return SimpleNamespace(grid=None, smoothness=multiscale_smoothness)
+    from trainer.kernels import compiled_cpu
+
+    strict = impl == "compiled"
+    return SimpleNamespace(grid=compiled_cpu.grid_functions(strict), smoothness=compiled_cpu.smoothness(strict))
+
+
 def _promoted(target: Tensor, warped: list[Tensor], identity: list[Tensor]
               ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """All inputs in their common dtype: mixed dtypes (e.g. fp32 warps of bf16 frames) promote
@@ -158,7 +174,8 @@ def _promoted(target: Tensor, warped: list[Tensor], identity: list[Tensor]
 def _cpu_path(target: Tensor, warped: list[Tensor], identity: list[Tensor], ssim_weight: float,
               kind: str, strict: bool) -> tuple[Tensor, Tensor]:
     """``trainer.kernels.photometric_cpu`` on inputs promoted to one dtype, eager or compiled
-    (``strict``: a failed compilation raises instead of falling back to eager)."""
+    (``strict``: a failed compilation raises instead of falling back to eager); ``warped`` in its
+    padded multi-scale layout (B, C, S, H+2P, W+2P)."""
     from trainer.kernels.photometric_cpu import multiscale_min_reprojection
 
     fns = None
@@ -202,7 +219,8 @@ def fused_reprojection_loss(target: Tensor, warped: Sequence[Tensor],
         loss = best.mean().to(out_dtype)
         return (loss, index) if return_argmin else loss
     if kind in ("handwritten", "compiled"):
-        losses, argmin = _cpu_path(target, warped, identity, ssim_weight, kind, strict=True)
+        padded = [pad_image(w, PAD).unsqueeze(2) for w in warped]  # one scale in the multi-scale layout
+        losses, argmin = _cpu_path(target, padded, identity, ssim_weight, kind, strict=True)
         return (losses[0], argmin[0]) if return_argmin else losses[0]
     if n_sources > _kernels().MAX_SOURCES:
         raise ValueError(f"fused photometric loss: {n_sources} sources exceed the kernel's "
@@ -218,12 +236,15 @@ def multiscale_reprojection_loss(target: Tensor, warped: Sequence[Tensor], ident
                                  ssim_weight: float = 0.85, impl: str = "auto") -> tuple[Tensor, Tensor]:
     """The min-reprojection loss at S scales in one call (the depth task's training loss).
 
-    ``target`` (B, C, H, W); ``warped``: one (S*B, C, H, W) tensor per source frame, scale-major
-    (rows s*B .. s*B+B-1 hold scale s); ``identity``: the unwarped sources (B, C, H, W) or None.
-    Returns (per-scale mean of the per-pixel minimum (S,), argmin (S, B, 1, H, W) int64 over
-    [identity..., warped...]). Which code runs:
+    ``target`` (B, C, H, W); ``warped``: one (B, C, S, H+2P, W+2P) tensor per source frame, its warps
+    at every scale padded by P = :data:`PAD` (``trainer.geometry.warp_scales(..., pad=PAD)``; the
+    layout of ``trainer.kernels.photometric_cpu``);
+    ``identity``: the unwarped sources (B, C, H, W) or None. Returns (per-scale mean of the
+    per-pixel minimum (S,), argmin (S, B, 1, H, W) int64 over [identity..., warped...]). Which
+    code runs:
 
-    * ``triton`` (or ``auto`` on CUDA with Triton): the fused kernels, one call per scale;
+    * ``triton`` (or ``auto`` on CUDA with Triton): the fused kernels, one call per scale (on the
+      unpadded warps, copied contiguous);
     * ``handwritten``: ``trainer.kernels.photometric_cpu`` (identity and target statistics
       computed once for all scales, hand-written backward, cache-sized chunks); ``compiled``: the
       same with inductor-compiled chunks; ``auto`` without Triton: compiled where a C++ compiler
@@ -232,12 +253,15 @@ def multiscale_reprojection_loss(target: Tensor, warped: Sequence[Tensor], ident
     """
     identity = list(identity) if identity is not None else []
     warped = list(warped)
-    b = target.shape[0]
-    if not warped or any(w.dim() != 4 or w.shape[0] % b or w.shape[1:] != target.shape[1:] for w in warped):
-        raise ValueError(f"warped: expected one (S*B, C, H, W) tensor per source with B={b} and C, H, W of the "
-                         f"target {tuple(target.shape)}, got {[tuple(w.shape) for w in warped]}")
-    s = warped[0].shape[0] // b
-    per_scale = [[w[i * b:(i + 1) * b] for w in warped] for i in range(s)]
+    if not isinstance(target, Tensor) or target.dim() != 4:
+        _validate(target, warped, identity, impl)  # raises, naming the target
+    b, c, h, w = target.shape
+    if not warped or any(x.dim() != 5 or (x.shape[0], x.shape[1]) != (b, c) or x.shape[2] != warped[0].shape[2]
+                         or x.shape[-2:] != (h + 2 * PAD, w + 2 * PAD) for x in warped):
+        raise ValueError(f"warped: expected one (B, C, S, H+{2 * PAD}, W+{2 * PAD}) tensor per source (warps padded "
+                         f"by {PAD}) with B, C, H, W of the target {tuple(target.shape)}, got "
+                         f"{[tuple(x.shape) for x in warped]}")
+    per_scale = [[crop(x[:, :, i], PAD) for x in warped] for i in range(warped[0].shape[2])]
     _validate(target, per_scale[0], identity, impl)
     kind = resolve_multiscale_impl(impl, target)
     if kind in ("triton", "reference"):

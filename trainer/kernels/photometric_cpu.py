@@ -1,32 +1,45 @@
-"""The min-reprojection photometric loss for the CPU: plain torch ops, hand-written backward.
+"""The min-reprojection photometric loss for the CPU: whole-candidate passes, hand-written backward.
 
 Same semantics as the reference (``trainer.losses.photometric``: 0.85 * (1 - SSIM)/2 + 0.15 * L1,
 SSIM on 3x3 windows of reflection-padded images, per-pixel minimum over [identity..., warped...]
 with ties to the lowest index), computed the way a CPU likes it:
 
-* the 3x3 window mean is separable: three shifted adds along W, three along H (4x faster than
-  ``avg_pool2d`` on this machine, which does not vectorise 3x3 stride-1 pooling);
-* the target's window statistics (mean, E[y²]) are computed once and shared by every candidate
-  (the reference recomputes them for each);
-* all candidates go through one call on a stacked tensor (e.g. 2 sources x 4 scales), so every op
-  runs once on a large tensor instead of 8 times on small ones;
-* :class:`PhotometricError` saves only its input and recomputes the window statistics in
-  backward, whose gradient is written out (the adjoint of "reflection pad + 3x3 mean" is a 3x3
-  sum over the zero-padded gradient with the padded border folded back), instead of autograd
-  keeping ~20 full-size temporaries per candidate and replaying ~40 ops.
+* candidates arrive **padded by** :data:`PAD` = 3 pixels, (B, C, S, H+6, W+6) for the S scales
+  of one source (``trainer.geometry.pad_image``; ``warp_scales(..., pad=PAD)`` there samples
+  straight into that layout): the one-pixel reflection SSIM needs, then two pixels of filler
+  (the border replicated) that the backward's extended domain reads and multiplies by zero. Every
+  3x3 window is then read with plain shifted loads: with the padding folded into the index
+  arithmetic instead, inductor's loops fell back to scalar code (3x slower);
+* the 3x3 window mean is separable: three shifted adds along W, three along H;
+* the target's window statistics (mean, E[y^2] - mean^2) are computed once and shared;
+* the errors of all candidates and their per-pixel minimum come out of one pass per scale
+  (:func:`min_error`); the identity candidates' minimum is computed once for every scale;
+* :class:`MinReprojection` saves only its inputs and the argmin; its backward recomputes
+  the window statistics and writes the gradient out: d loss / d (window mean, E[x^2], E[xy]) of
+  each pixel's winner, once per pixel, on the reflection-padded domain grown by two more pixels,
+  where the upstream gradient is zero (:func:`error_coefficients`); per candidate, the 3x3 window
+  sums (box3's adjoint) of those of the pixels it won, plus its L1 term, give its gradient on the
+  reflection-padded layout (:func:`error_adjoint`). The reflection's fold onto the image happens
+  in the warp's backward. The upstream gradient of a mean is one value, passed as such.
 
-Only the candidates (``x``) get gradients; the target is data (a training frame). Callers that
-need a target gradient use the reference (:func:`multiscale_min_reprojection` does so itself).
+Only the warped candidates get gradients; the target and identity frames are data (training
+frames). Callers that need gradients for them get the reference's autograd instead
+(:func:`multiscale_min_reprojection` does so itself).
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.losses.photometric import SSIM_C1, SSIM_C2
+from trainer.geometry import pad_image
+from trainer.losses.photometric import SSIM_C1, SSIM_C2, min_reprojection
+
+PAD = 3
+"""Padding of the candidates: one pixel of reflection (SSIM's), then two of replicated filler."""
 
 
 def box3(padded: Tensor) -> Tensor:
@@ -35,37 +48,24 @@ def box3(padded: Tensor) -> Tensor:
     return (rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :]) * (1.0 / 9.0)
 
 
-def reflect_pad(x: Tensor) -> Tensor:
-    """Reflection padding by 1 on the last two dims of a tensor with any leading dims."""
-    lead = x.shape[:-2]
-    out = F.pad(x.reshape(-1, 1, *x.shape[-2:]), (1, 1, 1, 1), mode="reflect")
-    return out.reshape(*lead, *out.shape[-2:])
+def crop(padded: Tensor, n: int = 1) -> Tensor:
+    """``padded`` without ``n`` pixels on each side of its last two dims (a view)."""
+    return padded[..., n:-n, n:-n] if n else padded
 
 
-def box3_reflect_adjoint(g: Tensor) -> Tensor:
-    """Adjoint of ``x -> box3(reflect_pad(x))``: (..., H, W) -> (..., H, W).
-
-    box3's adjoint is the 3x3 mean over ``g`` zero-padded by 2 (each padded pixel collects the
-    windows that contain it); reflect_pad's adjoint folds padded row 0 onto row 1, row H+1 onto
-    row H-2, and the same for the columns (corners fold twice, once per axis)."""
-    h, w = g.shape[-2:]
-    full = box3(F.pad(g.reshape(-1, 1, h, w), (2, 2, 2, 2)))  # (.., H+2, W+2)
-    rows = full[..., 1:-1, :].clone()
-    rows[..., 1, :] += full[..., 0, :]
-    rows[..., h - 2, :] += full[..., h + 1, :]
-    out = rows[..., 1:-1].clone()
-    out[..., 1] += rows[..., 0]
-    out[..., w - 2] += rows[..., w + 1]
-    return out.reshape(g.shape)
+def target_stats(yp: Tensor) -> tuple[Tensor, Tensor]:
+    """(window mean, window variance) of a padded target, on its domain less one pixel per side;
+    shared by every candidate."""
+    mu = box3(yp)
+    return mu, box3(yp * yp) - mu * mu
 
 
-def _ssim_terms(x: Tensor, y: Tensor, mu_y: Tensor, sig_y: Tensor) -> tuple[Tensor, ...]:
-    """Window statistics of ``x`` against the target and the SSIM numerator / denominator
-    factors: (mu_x, n1, n2, d1, d2). ``y``, ``mu_y``, ``sig_y`` broadcast against ``x``."""
-    xp = reflect_pad(x)
+def _ssim_terms(xp: Tensor, yp: Tensor, mu_y: Tensor, sig_y: Tensor) -> tuple[Tensor, ...]:
+    """Window statistics of a padded candidate ``xp`` against the target and the SSIM numerator /
+    denominator factors: (mu_x, n1, n2, d1, d2), on ``xp``'s domain less one pixel per side."""
     mu_x = box3(xp)
     sig_x = box3(xp * xp) - mu_x * mu_x
-    sig_xy = box3(xp * reflect_pad(y)) - mu_x * mu_y
+    sig_xy = box3(xp * yp) - mu_x * mu_y
     n1 = 2 * mu_x * mu_y + SSIM_C1
     n2 = 2 * sig_xy + SSIM_C2
     d1 = mu_x * mu_x + mu_y * mu_y + SSIM_C1
@@ -73,131 +73,186 @@ def _ssim_terms(x: Tensor, y: Tensor, mu_y: Tensor, sig_y: Tensor) -> tuple[Tens
     return mu_x, n1, n2, d1, d2
 
 
-def _error(x: Tensor, y: Tensor, mu_y: Tensor, sig_y: Tensor, w: float) -> Tensor:
-    """Forward of :class:`PhotometricError` on one chunk."""
-    l1 = (x - y).abs().mean(-3, keepdim=True)
+def _error(xp: Tensor, yp: Tensor, mu_y: Tensor, sig_y: Tensor, w: float) -> Tensor:
+    """Per-pixel error (N, 1, ..., H, W) of one reflection-padded candidate; channels on dim 1."""
+    l1 = (crop(xp) - crop(yp)).abs().mean(1, keepdim=True)
     if w == 0:
         return l1
-    _, n1, n2, d1, d2 = _ssim_terms(x, y, mu_y, sig_y)
-    ssim = torch.clamp((1 - (n1 * n2) / (d1 * d2)) / 2, 0, 1).mean(-3, keepdim=True)
+    _, n1, n2, d1, d2 = _ssim_terms(xp, yp, mu_y, sig_y)
+    ssim = torch.clamp((1 - (n1 * n2) / (d1 * d2)) / 2, 0, 1).mean(1, keepdim=True)
     return w * ssim + (1 - w) * l1
 
 
-def _error_grad(g: Tensor, x: Tensor, y: Tensor, mu_y: Tensor, sig_y: Tensor, w: float) -> Tensor:
-    """Gradient of :func:`_error` w.r.t. ``x`` on one chunk, given the upstream gradient ``g``."""
-    c = x.shape[-3]
-    grad = ((1 - w) / c) * g * torch.sign(x - y)
-    if w == 0:
-        return grad
-    mu_x, n1, n2, d1, d2 = _ssim_terms(x, y, mu_y, sig_y)
+def min_error(yp: Tensor, mu_y: Tensor, sig_y: Tensor, best: Tensor | None, index: Tensor | None,
+              offset: int, w: float, *xps: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-pixel minimum of the errors of the candidates ``xps`` (numbered ``offset``,
+    ``offset + 1``, ...; :data:`PAD`-padded like the target ``yp``, whose statistics ``mu_y``,
+    ``sig_y`` come from :func:`target_stats`), continuing from (``best``, ``index``) of earlier
+    candidates (None: none). Strict ``<``: ties keep the lowest index. Returns (best, index int64)."""
+    yp, mu_y, sig_y = crop(yp, PAD - 1), crop(mu_y, PAD - 1), crop(sig_y, PAD - 1)
+    for n, xp in enumerate(xps):
+        err = _error(crop(xp, PAD - 1), yp, mu_y, sig_y, w)
+        if best is None:
+            best, index = err, torch.full_like(err, offset + n, dtype=torch.int64)
+            continue
+        better = err < best
+        best = torch.where(better, err, best)
+        index = torch.where(better, offset + n, index)
+    return best, index
+
+
+def error_coefficients(g: Tensor, index: Tensor, yp: Tensor, mu_y: Tensor, sig_y: Tensor, offset: int,
+                       w: float, *xps: Tensor) -> Tensor:
+    """Where one of the candidates ``xps`` won (``index`` in ``offset`` .. ``offset + N - 1``), the
+    upstream gradient ``g`` times d error / d (window mean, E[x^2], E[xy]) of the winner:
+    (3, ..., H+4, W+4). ``index`` (int32) is padded by 2 with :data:`NOBODY` and ``g`` is a scalar or
+    zero-padded by 2 (the domain every term lives on here), so the two outer pixels of each side
+    come out zero; the other inputs as :func:`min_error`."""
+    terms = None
+    for n, xp in enumerate(xps):  # the winner's window statistics at each pixel
+        t = _ssim_terms(xp, yp, mu_y, sig_y)
+        terms = t if terms is None else tuple(torch.where(index == offset + n, a, b) for a, b in zip(t, terms))
+    mu_x, n1, n2, d1, d2 = terms
+    c = xps[0].shape[1]
+    gn = torch.where((index >= offset) & (index < offset + len(xps)), g, 0.0)
     d = d1 * d2
     r = (n1 * n2) / d
     v = (1 - r) / 2
     # d err / d r = -w / (2C) where the clamp passes the gradient (bounds included, as torch)
-    gr = (g * (-w / (2 * c))) * ((v >= 0) & (v <= 1)) / d
+    gr = (gn * (-w / (2 * c))) * ((v >= 0) & (v <= 1)) / d
     g_mu = gr * (2 * mu_y * (n2 - n1) - 2 * r * mu_x * (d2 - d1))  # d / d mean(x)
     g_xx = gr * (-r * d1)                                          # d / d E[x^2]
     g_xy = gr * (2 * n1)                                           # d / d E[xy]
-    adj = box3_reflect_adjoint(torch.stack(torch.broadcast_tensors(g_mu, g_xx, g_xy)))
-    return grad + adj[0] + 2 * x * adj[1] + y * adj[2]
+    return torch.stack(torch.broadcast_tensors(g_mu, g_xx, g_xy))
 
 
-def _chunks(m: int, b: int, step: int):
-    """(m index, batch slice) pairs covering (M, B) in chunks of ``step`` images."""
-    for i in range(m):
-        for j in range(0, b, step):
-            yield i, slice(j, min(b, j + step))
+def error_adjoint(grads: tuple[Tensor, ...], coefficients: Tensor, g: Tensor, index: Tensor, yp: Tensor,
+                  offset: int, w: float, *xps: Tensor) -> None:
+    """Into ``grads`` (one (..., H+2, W+2) view per candidate): the gradient on each
+    reflection-padded candidate from the :func:`error_coefficients` of the pixels it won, i.e.
+    their 3x3 window sums (box3's adjoint) of the window-mean, E[x^2] and E[xy] terms, chained
+    through x^2 and xy, plus the L1 term. Compiled, the result is stored straight into the views."""
+    yp = crop(yp, PAD - 1)
+    g1 = g if g.dim() == 0 else crop(g)
+    c = xps[0].shape[1]
+    for n, (xp, out) in enumerate(zip(xps, grads)):
+        won = index == offset + n
+        a = box3(torch.where(won, coefficients, 0.0))
+        x = crop(xp, PAD - 1)
+        l1 = ((1 - w) / c) * torch.where(crop(won), g1, 0.0) * torch.sign(x - yp)
+        out.copy_(a[0] + 2 * x * a[1] + yp * a[2] + l1)
 
 
-class PhotometricError(torch.autograd.Function):
-    """Per-pixel ``w * mean_c clamp((1 - SSIM)/2, 0, 1) + (1 - w) * mean_c |x - y|`` of
-    candidates ``x`` (M, B, C, H, W) against a target ``y`` (B, C, H, W) with its window mean and
-    variance. Returns (M, B, 1, H, W); gradient to ``x`` only.
+NOBODY = -1
+"""The index value of "no candidate" on the two pixels the backward adds around the image. The
+backward's index is int32: 16 lanes like its fp32 vectors (uint8 loads of 16 lanes were 10x slower)."""
 
-    Runs ``chunk`` images at a time: each op's inputs then stay in cache (one 3x96x320 fp32 image
-    is 369 KB), where one op over the whole stack streams tens of MB through memory per op.
-    ``fns``: the per-chunk (error, error_grad) pair to run, e.g. compiled ones
-    (``trainer.kernels.compiled_cpu``); None = this module's eager functions."""
+
+EAGER = SimpleNamespace(min_error=min_error, error_coefficients=error_coefficients, error_adjoint=error_adjoint)
+"""The per-chunk functions :class:`MinReprojection` runs (``trainer.kernels.compiled_cpu``
+compiles the same three)."""
+
+
+def _chunks(b: int, step: int) -> list[slice]:
+    """Batch slices covering ``b`` images in chunks of ``step``."""
+    return [slice(j, min(b, j + step)) for j in range(0, b, step)]
+
+
+def _zero_filler(t: Tensor) -> Tensor:
+    """Zero the :data:`PAD` - 1 filler pixels on each side of ``t`` (in place)."""
+    n = PAD - 1
+    for sl in ((..., slice(None, n), slice(None)), (..., slice(-n, None), slice(None)),
+               (..., slice(None), slice(None, n)), (..., slice(None), slice(-n, None))):
+        t[sl] = 0
+    return t
+
+
+class MinReprojection(torch.autograd.Function):
+    """Per-pixel minimum (best (B, 1, S, H, W), index int64) of the photometric errors of
+    candidates ``xps`` (B, C, S, H+6, W+6) against the target ``yp`` (B, C, 1, H+6, W+6), both
+    ``pad_image(x, PAD)``-padded, continuing from ``first`` = (best, index) of ``offset`` earlier
+    candidates (or None). Gradient to ``xps`` only (zero on the filler). One call of the ``fns``
+    (:data:`EAGER` or compiled ones) per scale and ``chunk`` images, so that a call's
+    intermediates stay in cache."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, mu_y: Tensor, sig_y: Tensor, w: float, chunk: int,
-                fns: tuple | None = None) -> Tensor:
-        ctx.w, ctx.chunk = float(w), int(chunk)
-        ctx.error, ctx.error_grad = fns or (_error, _error_grad)
-        ctx.save_for_backward(x, y, mu_y, sig_y)
-        out = x.new_empty(*x.shape[:2], 1, *x.shape[3:])
-        for i, b in _chunks(x.shape[0], x.shape[1], ctx.chunk):
-            out[i, b] = ctx.error(x[i, b], y[b], mu_y[b], sig_y[b], ctx.w)
-        return out
+    def forward(ctx, yp: Tensor, mu_y: Tensor, sig_y: Tensor, first: tuple | None, offset: int, w: float,
+                chunk: int, fns: SimpleNamespace, *xps: Tensor):
+        ctx.meta = (offset, float(w), int(chunk), fns)
+        b, _, s, hp, wp = xps[0].shape
+        best = yp.new_empty(b, 1, s, hp - 2 * PAD, wp - 2 * PAD)
+        index = torch.empty(best.shape, dtype=torch.int64, device=best.device)
+        for i in _chunks(b, int(chunk)):
+            prev = (first[0][i], first[1][i]) if first is not None else (None, None)
+            for j in range(s):
+                sl = (i, slice(None), slice(j, j + 1))
+                best[sl], index[sl] = fns.min_error(yp[i], mu_y[i], sig_y[i], *prev, offset, float(w),
+                                                    *(x[sl] for x in xps))
+        ctx.save_for_backward(yp, mu_y, sig_y, index, *xps)
+        ctx.mark_non_differentiable(index)
+        return best, index
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g: Tensor):
-        x, y, mu_y, sig_y = ctx.saved_tensors
-        grad = torch.empty_like(x)
-        for i, b in _chunks(x.shape[0], x.shape[1], ctx.chunk):
-            grad[i, b] = ctx.error_grad(g[i, b], x[i, b], y[b], mu_y[b], sig_y[b], ctx.w)
-        return grad, None, None, None, None, None, None
-
-
-def target_stats(target: Tensor) -> tuple[Tensor, Tensor]:
-    """(window mean, window variance) of the target, shared by every candidate."""
-    tp = reflect_pad(target)
-    mu = box3(tp)
-    return mu, box3(tp * tp) - mu * mu
+    def backward(ctx, g: Tensor, _g_index):
+        offset, w, chunk, fns = ctx.meta
+        yp, mu_y, sig_y, index, *xps = ctx.saved_tensors
+        index = F.pad(index.to(torch.int32), (PAD - 1,) * 4, value=NOBODY)  # the coefficients' domain
+        uniform = all(st == 0 for st in g.stride())  # the gradient of a mean: one value
+        g = g.reshape(-1)[0] if uniform else F.pad(g, (PAD - 1,) * 4)
+        grads = [_zero_filler(torch.empty_like(x)) for x in xps]
+        for i in _chunks(yp.shape[0], chunk):
+            for j in range(xps[0].shape[2]):
+                sl = (i, slice(None), slice(j, j + 1))
+                xs = [x[sl] for x in xps]
+                gs = g if uniform else g[sl]
+                coef = fns.error_coefficients(gs, index[sl], yp[i], mu_y[i], sig_y[i], offset, w, *xs)
+                fns.error_adjoint(tuple(crop(grad[sl], PAD - 1) for grad in grads), coef, gs, index[sl], yp[i],
+                                  offset, w, *xs)
+        return (None,) * 8 + tuple(grads)
 
 
 CHUNK = 2
-"""Images per chunk in :class:`PhotometricError` (measured fastest on a 2-core EPYC, docs/kernels.md)."""
+"""Images per chunk in :class:`MinReprojection` (docs/depth.md, "Speed against Monodepth2")."""
 
 
-def photometric_errors(target: Tensor, candidates: Tensor, ssim_weight: float, chunk: int = 0) -> Tensor:
-    """Errors (M, B, 1, H, W) of stacked candidates (M, B, C, H, W) against target (B, C, H, W)."""
-    mu_y, sig_y = target_stats(target)
-    return PhotometricError.apply(candidates, target, mu_y, sig_y, float(ssim_weight), chunk or CHUNK)
+def _identity_min(yp: Tensor, mu_y: Tensor, sig_y: Tensor, identity: Sequence[Tensor], w: float, chunk: int,
+                  fns: SimpleNamespace) -> tuple[Tensor, Tensor] | None:
+    """(best, index) over the identity candidates, computed once for every scale (no gradient)."""
+    if not identity:
+        return None
+    padded = [pad_image(i, PAD).unsqueeze(2) for i in identity]
+    parts = [fns.min_error(yp[b], mu_y[b], sig_y[b], None, None, 0, w, *(p[b] for p in padded))
+             for b in _chunks(yp.shape[0], chunk)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def _running_min(errors: Sequence[Tensor], best: Tensor | None = None, index: Tensor | None = None,
-                 offset: int = 0) -> tuple[Tensor, Tensor]:
-    """Per-pixel minimum over ``errors`` in order (strict <: ties keep the lowest index),
-    continuing from (best, index) whose candidates came first; broadcasts."""
-    for i, err in enumerate(errors):
-        if best is None:
-            best, index = err, torch.full(err.shape, offset + i, dtype=torch.int64, device=err.device)
-            continue
-        better = err < best
-        best = torch.where(better, err, best)
-        index = torch.where(better, torch.full_like(better, offset + i, dtype=torch.int64), index)
-    return best, index
+def _autograd_per_scale(target: Tensor, warped: Sequence[Tensor], identity: Sequence[Tensor],
+                        ssim_weight: float) -> tuple[Tensor, Tensor]:
+    """The reference at each scale, under autograd (gradients to the target and identity too)."""
+    out = [min_reprojection(target, [crop(w[:, :, s], PAD) for w in warped], identity or None, ssim_weight)
+           for s in range(warped[0].shape[2])]
+    return torch.stack([best.mean() for best, _, _ in out]), torch.stack([index for _, index, _ in out])
 
 
 def multiscale_min_reprojection(target: Tensor, warped: Sequence[Tensor], identity: Sequence[Tensor],
-                                ssim_weight: float = 0.85, fns: tuple | None = None) -> tuple[Tensor, Tensor]:
-    """Min-reprojection at S scales at once. ``target`` (B, C, H, W); ``warped``: one (S*B, C, H, W)
-    tensor per source (scale-major: rows s*B..(s+1)*B-1 are scale s); ``identity``: unwarped
-    sources (B, C, H, W), the same at every scale, so their errors are computed once.
+                                ssim_weight: float = 0.85, fns: SimpleNamespace | None = None,
+                                chunk: int = 0) -> tuple[Tensor, Tensor]:
+    """Min-reprojection at S scales at once. ``target`` (B, C, H, W); ``warped``: per source, its
+    warps at every scale in the ``trainer.geometry.pad_image(x, PAD)`` layout, (B, C, S, H+6, W+6);
+    ``identity``: the unwarped sources (B, C, H, W), the same at every scale, so their errors are computed once.
 
     Returns (loss per scale (S,), argmin (S, B, 1, H, W) int64 over [identity..., warped...]),
-    equal to :func:`trainer.losses.photometric.min_reprojection` at each scale up to float
-    rounding (different summation order of the window means). ``fns``: see :class:`PhotometricError`."""
-    b = target.shape[0]
-    s = warped[0].shape[0] // b
-    stacked = torch.stack([w.reshape(s, *target.shape) for w in warped])  # (N, S, B, C, H, W)
-    if target.requires_grad:  # the hand-written backward has no target gradient: use autograd
-        from trainer.losses.photometric import photometric_error
-
-        errs = [photometric_error(w.reshape(-1, *target.shape[1:]), target.repeat(s, 1, 1, 1), ssim_weight)
-                .reshape(s, b, 1, *target.shape[2:]) for w in stacked]
-        id_errs = [photometric_error(i, target, ssim_weight) for i in identity]
-    else:
-        stats = target_stats(target)
-        chunk = CHUNK if target.device.type == "cpu" else b  # on a GPU, big launches are what is cheap
-        errs = list(PhotometricError.apply(stacked.reshape(-1, *target.shape), target, *stats, ssim_weight, chunk, fns)
-                    .reshape(*stacked.shape[:3], 1, *target.shape[2:]))
-        id_errs = []
-        if identity:
-            id_errs = list(PhotometricError.apply(torch.stack(list(identity)), target, *stats, ssim_weight, chunk,
-                                                          fns))
-    best, index = _running_min(id_errs)
-    best, index = _running_min(errs, best, index, offset=len(id_errs))
-    return best.mean(dim=(1, 2, 3, 4)), index.expand(s, *index.shape[-4:])
+    equal to :func:`trainer.losses.photometric.min_reprojection` at each scale up to float rounding
+    (a different summation order of the window means). ``fns``: see :class:`MinReprojection`."""
+    identity = list(identity)
+    if target.requires_grad or any(i.requires_grad for i in identity):
+        return _autograd_per_scale(target, warped, identity, ssim_weight)
+    fns = fns or EAGER
+    chunk = chunk or (CHUNK if target.device.type == "cpu" else target.shape[0])  # a GPU likes big launches
+    yp = pad_image(target, PAD).unsqueeze(2)
+    mu_y, sig_y = target_stats(yp)
+    first = _identity_min(yp, mu_y, sig_y, identity, float(ssim_weight), chunk, fns)
+    best, index = MinReprojection.apply(yp, mu_y, sig_y, first, len(identity), float(ssim_weight), chunk, fns,
+                                        *warped)
+    return best.mean(dim=(0, 1, 3, 4)), index.permute(2, 0, 1, 3, 4)

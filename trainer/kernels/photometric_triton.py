@@ -2,15 +2,15 @@
 
 Three kernels, each one pass over memory on (B, C, H, W) contiguous images:
 
-* ``_fwd_kernel``: per pixel and per candidate source (identity sources first, then warped),
+* ``fwd_kernel``: per pixel and per candidate source (identity sources first, then warped),
   the error ``w * mean_c (1 - SSIM)/2 + (1 - w) * mean_c |x - y|`` with SSIM's 3x3
   reflection-padded window statistics computed in-kernel, the per-pixel minimum (strict ``<``,
   so ties go to the lowest index) and a per-tile partial sum of the minimum. It writes only
   the argmin (uint8 per pixel) and the partial sums.
-* ``_bwd_coef_kernel``: per pixel p, the derivative of the loss w.r.t. the SSIM window
+* ``bwd_coef_kernel``: per pixel p, the derivative of the loss w.r.t. the SSIM window
   statistics of the *selected* source at p (mu_x, mu_y, E[x^2] (= E[y^2] coefficient), E[xy]),
   already multiplied by the upstream gradient / (B*H*W): 4 floats per channel.
-* ``_bwd_grad_kernel``: per pixel q, gathers those coefficients from the 3x3 neighbours p whose
+* ``bwd_grad_kernel``: per pixel q, gathers those coefficients from the 3x3 neighbours p whose
   (reflection-padded) window contains q, with the exact reflection multiplicity at the image
   border, plus the L1 term, and writes the gradients of every source (and the target) that
   needs one.
@@ -120,7 +120,7 @@ def _tile_offsets(pid_h, pid_w, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constex
 
 
 @triton.jit
-def _fwd_kernel(tgt_ptr, src_ptrs, argmin_ptr, partial_ptr, H, W, ssim_weight,
+def fwd_kernel(tgt_ptr, src_ptrs, argmin_ptr, partial_ptr, H, W, ssim_weight,
                 N_SRC: tl.constexpr, C: tl.constexpr, CDT: tl.constexpr,
                 C1: tl.constexpr, C2: tl.constexpr,
                 BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
@@ -164,7 +164,7 @@ def _fwd_kernel(tgt_ptr, src_ptrs, argmin_ptr, partial_ptr, H, W, ssim_weight,
 
 
 @triton.jit
-def _bwd_coef_kernel(tgt_ptr, src_ptrs, argmin_ptr, coef_ptr, gscale_ptr, H, W, ssim_weight,
+def bwd_coef_kernel(tgt_ptr, src_ptrs, argmin_ptr, coef_ptr, gscale_ptr, H, W, ssim_weight,
                      inv_count, N_SRC: tl.constexpr, C: tl.constexpr, CDT: tl.constexpr,
                      C1: tl.constexpr, C2: tl.constexpr,
                      BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
@@ -228,7 +228,7 @@ def _reflect_weight(p, q, n):
 
 
 @triton.jit
-def _bwd_grad_kernel(tgt_ptr, src_ptrs, argmin_ptr, coef_ptr, gscale_ptr, gtgt_ptr, gsrc_ptrs,
+def bwd_grad_kernel(tgt_ptr, src_ptrs, argmin_ptr, coef_ptr, gscale_ptr, gtgt_ptr, gsrc_ptrs,
                      H, W, ssim_weight, inv_count,
                      N_SRC: tl.constexpr, C: tl.constexpr, CDT: tl.constexpr,
                      GRAD_MASK: tl.constexpr, GRAD_TGT: tl.constexpr,
@@ -299,7 +299,7 @@ def _bwd_grad_kernel(tgt_ptr, src_ptrs, argmin_ptr, coef_ptr, gscale_ptr, gtgt_p
             tl.store(gtgt_ptr + base + pix, g_y.to(gtgt_ptr.dtype.element_ty), mask=mask)
 
 
-def _compute_dtype(dtype: torch.dtype):
+def compute_dtype(dtype: torch.dtype):
     """fp64 inputs compute in fp64 (for gradcheck); fp32 / bf16 / fp16 accumulate in fp32."""
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -313,12 +313,12 @@ def forward(target: Tensor, sources: Sequence[Tensor], ssim_weight: float) -> tu
     (B, C, H, W) of target's dtype/device. Returns (loss 0-dim in the compute dtype, argmin
     (B, H, W) uint8)."""
     B, C, H, W = target.shape
-    cdt = _compute_dtype(target.dtype)
+    cdt = compute_dtype(target.dtype)
     grid = _grid(B, H, W)
     argmin = torch.empty((B, H, W), dtype=torch.uint8, device=target.device)
     acc_dtype = torch.float64 if cdt == tl.float64 else torch.float32
     partial = torch.empty(grid[0] * grid[1] * grid[2], dtype=acc_dtype, device=target.device)
-    _fwd_kernel[grid](target, tuple(sources), argmin, partial, H, W, float(ssim_weight),
+    fwd_kernel[grid](target, tuple(sources), argmin, partial, H, W, float(ssim_weight),
                       N_SRC=len(sources), C=C, CDT=cdt, C1=SSIM_C1, C2=SSIM_C2,
                       BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W, num_warps=NUM_WARPS)
     loss = partial.sum() / (B * H * W)
@@ -331,14 +331,14 @@ def backward(grad_loss: Tensor, target: Tensor, sources: Sequence[Tensor], argmi
     """Gradients of the fused loss w.r.t. the target (if ``need_target``) and each source whose
     ``need_sources`` flag is set (others get None). ``grad_loss`` is the 0-dim upstream gradient."""
     B, C, H, W = target.shape
-    cdt = _compute_dtype(target.dtype)
+    cdt = compute_dtype(target.dtype)
     acc_dtype = torch.float64 if cdt == tl.float64 else torch.float32
     grid = _grid(B, H, W)
     gscale = grad_loss.detach().reshape(1).to(device=target.device, dtype=acc_dtype)
     inv_count = 1.0 / (B * H * W)
     coef = torch.empty((B, C, 4, H, W), dtype=acc_dtype, device=target.device)
     srcs = tuple(sources)
-    _bwd_coef_kernel[grid](target, srcs, argmin, coef, gscale, H, W, float(ssim_weight), inv_count,
+    bwd_coef_kernel[grid](target, srcs, argmin, coef, gscale, H, W, float(ssim_weight), inv_count,
                            N_SRC=len(srcs), C=C, CDT=cdt, C1=SSIM_C1, C2=SSIM_C2,
                            BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W, num_warps=NUM_WARPS)
     g_target = torch.empty_like(target) if need_target else None
@@ -346,7 +346,7 @@ def backward(grad_loss: Tensor, target: Tensor, sources: Sequence[Tensor], argmi
     # Sources without a gradient get a placeholder pointer the kernel never writes.
     placeholder = coef
     grad_mask = sum(1 << i for i, need in enumerate(need_sources) if need)
-    _bwd_grad_kernel[grid](target, srcs, argmin, coef, gscale,
+    bwd_grad_kernel[grid](target, srcs, argmin, coef, gscale,
                            g_target if g_target is not None else placeholder,
                            tuple(g if g is not None else placeholder for g in g_sources),
                            H, W, float(ssim_weight), inv_count,

@@ -5,6 +5,10 @@ Disparity gradients are down-weighted where the image has strong gradients (obje
 """
 from __future__ import annotations
 
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -25,3 +29,16 @@ def edge_aware_smoothness(disp: Tensor, image: Tensor) -> Tensor:
     grad_img_x = (image[:, :, :, :-1] - image[:, :, :, 1:]).abs().mean(1, keepdim=True)
     grad_img_y = (image[:, :, :-1, :] - image[:, :, 1:, :]).abs().mean(1, keepdim=True)
     return (grad_disp_x * (-grad_img_x).exp()).mean() + (grad_disp_y * (-grad_img_y).exp()).mean()
+
+
+def multiscale_smoothness(disps: Sequence[Tensor], image: Tensor, scales: Sequence[int]) -> Tensor:
+    """Monodepth2's smoothness term over scales: the mean over ``scales`` of
+    :func:`edge_aware_smoothness` of each scale's mean-normalised disparity ``disps[i]`` against
+    ``image`` area-downsampled to its size, divided by 2^scale. Small element-wise ops only, so
+    that torch.compile fuses it, forward and backward (``trainer.kernels.dispatch.depth_functions``)."""
+    terms = []
+    for disp, scale in zip(disps, scales):
+        target = image if disp.shape[-2:] == image.shape[-2:] else F.interpolate(image, size=disp.shape[-2:],
+                                                                                 mode="area")
+        terms.append(edge_aware_smoothness(normalize_disp(disp), target) / (2 ** scale))
+    return torch.stack(terms).mean()

@@ -35,6 +35,14 @@ def TASK_CONFIGS() -> dict[str, type]:
     return {name: getattr(importlib.import_module(mod), cls) for name, (mod, cls) in CONFIG_CLASSES.items()}
 
 
-def build_task(task_cfg: Any, run_cfg: Any):
-    """Instantiate the task named by ``task_cfg.name``."""
-    return _module(task_cfg.name).TASK(task_cfg, run_cfg)
+def build_task(run_cfg: Any):
+    """Instantiate the task named by ``run_cfg.task.name``; its config validation errors are
+    :class:`~trainer.errors.ConfigError`s (one line, exit 2), whoever builds it (the loop, the preflight)."""
+    from trainer.errors import ConfigError
+
+    try:
+        return _module(run_cfg.task.name).TASK(run_cfg.task, run_cfg)
+    except (ValueError, KeyError, TypeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"task={run_cfg.task.get('name')}: {e}") from e

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
-from trainer.augment import hflip_sample, jitter_frames, sample_jitter
-from trainer.geometry import disp_to_depth, reprojection_coefficients, stereo_pose, warp_depths
+from trainer.augment import hflip_sample, jitter_batch, jitter_frames, jitter_row, sample_jitter
+from trainer.geometry import stereo_pose, warp_scales
 from trainer.losses.depth_supervised import masked_l1, scale_invariant_log, valid_depth_mask
-from trainer.kernels.dispatch import IMPLS, multiscale_reprojection_loss
-from trainer.losses.smoothness import edge_aware_smoothness, normalize_disp
+from trainer.kernels.dispatch import IMPLS, PAD, depth_functions, multiscale_reprojection_loss
 from trainer.metrics.depth import DepthMetric
 from trainer.models.depth import build_depth_net, disparities, predict_depth, upsampled_depths
 from trainer.models.pretrained import check_input_norm, encoder_provenance, load_pretrained, read_init_weights
@@ -44,6 +44,15 @@ _FRAME_KEYS = {
     "mono_stereo": ("rgb", "rgb_prev", "rgb_next", "rgb_right"),
     "supervised": ("rgb",),
 }
+#: the frames the networks see (jittered into ``aug_*``): the depth net sees t, the pose net t-1, t and
+#: t+1; the stereo view is only warped for the loss, which compares unaugmented frames
+_NET_KEYS = {
+    "mono": ("rgb", "rgb_prev", "rgb_next"),
+    "stereo": ("rgb",),
+    "mono_stereo": ("rgb", "rgb_prev", "rgb_next"),
+    "supervised": ("rgb",),
+}
+JITTER_ON = ("auto", "loader", "step")
 
 
 def _float(images: Tensor) -> Tensor:
@@ -101,6 +110,11 @@ class DepthTask(Task):
         self.mode = cfg.supervision
         self.uses_pose = self.mode in ("mono", "mono_stereo")
         self.frame_keys = _FRAME_KEYS[self.mode]
+        self.net_keys = _NET_KEYS[self.mode]
+        if cfg.jitter_on not in JITTER_ON:
+            raise ValueError(f"task.jitter_on={cfg.jitter_on!r}: expected one of {', '.join(JITTER_ON)}")
+        # auto: in the step where it runs on a GPU (the loader's cores then only decode and flip)
+        self.jitter_in_step = cfg.jitter_on == "step" or (cfg.jitter_on == "auto" and torch.cuda.is_available())
         keys = list(self.frame_keys)
         if self.mode != "supervised":
             keys.append("K")
@@ -139,8 +153,9 @@ class DepthTask(Task):
 
     # ------------------------------------------------------------ transforms
     def train_transform(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
-        """Flip (whole sample, geometry consistent) then colour jitter into ``aug_*`` copies of the
-        frames the networks see. Always adds the ``aug_*`` keys, so samples collate alike."""
+        """Flip (whole sample, geometry consistent) then colour jitter of the frames the networks see
+        into ``aug_*`` copies, here or (``jitter_in_step``) as a ``jitter`` row the step applies on its
+        device (:meth:`augmented`). Always adds the same keys, so samples collate alike."""
         cfg = self.cfg
         flip = float(torch.rand(1, generator=generator)) < cfg.flip_prob
         jitter = float(torch.rand(1, generator=generator)) < cfg.jitter_prob
@@ -148,84 +163,105 @@ class DepthTask(Task):
                                cfg.jitter_saturation, cfg.jitter_hue)  # drawn always: fixed stream use
         if flip:
             sample = hflip_sample(sample)
+        if self.jitter_in_step:
+            return {**sample, "jitter": jitter_row(params, applied=jitter)}
         if jitter:
-            return jitter_frames(sample, self.frame_keys, params)
+            return jitter_frames(sample, self.net_keys, params)
         out = dict(sample)
-        for key in self.frame_keys:
+        for key in self.net_keys:
             out["aug_" + key] = sample[key]
         return out
 
-    # ------------------------------------------------------------------ loss
-    def _net_input(self, batch: dict[str, Any], key: str) -> Tensor:
-        return _float(batch.get("aug_" + key, batch[key]))
+    def augmented(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch with its ``aug_*`` frames: jittered here, on the batch's device, when the loader
+        sent ``jitter`` rows instead (on the CPU the values the loader would have made, bit for bit)."""
+        if "jitter" not in batch or "aug_rgb" in batch:
+            return batch
+        return jitter_batch(batch, self.net_keys)
 
-    def _source_poses(self, model: nn.ModuleDict, batch: dict[str, Any],
-                      feats_t: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    # ------------------------------------------------------------------ loss
+    def _frames(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(network inputs, loss frames): each frame as float in [0, 1], converted once; a frame
+        without colour jitter is the same tensor in both."""
+        with record_function("depth/inputs"):
+            loss_frames = {k: _float(batch[k]) for k in self.frame_keys}
+            net = {k: loss_frames[k] if batch.get("aug_" + k, batch[k]) is batch[k] else _float(batch["aug_" + k])
+                   for k in self.frame_keys}
+        return net, loss_frames
+
+    def _source_poses(self, model: nn.ModuleDict, batch: dict[str, Any], net: dict[str, Tensor],
+                      frames: dict[str, Tensor], feats_t: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
         """[(unaugmented source image, T_src_from_t)] for the mode's source frames."""
         sources = []
         if self.uses_pose:
-            net_t = self._net_input(batch, "rgb")
             shared = "pose_encoder" not in model
             for key, invert in (("rgb_prev", True), ("rgb_next", False)):
-                net_s = self._net_input(batch, key)
-                deep_s = model["encoder"](pad_to_stride(net_s))[-1] if shared else None
+                deep_s = model["encoder"](pad_to_stride(net[key]))[-1] if shared else None
                 deep_t = feats_t[-1] if shared else None
                 if invert:  # temporal order (prev, t); inverted so it maps t -> prev
-                    T = predict_pose(model, net_s, net_t, True, deep_s, deep_t)
+                    T = predict_pose(model, net[key], net["rgb"], True, deep_s, deep_t)
                 else:
-                    T = predict_pose(model, net_t, net_s, False, deep_t, deep_s)
-                sources.append((_float(batch[key]), T))
+                    T = predict_pose(model, net["rgb"], net[key], False, deep_t, deep_s)
+                sources.append((frames[key], T))
         if self.mode in ("stereo", "mono_stereo"):
-            sources.append((_float(batch["rgb_right"]), stereo_pose(batch["baseline"].float())))
+            sources.append((frames["rgb_right"], stereo_pose(batch["baseline"].float())))
         return sources
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
-        feats, disps = disparities(model, self._net_input(batch, "rgb"))  # any frame size: padded
-        size = tuple(batch["rgb"].shape[-2:])
+        batch = self.augmented(batch)
+        net, frames = self._frames(batch)
+        feats, disps = disparities(model, net["rgb"])  # any frame size: padded
         if self.mode == "supervised":
-            depths = upsampled_depths(disps, size, cfg.min_depth, cfg.max_depth)
-            gt = batch["depth"].float()
-            valid = valid_depth_mask(gt, cfg.min_depth, cfg.max_depth)
-            terms = []
-            for s in cfg.scales:
-                pred = depths[s][1]
-                if cfg.supervised_loss == "l1":
-                    terms.append(masked_l1(pred, gt, valid))
-                else:
-                    terms.append(scale_invariant_log(pred, gt, valid, cfg.silog_variance_focus))
-            loss = torch.stack(terms).mean()
-            return loss, {"loss": loss.detach(), "depth_loss": loss.detach(),
-                          "valid_fraction": valid.float().mean().detach()}
-
-        target = _float(batch["rgb"])
-        K = batch["K"].float()
-        sources = self._source_poses(model, batch, feats)
-        # every scale's disparity at the input size, stacked (S, B, 1, H, W): one warp per source
-        full = [d if d.shape[-2:] == target.shape[-2:] else
-                F.interpolate(d, size=size, mode="bilinear", align_corners=False) for d in
-                (disps[s] for s in cfg.scales)]
-        depth = disp_to_depth(torch.stack(full), cfg.min_depth, cfg.max_depth)[1]
-        warped = [warp_depths(img, depth, *reprojection_coefficients(T, K, *size)) for img, T in sources]
-        identity = [img for img, _ in sources] if cfg.automask else None
-        reproj_terms, argmin = multiscale_reprojection_loss(target, warped, identity, cfg.ssim_weight,
-                                                            cfg.photometric_impl)
-        masked = (argmin >= len(identity or ())).float().mean()
-        reproj = reproj_terms.mean()
-        smooth = reproj.new_zeros(())
-        if cfg.smoothness_weight > 0:
-            smooth = torch.stack([self._smoothness(disps[s], target, s) for s in cfg.scales]).mean()
-        loss = reproj + cfg.smoothness_weight * smooth
+            return self._supervised_loss(disps, batch)
+        with record_function("depth/pose"):
+            sources = self._source_poses(model, batch, net, frames, feats)
+        target = frames["rgb"]
+        fns = depth_functions(cfg.photometric_impl, target)  # warp projection, smoothness: compiled or eager
+        with record_function("depth/upsample"):
+            disp = self._full_size_disps(disps, target.shape[-2:])
+        with record_function("depth/warp"):
+            K, disp_range = batch["K"].float(), (1.0 / cfg.max_depth, 1.0 / cfg.min_depth)
+            warped = [warp_scales(img, disp, T, K, pad=PAD, grid_fns=fns.grid, disp_range=disp_range)
+                      for img, T in sources]
+        with record_function("depth/photometric"):
+            identity = [img for img, _ in sources] if cfg.automask else None
+            reproj_terms, argmin = multiscale_reprojection_loss(target, warped, identity, cfg.ssim_weight,
+                                                                cfg.photometric_impl)
+            masked = (argmin >= len(identity or ())).float().mean()
+            reproj = reproj_terms.mean()
+        with record_function("depth/smoothness"):
+            smooth = reproj.new_zeros(())
+            if cfg.smoothness_weight > 0:
+                smooth = fns.smoothness([disps[s] for s in cfg.scales], target, tuple(cfg.scales))
+            loss = reproj + cfg.smoothness_weight * smooth
         logs = {"loss": loss.detach(), "reprojection": reproj.detach(), "smoothness": smooth.detach(),
                 "automask_fraction": masked.detach()}
         return loss, logs
 
-    @staticmethod
-    def _smoothness(disp: Tensor, target: Tensor, scale: int) -> Tensor:
-        """Edge-aware smoothness of one scale's disparity against the target at that size, / 2^s."""
-        image = target if disp.shape[-2:] == target.shape[-2:] else F.interpolate(
-            target, size=disp.shape[-2:], mode="area")
-        return edge_aware_smoothness(normalize_disp(disp), image) / (2 ** scale)
+    def _full_size_disps(self, disps: dict[int, Tensor], size: tuple[int, int]) -> Tensor:
+        """Every loss scale's sigmoid disparity upsampled to the input size (B, S, H, W), fp32 (the
+        warp turns it into depth, as :func:`trainer.geometry.disp_to_depth`)."""
+        full = [d if d.shape[-2:] == size else F.interpolate(d, size=tuple(size), mode="bilinear", align_corners=False)
+                for d in (disps[s] for s in self.cfg.scales)]
+        return torch.cat(full, dim=1).float()
+
+    def _supervised_loss(self, disps: dict[int, Tensor], batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Masked L1 or silog against the ground-truth depth, averaged over the upsampled scales."""
+        cfg = self.cfg
+        depths = upsampled_depths(disps, tuple(batch["rgb"].shape[-2:]), cfg.min_depth, cfg.max_depth)
+        gt = batch["depth"].float()
+        valid = valid_depth_mask(gt, cfg.min_depth, cfg.max_depth)
+        terms = []
+        for s in cfg.scales:
+            pred = depths[s][1]
+            if cfg.supervised_loss == "l1":
+                terms.append(masked_l1(pred, gt, valid))
+            else:
+                terms.append(scale_invariant_log(pred, gt, valid, cfg.silog_variance_focus))
+        loss = torch.stack(terms).mean()
+        return loss, {"loss": loss.detach(), "depth_loss": loss.detach(),
+                      "valid_fraction": valid.float().mean().detach()}
 
     # ------------------------------------------------------------ evaluation
     def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:

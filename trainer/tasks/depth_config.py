@@ -31,9 +31,9 @@ class DepthTaskConfig:
     """Weight of (1 - SSIM) / 2 in the photometric error; 1 - ssim_weight goes to L1."""
     photometric_impl: str = "auto"
     """Reprojection loss implementation: auto (fused Triton on CUDA; on a CPU ``compiled`` where a C++
-    compiler is found, else ``handwritten``) | triton | compiled (trainer/kernels/photometric_cpu compiled
-    by inductor) | handwritten (the same eager: the loss with a hand-written backward) | reference
-    (plain autograd, per scale)."""
+    compiler is found, else ``handwritten``) | triton | compiled (trainer/kernels/photometric_cpu and
+    the warp's projection compiled by inductor) | handwritten (the same eager: the loss with a
+    hand-written backward) | reference (plain autograd, per scale)."""
     smoothness_weight: float = 1e-3
     """Edge-aware smoothness weight (divided by 2^scale); 0 disables it (self-supervised modes)."""
     automask: bool = True
@@ -54,6 +54,9 @@ class DepthTaskConfig:
     """Colour jitter saturation range: factor in [1 - x, 1 + x]."""
     jitter_hue: float = 0.1
     """Colour jitter hue range: shift in [-x, x]."""
+    jitter_on: str = "auto"
+    """Where the colour jitter runs: loader (per sample, in the loader's workers) | step (batched, on the
+    trainer's device: same values on the CPU) | auto (step where CUDA is available, else loader)."""
     eval_scaling: str = "auto"
     """Prediction scaling at evaluation: auto (median for mono, fixed otherwise) | median | fixed."""
     eval_fixed_scale: float = 1.0
