@@ -143,6 +143,17 @@ class Browser:
                 raise LookupError(f"no element with the text {label!r} to click in {timeout} s")
             time.sleep(0.5)
 
+    def click_text_until(self, label: str, *needles: str, tries: int = 4, wait: float = 15.0) -> str:
+        """Click ``label`` until the page shows every needle (a click that lands while the page is still
+        re-rendering is lost, as it would be for a user, who clicks again); the page's text."""
+        for attempt in range(tries):
+            self.click_text(label)
+            try:
+                return self.wait_for_text(*needles, timeout=wait)
+            except TimeoutError:
+                if attempt == tries - 1:
+                    raise
+
     def click_where(self, condition: str, what: str, timeout: float = 30.0) -> None:
         """Click the innermost visible element for which the JS expression ``condition`` (of ``e``) holds;
         ``what`` names it in the error when none appears in ``timeout`` s."""

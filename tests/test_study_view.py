@@ -158,10 +158,9 @@ def _check_pages(page: Browser, base: str, study, parent: str, tmp_path: Path) -
     # 5. the comparison artifacts: the Markdown as tables, the chart whole in the viewer
     page.click_text("Artifacts")
     page.click_text("comparison")
-    page.click_text("comparison.md")
-    page.wait_for_text("Paired differences to classification_other_domain")
+    page.click_text_until("comparison.md", "Paired differences to classification_other_domain")
     assert page.js("document.querySelectorAll('[role=table]').length") == 4  # means + 3 baselines' differences
-    page.click_text("comparison.png")
+    page.click_text_until("comparison.png", "comparison/comparison.png")
     box = None
     for _ in range(60):
         box = page.js("(() => { const i = [...document.images].find(i => i.naturalWidth > 500 &&"
