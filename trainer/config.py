@@ -177,6 +177,9 @@ class TrackingConfig:
     """Seconds between CPU / memory / GPU (NVML) samples; 0 = off."""
     tags: dict[str, str] = field(default_factory=dict)
     """Extra tags on the run (the study sets grid coordinates here)."""
+    color: Optional[str] = None
+    """The run's colour in MLflow's UI, ``#rrggbb`` (tag ``mlflow.runColor``; the study gives each
+    pre-training row one); None = MLflow's own."""
     close_retry_s: float = 60.0
     """Seconds the end of a run keeps retrying an unreachable MLflow before leaving records spooled
     (then sent at the next start in this out_dir, by ``launch study``, or by ``python -m trainer.tracking replay``)."""
