@@ -144,8 +144,9 @@ def build(args: argparse.Namespace, height: int, width: int, shards: Path | None
     from trainer.compose import compose
     from trainer.distributed import seed_everything
     from trainer.engine import Engine
-    from trainer.loop import Batches, shard_loader_factory
+    from trainer.loop import Batches
     from trainer.tasks import build_task
+    from trainer.tasks.loaders import shard_loader_factory
     from trainer.train_log import TrainLog
 
     cfg = compose(overrides(args, height, width, shards))

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from data_shards.atomic import atomic_write
 
-if TYPE_CHECKING:  # launch.compare imports this module
-    from launch.compare import Table
+from launch.table import Table
 
 #: Figure width (inches) and resolution: 1000 px (MLflow's artifact viewer scales it to its ~700-px panel).
 WIDTH_IN, DPI = 10.0, 100
@@ -41,7 +39,7 @@ def _numbers(ax, ys: list[int], texts: list[str]) -> None:
         ax.text(1.01, y, text, transform=ax.get_yaxis_transform(), va="center", fontsize=FONT)
 
 
-def _means_panel(ax, table: "Table", col, colors: dict[str, str]) -> None:
+def _means_panel(ax, table: Table, col, colors: dict[str, str]) -> None:
     rows = [r for r in table.rows if table.cell(r, col)]
     means = [table.cell(r, col).mean("miou") for r in rows]
     stds = [table.cell(r, col).std("miou") for r in rows]
@@ -55,7 +53,7 @@ def _means_panel(ax, table: "Table", col, colors: dict[str, str]) -> None:
     ax.set_title(f"{column_name(col)}: mIoU", fontsize=FONT + 1, loc="left")
 
 
-def pairs(table: "Table", col) -> list[tuple[str, str]]:
+def pairs(table: Table, col) -> list[tuple[str, str]]:
     """(row, baseline) pairs with paired units in ``col``, by baseline; two baselines' pair once."""
     out = []
     for j, base in enumerate(table.baselines):
@@ -69,7 +67,7 @@ def pairs(table: "Table", col) -> list[tuple[str, str]]:
     return out
 
 
-def _differences_panel(ax, table: "Table", col, colors: dict[str, str]) -> None:
+def _differences_panel(ax, table: Table, col, colors: dict[str, str]) -> None:
     shown = pairs(table, col)
     ys = list(range(len(shown)))[::-1]
     texts, ends = [], []
@@ -94,7 +92,7 @@ def _differences_panel(ax, table: "Table", col, colors: dict[str, str]) -> None:
     ax.set_title("differences (filled: the interval excludes 0)", fontsize=FONT + 1, loc="left")
 
 
-def bar_chart(table: "Table", path: Path, title: str, colors: dict[str, str]) -> Path:
+def bar_chart(table: Table, path: Path, title: str, colors: dict[str, str]) -> Path:
     """Draw the chart (see the module docstring) into ``path`` (PNG, written atomically); ``colors``
     maps each row to its ``#rrggbb``; ``title`` heads the figure."""
     import matplotlib

@@ -9,13 +9,11 @@ instead of one column per baseline and metric. The numbers come from :class:`lau
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 from launch.chart import column_name, pairs
 
-if TYPE_CHECKING:  # launch.compare imports this module
-    from launch.compare import Table
-    from launch.paired_stats import Paired
+from launch.paired_stats import Paired
+from launch.table import Table
 
 METRICS = ("miou", "pixel_acc")
 
@@ -27,14 +25,14 @@ def _fmt(mean: float, std: float, n: int, expected: int) -> str:
     return text + (f" (n={n})" if expected and n != expected else "")
 
 
-def interval(pair: "Paired") -> str:
+def interval(pair: Paired) -> str:
     """``+1.7 .. +10.7`` (the 95 % interval of the paired mean difference), '' below 2 units."""
     if pair.n < 2:
         return ""
     return f"{pair.mean - pair.ci95:+.1f} .. {pair.mean + pair.ci95:+.1f}"
 
 
-def judged(pair: "Paired") -> str:
+def judged(pair: Paired) -> str:
     """better / worse when the 95 % interval excludes 0, else not resolved; '' below 2 units."""
     if pair.n < 2:
         return ""
@@ -42,14 +40,14 @@ def judged(pair: "Paired") -> str:
     return "better" if lo > 0 else "worse" if hi < 0 else "not resolved"
 
 
-def _delta(pair: "Paired") -> str:
+def _delta(pair: Paired) -> str:
     if pair.n == 0:
         return "–"
     span = interval(pair)
     return f"{pair.mean:+.1f} ({span})" if span else f"{pair.mean:+.1f} (n<2)"
 
 
-def headline_pair(table: "Table", wanted: list[str]) -> tuple[str, str] | None:
+def headline_pair(table: Table, wanted: list[str]) -> tuple[str, str] | None:
     """(row, baseline) the headline reports: ``wanted`` when both are in the table, else the first row
     that is not a baseline against the first baseline (None when there is no such pair)."""
     if len(wanted) == 2 and all(w in table.rows for w in wanted):
@@ -61,7 +59,7 @@ def headline_pair(table: "Table", wanted: list[str]) -> tuple[str, str] | None:
     return (others or [b for b in table.baselines if b != base])[0], base
 
 
-def headline(table: "Table", wanted: list[str], metric_name: str) -> str:
+def headline(table: Table, wanted: list[str], metric_name: str) -> str:
     """One sentence: the question's answer (``row`` against ``baseline`` in the first column that has
     both, their paired mIoU difference with its 95 % interval and what that allows one to say)."""
     if not table.columns:
@@ -89,7 +87,7 @@ def headline(table: "Table", wanted: list[str], metric_name: str) -> str:
             f"({where}).")
 
 
-def _means_rows(table: "Table", col: tuple[str, str, str]) -> tuple[list[str], list[list[str]]]:
+def _means_rows(table: Table, col: tuple[str, str, str]) -> tuple[list[str], list[list[str]]]:
     """Header and lines of a column's means table: each row's mean ± std over the table's units."""
     unit = "runs" if table.unit_word == "run" else "seeds"
     lines = []
@@ -102,7 +100,7 @@ def _means_rows(table: "Table", col: tuple[str, str, str]) -> tuple[list[str], l
     return ["pre-training", "mIoU %", "pixel acc %", unit], lines
 
 
-def _difference_rows(table: "Table", col: tuple[str, str, str]) -> list[tuple[str, list[list[str]]]]:
+def _difference_rows(table: Table, col: tuple[str, str, str]) -> list[tuple[str, list[list[str]]]]:
     """Per baseline: (its name, lines of pre-training | Δ mIoU | Δ pixel acc | verdict), the pairs of
     :func:`launch.chart.pairs` (two baselines' pair once); a baseline missing from the column says so."""
     out = []
@@ -142,7 +140,7 @@ def _text_table(header: list[str], lines: list[list[str]]) -> list[str]:
 DIFF_NOTE = "Δ: paired difference in points, its 95 % interval in parentheses; the verdict is on mIoU."
 
 
-def to_markdown(table: "Table", text_tables: bool = False) -> str:
+def to_markdown(table: Table, text_tables: bool = False) -> str:
     """Per column: its means table, then per baseline the paired differences to it with the verdict;
     then what the intervals cover. ``text_tables``: the tables as aligned text in one code block per
     column instead of Markdown tables."""
@@ -165,7 +163,7 @@ def to_markdown(table: "Table", text_tables: bool = False) -> str:
     return "\n".join(out) + "\n" + table.note() + "\n"
 
 
-def verdict(table: "Table") -> list[str]:
+def verdict(table: Table) -> list[str]:
     """Markdown list items: per column, the row with the highest mean mIoU. A difference is called
     better / worse only when the 95 % interval of its paired differences excludes 0 (the differences
     table's verdict column)."""

@@ -8,7 +8,8 @@ import statistics
 
 import pytest
 
-from launch.compare import build_table, compare_runs, find_metric
+from launch.compare import compare_runs
+from launch.table import build_table, find_metric
 from launch.compare_report import headline, to_markdown, verdict
 from launch.runstore import RunRecord, TrackingStore
 from launch.study_config import CompareConfig

@@ -47,7 +47,7 @@ def test_figures_are_readable_size_and_written_atomically(tmp_path):
 
 def test_comparison_chart_adds_a_paired_interval_panel_and_stays_viewer_sized(tmp_path):
     from launch.chart import bar_chart
-    from launch.compare import build_table
+    from launch.table import build_table
     from launch.runstore import RunRecord
     from launch.study_config import CompareConfig
 

@@ -12,3 +12,7 @@ CONFIG_ERROR_EXIT = 2
 
 class ConfigError(ValueError):
     """The run cannot start as configured; the message names the key, file, split or value."""
+
+
+class PretrainedMismatchError(RuntimeError):
+    """A weights file does not fit the module it is loaded into; the message lists the offending keys."""

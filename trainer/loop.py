@@ -23,7 +23,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -44,41 +44,12 @@ from trainer.run_lock import OutDirLock
 from trainer.run_state import Progress, RankBuffers, RNGState
 from trainer.selection import BestCheckpoint
 from trainer.tasks import build_task
+from trainer.tasks.loaders import LoaderFactory, shard_loader_factory
 from trainer.train_log import TrainLog
 
 log = logging.getLogger("geoprime.loop")
 
-__all__ = ["train", "evaluate", "shard_loader_factory"]
-
-#: ``make_loader(split, train) -> loader`` with ``__iter__``, ``batches_per_epoch``, ``epoch``,
-#: ``state_dict()`` / ``load_state_dict()`` (a ``data_shards.loader.ResumableLoader``: its state is the
-#: same on every rank and loads under another world size, see ``Progress.reposition``).
-LoaderFactory = Callable[[str, bool], Any]
-
-
-def shard_loader_factory(cfg: Any, task: Any, engine: Engine) -> LoaderFactory:
-    """Loaders over ``data_shards`` streams: training in the seeded global order with
-    ``data.tail_policy``; evaluation in order with ``tail="pad"`` so every sample counts exactly once."""
-    from data_shards.loader import build_loader
-    from data_shards.stream import ShardStream, StreamConfig
-
-    d = cfg.data
-
-    def make(split: str, train: bool):
-        if train:
-            transform = task.train_transform
-        else:
-            def transform(sample: dict, generator: torch.Generator) -> dict:
-                return task.eval_transform(sample)
-        stream = ShardStream(StreamConfig(
-            d.root, split, rank=engine.rank, world_size=engine.world_size, seed=int(cfg.seed), shuffle=train,
-            lanes=int(d.lanes), tail=d.tail_policy if train else "pad", resampled=bool(d.resampled) and train,
-            on_corrupt=d.on_corrupt, keys=task.stream_keys(train), subset=d.subset if train else 0,
-            subset_seed=d.subset_seed, transform=transform))
-        return build_loader(stream, int(cfg.train.batch_size), num_workers=int(d.num_workers), drop_last=train)
-
-    return make
-
+__all__ = ["train", "evaluate"]
 
 def _config_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True) if isinstance(cfg, DictConfig) else str(cfg)

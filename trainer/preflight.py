@@ -191,7 +191,7 @@ def check_model(cfg: Any, task: Any) -> None:
 
     import torch
 
-    from trainer.models.pretrained import PretrainedMismatchError
+    from trainer.errors import PretrainedMismatchError
     from trainer.optim import build_optimizer
     from trainer.schedules import build_scheduler
 
@@ -225,7 +225,7 @@ def check_loader(cfg: Any, task: Any, world_size: Optional[int] = None) -> None:
     subset, workers) for rank 0 of ``world_size``; builds it without reading a sample."""
     from types import SimpleNamespace
 
-    from trainer.loop import shard_loader_factory
+    from trainer.tasks.loaders import shard_loader_factory
 
     place = SimpleNamespace(rank=0, world_size=_world_size(world_size))
     try:

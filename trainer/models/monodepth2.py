@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import torch
 
-from trainer.models.pretrained import PretrainedMismatchError
+from trainer.errors import PretrainedMismatchError
 
 #: file name -> our part name (the prefix its keys get)
 FILES = {"encoder.pth": "encoder", "depth.pth": "depth_decoder",

@@ -18,11 +18,9 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from trainer.errors import PretrainedMismatchError
+
 log = logging.getLogger("geoprime.pretrained")  # under the run logger (rank-prefixed files)
-
-
-class PretrainedMismatchError(RuntimeError):
-    """The weights file does not fit the module; the message lists the offending keys."""
 
 
 @dataclass
