@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from test_loop import _train_single
 
-from trainer.resume_check import ConfigMismatch, check_resume_config, config_differences
+from trainer.checkpointing.resume_check import ConfigMismatch, check_resume_config, config_differences
 
 SAVED = {"seed": 0, "optim": {"lr": 1e-3, "name": "adamw"}, "train": {"steps": 10, "log_every": 5},
          "parallel": {"strategy": "fsdp", "zero_stage": 0}, "tracking": {"uri": None}}

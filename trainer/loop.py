@@ -30,19 +30,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_shards.atomic import atomic_write_text
 from data_shards.collate import require_uniform
-from trainer.checkpoint import Checkpointer, step_dir_name
+from trainer.checkpointing.checkpoint import Checkpointer, step_dir_name
 from trainer.config import check_known_keys
 from trainer.distributed import dist_env, rank_seed, seed_everything, setup_logging, teardown_logging
 from trainer.engine import Engine
 from trainer.errors import ConfigError
 from trainer.evaluation import evaluate
-from trainer.interrupts import Preempted, StepControl, StopSignals
+from trainer.checkpointing.interrupts import Preempted, StepControl, StopSignals
 from trainer.preflight import RunPlan, preflight
 from trainer.progress import Phase, StartupTimes, counted
-from trainer.resume_check import check_resume_config
-from trainer.run_lock import OutDirLock
-from trainer.run_state import Progress, RankBuffers, RNGState
-from trainer.selection import BestCheckpoint
+from trainer.checkpointing.resume_check import check_resume_config
+from trainer.checkpointing.run_lock import OutDirLock
+from trainer.checkpointing.run_state import Progress, RankBuffers, RNGState
+from trainer.checkpointing.selection import BestCheckpoint
 from trainer.tasks import build_task
 from trainer.train_log import TrainLog
 
