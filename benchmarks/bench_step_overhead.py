@@ -146,7 +146,7 @@ def build(args: argparse.Namespace, height: int, width: int, shards: Path | None
     from trainer.engine import Engine
     from trainer.loop import Batches, shard_loader_factory
     from trainer.tasks import build_task
-    from trainer.train_log import TrainLog
+    from trainer.tracking.train_log import TrainLog
 
     cfg = compose(overrides(args, height, width, shards))
     task = build_task(cfg)

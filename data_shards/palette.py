@@ -8,7 +8,7 @@
 - :func:`flow_to_color`: optical flow -> hue = direction, brightness = magnitude.
 
 It lives in ``data_shards`` because the shard inspector's contact sheet draws with it and
-``data_shards`` never imports ``trainer``; ``trainer.visuals`` imports it from here, so a class has
+``data_shards`` never imports ``trainer``; ``trainer.tasks.visuals`` imports it from here, so a class has
 the same colour in a contact sheet, a segmentation overlay and a legend. matplotlib is imported
 only when a colour map is drawn.
 """

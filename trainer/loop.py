@@ -38,13 +38,13 @@ from trainer.errors import ConfigError
 from trainer.evaluation import evaluate
 from trainer.checkpointing.interrupts import Preempted, StepControl, StopSignals
 from trainer.preflight import RunPlan, preflight
-from trainer.progress import Phase, StartupTimes, counted
+from trainer.tracking.progress import Phase, StartupTimes, counted
 from trainer.checkpointing.resume_check import check_resume_config
 from trainer.checkpointing.run_lock import OutDirLock
 from trainer.checkpointing.run_state import Progress, RankBuffers, RNGState
 from trainer.checkpointing.selection import BestCheckpoint
 from trainer.tasks import build_task
-from trainer.train_log import TrainLog
+from trainer.tracking.train_log import TrainLog
 
 log = logging.getLogger("geoprime.loop")
 
