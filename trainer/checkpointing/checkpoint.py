@@ -7,7 +7,7 @@ Layout under ``<out_dir>/checkpoints``::
       engine_state.pt       scheduler + grad scaler (DCP strategies; DeepSpeed keeps its own)
       train_state.pt        rank 0: step, epoch, tracker run id, resolved config, world size...
       rank_00000.pt ...     per rank: RNG states, data-loader position
-      COMPLETE.json         written last: every file with its size and sha256 (trainer/checkpointing/checkpoint_marker.py)
+      COMPLETE.json         written last: every file with its size and sha256 (checkpoint_marker.py)
     latest                  text file naming the newest whole checkpoint
     .step_00000200.partial  a checkpoint being written (never taken for a whole one)
     .stopping.json          a stop signal's save in progress (trainer/checkpointing/stop_record.py)
