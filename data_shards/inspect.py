@@ -1,7 +1,7 @@
 """Look at a split: counts, keys, sizes, and a PNG contact sheet of a few samples.
 
-The sheet has one row per sample: the RGB frame, depth through a colour map (black where
-invalid), and the segmentation in the Cityscapes colours (black = ignore). Also ``verify``:
+The sheet has one row per sample: the RGB frame, depth through a colour map (teal where
+invalid: ``palette.NO_DEPTH_COLOR``), and the segmentation in the Cityscapes colours (black = ignore). Also ``verify``:
 checksums plus a full decode of every sample, naming the first bad shard and member.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def split_location(path: str) -> tuple[str, str]:
 
 def colorize_depth(depth: np.ndarray) -> np.ndarray:
     """(H, W) metres -> uint8 RGB with the magma map on inverse depth, its 1st..99th percentiles
-    stretched to the whole map; invalid (0) is black."""
+    stretched to the whole map; invalid (0) is teal (``palette.NO_DEPTH_COLOR``, not a magma colour)."""
     valid = depth > 0
     lo, hi = np.percentile(1.0 / depth[valid].astype(np.float64), [1, 99]) if valid.any() else (0.0, 1.0)
     return palette.inverse_depth_colors(depth, valid, vmax=float(hi), vmin=float(lo))

@@ -1,12 +1,15 @@
-"""The comparison chart: what the table says, drawn, including the intervals the verdicts use.
+"""The comparison chart: the table's mIoU, drawn to be read at the size MLflow's artifact viewer shows it.
 
-Top row: mIoU and pixel accuracy per cell (one group of bars per dataset · protocol · N column,
-one bar per pre-training), error bars = sample std over the table's units (pre-training runs or
-fine-tuning seeds). One row below per baseline: each pre-training minus that baseline, unit by unit
-(paired), the bar at the mean difference and the
-error bar the 95 % Student-t interval — the interval :func:`launch.compare.verdict` calls better /
-worse only when it excludes 0 (the dashed line). Cells with fewer than 2 paired seeds have no
-interval and are marked "n<2".
+Per table column (dataset · protocol · N), two panels one above the other, each the figure's width:
+
+- each pre-training's mean mIoU as a horizontal bar in its row's colour (MLflow's run colour of its
+  runs: :func:`launch.grid.row_colors`), the error bar its std over the table's units;
+- each (row, baseline) pair's paired mean difference with its 95 % Student-t interval (the interval
+  :func:`launch.compare_report.judged` calls better / worse only when it excludes 0, the dashed line),
+  filled when resolved, hollow when not; a pair of two baselines is drawn once.
+
+The numbers are written at the right of each line, labels are on the axes (no legend covers a bar);
+pixel accuracy stays in the table. 1000 px wide and ~800 px high for the demo's four rows.
 """
 from __future__ import annotations
 
@@ -19,8 +22,11 @@ from data_shards.atomic import atomic_write
 if TYPE_CHECKING:  # launch.compare imports this module
     from launch.compare import Table
 
-METRICS = ("miou", "pixel_acc")
-LABELS = {"miou": "mIoU", "pixel_acc": "pixel acc"}
+#: Figure width (inches) and resolution: 1000 px (MLflow's artifact viewer scales it to its ~700-px panel).
+WIDTH_IN, DPI = 10.0, 100
+#: Height per bar, per pair (two label lines), and the fixed part of a panel (title, axis), in inches.
+LINE_IN, PAIR_IN, PANEL_BASE_IN = 0.42, 0.6, 1.1
+FONT = 12
 
 
 def column_name(col: tuple[str, str, str]) -> str:
@@ -29,69 +35,87 @@ def column_name(col: tuple[str, str, str]) -> str:
     return f"{dataset} · {protocol} · {'all' if shots == '0' else 'N=' + shots}"
 
 
-def _offsets(n: int) -> tuple[float, list[float]]:
-    width = 0.8 / max(n, 1)
-    return width, [(i - (n - 1) / 2) * width for i in range(n)]
+def _numbers(ax, ys: list[int], texts: list[str]) -> None:
+    """``texts`` in a column right of the axes, one per bar / line."""
+    for y, text in zip(ys, texts):
+        ax.text(1.01, y, text, transform=ax.get_yaxis_transform(), va="center", fontsize=FONT)
 
 
-def _means_row(ax, table: "Table", metric: str, colors: dict[str, str]) -> None:
-    width, offs = _offsets(len(table.rows))
-    for row, off in zip(table.rows, offs):
-        xs, means, stds = [], [], []
-        for j, col in enumerate(table.columns):
-            c = table.cell(row, col)
-            if c is not None:
-                xs.append(j + off)
-                means.append(c.mean(metric))
-                stds.append(c.std(metric))
-        ax.bar(xs, means, width, yerr=stds, capsize=3, label=row, color=colors[row])
-    ax.set_ylabel(f"{LABELS[metric]} (%)")
-    ax.set_title(f"{LABELS[metric]}\nmean ± std over {table.unit}s", fontsize=11)
+def _means_panel(ax, table: "Table", col, colors: dict[str, str]) -> None:
+    rows = [r for r in table.rows if table.cell(r, col)]
+    means = [table.cell(r, col).mean("miou") for r in rows]
+    stds = [table.cell(r, col).std("miou") for r in rows]
+    ys = list(range(len(rows)))[::-1]
+    ax.barh(ys, means, xerr=stds, color=[colors.get(r, "#7f7f7f") for r in rows], capsize=4, height=0.6)
+    ax.set_yticks(ys, rows, fontsize=FONT)
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    ax.set_xlim(0, max((m + s for m, s in zip(means, stds)), default=1.0) * 1.05)
+    _numbers(ax, ys, [f"{m:.1f} ± {s:.1f}" for m, s in zip(means, stds)])
+    ax.set_xlabel(f"mIoU (%): mean ± std over {table.unit}s", fontsize=FONT)
+    ax.set_title(f"{column_name(col)}: mIoU", fontsize=FONT + 1, loc="left")
 
 
-def _paired_row(ax, table: "Table", metric: str, baseline: str, colors: dict[str, str]) -> None:
-    rows = [r for r in table.rows if r != baseline]
-    width, offs = _offsets(len(rows))
-    for row, off in zip(rows, offs):
-        for j, col in enumerate(table.columns):
-            pair = table.paired(row, col, baseline, metric)
-            if pair.n == 0:
+def pairs(table: "Table", col) -> list[tuple[str, str]]:
+    """(row, baseline) pairs with paired units in ``col``, by baseline; two baselines' pair once."""
+    out = []
+    for j, base in enumerate(table.baselines):
+        if table.cell(base, col) is None:
+            continue
+        for row in table.rows:
+            if row == base or table.cell(row, col) is None or row in table.baselines[:j]:
                 continue
-            ci = pair.ci95
-            ax.bar(j + off, pair.mean, width, color=colors[row], label=row if j == 0 else None,
-                   yerr=None if math.isnan(ci) else ci, capsize=4)
-            if math.isnan(ci):
-                ax.annotate("n<2", (j + off, pair.mean), ha="center", va="bottom", fontsize=8)
-    ax.axhline(0.0, color="black", linestyle="--", linewidth=1)
-    ax.set_ylabel(f"Δ {LABELS[metric]} (points)")
-    ax.set_title(f"Δ {LABELS[metric]} vs {baseline}\nper-{table.unit_word} (paired) mean, 95 % interval",
-                 fontsize=11)
+            if table.paired(row, col, base, "miou").n:
+                out.append((row, base))
+    return out
 
 
-def bar_chart(table: "Table", path: Path, title: str) -> Path:
-    """Draw the chart (see the module docstring) into ``path`` (PNG, written atomically)."""
+def _differences_panel(ax, table: "Table", col, colors: dict[str, str]) -> None:
+    shown = pairs(table, col)
+    ys = list(range(len(shown)))[::-1]
+    texts, ends = [], []
+    for y, (row, base) in zip(ys, shown):
+        pair = table.paired(row, col, base, "miou")
+        ci = pair.ci95
+        lo, hi = (pair.mean - ci, pair.mean + ci) if not math.isnan(ci) else (pair.mean, pair.mean)
+        resolved = not math.isnan(ci) and (lo > 0 or hi < 0)
+        color = colors.get(row, "#7f7f7f")
+        ax.errorbar(pair.mean, y, xerr=None if math.isnan(ci) else ci, fmt="o", color=color, capsize=5,
+                    markersize=9, markerfacecolor=color if resolved else "white", markeredgewidth=2, elinewidth=2)
+        texts.append(f"{pair.mean:+.1f}" + (f"  ({lo:+.1f} .. {hi:+.1f})" if not math.isnan(ci) else "  (n<2)"))
+        ends += [lo, hi]
+    ax.axvline(0.0, color="black", linestyle="--", linewidth=1)
+    low, high = min(ends + [0.0]), max(ends + [0.0])
+    pad = 0.05 * ((high - low) or 1.0)
+    ax.set_xlim(low - pad, high + pad)
+    ax.set_ylim(-0.6, len(shown) - 0.4)
+    ax.set_yticks(ys, [f"{r}\n− {b}" for r, b in shown], fontsize=FONT - 1)
+    _numbers(ax, ys, texts)
+    ax.set_xlabel(f"Δ mIoU (points): paired mean per {table.unit_word} and 95 % interval", fontsize=FONT)
+    ax.set_title("differences (filled: the interval excludes 0)", fontsize=FONT + 1, loc="left")
+
+
+def bar_chart(table: "Table", path: Path, title: str, colors: dict[str, str]) -> Path:
+    """Draw the chart (see the module docstring) into ``path`` (PNG, written atomically); ``colors``
+    maps each row to its ``#rrggbb``; ``title`` heads the figure."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    panels = 1 + len(table.baselines)
-    fig, axes = plt.subplots(panels, 2, figsize=(max(10.0, 3.0 + 2.4 * len(table.columns) * 2), 4.4 * panels),
-                             squeeze=False)
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colors = {row: cycle[i % len(cycle)] for i, row in enumerate(table.rows)}
-    for k, metric in enumerate(METRICS):
-        _means_row(axes[0][k], table, metric, colors)
-        for b, baseline in enumerate(table.baselines, 1):
-            _paired_row(axes[b][k], table, metric, baseline, colors)
-    for ax in axes.flat:
-        ax.set_xticks(range(len(table.columns)))
-        ax.set_xticklabels([column_name(c) for c in table.columns], rotation=15, ha="right", fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=9, title="pre-training")
-    fig.suptitle(title)
-    fig.tight_layout()
+    panels = []
+    for col in table.columns:
+        panels.append((col, _means_panel, LINE_IN * len([r for r in table.rows if table.cell(r, col)])))
+        if table.baselines and pairs(table, col):
+            panels.append((col, _differences_panel, PAIR_IN * len(pairs(table, col))))
+    heights = [PANEL_BASE_IN + h for _, _, h in panels]
+    fig = plt.figure(figsize=(WIDTH_IN, 0.4 + sum(heights)), dpi=DPI, layout="constrained")
+    fig.suptitle(title, fontsize=FONT + 2)
+    grid = fig.add_gridspec(len(panels), 1, height_ratios=heights)
+    for k, (col, draw, _) in enumerate(panels):
+        ax = fig.add_subplot(grid[k, 0])
+        draw(ax, table, col, colors)
+        ax.grid(axis="x", alpha=0.3)
     try:
-        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), mkdir=True)
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI), mkdir=True)
     finally:
         plt.close(fig)

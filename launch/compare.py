@@ -31,15 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_shards.atomic import atomic_write_text
+from launch import provenance, study_view
 from launch.chart import bar_chart
-from launch.chart import column_name as _col_name
-from launch import provenance
-from launch.grid import plan, study_root, study_uri
+from launch.compare_report import headline, to_markdown, verdict
+from launch.grid import plan, row_colors, study_root, study_uri
 from launch.paired_stats import UNIT_PRETRAINING, UNIT_SEED, Paired, interval_note, paired_unit_diffs, unit_means
 from launch.pretrain_report import pretraining_lines, pretraining_summary
 from launch.runstore import RunRecord, TrackingStore
 from launch.study_config import CONFIG_DIR, CONFIG_TAG, CompareConfig, StudyConfig, load_study
-from launch.study_notes import note_with_comparison
+from launch.study_notes import compare_settings, note_with_comparison, scored_metrics
 
 METRICS = ("miou", "pixel_acc")
 
@@ -53,6 +53,8 @@ class Cell:
     seeds: list[str] = field(default_factory=list)
     pretrain_seeds: list[str] = field(default_factory=list)
     units: list[str] = field(default_factory=list)
+    run_ids: list[str] = field(default_factory=list)
+    """The MLflow run of each value."""
 
     def unit_values(self, metric: str) -> list[float]:
         """One value per replicate unit: the mean of its fine-tunings."""
@@ -205,6 +207,7 @@ def build_table(runs: list[RunRecord], compare: CompareConfig, *, row_order: lis
                 cell.values[metric].append(values[metric])
             cell.seeds.append(seed)
             cell.pretrain_seeds.append(pretrain_seed)
+            cell.run_ids.append(run.run_id)
             if row not in rows_found:
                 rows_found.append(row)
             if col not in cols_found:
@@ -237,40 +240,6 @@ def _set_units(cells: dict) -> str:
     return UNIT_PRETRAINING if several else UNIT_SEED
 
 
-def _fmt(mean: float, std: float, n: int, expected: int) -> str:
-    if math.isnan(mean):
-        return "–"
-    text = f"{mean:.1f} ± {std:.1f}"
-    return text + (f" (n={n})" if expected and n != expected else "")
-
-
-def _fmt_delta(value: float, ci95: float = math.nan) -> str:
-    if math.isnan(value):
-        return "–"
-    return f"{value:+.1f}" + ("" if math.isnan(ci95) else f" ± {ci95:.1f}")
-
-
-def to_markdown(table: Table) -> str:
-    """The table in Markdown: per column group mIoU, pixel acc and the differences to each baseline."""
-    header = ["pre-training"]
-    for col in table.columns:
-        name = _col_name(col)
-        header += [f"{name} mIoU", f"{name} pixel acc"]
-        header += [f"Δ mIoU vs {b}" for b in table.baselines] + [f"Δ acc vs {b}" for b in table.baselines]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    for row in table.rows:
-        cells = [row]
-        for col in table.columns:
-            c = table.cell(row, col) or Cell()
-            cells += [_fmt(c.mean(m), c.std(m), c.n, table.expected_seeds) for m in METRICS]
-            for metric in METRICS:
-                for b in table.baselines:
-                    pair = table.paired(row, col, b, metric)
-                    cells.append("0 (itself)" if b == row else _fmt_delta(table.delta(row, col, b, metric), pair.ci95))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n" + table.note() + "\n"
-
-
 def to_csv(table: Table) -> str:
     """Long format: one line per (pre-training, column), means/stds in %, deltas in points."""
     buf = io.StringIO()
@@ -296,42 +265,6 @@ def to_csv(table: Table) -> str:
     return buf.getvalue()
 
 
-def verdict(table: Table) -> list[str]:
-    """Plain sentences: for each column, the best row, and each row against each baseline: a
-    difference is called better / worse only when the 95 % interval of its per-unit (paired)
-    differences excludes 0; otherwise 'not resolved'."""
-    out = []
-    for col in table.columns:
-        name = _col_name(col)
-        present = [r for r in table.rows if table.cell(r, col)]
-        if not present:
-            continue
-        best = max(present, key=lambda r: table.cell(r, col).mean("miou"))
-        out.append(f"{name}: highest mean mIoU: {best} ({table.cell(best, col).mean('miou'):.1f} %).")
-        for b in table.baselines:
-            base = table.cell(b, col)
-            if base is None:
-                out.append(f"  no {b} run in this column: no difference to {b}.")
-                continue
-            for r in present:
-                if r == b:
-                    continue
-                c = table.cell(r, col)
-                d = c.mean("miou") - base.mean("miou")
-                pair = table.paired(r, col, b, "miou")
-                word = table.unit_word
-                if pair.n < 2:
-                    judged = f"{pair.n} paired {word}(s), no spread to judge against"
-                else:
-                    lo, hi = pair.mean - pair.ci95, pair.mean + pair.ci95
-                    verdict_word = "better" if lo > 0 else "worse" if hi < 0 else "not resolved"
-                    judged = f"{verdict_word} (per-{word} difference {pair.mean:+.1f}, 95 % interval {lo:+.1f} .. {hi:+.1f})"
-                counts = f"seeds: {c.n} vs {base.n}" if word == "seed" else \
-                    f"runs: {c.n_units} vs {base.n_units}, fine-tunings: {c.n} vs {base.n}"
-                out.append(f"  {r} vs {b}: {d:+.1f} mIoU points, {judged} [{counts}, {pair.n} paired].")
-    return out
-
-
 def _write(path: Path, text: str) -> Path:
     return atomic_write_text(path, text, mkdir=True)
 
@@ -351,6 +284,43 @@ def unfinished_note(runs: list[RunRecord], fingerprints: dict[str, str] | None, 
             f"study again (`python -m launch study`, the same arguments) runs or resumes just these.\n\n")
 
 
+def _markdown(study_name: str, table: Table, compare: CompareConfig, top: str, runs: list[RunRecord],
+              fingerprints: dict[str, str] | None, pre_lines: list[str], text_tables: bool = False) -> str:
+    """comparison.md: the headline, the per-column tables, what the intervals cover, the notes
+    (``text_tables``: the tables as aligned text, for MLflow's run description)."""
+    md = (f"# Study {study_name}: segmentation after each pre-training\n\n" + (f"{top}\n\n" if top else "")
+          + unfinished_note(runs, fingerprints, study_name)
+          + f"Scored: {scored_metrics(compare)}; mIoU and pixel accuracy in %, Δ in points; ± and the intervals "
+            f"count the unit named under the tables.\n\n"
+          + to_markdown(table, text_tables) + "\n" + "\n".join(verdict(table)) + "\n"
+          + provenance.notes(runs, table.rows, compare))
+    if pre_lines:
+        md += ("\nPre-trainings on their own task, against a trivial predictor (has each learned its task?):\n\n"
+               + "\n".join(pre_lines) + "\n")
+    if table.skipped:
+        md += "\nRuns left out:\n\n" + "\n".join(f"- {s}" for s in table.skipped) + "\n"
+    return md
+
+
+def _log_to_parent(store: TrackingStore, study_name: str, parent_run_id: str, table: Table, files: list[Path],
+                   md: str, top: str, extra_metrics: dict[str, float], rows: list[str]) -> None:
+    """The files as artifacts, the table under the parent's description, each cell's means as parent
+    metrics, and what MLflow's UI shows first (:mod:`launch.study_view`)."""
+    for f in files:
+        store.log_artifact(parent_run_id, f, "comparison")
+    note_with_comparison(store, parent_run_id, md, top)
+    summary = {}
+    used: dict[str, dict[str, float]] = {}
+    for (row, col), c in table.cells.items():
+        key = f"{row}/{col[0]}/{col[1]}/n{col[2]}"
+        summary[f"{key}/miou_mean"] = round(c.mean("miou"), 2)  # % (MLflow shows every digit)
+        summary[f"{key}/pixel_acc_mean"] = round(c.mean("pixel_acc"), 2)
+        for i, run_id in enumerate(c.run_ids):
+            used[run_id] = {m: c.values[m][i] for m in METRICS}
+    store.log_metrics(parent_run_id, summary | extra_metrics)
+    study_view.publish(store, study_name, rows, used, store.find_runs({"study": study_name}), top)
+
+
 def compare_runs(store: TrackingStore, study_name: str, compare: CompareConfig, out_dir: Path, *,
                  parent_run_id: str | None = None, row_order: list[str] | None = None,
                  expected_seeds: int = 0, echo: bool = True, fingerprints: dict[str, str] | None = None,
@@ -359,7 +329,8 @@ def compare_runs(store: TrackingStore, study_name: str, compare: CompareConfig, 
 
     Each job counts once, with its newest FINISHED run; with ``fingerprints`` (fine-tuning job id ->
     current configuration fingerprint) its newest FINISHED run of that configuration (see
-    :func:`build_table`); ``pretrain_fingerprints`` does the same for the pre-trainings in the notes."""
+    :func:`build_table`); ``pretrain_fingerprints`` does the same for the pre-trainings in the notes.
+    Rows are drawn in their colours (:func:`launch.grid.row_colors` of ``row_order``), as in MLflow."""
     runs = store.find_runs({"study": study_name, "study_kind": "finetune"}, status="FINISHED")
     table = build_table(runs, compare, row_order=row_order, expected_seeds=expected_seeds, fingerprints=fingerprints)
     if not table.rows:
@@ -367,33 +338,19 @@ def compare_runs(store: TrackingStore, study_name: str, compare: CompareConfig, 
         raise ValueError(f"study {study_name!r} in {store.uri} (experiment {store.experiment!r}) has nothing to "
                          f"compare: {reasons}")
     pre_runs = store.find_runs({"study": study_name, "study_kind": "pretrain"}, status="FINISHED")
+    rows = [r for r in (row_order or []) if r] or table.rows
+    rows += [r for r in table.rows if r not in rows]
+    top = headline(table, compare.headline, compare.miou)
     pre_lines = pretraining_lines(pre_runs, pretrain_fingerprints, row_order)
-    md = (f"# Study {study_name}: segmentation after each pre-training\n\n"
-          + unfinished_note(runs, fingerprints, study_name)
-          + f"mIoU and pixel accuracy in %; Δ = difference of means in points; the unit of ± and of the intervals "
-            f"is below the table.\n\n"
-          + to_markdown(table) + "\n" + "\n".join(verdict(table)) + "\n"
-          + provenance.notes(runs, table.rows, compare))
-    if pre_lines:
-        md += ("\nPre-trainings on their own task, against a trivial predictor (has each learned its task?):\n"
-               + "\n".join(pre_lines) + "\n")
-    if table.skipped:
-        md += "\nRuns left out:\n" + "\n".join(f"- {s}" for s in table.skipped) + "\n"
+    md = _markdown(study_name, table, compare, top, runs, fingerprints, pre_lines)
     files = [_write(out_dir / "comparison.md", md), _write(out_dir / "comparison.csv", to_csv(table)),
-             bar_chart(table, out_dir / "comparison.png", f"study {study_name}: segmentation after each pre-training")]
+             bar_chart(table, out_dir / "comparison.png",
+                       f"study {study_name}: segmentation after each pre-training (mIoU = {compare.miou})",
+                       row_colors(rows))]
     if parent_run_id:
-        for f in files:
-            store.log_artifact(parent_run_id, f, "comparison")
-        note_with_comparison(store, parent_run_id, md)
-        summary = {}
-        for row in table.rows:
-            for col in table.columns:
-                c = table.cell(row, col)
-                if c is not None:
-                    key = f"{row}/{col[0]}/{col[1]}/n{col[2]}"
-                    summary[f"{key}/miou_mean"] = c.mean("miou")
-                    summary[f"{key}/pixel_acc_mean"] = c.mean("pixel_acc")
-        store.log_metrics(parent_run_id, summary | pretraining_summary(pre_runs, pretrain_fingerprints))
+        note = _markdown(study_name, table, compare, top, runs, fingerprints, pre_lines, text_tables=True)
+        _log_to_parent(store, study_name, parent_run_id, table, files, note, top,
+                       pretraining_summary(pre_runs, pretrain_fingerprints), rows)
     if echo:
         print(md, flush=True)
         print(f"[compare] wrote {', '.join(str(f) for f in files)}", flush=True)
@@ -401,19 +358,34 @@ def compare_runs(store: TrackingStore, study_name: str, compare: CompareConfig, 
 
 
 def compare_study(study: StudyConfig, *, store: TrackingStore | None = None,
-                  parent_run_id: str | None = None, echo: bool = True) -> Table:
+                  parent_run_id: str | None = None, echo: bool = True, out: Path | None = None) -> Table:
     """The comparison of a study config (its tracking URI, experiment and out_dir): each fine-tuning of
-    the study's grid with its newest FINISHED run made with the job's current configuration fingerprint."""
+    the study's grid with its newest FINISHED run made with the job's current configuration fingerprint.
+    Files go to ``out`` (default ``<study out_dir>/comparison``)."""
     store = store or TrackingStore(study_uri(study), study.experiment)
     if parent_run_id is None:
         parents = store.find_runs({"study": study.name, "study_kind": "study"})
         parent_run_id = parents[0].run_id if parents else None
     jobs = plan(study)
-    return compare_runs(store, study.name, study.compare, study_root(study) / "comparison",
+    return compare_runs(store, study.name, study.compare, out or study_root(study) / "comparison",
                         parent_run_id=parent_run_id, row_order=list(study.pretrainings),
                         expected_seeds=len(study.seeds), echo=echo,
                         fingerprints={j.job_id: j.fingerprint for j in jobs if j.kind == "finetune"},
                         pretrain_fingerprints={j.job_id: j.fingerprint for j in jobs if j.kind == "pretrain"})
+
+
+def _compare_tagged(store: TrackingStore, study_name: str, out: Path) -> None:
+    """``--study`` mode: the runs tagged ``study=<study_name>``, read as the study's parent run says
+    (its tag written by ``launch study``: metric names, baselines, row order), else with defaults."""
+    parents = store.find_runs({"study": study_name, "study_kind": "study"})
+    settings = compare_settings(parents[0].tags) if parents else None
+    if settings is None:
+        print(f"[compare] no study settings on a parent run of study {study_name!r} (made before they were "
+              f"recorded): metric {CompareConfig().miou!r}, baselines {CompareConfig().baselines}", flush=True)
+        compare_runs(store, study_name, CompareConfig(), out)
+        return
+    compare, rows, seeds = settings
+    compare_runs(store, study_name, compare, out, row_order=rows, expected_seeds=seeds)
 
 
 def main(argv: list[str]) -> int:
@@ -427,14 +399,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default=None, help="output folder (default: <study out_dir>/comparison)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides of the study config")
     args = p.parse_args(argv)
+    out = Path(args.out).resolve() if args.out else None
     try:
         if args.study is None and (CONFIG_DIR / "experiment" / f"{args.experiment}.yaml").exists():
             study = load_study([f"+experiment={args.experiment}", *args.overrides])
             if args.uri:
                 study.tracking_uri = args.uri
-            if args.out:
-                study.out_dir = args.out
-            compare_study(study)
+            compare_study(study, out=out)
             return 0
         if not args.study:
             raise ValueError(f"no study config configs/experiment/{args.experiment}.yaml; to compare an MLflow "
@@ -442,8 +413,7 @@ def main(argv: list[str]) -> int:
         uri = args.uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             raise ValueError("--uri (or MLFLOW_TRACKING_URI) is needed without a study config")
-        store = TrackingStore(uri, args.experiment)
-        compare_runs(store, args.study, CompareConfig(), Path(args.out or f"outputs/{args.study}/comparison"))
+        _compare_tagged(TrackingStore(uri, args.experiment), args.study, out or Path(f"outputs/{args.study}/comparison"))
         return 0
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

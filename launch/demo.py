@@ -94,7 +94,9 @@ def _absolute(path: str) -> Path:
 def point_at_data(study, data: Path, other: Path) -> None:
     """Every job reads ``data`` (study.common's data.root); a pre-training whose overrides read the
     other-domain world (``data.root=data/synthetic_demo_gbr``, :data:`OTHER_DATA`) reads ``other``."""
-    study.common = [o for o in study.common if not o.startswith("data.root=")] + [f"data.root='{data}'"]
+    root = f"data.root='{data}'"  # in place: the order of overrides is part of a job's fingerprint
+    study.common = ([root if o.startswith("data.root=") else o for o in study.common]
+                    if any(o.startswith("data.root=") for o in study.common) else [*study.common, root])
     for pre in study.pretrainings.values():
         pre.overrides = [f"data.root='{other}'" if o == f"data.root={OTHER_DATA}" else o for o in pre.overrides]
 
@@ -105,7 +107,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--data", default=DEMO_DATA, help="folder of the demo's synthetic shards (built at 64x192 if missing)")
     p.add_argument("--data-other", default=OTHER_DATA,
                    help="folder of the different-domain world's shards (seed 1, palette gbr; built if missing)")
-    p.add_argument("--out", default=None, help="output folder (default: the study's, outputs/demo)")
+    p.add_argument("--out", default=None, help="output folder (default: the study's, outputs/demo in the repository)")
     p.add_argument("--verbose", action="store_true", help="show every job's output")
     p.add_argument("overrides", nargs="*", help="Hydra overrides of the demo study, e.g. study.seeds=[0,1,2]")
     args = p.parse_args(argv)
@@ -118,7 +120,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.out:
-        study.out_dir = args.out
+        study.out_dir = str(Path(args.out).resolve())  # a command-line folder: from the working directory
     point_at_data(study, data, other)
     try:
         build_s = build_shards(data, args.verbose, BUILD_ARGS, SPLITS, DEMO_WORLD)

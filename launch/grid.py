@@ -19,9 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launch.k8s import CHECKPOINT_MOUNT
+from data_shards.palette import series_color
 from launch.runstore import pretraining_experiment
 from launch.study_config import CONFIG_TAG, StudyConfig
 from trainer import tracking
+
+
+#: The repository root: jobs run there, so a study's relative paths (data roots, weights, its
+#: ``out_dir``) are relative to it, from whatever folder the study is launched or compared.
+REPO = Path(__file__).resolve().parents[1]
+#: Trainer keys whose values are paths: how a path is spelled (relative to :data:`REPO` or absolute,
+#: quoted or not, with ``./`` or ``..``) does not change a job's fingerprint.
+PATH_KEYS = ("data.root", "task.weights", "model.imagenet_weights")
 
 
 @dataclass
@@ -47,6 +56,30 @@ class Job:
     """'task.weights' override template for the pre-training's weights ('{weights}' is replaced)."""
     fingerprint: str = ""
     """Configuration fingerprint (:func:`job_fingerprint`); also the tag ``study_job_config``."""
+    run_name: str = ""
+    """The MLflow run's name: short, with the row and seed (:func:`run_name`); the job id is its tag."""
+    color: str = ""
+    """The MLflow run's colour (``#rrggbb``): its pre-training row's (:func:`row_colors`)."""
+
+
+def canonical_path(value: str) -> str:
+    """A path as the fingerprint sees it: absolute (relative ones from :data:`REPO`), normalised, then
+    relative to :data:`REPO` when inside it; URLs (``s3://``, ``pipe:``) and '' as they are."""
+    text = value.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]
+    if not text or "://" in text or text.startswith("pipe:"):
+        return text
+    path = Path(os.path.normpath(REPO / os.path.expanduser(text)))
+    return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else path.as_posix()
+
+
+def canonical_override(override: str) -> str:
+    """``override`` with a path value (:data:`PATH_KEYS`) in its :func:`canonical_path` spelling."""
+    key, sep, value = override.partition("=")
+    if sep and key.lstrip("+~") in PATH_KEYS:
+        return f"{key}={canonical_path(value)}"
+    return override
 
 
 def job_fingerprint(overrides: list[str], nproc: int, needs_fingerprint: str | None = None,
@@ -55,12 +88,38 @@ def job_fingerprint(overrides: list[str], nproc: int, needs_fingerprint: str | N
     the output folder / tracking ones added at launch), its process count and, for a fine-tuning, the
     fingerprint of the pre-training it starts from (a re-trained pre-training re-runs its fine-tunings)
     and, with several pre-training seeds, the pre-training run it is paired to (``pairing``: a random-init
-    row has no pre-training, yet its runs are grouped by it in the table)."""
-    fields = {"overrides": list(overrides), "nproc": int(nproc), "needs": needs_fingerprint}
+    row has no pre-training, yet its runs are grouped by it in the table). Path values count by what
+    they point to, not how they are spelled (:func:`canonical_override`)."""
+    fields = {"overrides": [canonical_override(o) for o in overrides], "nproc": int(nproc), "needs": needs_fingerprint}
     if pairing is not None:
         fields["pairing"] = pairing
     payload = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+#: Separator of a run name's parts (short, and not in any grid name: those are [a-z0-9_-]).
+NAME_SEP = "·"
+
+
+def run_name(tags: dict[str, str], several_datasets: bool = False, several_pretrain_seeds: bool = False) -> str:
+    """The MLflow run name of a study job from its grid tags, short enough for MLflow's run column:
+    ``<row>·<protocol>[·<dataset>][·N=<shots>]·s<seed>`` for a fine-tuning (``depth_full·frozen·s2``),
+    ``<row>[·p<seed>]`` for a pre-training (``p`` with several pre-training seeds)."""
+    row = tags["grid_pretraining"]
+    if tags.get("study_kind") == "pretrain":
+        return row + (f"{NAME_SEP}p{tags['grid_pretrain_seed']}" if several_pretrain_seeds else "")
+    parts = [row, tags["grid_protocol"]]
+    if several_datasets:
+        parts.append(tags["grid_dataset"])
+    if tags.get("grid_shots", "0") != "0":
+        parts.append(f"N={tags['grid_shots']}")
+    return NAME_SEP.join(parts + [f"s{tags['grid_seed']}"])
+
+
+def row_colors(rows: list[str]) -> dict[str, str]:
+    """Each pre-training row's colour, by its place in the study (``data_shards.palette.SERIES_COLORS``):
+    MLflow's run colour of its runs and its colour in the comparison chart."""
+    return {row: series_color(i) for i, row in enumerate(rows)}
 
 
 def pretrain_seed_for(study: StudyConfig, seed_index: int) -> int:
@@ -83,9 +142,10 @@ def _q(value) -> str:
 
 
 def study_root(study: StudyConfig) -> Path:
-    """Absolute output folder of the study."""
-    root = Path(study.out_dir)
-    return root if root.is_absolute() else (Path.cwd() / root)
+    """Absolute output folder of the study (a relative ``out_dir`` is relative to :data:`REPO`, as
+    the jobs' paths are: the same folder from any working directory)."""
+    root = Path(os.path.expanduser(study.out_dir))
+    return root if root.is_absolute() else (REPO / root)
 
 
 def study_uri(study: StudyConfig) -> str:
@@ -145,11 +205,14 @@ def plan(study: StudyConfig) -> list[Job]:
         raise ValueError(f"study {study.name}: job ids collide: {sorted({i for i in ids if ids.count(i) > 1})}")
     by_id = {j.job_id: j for j in jobs}
     paired = len(study.pretrain_seeds) > 1
+    colors = row_colors(list(study.pretrainings))
     for job in jobs:  # pre-trainings come first, so a fine-tuning's `needs` is already fingerprinted
         pairing = job.tags["grid_pretrain_seed"] if paired and job.kind == "finetune" else None
         job.fingerprint = job_fingerprint(job.overrides, job.nproc,
                                           by_id[job.needs].fingerprint if job.needs else None, pairing)
         job.tags[CONFIG_TAG] = job.fingerprint
+        job.run_name = run_name(job.tags, len(study.datasets) > 1, paired)
+        job.color = colors[job.tags["grid_pretraining"]]
     return jobs
 
 
@@ -171,7 +234,10 @@ def job_overrides(study: StudyConfig, job: Job, by_id: dict[str, Job], *, uri: s
     if out_dir is not None:
         out.append(f"out_dir={_q(out_dir)}")
     experiment = pretraining_experiment(study.experiment) if job.kind == "pretrain" else study.experiment
-    out += ["tracking.enabled=true", f"tracking.experiment={_q(experiment)}", f"tracking.run_name={_q(job.job_id)}"]
+    out += ["tracking.enabled=true", f"tracking.experiment={_q(experiment)}",
+            f"tracking.run_name={_q(job.run_name or job.job_id)}"]
+    if job.color:
+        out.append(f"tracking.color={_q(job.color)}")
     if uri:
         out.append(f"tracking.uri={_q(uri)}")
     if parent_run_id:

@@ -79,12 +79,12 @@ def interval_note(unit: str, units_per_row: int, finetunes_per_unit: int) -> str
     if unit == UNIT_PRETRAINING:
         return (f"Unit: the pre-training run. Each pre-training row ran {units_per_row} times (pre-training seeds); "
                 f"each run was fine-tuned with {finetunes_per_unit} seed(s) of its own (nested) and counts once, as "
-                f"the mean of its fine-tunings. Cells: mean ± std over the {units_per_row} runs. Δ: difference of "
-                f"means ± the 95 % Student-t interval over the {units_per_row} paired runs (run r of a row against "
+                f"the mean of its fine-tunings. Cells: mean ± std over the {units_per_row} runs. Δ: the mean paired "
+                f"difference and its 95 % Student-t interval over the {units_per_row} paired runs (run r of a row against "
                 f"run r of the baseline, the same fine-tuning seeds): it covers the spread between pre-training "
                 f"runs and fine-tuning noise. Rows without a pre-training run (random init) are grouped by the "
                 f"same fine-tuning seeds.")
     return ("Unit: the fine-tuning seed. Every fine-tuning of a row starts from the same pre-training run (one "
-            "pre-training seed), so cells (mean ± std over seeds) and intervals (Δ: difference of means ± the "
-            "95 % interval of the per-seed paired difference) cover fine-tuning noise only, not the spread "
+            "pre-training seed), so cells (mean ± std over seeds) and intervals (Δ: the mean per-seed paired difference "
+            "and its 95 % interval) cover fine-tuning noise only, not the spread "
             "between pre-training runs; study.pretrain_seeds adds it.")

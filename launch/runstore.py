@@ -122,11 +122,16 @@ class TrackingStore:
 
     def set_experiment_note(self, experiment: str, text: str) -> None:
         """Describe ``experiment`` (created, marked as model training, if missing); a description a
-        person wrote (one not starting with "geoprime") is kept."""
+        person wrote (one not starting with "geoprime" or the comparison's headline) is kept."""
         exp_id = experiment_id(self.client, self.uri, experiment)
         current = self.client.get_experiment(exp_id).tags.get(NOTE_TAG, "")
-        if not current or current.startswith("geoprime"):
+        if not current or current.startswith(("geoprime", "**Result**: ")):
             self.client.set_experiment_tag(exp_id, NOTE_TAG, text)
+
+    def experiment_note(self, experiment: str) -> str:
+        """An experiment's description ('' when none or no such experiment)."""
+        exp = self.client.get_experiment_by_name(experiment)
+        return exp.tags.get(NOTE_TAG, "") if exp is not None else ""
 
     def run_note(self, run_id: str) -> str:
         """A run's description ('' when none)."""

@@ -57,6 +57,9 @@ class CompareConfig:
     """When the name is bare, the first prefix found wins (test/miou before val/miou)."""
     baselines: list[str] = field(default_factory=lambda: ["imagenet", "random"])
     """Pre-trainings whose difference every row shows (when present in the study)."""
+    headline: list[str] = field(default_factory=list)
+    """``[row, baseline]``: the difference the headline sentence reports first (the study's question),
+    in the first column; [] = the first row that is not a baseline against the first baseline."""
 
 
 @dataclass
@@ -144,6 +147,10 @@ def validate(study: StudyConfig, source: str) -> StudyConfig:
             fail(f"study.protocol_shots.{protocol}: no such protocol (study.protocols has {sorted(study.protocols)})")
         if not sizes or any(s < 0 for s in sizes):
             fail(f"study.protocol_shots.{protocol}={sizes}: needs sizes >= 0 (0 = all)")
+    headline = study.compare.headline
+    if headline and (len(headline) != 2 or any(h not in study.pretrainings for h in headline)):
+        fail(f"study.compare.headline={headline}: give [row, baseline], two names of study.pretrainings "
+             f"({', '.join(study.pretrainings)})")
     if study.nproc_per_job < 1:
         fail(f"study.nproc_per_job={study.nproc_per_job} must be >= 1")
     if study.parallel_jobs < 1:

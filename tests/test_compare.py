@@ -8,7 +8,8 @@ import statistics
 
 import pytest
 
-from launch.compare import build_table, compare_runs, find_metric, to_markdown, verdict
+from launch.compare import build_table, compare_runs, find_metric
+from launch.compare_report import headline, to_markdown, verdict
 from launch.runstore import RunRecord, TrackingStore
 from launch.study_config import CompareConfig
 from trainer import tracking
@@ -55,20 +56,37 @@ def test_table_values_match_hand_computation():
     assert math.isnan(table.delta("depth", ("syn", "frozen", "0"), "random", "miou"))  # no frozen baseline
 
     md = to_markdown(table)
-    header, _, *lines = md.strip().splitlines()
-    assert "syn · full · all mIoU" in header and "Δ mIoU vs imagenet" in header
-    depth_line = next(line for line in lines if line.startswith("| depth"))
+    lines = md.splitlines()
+    assert "### syn · full · all" in lines and "| pre-training | mIoU % | pixel acc % | seeds |" in lines
     # paired by seed: depth - imagenet = 2, 5, 4 -> mean 3.67, std 1.53, t(0.975, 2) = 4.303 -> ± 3.79;
     # depth - random = 20, 22, 24 -> ± 4.303 * 2 / sqrt(3) = 4.97
     pair = table.paired("depth", full, "imagenet", "miou")
     assert pair.diffs == pytest.approx([2.0, 5.0, 4.0]) and pair.ci95 == pytest.approx(4.3027 * 1.5275 / 3 ** 0.5, rel=1e-3)
-    assert "43.0 ± 2.6" in depth_line and "+3.7 ± 3.8" in depth_line and "+22.0 ± 5.0" in depth_line
-    assert "30.0 ± 0.0 (n=1)" in depth_line  # the frozen cell has one seed of the 3 expected
-    text = "\n".join(verdict(table))
-    assert "highest mean mIoU: depth (43.0 %)" in text
+    full_part = md[md.index("### syn · full · all"):]
+    assert "| depth | 43.0 ± 2.6 | 82.3 ± 2.1 | 3 |" in full_part
     # the means differ by more than either row's std, yet 3 paired seeds do not resolve it
-    assert "depth vs imagenet: +3.7 mIoU points, not resolved (per-seed difference +3.7, 95 % interval -0.1 .. +7.5)" in text
-    assert "depth vs random: +22.0 mIoU points, better (per-seed difference +22.0, 95 % interval +17.0 .. +27.0)" in text
+    to_imagenet = full_part[full_part.index("Paired differences to **imagenet**"):]
+    assert "| depth | +3.7 (-0.1 .. +7.5) | +1.3 " in to_imagenet and "| not resolved |" in to_imagenet.split("\n\n")[1]
+    to_random = full_part[full_part.index("Paired differences to **random**"):]
+    assert "| depth | +22.0 (+17.0 .. +27.0) |" in to_random and "| better |" in to_random.split("\n\n")[1]
+    assert "| random | -18.3 (-22.1 .. -14.5) |" in to_imagenet and "| imagenet |" not in to_random  # two baselines: once
+    assert "| depth | 30.0 ± 0.0 (n=1) |" in md  # the frozen cell has one seed of the 3 expected
+    assert "| no imagenet run in this column |" in md[:md.index("### syn · full")]
+    assert max(len(line.split("|")) for line in lines) <= 6  # at most 4 columns: fits MLflow's 800-px panel
+    text = to_markdown(table, text_tables=True)  # the run description's version: aligned text in code blocks
+    assert "```" in text and "vs imagenet" in text and "| depth |" not in text
+    assert "highest mean mIoU: depth (43.0 %)" in "\n".join(verdict(table))
+    assert headline(table, [], "miou").startswith("**depth vs imagenet: not resolved: +3.7 mIoU points")  # full
+
+
+def test_headline_answers_the_question_first():
+    table = build_table(RUNS[:9], CompareConfig(), row_order=["depth", "imagenet", "random"], expected_seeds=3)
+    assert headline(table, [], "miou_subset") == (
+        "**depth vs imagenet: not resolved: +3.7 mIoU points (95 % interval -0.1 .. +7.5)** over 3 paired "
+        "fine-tuning seeds (syn · full · all, mIoU = `miou_subset`).")
+    assert headline(table, ["depth", "random"], "miou") == (
+        "**depth transfers better than random: +22.0 mIoU points (95 % interval +17.0 .. +27.0)** over 3 paired "
+        "fine-tuning seeds (syn · full · all, mIoU = `miou`).")
 
 
 def test_newest_run_of_a_job_counts_and_bad_runs_are_listed():
@@ -82,8 +100,7 @@ def test_newest_run_of_a_job_counts_and_bad_runs_are_listed():
     assert table.cell("random", ("syn", "full", "0")).n == 1
     assert any("no grid tag" in s for s in table.skipped)
     assert any("'pixel_acc' missing" in s for s in table.skipped)
-    text = "\n".join(verdict(table))
-    assert "1 paired seed(s), no spread" in text
+    assert "| depth | +10.0 (n<2) | +10.0 (n<2) | no spread to judge |" in to_markdown(table)
 
 
 def test_compare_runs_from_mlflow_writes_and_logs(tmp_path, capsys):
@@ -176,9 +193,11 @@ def test_pretraining_runs_are_the_unit_when_rows_have_several():
     assert "Unit: the pre-training run. Each pre-training row ran 3 times" in md
     assert "fine-tuned with 2 seed(s) of its own" in md and "46.0 ± 5.0" in md
     assert "(n=" not in md  # 6 fine-tunings as expected
-    text = "\n".join(verdict(table))
-    assert "depth vs random: +15.7 mIoU points, better (per-run difference +15.7, 95 % interval +5.3 .. +26.0) " \
-           "[runs: 3 vs 3, fine-tunings: 6 vs 6, 3 paired]" in text
+    assert "| depth | +15.7 (+5.3 .. +26.0) | " in md and "| better |" in md and "| depth | 46.0 ± 5.0 | " in md
+    assert headline(table, [], "miou") == ("**depth transfers better than random: +15.7 mIoU points (95 % interval "
+                                           "+5.3 .. +26.0)** over 3 paired pre-training runs (syn · full · all, mIoU = "
+                                           "`miou`).")
+    assert "| pre-training | mIoU % | pixel acc % | runs |" in md and "| 3 (6 fine-tunings) |" in md
     # one pre-training run per row: the fine-tuning seed is the unit, and the table says what that leaves out
     single = build_table(RUNS, CompareConfig())
     assert single.unit == "fine-tuning seed"

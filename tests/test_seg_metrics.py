@@ -43,6 +43,23 @@ def test_single_image_values_and_absent_class_excluded():
     assert r["miou_per_image"] == pytest.approx(1 / 3)
     assert r["miou_subset"] == pytest.approx(0.5)
     assert r["num_pixels"] == 5
+    # what separates miou (classes 0, 1, 2) from miou_subset (0, 1): class 2, labelled on 1 of the 5
+    # scored pixels and never predicted there (its one prediction is on the ignored pixel)
+    assert r["miou_classes"] == 3 and r["miou_subset_classes"] == 2
+    assert r["gt_outside_subset"] == pytest.approx(1 / 5) and r["pred_outside_subset"] == 0
+
+
+def test_equal_means_come_with_the_reason_they_are_equal():
+    """A model that predicts only the subset's classes on data that has only them: miou == miou_subset,
+    and the logged counts say why (the same classes, nothing outside the subset)."""
+    m = SegmentationMetric(5, subset=[0, 1, 2])
+    m.update(*_batch(torch.tensor([[0, 1, 2, 2]], dtype=torch.uint8), torch.tensor([[0, 1, 1, 2]])))
+    r = m.compute(m.state())
+    assert r["miou"] == r["miou_subset"] and r["miou_classes"] == r["miou_subset_classes"] == 3
+    assert r["pred_outside_subset"] == 0 and r["gt_outside_subset"] == 0
+    m.update(*_batch(torch.tensor([[0, 0]], dtype=torch.uint8), torch.tensor([[4, 0]])))  # one stray pixel
+    r = m.compute(m.state())
+    assert r["miou"] < r["miou_subset"] and r["miou_classes"] == 4 and r["pred_outside_subset"] == pytest.approx(1 / 6)
 
 
 def test_two_ranks_sum_equals_one_pass_and_hand_values():

@@ -54,15 +54,16 @@ FAKE_TRAINER = textwrap.dedent('''
     out = Path(vals["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     name = vals["tracking.run_name"]
+    job = vals["tracking.tags.study_job"]
     with open(os.environ["FAKE_CALLS"], "a") as f:
-        f.write(name + "\\n")
+        f.write(job + "\\n")
     tags = {{k.split(".")[-1]: str(v) for k, v in vals.items() if k.startswith("tracking.tags.")}}
     cfg = run_cfg(out, uri=vals["tracking.uri"], experiment=vals["tracking.experiment"], run_name=name,
                   parent_run_id=vals["tracking.parent_run_id"], tags=tags)
     cfg.task = {{"name": vals["task"]}}
     tracker = create_tracker(cfg, is_logging_rank=True, run_id=None)
     tracker.announce = False
-    if os.environ.get("FAKE_FAIL") == name and not (out / "failed_once").exists():
+    if os.environ.get("FAKE_FAIL") == job and not (out / "failed_once").exists():
         (out / "failed_once").touch()
         tracker.close("FAILED")
         sys.exit(3)
@@ -273,7 +274,8 @@ def _in_process_trainer(monkeypatch, fail_once: set[str]) -> list[str]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "job.log").open("a").write(" ".join(cmd) + "\n")
         name = vals["tracking.run_name"]
-        calls.append(name)
+        job = vals["tracking.tags.study_job"]
+        calls.append(job)
         key = (vals["tracking.uri"], vals["tracking.experiment"])
         store = stores.get(key) or stores.setdefault(key, TrackingStore(*key))
         tags = {k.split(".")[-1]: str(v) for k, v in vals.items() if k.startswith("tracking.tags.")}
@@ -284,8 +286,8 @@ def _in_process_trainer(monkeypatch, fail_once: set[str]) -> list[str]:
         else:
             run_id = store.create_run(name, tags, parent_run_id=vals["tracking.parent_run_id"])
             ckpt.write_text(run_id)
-        if name in fail_once:
-            fail_once.discard(name)
+        if job in fail_once:
+            fail_once.discard(job)
             store.set_status(run_id, "FAILED")
             return 3, 0.0
         if vals["task"] == "segmentation":
@@ -481,7 +483,55 @@ def test_single_seed_study_rerun_with_pretrain_seeds_counts_only_the_new_runs(tm
     assert float(rows["depth"]["paired_miou_vs_random_ci95"]) == pytest.approx(12.7062 * 2 ** 0.5 / 2 ** 0.5, rel=1e-4)
     md = (tmp_path / "out" / "comparison" / "comparison.md").read_text()
     assert "Unit: the pre-training run. Each pre-training row ran 2 times" in md
-    assert "depth vs random: +21.0 mIoU points, better (per-run difference +21.0, 95 % interval +8.3 .. +33.7)" in md
+    assert "**depth transfers better than random: +21.0 mIoU points (95 % interval +8.3 .. +33.7)** over 2 paired " \
+           "pre-training runs" in md.split("\n\n")[1]  # the headline, first under the title
+    assert "| depth | +21.0 (+8.3 .. +33.7) | " in md
     assert ("- depth: val abs_rel 0.205 ± 0.007 against 0.500 for constant depth (median-scaled) (0.41x the "
             "baseline; 2 runs; per run 0.200, 0.210)") in md
     assert "not in the study's current grid: ft-depth-syn-full-nall-s0, ft-depth-syn-full-nall-s1" in md
+
+
+def test_a_paths_spelling_does_not_change_a_jobs_identity(tmp_path, monkeypatch):
+    from launch.demo import DEMO_DATA, OTHER_DATA, _absolute, point_at_data
+    from launch.grid import REPO, job_fingerprint, study_root
+
+    same = [job_fingerprint([o], 1) for o in ("data.root=data/x", f"data.root='{REPO}/data/x'", "data.root=./data//x",
+                                              f'data.root="{REPO}/data/../data/x"')]
+    assert len(set(same)) == 1
+    assert job_fingerprint(["data.root=data/y"], 1) != same[0]  # other data: another job
+    assert job_fingerprint(["data.root=s3://b/x"], 1) != job_fingerprint(["data.root=s3://b/y"], 1)
+    # `launch demo` points every job at absolute data folders: the jobs stay the demo config's own
+    demo = load_study(["+experiment=demo"])
+    pointed = load_study(["+experiment=demo"])
+    point_at_data(pointed, _absolute(DEMO_DATA), _absolute(OTHER_DATA))
+    assert pointed.common != demo.common
+    assert [j.fingerprint for j in plan(pointed)] == [j.fingerprint for j in plan(demo)]
+    # a relative out_dir is the repository's folder, from any working directory
+    monkeypatch.chdir(tmp_path)
+    assert study_root(demo) == REPO / "outputs" / "demo"
+
+
+@pytest.mark.timeout(300)
+def test_compare_works_on_a_finished_study_from_another_folder(tmp_path, monkeypatch, capsys):
+    """The study runs with absolute data paths (as `launch demo` writes them); `launch compare` then runs
+    from another working directory with the config's relative spelling, and finds every run."""
+    from launch.compare import main as compare_main
+    from launch.grid import REPO
+
+    cfg_dir = _mini(tmp_path)
+    _in_process_trainer(monkeypatch, set())
+    absolute = load_study(["+experiment=mini", f"study.common=[\"data.root='{REPO}/data/synthetic'\"]"], cfg_dir)
+    assert study_mod.run_study(absolute) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("launch.compare.CONFIG_DIR", cfg_dir)
+    monkeypatch.setattr("launch.compare.load_study", lambda overrides: load_study(overrides, cfg_dir))
+    assert compare_main(["--experiment", "mini", "--out", "cmp"]) == 0
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| depth | 50.5 ± 0.7 |" in md and "| random | 30.5 ± 0.7 |" in md
+    assert "another configuration" not in md and "Unfinished study" not in md
+    # without the config (--study): the parent run says how the study compares (metric, baselines, rows)
+    assert compare_main(["--experiment", "mini-exp", "--study", "mini", "--uri", absolute.tracking_uri,
+                         "--out", "tagged"]) == 0
+    assert "| depth | +20.0" in (tmp_path / "tagged" / "comparison.md").read_text()
+    assert "no study settings" not in capsys.readouterr().out

@@ -25,10 +25,12 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """`mlflow server` with a sqlite backend and local artifact store, started and stopped by a test."""
+    """`mlflow server` with a sqlite backend and local artifact store, started and stopped by a test;
+    ``db``: serve an existing store (its runs' artifacts where they are) instead of a new one."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, db: Path | None = None) -> None:
         self.root = Path(root)
+        self.db = Path(db) if db else self.root / "server.db"
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -38,7 +40,7 @@ class MlflowServer:
         self.root.mkdir(parents=True, exist_ok=True)
         log = open(self.root / "server.log", "ab")
         self.proc = subprocess.Popen(
-            [MLFLOW_BIN, "server", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+            [MLFLOW_BIN, "server", "--backend-store-uri", f"sqlite:///{self.db}",
              "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root,

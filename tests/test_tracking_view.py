@@ -135,11 +135,15 @@ def _check_view(client, data: Path) -> None:
     transfer, pre = client.get_experiment_by_name("view-exp"), client.get_experiment_by_name("view-exp-pretraining")
     for exp in (transfer, pre):
         assert exp.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
-        assert exp.tags[NOTE_TAG].startswith("geoprime study `view`")
-    runs = {r.info.run_name: r for r in client.search_runs([transfer.experiment_id, pre.experiment_id])}
-    assert set(runs) == {"study-view", "pre-depth", "ft-depth-synthetic-full-nall-s0",
-                         "ft-random-synthetic-full-nall-s0"}
+        assert "geoprime study `view`" in exp.tags[NOTE_TAG]
+    assert transfer.tags[NOTE_TAG].startswith("**Result**: **depth vs random: ")  # the headline first
+    assert "from 1 paired fine-tuning seed: too few for an interval" in transfer.tags[NOTE_TAG]
+    by_name = {r.info.run_name: r for r in client.search_runs([transfer.experiment_id, pre.experiment_id])}
+    assert set(by_name) == {"study-view", "depth", "depth·full·s0", "random·full·s0"}  # short: row and seed
+    runs = {r.data.tags.get("study_job", r.info.run_name): r for r in by_name.values()}
     assert runs["pre-depth"].info.experiment_id == pre.experiment_id
+    assert runs["pre-depth"].data.tags["mlflow.runColor"] == runs["ft-depth-synthetic-full-nall-s0"].data.tags[
+        "mlflow.runColor"] != runs["ft-random-synthetic-full-nall-s0"].data.tags["mlflow.runColor"]
     parent = runs["study-view"]
     assert "## Latest comparison" in parent.data.tags[NOTE_TAG] and "random" in parent.data.tags[NOTE_TAG]
     assert parent.data.tags["mlflow.source.name"] == "python -m launch study"
@@ -152,6 +156,7 @@ def _check_view(client, data: Path) -> None:
         noise = [k for k in params if k == "out_dir" or k.startswith(("tracking.", "task.weights", "data.root"))]
         assert not noise and params["train.steps"] == "1", (name, noise)
         assert tags["config.out_dir"].endswith(name) and tags["mlflow.user"] and tags["mlflow.source.git.commit"]
+        assert "config.tracking.color" not in tags  # the colour is the run's own attribute
         inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
         assert inputs["synthetic/train"] == digest, inputs
         assert not [k for k in run.data.metrics if any(c.isspace() for c in k)]

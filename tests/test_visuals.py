@@ -16,11 +16,11 @@ def test_label_colors_use_the_cityscapes_palette_and_draw_ignore_black():
     assert tuple(rgb[1, 0]) == (119, 11, 32) and tuple(rgb[1, 1]) == (0, 0, 0)
 
 
-def test_inverse_depth_colors_near_is_bright_and_invalid_black():
+def test_inverse_depth_colors_near_is_bright_and_invalid_not_black():
     depth = np.array([[1.0, 10.0, 5.0]])
     rgb = V.inverse_depth_colors(depth, valid=np.array([[True, True, False]]))
     assert rgb[0, 0].sum() > rgb[0, 1].sum()  # 1 m brighter than 10 m
-    assert tuple(rgb[0, 2]) == (0, 0, 0)
+    assert tuple(rgb[0, 2]) == V.NO_DEPTH_COLOR  # not black: black is "far" on this map
 
 
 def test_class_legend_names_only_the_classes_shown():
@@ -45,7 +45,7 @@ def test_figures_are_readable_size_and_written_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.png", "f.png", "s.png"]  # no temporary left
 
 
-def test_comparison_chart_adds_a_paired_interval_row_per_baseline(tmp_path):
+def test_comparison_chart_adds_a_paired_interval_panel_and_stays_viewer_sized(tmp_path):
     from launch.chart import bar_chart
     from launch.compare import build_table
     from launch.runstore import RunRecord
@@ -55,10 +55,13 @@ def test_comparison_chart_adds_a_paired_interval_row_per_baseline(tmp_path):
                       {"study_job": f"{pre}-{seed}", "grid_pretraining": pre, "grid_dataset": "d", "grid_protocol": "full",
                        "grid_shots": "0", "grid_seed": str(seed)},
                       {}, {"test/miou": base + 0.01 * seed, "test/pixel_acc": base + 0.3}, seed)
-            for pre, base in (("depth", 0.6), ("random", 0.5)) for seed in range(3)]
+            for pre, base in (("depth", 0.6), ("flow", 0.55), ("classification_other_domain", 0.55), ("random", 0.5))
+            for seed in range(3)]
+    colors = {"depth": "#1f77b4", "flow": "#ff7f0e", "classification_other_domain": "#2ca02c", "random": "#d62728"}
     sizes = []
-    for baselines in ([], ["random"]):
+    for baselines in ([], ["classification_other_domain", "flow", "random"]):
         table = build_table(runs, CompareConfig(baselines=baselines))
-        assert table.paired("depth", table.columns[0], "random", "miou").n == 3
-        sizes.append(Image.open(bar_chart(table, tmp_path / f"c{len(baselines)}.png", "t")).size)
-    assert sizes[1][1] > 1.8 * sizes[0][1]  # the means row, then one Δ row with the 95 % intervals
+        sizes.append(Image.open(bar_chart(table, tmp_path / f"c{len(baselines)}.png", "t", colors)).size)
+    assert sizes[1][1] > 1.8 * sizes[0][1]  # the means panel, then the pairs with their 95 % intervals
+    # MLflow's artifact viewer: ~1000 px wide, and the whole chart of 4 rows x 3 baselines in one screen
+    assert sizes[1][0] == 1000 and sizes[1][1] < 800, sizes

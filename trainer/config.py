@@ -189,6 +189,9 @@ class TrackingConfig:
     """Seconds between CPU / memory / GPU (NVML) samples; 0 = off."""
     tags: dict[str, str] = setting(factory=dict, resumable=True)
     """Extra tags on the run (the study sets grid coordinates here)."""
+    color: Optional[str] = setting(None, resumable=True)
+    """The run's colour in MLflow's UI, ``#rrggbb`` (tag ``mlflow.runColor``; the study gives each
+    pre-training row one); None = MLflow's own."""
     close_retry_s: float = setting(60.0, resumable=True)
     """Seconds the end of a run keeps retrying an unreachable MLflow before leaving records spooled
     (then sent at the next start in this out_dir, by ``launch study``, or by ``python -m trainer.tracking replay``)."""

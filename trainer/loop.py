@@ -434,13 +434,15 @@ def _finish(run: _Run, train_logs: dict[str, float], val_loader: Any) -> dict[st
         val_loader = val_loader or run.make_loader(run.plan.val_split, False)
         val_metrics = evaluate(engine, task, _eval_progress(engine, val_loader, "final validation",
                                                             int(tc.eval_max_batches)), int(tc.eval_max_batches),
-                               visualize_to=None if run.plan.test_split else qual)
+                               visualize_to=None if run.plan.test_split else qual,
+                               num_batches=int(getattr(val_loader, "batches_per_epoch", 0) or 0))
         tracker.log_metrics({f"val/{k}": v for k, v in val_metrics.items()}, step=total)
         _select(run, total, val_metrics, final=True)
     test_metrics: dict[str, float] = {}
     if run.plan.test_split:
         test_loader = _eval_progress(engine, _test_loader(run), "test evaluation", 0)
-        test_metrics = evaluate(engine, task, test_loader, 0, visualize_to=qual)
+        test_metrics = evaluate(engine, task, test_loader, 0, visualize_to=qual,
+                                num_batches=int(getattr(_test_loader(run), "batches_per_epoch", 0) or 0))
         tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}, step=total)
     if engine.is_logging_rank and qual.is_dir() and any(qual.iterdir()):
         tracker.log_artifact(str(qual), "qualitative")

@@ -5,6 +5,10 @@ absent from both the prediction and the ground truth of the whole split is exclu
 mean IoU (its IoU is undefined), and a class absent from the ground truth is excluded from the
 mean class accuracy. Padding samples (``batch['__valid__'] == False``) are skipped.
 
+Beside each mean, the number of classes it averages (``miou_classes``, ``miou_subset_classes``) and,
+with a subset, the share of scored pixels predicted / labelled outside it (``pred_outside_subset``,
+``gt_outside_subset``): what makes ``miou`` and ``miou_subset`` differ, or shows why they are equal.
+
 For parity with the reference study's code the state also carries per-image averaged mIoU
 (mean over images of the mean IoU over classes present in that image's prediction or ground
 truth), for all classes and for an optional class subset (e.g. its 8 scored KITTI classes).
@@ -60,6 +64,17 @@ def _mean_iou(conf: torch.Tensor, classes: Optional[torch.Tensor] = None) -> tup
     if not present.any():
         return float("nan"), False
     return float(iou[present].mean()), True
+
+
+def _outside_subset(conf: torch.Tensor, subset: torch.Tensor, total: torch.Tensor) -> dict[str, float]:
+    """What separates ``miou`` from ``miou_subset``: the share of scored pixels predicted as, and
+    labelled as, a class outside the subset (both 0: the two means cover the same classes)."""
+    outside = torch.ones(conf.shape[0], dtype=torch.bool)
+    outside[subset] = False
+    if total <= 0:
+        return {"pred_outside_subset": float("nan"), "gt_outside_subset": float("nan")}
+    return {"pred_outside_subset": float(conf[:, outside].sum() / total),
+            "gt_outside_subset": float(conf[outside, :].sum() / total)}
 
 
 class SegmentationMetric(Metric):
@@ -119,6 +134,7 @@ class SegmentationMetric(Metric):
         gt_count = conf.sum(1)
         out: dict[str, float] = {
             "miou": float(iou[present].mean()) if present.any() else float("nan"),
+            "miou_classes": float(present.sum()),
             "pixel_acc": float(conf.diagonal().sum() / total) if total > 0 else float("nan"),
             "mean_class_acc": (float((conf.diagonal()[gt_count > 0] / gt_count[gt_count > 0]).mean())
                                if (gt_count > 0).any() else float("nan")),
@@ -131,6 +147,7 @@ class SegmentationMetric(Metric):
         if self.subset.numel():
             sub_iou, sub_present = iou[self.subset], present[self.subset]
             out["miou_subset"] = float(sub_iou[sub_present].mean()) if sub_present.any() else float("nan")
+            out |= _outside_subset(conf, self.subset, total) | {"miou_subset_classes": float(sub_present.sum())}
             out["miou_subset_per_image"] = (float(per_image[2] / per_image[3]) if per_image[3] > 0
                                             else float("nan"))
         return out

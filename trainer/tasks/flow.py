@@ -150,7 +150,7 @@ class FlowTask(Task):
             top = float(np.hypot(gt[i][0], gt[i][1]).max()) if gt is not None else None
             panels = [rgb[i], flow_to_color(pred[i], top)]
             if gt is not None:
-                panels.append(flow_to_color(gt[i][:2] * (gt[i][2:3] > 0.5), top))
+                panels.append(flow_to_color(gt[i][:2], top, valid=gt[i][2] > 0.5))
             written.append(flow_figure(rgb[i], panels[1], panels[2] if gt is not None else None,
                                        path=Path(out_dir) / f"flow_{keys[i]}.png", title=f"flow: {keys[i]}"))
         return written

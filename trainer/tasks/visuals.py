@@ -25,8 +25,8 @@ from typing import Sequence
 import numpy as np
 
 from data_shards.atomic import atomic_write
-from data_shards.palette import (CITYSCAPES_PALETTE, LABEL_LUT, flow_to_color,  # noqa: F401 - re-exported
-                                 inverse_depth_colors, label_colors)
+from data_shards.palette import (CITYSCAPES_PALETTE, LABEL_LUT, NO_DEPTH_COLOR,  # noqa: F401 - re-exported
+                                 NO_FLOW_COLOR, flow_to_color, inverse_depth_colors, label_colors)
 
 #: Width of a panel in inches when panels are stacked (wide images) / side by side, and the
 #: resolution figures are saved at: 800 px / 500 px a panel.
@@ -77,6 +77,8 @@ class ColorBar:
     cmap: str
     low: str
     high: str
+    missing: tuple[str, tuple[int, int, int]] | None = None
+    """(name, colour) of a value outside the map (no measurement), drawn as a patch beside the bar."""
 
 
 def save_figure(panels: Sequence[tuple[str, np.ndarray]], path: str | os.PathLike, *, title: str | None = None,
@@ -146,11 +148,17 @@ def _draw_colorbar(fig, bar: ColorBar, foot: float) -> None:
     cb = fig.colorbar(mpl.cm.ScalarMappable(cmap=bar.cmap), cax=ax, orientation="horizontal", ticks=[0, 1])
     cb.ax.set_xticklabels([bar.low, bar.high], fontsize=11)
     ax.set_title(bar.label, fontsize=12)
+    if bar.missing is not None:
+        from matplotlib.patches import Patch
+
+        name, color = bar.missing
+        fig.legend(handles=[Patch(facecolor=np.array(color) / 255.0, edgecolor="black", linewidth=0.5, label=name)],
+                   loc="center left", bbox_to_anchor=(0.77, foot * 0.72), fontsize=11, frameon=False)
 
 
 def depth_figure(image, pred, gt=None, *, path: str | os.PathLike, title: str | None = None) -> Path:
-    """Input | predicted depth | ground-truth depth (when given; 0 = no measurement, black), with a
-    colour bar. Each depth panel is scaled to its own 95th percentile of inverse depth (Monodepth2's
+    """Input | predicted depth | ground-truth depth (when given; 0 = no measurement, drawn in
+    :data:`NO_DEPTH_COLOR`, a colour the map does not use), with a colour bar. Each depth panel is scaled to its own 95th percentile of inverse depth (Monodepth2's
     display): a self-supervised prediction has no metric scale, so one shared scale would paint
     one of the two flat."""
     rgb = as_hwc_uint8(image)
@@ -159,8 +167,9 @@ def depth_figure(image, pred, gt=None, *, path: str | os.PathLike, title: str | 
     panels = [("input", rgb), ("predicted depth", inverse_depth_colors(pred))]
     if gt is not None:
         gt = resize_nearest(np.asarray(gt, dtype=np.float64), h, w)
-        panels.append(("ground-truth depth (black: no measurement)", inverse_depth_colors(gt, gt > 0)))
-    bar = ColorBar("inverse depth, each panel scaled to its 95th percentile", "magma", "far", "near")
+        panels.append(("ground-truth depth (teal: no measurement)", inverse_depth_colors(gt, gt > 0)))
+    bar = ColorBar("inverse depth, each panel scaled to its 95th percentile", "magma", "far", "near",
+                   missing=("no measurement", NO_DEPTH_COLOR) if gt is not None else None)
     return save_figure(panels, path, title=title, colorbar=bar)
 
 
@@ -195,10 +204,10 @@ def class_legend(pred: np.ndarray, gt_scored: np.ndarray, class_names: Sequence[
 def flow_figure(image, pred_rgb: np.ndarray, gt_rgb: np.ndarray | None = None, *, path: str | os.PathLike,
                 title: str | None = None) -> Path:
     """Frame t | predicted flow | ground-truth flow (when given), flows already colour-coded
-    (hue = direction, brightness = magnitude, on one scale)."""
+    (hue = direction, brightness = magnitude, on one scale; no measurement: :data:`NO_FLOW_COLOR`)."""
     panels = [("frame t", as_hwc_uint8(image)), ("predicted flow", pred_rgb)]
     if gt_rgb is not None:
-        panels.append(("ground-truth flow (black: no measurement)", gt_rgb))
+        panels.append(("ground-truth flow (grey: no measurement; black: no motion)", gt_rgb))
     return save_figure(panels, path, title=title)
 
 

@@ -13,8 +13,14 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from trainer.errors import ConfigError
 from trainer.tracking.spool import SpoolError
 
+#: MLflow 3 sends usage telemetry to its own servers (a config fetch, then batches of events) unless
+#: told not to: geoprime reaches no network it was not pointed at, so it is off unless the user sets it.
+#: Set here, before anything imports mlflow (its import creates the telemetry client).
+TELEMETRY_ENV = "MLFLOW_DISABLE_TELEMETRY"
+os.environ.setdefault(TELEMETRY_ENV, "true")
 #: MLflow's HTTP client retries for minutes by default; an unreachable server must fail fast
 #: so that training continues and the spool takes over (a user's own setting wins).
 HTTP_ENV_DEFAULTS = {
@@ -42,6 +48,8 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 #: The description MLflow shows for an experiment or a run (Markdown).
 NOTE_TAG = "mlflow.note.content"
+#: A run's colour in MLflow's UI (runs table dot, chart series), ``#rrggbb``.
+RUN_COLOR_TAG = "mlflow.runColor"
 
 
 def now_ms() -> int:
@@ -82,6 +90,14 @@ def ui_command(uri: str) -> str:
     if sqlite_path(uri) is not None:
         return f"mlflow ui --backend-store-uri {uri}"
     return f"open {uri} in a browser (MLFLOW_TRACKING_URI={uri})"
+
+
+def run_color(value: str) -> str:
+    """``value`` as MLflow's run colour (``#rrggbb``, lower case); anything else is a ConfigError naming it."""
+    text = str(value).strip().lower()
+    if len(text) != 7 or text[0] != "#" or any(c not in "0123456789abcdef" for c in text[1:]):
+        raise ConfigError(f"tracking.color={value!r}: expected a colour #rrggbb, e.g. #1f77b4")
+    return text
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
@@ -221,6 +237,6 @@ def create_run(client, uri: str, record: dict) -> str:
 
 
 __all__ = ["EXPERIMENT_KIND_TAG", "HTTP_ENV_DEFAULTS", "MODEL_TRAINING_KIND", "NOTE_TAG", "PERMANENT_ERROR_CODES",
-           "RUN_STATUSES", "apply", "connect", "create_run",
+           "RUN_COLOR_TAG", "RUN_STATUSES", "apply", "connect", "create_run", "run_color",
            "default_uri", "experiment_id", "git_commit", "is_transient", "metric_key", "now_ms", "resolve_uri",
            "sqlite_path", "sqlite_uri_for", "ui_command"]

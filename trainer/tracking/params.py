@@ -42,7 +42,7 @@ def sanitize_params(flat: dict) -> dict[str, str]:
 #: ``config.<key>`` so that MLflow's "show differences only" compares settings, not folders.
 RUN_SPECIFIC = ("out_dir", "tracking.", "task.weights", "train.resume", "train.progress", "data.root")
 #: Config keys already on the run as MLflow attributes (run name, parent, tags): not logged again.
-ALREADY_ON_RUN = ("tracking.run_name", "tracking.parent_run_id", "tracking.tags.")
+ALREADY_ON_RUN = ("tracking.run_name", "tracking.parent_run_id", "tracking.tags.", "tracking.color")
 #: Prefix of the tags that hold :data:`RUN_SPECIFIC` config values.
 CONFIG_TAG_PREFIX = "config."
 

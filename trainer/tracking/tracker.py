@@ -20,8 +20,8 @@ import warnings
 from pathlib import Path
 
 from data_shards.atomic import atomic_write_text
-from trainer.tracking.client import (RUN_STATUSES, apply, connect, create_run, git_commit, is_transient,
-                                     now_ms, resolve_uri, ui_command)
+from trainer.tracking.client import (RUN_COLOR_TAG, RUN_STATUSES, apply, connect, create_run, git_commit,
+                                     is_transient, now_ms, resolve_uri, run_color, ui_command)
 from trainer.tracking.datasets import manifest_inputs
 from trainer.tracking.params import flatten, sanitize_params, split_settings
 from trainer.tracking.replay import load_runs_map, replay, runs_map_path
@@ -317,8 +317,12 @@ def create_tracker(cfg, *, is_logging_rank: bool, run_id: str | None) -> Tracker
     uri = resolve_uri(tcfg.uri, cfg.out_dir)
     task_name = getattr(cfg.task, "name", None) or "run"
     run_name = tcfg.run_name or f"{task_name}-{cfg.parallel.strategy}-seed{cfg.seed}"
+    tags = dict(tcfg.tags or {})
+    color = getattr(tcfg, "color", None)
+    if color:
+        tags[RUN_COLOR_TAG] = run_color(color)
     tracker = MlflowTracker(uri, tcfg.experiment, run_id=run_id, run_name=run_name,
-                            parent_run_id=tcfg.parent_run_id, tags=dict(tcfg.tags or {}),
+                            parent_run_id=tcfg.parent_run_id, tags=tags,
                             spool_dir=Path(cfg.out_dir) / "tracking",
                             close_retry_s=float(getattr(tcfg, "close_retry_s", CLOSE_RETRY_S)))
     if run_id is None and getattr(cfg, "data", None) is not None:
