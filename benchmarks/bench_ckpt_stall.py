@@ -104,7 +104,7 @@ def _one_save(ck, step, n: int, background: bool, max_steps: int) -> dict:
 
 def worker(a: argparse.Namespace) -> None:
     """One rank: warm-up and baseline steps, then ``--saves`` saves per storage and mode."""
-    from trainer.checkpoint import Checkpointer
+    from trainer.checkpointing.checkpoint import Checkpointer
 
     engine, step = _build(a)
     for _ in range(2):  # one-time set-up

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_depth import Run, fake_batch  # noqa: E402
-from trainer.checkpoint import Checkpointer  # noqa: E402
+from trainer.checkpointing.checkpoint import Checkpointer  # noqa: E402
 from trainer.config import OptimConfig, ParallelConfig, ScheduleConfig  # noqa: E402
 from trainer.engine import Engine  # noqa: E402
 from trainer.tasks.depth import DepthTask, DepthTaskConfig  # noqa: E402

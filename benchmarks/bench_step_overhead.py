@@ -147,7 +147,7 @@ def build(args: argparse.Namespace, height: int, width: int, shards: Path | None
     from trainer.loop import Batches
     from trainer.tasks import build_task
     from trainer.tasks.loaders import shard_loader_factory
-    from trainer.train_log import TrainLog
+    from trainer.tracking.train_log import TrainLog
 
     cfg = compose(overrides(args, height, width, shards))
     task = build_task(cfg)

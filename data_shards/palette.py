@@ -12,7 +12,7 @@
   pre-training rows), shared by MLflow's run colours and the comparison chart.
 
 It lives in ``data_shards`` because the shard inspector's contact sheet draws with it and
-``data_shards`` never imports ``trainer``; ``trainer.visuals`` imports it from here, so a class has
+``data_shards`` never imports ``trainer``; ``trainer.tasks.visuals`` imports it from here, so a class has
 the same colour in a contact sheet, a segmentation overlay and a legend. matplotlib is imported
 only when a colour map is drawn.
 """

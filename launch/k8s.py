@@ -20,7 +20,7 @@ import yaml
 
 from data_shards.atomic import atomic_write_text
 from launch.torchrun import DEFAULT_GRACE_S, DEFAULT_RDZV_PORT, STOP_MARGIN_S, TORCHRUN_ENV, TorchrunJob
-from trainer.stop_record import GRACE_ENV
+from trainer.checkpointing.stop_record import GRACE_ENV
 
 KINDS = ("job", "jobset", "pytorchjob")
 CONTAINER_NAME = "pytorch"  # the training operator requires this name for PyTorchJob

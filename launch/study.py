@@ -46,8 +46,8 @@ from launch.spools import replay_spools
 from launch.study_notes import HELP_EPILOG, describe_study
 from trainer import tracking
 from trainer.errors import ConfigError
-from trainer.run_lock import OutDirLock
-from trainer.stop_record import GRACE_ENV
+from trainer.checkpointing.run_lock import OutDirLock
+from trainer.checkpointing.stop_record import GRACE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 #: how often a study's job checkpoints unless its own overrides say (minutes of work a kill -9 may cost)

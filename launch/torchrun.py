@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 
 from launch.supervise import run_supervised
-from trainer.stop_record import GRACE_ENV
+from trainer.checkpointing.stop_record import GRACE_ENV
 
 DEFAULT_RDZV_PORT = 29400
 #: Environment torchrun needs for elastic restarts: without it, restarted workers can read the

@@ -8,7 +8,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from data_shards.collate import collate
-from trainer.augment import (JITTER_ROW, JitterParams, apply_jitter, jitter_batch, jitter_frames, jitter_images,
+from trainer.tasks.augment import (JITTER_ROW, JitterParams, apply_jitter, jitter_batch, jitter_frames, jitter_images,
                              jitter_row, sample_jitter)
 from trainer.tasks.depth import DepthTask
 from trainer.tasks.depth_config import DepthTaskConfig
@@ -59,7 +59,7 @@ def test_stacked_rows_match_one_image_at_a_time():
     x = _images(n=5)
     rows = torch.stack([jitter_row(sample_jitter(torch.Generator().manual_seed(s)), applied=s != 2)
                         for s in range(5)])
-    from trainer.augment import _jitter_stack
+    from trainer.tasks.augment import _jitter_stack
     one_by_one = jitter_images(x, rows)
     stacked = _jitter_stack(x, rows)
     assert torch.equal(one_by_one[2], x[2])

@@ -14,7 +14,7 @@ import torch
 from dist_helpers import run_torchrun
 from test_loop import _train_single, load_weights
 
-from trainer.checkpoint import CheckpointError, find_latest_whole, verify
+from trainer.checkpointing.checkpoint import CheckpointError, find_latest_whole, verify
 
 WORKER = str(Path(__file__).resolve().parent / "test_loop.py")
 
@@ -93,8 +93,8 @@ class _RunsShell:
 def test_malicious_dcp_metadata_is_refused_not_run(tmp_path):
     import pickle
 
-    from trainer.checkpoint import write_marker
-    from trainer.safe_dcp import UnsafeCheckpointError
+    from trainer.checkpointing.checkpoint import write_marker
+    from trainer.checkpointing.safe_dcp import UnsafeCheckpointError
 
     _train_single(tmp_path, "train.steps=2", "train.export=false")
     ck = tmp_path / "checkpoints" / "step_00000002"
@@ -198,7 +198,7 @@ def test_large_files_are_hashed_in_pieces_and_old_whole_file_markers_still_verif
     piece is named; a marker written with one whole-file sha256 (before pieces) still verifies."""
     import hashlib
 
-    import trainer.checkpoint_marker as marker
+    import trainer.checkpointing.checkpoint_marker as marker
 
     monkeypatch.setattr(marker, "PIECE_BYTES", 1024)
     ck = tmp_path / "step_00000001"

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_engine import (ACCUM, MICRO, STEPS, global_batches, ocfg, pcfg, scfg,  # noqa: E402
                          staged_round_trip, tiny_model, train_steps)
 
-from trainer.checkpoint import Checkpointer, CheckpointError, find_latest_whole, verify  # noqa: E402
+from trainer.checkpointing.checkpoint import Checkpointer, CheckpointError, find_latest_whole, verify  # noqa: E402
 from trainer.engine import Engine  # noqa: E402
 
 WORKER = str(Path(__file__).resolve().parent / "test_loop.py")
@@ -112,7 +112,7 @@ def test_a_background_save_is_a_snapshot_and_whole_only_after_its_commit(tmp_pat
 
 
 def test_a_full_disk_during_a_background_save_is_raised_on_the_next_poll(tmp_path, gated, monkeypatch):
-    from trainer import slow_storage
+    from trainer.checkpointing import slow_storage
 
     eng, gate = gated
     ck = Checkpointer(tmp_path, eng, keep_last=2)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from trainer.losses.depth_supervised import masked_l1, scale_invariant_log
 from trainer.losses.smoothness import edge_aware_smoothness, multiscale_smoothness, normalize_disp
 from trainer.metrics.depth import DepthMetric, crop_mask, depth_errors, median
-from trainer.visuals import depth_panel
+from trainer.tasks.visuals import depth_panel
 
 
 def test_depth_errors_hand_computed():

@@ -35,7 +35,7 @@ runpy.run_module("trainer", run_name="__main__", alter_sys=True)
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_full_disk_is_named_keeps_the_last_checkpoint_and_resumes_once_freed(small_synthetic, tmp_path):
-    from trainer.checkpoint import find_latest_whole
+    from trainer.checkpointing.checkpoint import find_latest_whole
 
     out, fake = tmp_path / "run", tmp_path / "free_bytes"
     args = [sys.executable, "-c", SMALL_DISK_TRAINER, "task=depth", f"data.root={small_synthetic}", f"out_dir={out}",
@@ -73,9 +73,9 @@ def test_a_full_disk_is_named_keeps_the_last_checkpoint_and_resumes_once_freed(s
 def test_a_real_enospc_during_the_save_is_named_and_cleaned_up(tmp_path, monkeypatch):
     """A 64 KiB tmpfs as the checkpoint folder (root only; skipped elsewhere), the free-space check
     switched off so that the write itself hits ENOSPC."""
-    import trainer.checkpoint as ckpt_mod
+    import trainer.checkpointing.checkpoint as ckpt_mod
     from test_loop import _train_single
-    from trainer.checkpoint import CheckpointError
+    from trainer.checkpointing.checkpoint import CheckpointError
 
     mount = tmp_path / "checkpoints"
     mount.mkdir()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.augment import apply_jitter, hflip_sample, jitter_frames, sample_jitter
+from trainer.tasks.augment import apply_jitter, hflip_sample, jitter_frames, sample_jitter
 from trainer.geometry import (
     backproject, bilinear_warp, depth_to_disp, disp_to_depth, pixel_grid, pose_vec_to_mat, project,
     rot_from_axisangle, stereo_pose, transform, warp_frame,

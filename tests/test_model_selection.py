@@ -16,7 +16,7 @@ import torch
 
 from test_loop import N_VAL, RecordingTracker, TinyLoader, TinyTask, tiny_cfg, tiny_loaders
 from trainer.errors import ConfigError
-from trainer.selection import BestCheckpoint, direction
+from trainer.checkpointing.selection import BestCheckpoint, direction
 
 
 class TaggingTracker(RecordingTracker):

@@ -39,7 +39,7 @@ def _status(out: Path) -> list[str]:
 
 
 def _latest_whole(out: Path) -> int:
-    from trainer.checkpoint import find_latest_whole
+    from trainer.checkpointing.checkpoint import find_latest_whole
     found = find_latest_whole(out / "checkpoints")
     assert found is not None, "no whole checkpoint"
     return int(found.name.split("_")[1])
@@ -92,9 +92,9 @@ def test_sigterm_to_a_single_process_run(shards, tmp_path):
 
 @pytest.mark.timeout(120)
 def test_a_lock_left_by_a_killed_job_is_taken_over_naming_it(tmp_path):
-    from trainer.run_lock import OutDirBusy, OutDirLock, is_locked, read_holder
+    from trainer.checkpointing.run_lock import OutDirBusy, OutDirLock, is_locked, read_holder
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from trainer.run_lock import OutDirLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from trainer.checkpointing.run_lock import OutDirLock; "
                                f"lock = OutDirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
                               env=child_env(), cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -127,7 +127,7 @@ def test_kill_9_of_launch_run_stops_the_whole_tree_which_checkpoints(shards, tmp
     """The launcher cannot forward a SIGKILL: torchrun gets SIGTERM from the kernel when it dies
     (PR_SET_PDEATHSIG), forwards it, the ranks checkpoint within the grace, the loader workers die with
     their ranks, and the out_dir lock is free. Before, torchrun, the ranks and their workers trained on."""
-    from trainer.run_lock import is_locked
+    from trainer.checkpointing.run_lock import is_locked
 
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "launch", "run", "--gpus-per-node", "2", "--grace", "60",

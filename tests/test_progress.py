@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from test_loop import RecordingTracker, _train_single
-from trainer.progress import Phase, StartupTimes, counted
-from trainer.train_log import TrainLog
+from trainer.tracking.progress import Phase, StartupTimes, counted
+from trainer.tracking.train_log import TrainLog
 
 
 def _messages(caplog) -> list[str]:
@@ -63,7 +63,7 @@ def test_rate_and_eta_leave_the_first_step_out(monkeypatch, caplog):
     """A first step of 100 s (compilation) and then 1 s steps: 2 samples/s and the ETA of 1 s
     steps, not the 34 s average the first window would otherwise give."""
     clock = _Clock()
-    monkeypatch.setattr("trainer.train_log.time.perf_counter", clock)
+    monkeypatch.setattr("trainer.tracking.train_log.time.perf_counter", clock)
     engine = SimpleNamespace(all_reduce_sum=lambda v: v, world_size=1, is_logging_rank=True, lr=1e-4,
                              env=SimpleNamespace(is_local_leader=True, node_rank=0))
     tracker = RecordingTracker()

@@ -12,7 +12,7 @@ from PIL import Image
 from data_shards.collate import collate
 from data_shards.palette import NO_DEPTH_COLOR, NO_FLOW_COLOR, colormap, flow_to_color, inverse_depth_colors
 from test_mixed_size_eval import PlainEngine
-from trainer import visuals as V
+from trainer.tasks import visuals as V
 from trainer.evaluation import evaluate, picture_positions
 
 

@@ -2,6 +2,7 @@
 allowed for execution-only settings and longer runs, a logged warm start when explicit."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -9,7 +10,8 @@ from omegaconf import OmegaConf
 
 from test_loop import _train_single
 
-from trainer.resume_check import ConfigMismatch, check_resume_config, config_differences
+from trainer.checkpointing.resume_check import ConfigMismatch, check_resume_config, config_differences, resumable
+from trainer.config import RESUMABLE, RunConfig
 
 SAVED = {"seed": 0, "optim": {"lr": 1e-3, "name": "adamw"}, "train": {"steps": 10, "log_every": 5},
          "parallel": {"strategy": "fsdp", "zero_stage": 0}, "tracking": {"uri": None}}
@@ -27,6 +29,29 @@ def test_differences_are_named_with_old_and_new_values():
     assert config_differences(saved, _with()) == []
     assert config_differences(saved, _with(optim__lr=0.01, seed=3)) == ["optim.lr: 0.001 -> 0.01", "seed: 0 -> 3"]
     assert config_differences(saved, _with(optim__extra=1)) == ["optim.extra: (absent) -> 1"]
+
+
+def _leaves(schema: type, prefix: str = ""):
+    """(dotted key, field) for every field of the run config that is not a section."""
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(f.default_factory) and RESUMABLE not in f.metadata:
+            yield from _leaves(f.default_factory, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f
+
+
+def test_every_config_field_declares_whether_a_resume_may_change_it():
+    undeclared = [key for key, f in _leaves(RunConfig) if not isinstance(f.metadata.get(RESUMABLE), bool)]
+    assert undeclared == []
+    may = {key for key, f in _leaves(RunConfig) if f.metadata[RESUMABLE]}
+    assert {k for k in may if not k.startswith(("tracking.", "parallel."))} == {
+        "out_dir", "train.steps", "train.resume", "train.progress", "train.log_every", "train.eval_every",
+        "train.eval_max_batches", "train.ckpt_every", "train.ckpt_every_minutes", "train.ckpt_async",
+        "train.keep_last", "train.keep_checkpoints", "train.export", "train.batch_size", "train.deterministic",
+        "data.root", "data.num_workers", "data.on_corrupt"}
+    assert all(resumable(k) for k, _ in _leaves(RunConfig) if k.startswith(("tracking.", "parallel.")))
+    # a field decides for everything below it; a key no field holds may not change
+    assert resumable("tracking.tags.grid") and not resumable("task.supervision") and not resumable("optim.extra")
 
 
 def test_what_may_change_and_what_may_not():

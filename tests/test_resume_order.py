@@ -154,8 +154,8 @@ def test_checkpoints_of_the_earlier_order_resume_at_an_epoch_boundary_only(shard
     its retired config key data.shuffle_buffer does not block the resume, a changed data.lanes does."""
     from data_shards.loader import build_loader
     from data_shards.stream import ShardStream, StreamConfig
-    from trainer.resume_check import ConfigMismatch, check_resume_config
-    from trainer.run_state import Progress
+    from trainer.checkpointing.resume_check import ConfigMismatch, check_resume_config
+    from trainer.checkpointing.run_state import Progress
 
     loader = build_loader(ShardStream(StreamConfig(shards, "train", seed=SEED, lanes=7)), 4, drop_last=True)
     progress = Progress(loader, "", 4, 1)

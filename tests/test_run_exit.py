@@ -125,7 +125,7 @@ def test_kill_9_of_a_rank_takes_its_workers_at_once(synthetic, tmp_path):
 def test_a_failed_rank_under_launch_run_fails_the_job(synthetic_corrupt, tmp_path):
     """2 ranks with a loader worker each under `launch run`: the rank that reads the corrupt shard exits,
     torchrun restarts the group once (--max-restarts 1), then the job fails; nothing is left, the lock is free."""
-    from trainer.run_lock import is_locked
+    from trainer.checkpointing.run_lock import is_locked
 
     out = tmp_path / "ddp"
     res = subprocess.run([sys.executable, "-m", "launch", "run", "--gpus-per-node", "2", "--max-restarts", "1",

@@ -1,11 +1,11 @@
-"""trainer.visuals: the palette, the inverse-depth colour map and the titled qualitative figures."""
+"""trainer.tasks.visuals: the palette, the inverse-depth colour map and the titled qualitative figures."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 from PIL import Image
 
-from trainer import visuals as V
+from trainer.tasks import visuals as V
 
 
 def test_label_colors_use_the_cityscapes_palette_and_draw_ignore_black():

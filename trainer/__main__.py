@@ -123,7 +123,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.interrupts import stop_with_launcher
+    from trainer.checkpointing.interrupts import stop_with_launcher
 
     stop_with_launcher()  # a rank under torchrun stops (checkpoints) when torchrun dies, however it dies
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -175,7 +175,7 @@ def _hydra_main(argv: list[str], info: bool) -> int:
 
 def _train(cfg) -> int:
     """Train; the exit code (a stop by signal: the shell's code for it, after a whole checkpoint)."""
-    from trainer.interrupts import Preempted
+    from trainer.checkpointing.interrupts import Preempted
 
     try:
         result = run(cfg)

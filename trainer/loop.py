@@ -2,8 +2,9 @@
 
 ``train(cfg)`` builds what it is not given (task, engine, tracker, data loaders), resumes from
 the latest whole checkpoint, trains ``train.steps`` optimizer steps with gradient accumulation,
-logs / evaluates / checkpoints periodically, then evaluates on the test split, exports plain
-weights (``<out_dir>/weights.pt``) and writes ``<out_dir>/metrics.json`` atomically.
+logs / evaluates periodically, checkpoints when :mod:`trainer.checkpointing.manager` decides, then
+evaluates on the test split, exports plain weights (``<out_dir>/weights.pt``) and writes
+``<out_dir>/metrics.json`` atomically.
 
 Test hook (documented, for fault-tolerance tests only): with ``GEOPRIME_TEST_KILL_AT_STEP=k``
 the process whose rank is ``GEOPRIME_TEST_KILL_RANK`` (default 0) SIGKILLs itself right after
@@ -30,22 +31,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_shards.atomic import atomic_write_text
 from data_shards.collate import require_uniform
-from trainer.checkpoint import Checkpointer, step_dir_name
+from trainer.checkpointing.checkpoint import Checkpointer
+from trainer.checkpointing.interrupts import Preempted, StopSignals
+from trainer.checkpointing.manager import CheckpointManager
+from trainer.checkpointing.resume_check import check_resume_config
+from trainer.checkpointing.run_lock import OutDirLock
+from trainer.checkpointing.run_state import Progress, RankBuffers, RNGState
+from trainer.checkpointing.selection import BestCheckpoint
 from trainer.config import check_known_keys
 from trainer.distributed import dist_env, rank_seed, seed_everything, setup_logging, teardown_logging
 from trainer.engine import Engine
 from trainer.errors import ConfigError
 from trainer.evaluation import evaluate
-from trainer.interrupts import Preempted, StepControl, StopSignals
 from trainer.preflight import RunPlan, preflight
-from trainer.progress import Phase, StartupTimes, counted
-from trainer.resume_check import check_resume_config
-from trainer.run_lock import OutDirLock
-from trainer.run_state import Progress, RankBuffers, RNGState
-from trainer.selection import BestCheckpoint
 from trainer.tasks import build_task
 from trainer.tasks.loaders import LoaderFactory, shard_loader_factory
-from trainer.train_log import TrainLog
+from trainer.tracking.progress import Phase, StartupTimes, counted
+from trainer.tracking.train_log import TrainLog
 
 log = logging.getLogger("geoprime.loop")
 
@@ -113,32 +115,10 @@ class _Run:
         """The Stateful objects rank 0 saves in each checkpoint, by name."""
         return {"progress": self.progress, **({"best": self.best} if self.best is not None else {})}
 
-    def save(self, step: int, control: Optional[StepControl] = None, stopping: bool = False,
-             background: bool = False) -> Path:
-        """Checkpoint ``step`` (a save in flight is finished first); ``background``: return once it is
-        staged (:meth:`reap` reports it when it is whole)."""
-        self.reap(control, wait=True)
-        self.progress.step = step
-        path = self.ckpt.save(step, self.shared_state(), self.per_rank, stopping=stopping, background=background)
-        if background and control is not None:
-            control.saved(None)  # the wall-clock cadence counts from the start of a save
-        elif not background:
-            self._saved(control, self.ckpt.last_save, stopping)
-        return path
-
-    def reap(self, control: Optional[StepControl], wait: bool = False) -> None:
-        """Report a background save once it is whole on every rank (collective while one is in
-        flight); its failure is raised here."""
-        done = self.ckpt.poll(wait=wait)
-        if done is not None:
-            self._saved(control, done, False, restart_clock=False)
-
-    def _saved(self, control: Optional[StepControl], times: dict[str, float], stopping: bool,
-               restart_clock: bool = True) -> None:
-        if control is not None:
-            control.saved(times.get("total_s"), stopping=stopping, restart_clock=restart_clock)
+    def prune_best(self) -> None:
+        """A checkpoint became whole: it names the best step, so older best candidates can go."""
         if self.best is not None and self.engine.is_logging_rank:
-            self.best.prune()  # the checkpoint names the best step: older candidates can go
+            self.best.prune()
 
 
 def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[LoaderFactory] = None,
@@ -173,7 +153,7 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
         run = _Run(cfg, engine, task, plan=plan)
         _start(run, loaders, tracker, times)
         with StopSignals() as signals:
-            result = _run(run, StepControl(engine, signals, float(cfg.train.ckpt_every_minutes), run.ckpt.root))
+            result = _run(run, signals)
     except Preempted as e:  # every rank agreed and the checkpoint is whole: an orderly stop
         log.warning("%s", e)
         _close(run, own_tracker, own_engine, "KILLED")
@@ -317,7 +297,7 @@ def _first_step(engine: Engine, step: int, batches: Batches) -> Iterator[None]:
                  "compilation where enabled, first-call set-up)", what, phase.seconds, wait, phase.seconds - wait)
 
 
-def _run(run: _Run, control: StepControl) -> dict[str, Any]:
+def _run(run: _Run, signals: StopSignals) -> dict[str, Any]:
     """The step loop proper (see :func:`train`), then :func:`_finish`."""
     from tqdm import tqdm
 
@@ -329,8 +309,9 @@ def _run(run: _Run, control: StepControl) -> dict[str, Any]:
                          samples_per_step=int(tc.batch_size) * engine.world_size * engine.grad_accum,
                          sys_every_s=float(getattr(cfg.tracking, "system_metrics_every", 0.0) or 0.0),
                          logged_until=last_step() if last_step and step and engine.is_logging_rank else 0)
+    checkpoints = CheckpointManager(tc, run.ckpt, engine, signals, progress=run.progress, state=run.shared_state,
+                                    per_rank=run.per_rank, on_whole=run.prune_best)
     val_loader = None
-    last_saved = step if step else -1
     bar = None  # made after the first step: its rate and ETA leave the first step's one-off costs out
     while step < total:
         with _first_step(engine, step, batches) if bar is None else contextlib.nullcontext():
@@ -356,20 +337,11 @@ def _run(run: _Run, control: StepControl) -> dict[str, Any]:
                            int(tc.eval_max_batches))
             train_log.send({f"val/{k}": v for k, v in val.items()}, step)
             _select(run, step, val)
-        run.reap(control)
-        stop, due = control.poll(step)
-        if stop or (step < total and (due or (int(tc.ckpt_every) and step % int(tc.ckpt_every) == 0))):
-            # the stop's save is whole before the exit; a periodic one is written in the background
-            run.save(step, control, stopping=stop, background=bool(tc.ckpt_async) and not stop)
-            last_saved = step
-        if stop:
-            raise Preempted(control.signum, step, str(run.ckpt.root / step_dir_name(step)))
+        checkpoints.maybe_save(step)  # raises Preempted once a stop signal's checkpoint is whole
         _maybe_kill(step, engine.rank, run.ckpt)
     if bar is not None:
         bar.close()
-    run.reap(control, wait=True)
-    if last_saved != total:
-        run.save(total, control)
+    checkpoints.finish()
     return _finish(run, train_log.latest, val_loader)
 
 

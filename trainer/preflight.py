@@ -239,7 +239,7 @@ def check_job(overrides: list[str], world_size: int) -> Any:
     (unknown keys, options), the whole job (:func:`preflight`) and whether its ``out_dir`` is in use.
     Returns the config; raises :class:`~trainer.errors.ConfigError` naming the problem."""
     from trainer.compose import load_run_config
-    from trainer.run_lock import is_locked
+    from trainer.checkpointing.run_lock import is_locked
 
     cfg, _ = load_run_config(overrides)  # before anything heavy is imported: a typo is answered at once
     from trainer.tasks import build_task

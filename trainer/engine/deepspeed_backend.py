@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from trainer import slow_storage
+from trainer.checkpointing import slow_storage
 from trainer.distributed import DistEnv
 from trainer.engine.core import Backend, GroupsFn, TaskModule, cpu_stager, log
 from trainer.optim import build_optimizer

@@ -18,11 +18,11 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.distributed import DistEnv
-from trainer import slow_storage
+from trainer.checkpointing import slow_storage
 from trainer.engine.core import (PRECISIONS, Backend, GroupsFn, ProcessGroup, TaskModule, cpu_stager,
                                  quiet_single_process, silence_single_process_warning)
 from trainer.optim import build_optimizer
-from trainer.safe_dcp import SafeFileSystemReader, check_metadata
+from trainer.checkpointing.safe_dcp import SafeFileSystemReader, check_metadata
 from trainer.schedules import build_scheduler
 
 #: name of the torch.distributed.checkpoint folder inside a checkpoint directory

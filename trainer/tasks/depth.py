@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from trainer.augment import hflip_sample, jitter_batch, jitter_frames, jitter_row, sample_jitter
+from trainer.tasks.augment import hflip_sample, jitter_batch, jitter_frames, jitter_row, sample_jitter
 from trainer.geometry import stereo_pose, warp_scales
 from trainer.losses.depth_supervised import masked_l1, scale_invariant_log, valid_depth_mask
 from trainer.kernels.dispatch import IMPLS, PAD, depth_functions, multiscale_reprojection_loss
@@ -286,7 +286,7 @@ class DepthTask(Task):
     def visualize(self, model: nn.Module, batch: dict[str, Any], outputs: Any, out_dir: Path) -> list[Path]:
         """``depth_<key>.png``: input | predicted depth | ground truth (if any), titled, as magma colour
         maps of inverse depth with a colour bar (near = bright; no ground truth = black)."""
-        from trainer.visuals import depth_figure
+        from trainer.tasks.visuals import depth_figure
 
         keys = batch.get("__key__", [str(i) for i in range(batch["rgb"].shape[0])])
         valid = batch.get("__valid__")

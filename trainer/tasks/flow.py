@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.augment import hflip_sample, jitter_frames, sample_jitter
+from trainer.tasks.augment import hflip_sample, jitter_frames, sample_jitter
 from trainer.geometry import bilinear_warp, in_bounds, pad_image
 from trainer.kernels.dispatch import IMPLS, PAD, multiscale_reprojection_loss
 from trainer.losses.smoothness import edge_aware_smoothness
@@ -28,7 +28,7 @@ from trainer.models.flow_net import FlowDecoder, flow_to_pixel_coords, fraction_
 from trainer.models.unet import pad_to_stride
 from trainer.tasks.base import Task
 from trainer.tasks.common import as_dataclass, keep_keys, to_unit_float
-from trainer.visuals import flow_to_color
+from trainer.tasks.visuals import flow_to_color
 from trainer.tasks.flow_config import FlowConfig
 
 FRAME_KEYS = ("rgb", "rgb_next")
@@ -138,7 +138,7 @@ class FlowTask(Task):
 
     def visualize(self, model: nn.Module, batch: dict[str, Any], outputs: Any, out_dir: Path) -> list[Path]:
         """Frame t | predicted flow | ground-truth flow (if any), titled, one PNG per sample."""
-        from trainer.visuals import flow_figure
+        from trainer.tasks.visuals import flow_figure
 
         pred = outputs["flow"].cpu().numpy()
         rgb = batch["rgb"].cpu()

@@ -19,7 +19,7 @@ from torch import nn
 
 from data_shards.atomic import atomic_write
 from data_shards.schema import CITYSCAPES_CLASSES, IGNORE_INDEX
-from trainer.augment import apply_jitter, sample_jitter
+from trainer.tasks.augment import apply_jitter, sample_jitter
 from trainer.metrics.seg_reference import MetricSet, ReferencePerImageMetric
 from trainer.metrics.segmentation import SegmentationMetric
 from trainer.models.encoders import IMAGENET_MEAN, IMAGENET_STD, ResNetEncoder, set_bn_momentum
@@ -28,7 +28,7 @@ from trainer.models.pretrained import (check_input_norm, encoder_provenance, loa
 from trainer.models.seg_heads import HEADS, build_seg_head, dilate_encoder
 from trainer.models.unet import pad_to_stride
 from trainer.tasks.base import Metric, Task
-from trainer.quirks import GradientCarry
+from trainer.tasks.quirks import GradientCarry
 from trainer.tasks.common import as_dataclass, keep_keys, random_scale_crop_flip, to_unit_float
 from trainer.tasks.segmentation_config import SegmentationConfig
 
@@ -261,8 +261,8 @@ class SegmentationTask(Task):
 
     def visualize(self, model: nn.Module, batch: dict[str, Any], outputs: Any, out_dir: Path) -> list[Path]:
         """Image | prediction overlay | ground-truth overlay, titled, with a legend of the classes shown;
-        one PNG per sample (trainer.visuals)."""
-        from trainer.visuals import segmentation_figure
+        one PNG per sample (trainer.tasks.visuals)."""
+        from trainer.tasks.visuals import segmentation_figure
 
         pred = outputs["pred"].cpu().numpy()
         gt = batch["seg"].cpu().numpy()

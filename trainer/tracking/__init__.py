@@ -11,6 +11,9 @@ The only package in geoprime that imports ``mlflow``; one module a job:
   ``python -m trainer.tracking replay <spool> [--uri URI]``.
 - :mod:`~trainer.tracking.datasets`: the shard manifests a run reads, as MLflow dataset inputs.
 - :mod:`~trainer.tracking.system`: CPU / memory / GPU (NVML) samples, logged under ``system/``.
+- :mod:`~trainer.tracking.train_log`: the training log window (loss, grad norms, throughput) sent
+  to the tracker once a step.
+- :mod:`~trainer.tracking.progress`: the long one-off phases of a run (start-up, evaluation) in the log.
 
 Where runs go: ``cfg.tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else an embedded sqlite
 store ``<parent of out_dir>/mlflow/mlflow.db`` with artifacts beside it in ``artifacts/``.

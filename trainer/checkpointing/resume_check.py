@@ -5,25 +5,23 @@ model, task, optimizer, schedule, data set or seed would silently mix two experi
 ``train.resume=auto`` refuses that with every difference named. Changes that only affect how
 the run is executed or observed (logging, checkpoint cadence, tracking, data workers, world
 size / strategy within the same checkpoint family, precision) and extending ``train.steps``
-are allowed. An explicit ``train.resume=<dir>`` is a deliberate warm start: the differences
-are logged as a warning instead.
+are allowed; each field of :mod:`trainer.config` declares which (``setting(..., resumable=...)``).
+An explicit ``train.resume=<dir>`` is a deliberate warm start: the differences are logged as a
+warning instead.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Any, Iterable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.config import RESUMABLE, RunConfig
 from trainer.errors import ConfigError
 
 log = logging.getLogger("geoprime.checkpoint")
 
-#: dotted keys (or prefixes ending in ".") a resumed run may change
-RESUMABLE = ("out_dir", "train.steps", "train.resume", "train.progress", "train.log_every", "train.eval_every",
-             "train.eval_max_batches", "train.ckpt_every", "train.ckpt_every_minutes", "train.ckpt_async", "train.keep_last", "train.keep_checkpoints", "train.export",
-             "train.batch_size", "train.deterministic", "tracking.", "data.root", "data.num_workers",
-             "data.on_corrupt", "parallel.")
 
 #: config keys retired (checkpoint has it, this version not) or introduced (the other way round) by a
 #: change of how the data is ordered: such a checkpoint resumes at an epoch boundary (the loader refuses
@@ -52,8 +50,18 @@ def _container(cfg: Any) -> dict:
     return dict(cfg)
 
 
-def _allowed(key: str, allowed: Iterable[str]) -> bool:
-    return any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed)
+def resumable(key: str, schema: type = RunConfig) -> bool:
+    """May a resumed run change the dotted ``key``? As its field in ``schema`` declares (the field
+    decides for everything below it: ``task.*``, ``tracking.tags.*``); a key no schema field holds may not."""
+    head, _, rest = key.partition(".")
+    for f in dataclasses.fields(schema):
+        if f.name != head:
+            continue
+        if RESUMABLE in f.metadata:
+            return bool(f.metadata[RESUMABLE])
+        section = f.default_factory
+        return bool(rest) and dataclasses.is_dataclass(section) and resumable(rest, section)  # type: ignore[arg-type]
+    return False
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -81,10 +89,10 @@ def config_differences(saved: Any, current: Any) -> list[str]:
 
 def check_resume_config(saved: Any, current: Any, checkpoint: str, explicit: bool) -> list[str]:
     """Raise :class:`ConfigMismatch` naming ``checkpoint`` and every difference outside
-    :data:`RESUMABLE` (a warning instead when ``explicit``); returns the allowed differences."""
+    the fields declared resumable (a warning instead when ``explicit``); returns the allowed differences."""
     old, new = _flat(_container(saved)), _flat(_container(current))
     diffs = _differences(old, new)
-    blocking = [d for d in diffs if not _allowed(d.split(":", 1)[0], RESUMABLE) and not _order_change(d, old, new)]
+    blocking = [d for d in diffs if not resumable(d.split(":", 1)[0]) and not _order_change(d, old, new)]
     # within parallel.*: DCP strategies reshard among themselves, DeepSpeed only within one ZeRO stage
     was_ds, is_ds = old.get("parallel.strategy") == "deepspeed", new.get("parallel.strategy") == "deepspeed"
     if was_ds != is_ds:

@@ -6,7 +6,7 @@ after every optimizer step (all ranks agree through one small all-reduce), write
 checkpoint, marks the tracking run KILLED and raises :class:`Preempted`. A second signal of the
 same kind restores the previous handler and re-delivers it (a user pressing Ctrl-C twice gets out).
 While the stop's checkpoint is being made, ``<checkpoints>/.stopping.json`` says so
-(:mod:`trainer.stop_record`): a process killed before it finished is reported at the next start.
+(:mod:`trainer.checkpointing.stop_record`): a process killed before it finished is reported at the next start.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from types import FrameType
 from typing import Any, Callable, Optional
 
 from data_shards.lifetime import die_with_parent
-from trainer import stop_record
+from trainer.checkpointing import stop_record
 
 log = logging.getLogger("geoprime.loop")
 
@@ -77,7 +77,7 @@ class StopSignals:
 class StepControl:
     """Decisions every rank must take together after a step: stop on a signal (any rank got it),
     checkpoint on the wall clock (rank 0's clock decides). One all-reduce of two numbers. On the
-    logging rank it also keeps the stop record (:mod:`trainer.stop_record`) under ``ckpt_root``."""
+    logging rank it also keeps the stop record (:mod:`trainer.checkpointing.stop_record`) under ``ckpt_root``."""
 
     def __init__(self, engine: Any, signals: StopSignals, every_minutes: float,
                  ckpt_root: Optional[Path] = None) -> None:

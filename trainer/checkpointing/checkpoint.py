@@ -7,10 +7,10 @@ Layout under ``<out_dir>/checkpoints``::
       engine_state.pt       scheduler + grad scaler (DCP strategies; DeepSpeed keeps its own)
       train_state.pt        rank 0: step, epoch, tracker run id, resolved config, world size...
       rank_00000.pt ...     per rank: RNG states, data-loader position
-      COMPLETE.json         written last: every file with its size and sha256 (trainer/checkpoint_marker.py)
+      COMPLETE.json         written last: every file with its size and sha256 (checkpoint_marker.py)
     latest                  text file naming the newest whole checkpoint
     .step_00000200.partial  a checkpoint being written (never taken for a whole one)
-    .stopping.json          a stop signal's save in progress (trainer/stop_record.py)
+    .stopping.json          a stop signal's save in progress (trainer/checkpointing/stop_record.py)
 
 A checkpoint is whole only if ``COMPLETE.json`` exists and every file it lists has the listed
 size and sha256; anything else is skipped on resume with a warning naming it. All ranks must
@@ -35,9 +35,9 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from data_shards.atomic import atomic_write_text
-from trainer import slow_storage, stop_record
-from trainer.checkpoint_marker import MARKER, CheckpointError, checkpoint_bytes, verify, write_marker
-from trainer.disk_space import free_bytes, is_out_of_space, no_space_message, space_shortfall
+from trainer.checkpointing import slow_storage, stop_record
+from trainer.checkpointing.checkpoint_marker import MARKER, CheckpointError, checkpoint_bytes, verify, write_marker
+from trainer.checkpointing.disk_space import free_bytes, is_out_of_space, no_space_message, space_shortfall
 
 log = logging.getLogger("geoprime.checkpoint")
 
@@ -151,7 +151,7 @@ def find_latest_whole(root: str | Path) -> Optional[Path]:
 
 class Checkpointer:
     """Saves and restores a run through an :class:`~trainer.engine.Engine` (collective calls),
-    with the run's other ``Stateful`` objects taken by name (``trainer/run_state.py``): shared
+    with the run's other ``Stateful`` objects taken by name (``trainer/checkpointing/run_state.py``): shared
     ones (rank 0's) and per-rank ones. Their state dicts hold tensors / numbers / strings / lists.
 
     A save runs in phases, each timed into :attr:`last_save`: check the free space, *write* every
