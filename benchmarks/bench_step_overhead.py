@@ -159,7 +159,8 @@ def build(args: argparse.Namespace, height: int, width: int, shards: Path | None
     if shards is None:
         batches = FixedBatches(task, args.batch, height, width)
     else:
-        batches = Batches(shard_loader_factory(cfg, task, engine)(cfg.data.train_split, True))
+        batches = Batches(shard_loader_factory(cfg.data, task, engine, batch_size=cfg.train.batch_size,
+                                                   seed=cfg.seed)(cfg.data.train_split, True))
     train_log = TrainLog(engine, _NoTracker(), total=10 ** 6, log_every=int(cfg.train.log_every),
                          samples_per_step=args.batch, sys_every_s=0.0)
     return engine, task, batches, train_log

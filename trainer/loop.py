@@ -219,7 +219,8 @@ def _set_up(run: _Run, loaders: Optional[LoaderFactory]) -> None:
     engine.train(True)
     task.on_train_mode(engine.parts)
     seed_everything(rank_seed(int(cfg.seed), engine.rank))
-    run.make_loader = loaders or shard_loader_factory(cfg, task, engine)
+    run.make_loader = loaders or shard_loader_factory(
+        cfg.data, task, engine, batch_size=int(cfg.train.batch_size), seed=int(cfg.seed))
     run.train_loader = run.make_loader(cfg.data.train_split, True)
     run.ckpt = Checkpointer(Path(cfg.out_dir) / "checkpoints", engine, keep_last=int(cfg.train.keep_last))
     run.progress = Progress(run.train_loader, _config_yaml(cfg), int(cfg.train.batch_size), engine.world_size)

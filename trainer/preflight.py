@@ -229,7 +229,8 @@ def check_loader(cfg: Any, task: Any, world_size: Optional[int] = None) -> None:
 
     place = SimpleNamespace(rank=0, world_size=_world_size(world_size))
     try:
-        shard_loader_factory(cfg, task, place)(str(cfg.data.train_split), True)
+        shard_loader_factory(cfg.data, task, place, batch_size=int(cfg.train.batch_size), seed=int(cfg.seed))(
+            str(cfg.data.train_split), True)
     except (ValueError, KeyError) as e:
         raise PreflightError(f"data ({cfg.data.root}, split {cfg.data.train_split!r}): {e}") from None
 

@@ -5,23 +5,42 @@ the meta device before the process group starts).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
 #: ``make_loader(split, train) -> loader`` with ``__iter__``, ``batches_per_epoch``, ``epoch``,
 #: ``state_dict()`` / ``load_state_dict()`` (a ``data_shards.loader.ResumableLoader``: its state is the
-#: same on every rank and loads under another world size, see ``trainer.run_state.Progress.reposition``).
+#: same on every rank and loads under another world size, see ``trainer.checkpointing.run_state.Progress.reposition``).
 LoaderFactory = Callable[[str, bool], Any]
 
 
-def shard_loader_factory(cfg: Any, task: Any, engine: Any) -> LoaderFactory:
-    """Loaders over ``data_shards`` streams: training in the seeded global order with
-    ``data.tail_policy``; evaluation in order with ``tail="pad"`` so every sample counts exactly once."""
+class SampleTask(Protocol):
+    """What the loaders need of a task: the keys it reads and its per-sample transforms."""
+
+    def stream_keys(self, train: bool) -> Any: ...
+
+    def train_transform(self, sample: dict, generator: torch.Generator) -> dict: ...
+
+    def eval_transform(self, sample: dict) -> dict: ...
+
+
+class RankPlace(Protocol):
+    """Where this process reads: its rank among ``world_size`` (an Engine, or a stand-in)."""
+
+    rank: int
+    world_size: int
+
+
+def shard_loader_factory(data: Any, task: SampleTask, place: RankPlace, *, batch_size: int,
+                         seed: int) -> LoaderFactory:
+    """Loaders over ``data_shards`` streams from the run's ``data`` settings: training in the seeded
+    global order with ``data.tail_policy``; evaluation in order with ``tail="pad"`` so every sample
+    counts exactly once."""
     from data_shards.loader import build_loader
     from data_shards.stream import ShardStream, StreamConfig
 
-    d = cfg.data
+    d = data
 
     def make(split: str, train: bool):
         if train:
@@ -30,10 +49,10 @@ def shard_loader_factory(cfg: Any, task: Any, engine: Any) -> LoaderFactory:
             def transform(sample: dict, generator: torch.Generator) -> dict:
                 return task.eval_transform(sample)
         stream = ShardStream(StreamConfig(
-            d.root, split, rank=engine.rank, world_size=engine.world_size, seed=int(cfg.seed), shuffle=train,
+            d.root, split, rank=place.rank, world_size=place.world_size, seed=int(seed), shuffle=train,
             lanes=int(d.lanes), tail=d.tail_policy if train else "pad", resampled=bool(d.resampled) and train,
             on_corrupt=d.on_corrupt, keys=task.stream_keys(train), subset=d.subset if train else 0,
             subset_seed=d.subset_seed, transform=transform))
-        return build_loader(stream, int(cfg.train.batch_size), num_workers=int(d.num_workers), drop_last=train)
+        return build_loader(stream, int(batch_size), num_workers=int(d.num_workers), drop_last=train)
 
     return make
