@@ -83,6 +83,10 @@ class _Broken:
 def test_a_failed_compilation_warns_and_runs_eagerly_under_auto_and_raises_when_asked(monkeypatch):
     monkeypatch.setattr(compiled_cpu, "available", lambda: True)
     monkeypatch.setattr(compiled_cpu.torch, "compile", _Broken)
+    # a fresh process's bookkeeping: in a long suite earlier tests may have used up MAX_VARIANTS
+    # signatures of these functions, and further signatures then run eagerly without compiling
+    monkeypatch.setattr(compiled_cpu, "_COMPILED", {})
+    monkeypatch.setattr(compiled_cpu, "_EAGER", set())
     compiled_cpu.chunk_functions.cache_clear()
     try:
         ref = _loss_and_grads("handwritten")
