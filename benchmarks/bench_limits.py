@@ -24,8 +24,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from machine import describe
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -44,14 +45,12 @@ def run(script: str, args: list[str], out: Path, timeout: int) -> dict:
     """``python benchmarks/<script> <args> --json <out>``; its JSON, or ``{"error": ...}``."""
     cmd = [sys.executable, str(HERE / script), *args, "--json", str(out)]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    took = time.perf_counter() - t0
     if res.returncode != 0 or not out.exists():
         tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"error": f"{script} exit {res.returncode}: {tail[0]}", "seconds": took}
+        return {"error": f"{script} exit {res.returncode}: {tail[0]}"}
     got = json.loads(out.read_text())
-    return {**(got if isinstance(got, dict) else {"results": got}), "seconds": took}
+    return got if isinstance(got, dict) else {"results": got}
 
 
 def step_row(quick: bool, work: Path) -> list[tuple[str, str, str, str, bool]]:
@@ -116,15 +115,6 @@ def startup_row(quick: bool, work: Path) -> list[tuple[str, str, str, str, bool]
             for name, v in cmds.items() if name.startswith("python -m")]
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return f"{model}, {os.cpu_count()} cores"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer steps and rounds (~5 min idle)")
@@ -141,7 +131,7 @@ def main() -> None:
         work = Path(a.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         rows = [row for item in chosen for row in builders[item](a.quick, work)]
-    print(f"\n# {machine()}; load average {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
+    print(f"\n# {describe()}; load average {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
           f"{' (--quick)' if a.quick else ''}")
     print("| item | measured | anchor | target | met |\n|---|---|---|---|---|")
     for item, measured, anchor, target, met in rows:

@@ -31,12 +31,10 @@ import argparse
 import glob
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -46,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.bench_vs_reference import child_env, write_fake_kitti  # noqa: E402
+from benchmarks.machine import cpu_model  # noqa: E402
 from data_shards.loader import build_loader  # noqa: E402
 from data_shards.stream import ShardStream, StreamConfig  # noqa: E402
 from trainer.tasks.depth import DepthTask  # noqa: E402
@@ -58,16 +57,6 @@ FRAMES = ("rgb", "rgb_prev", "rgb_next", "rgb_right")
 def cpu_seconds() -> float:
     me = resource.getrusage(resource.RUSAGE_SELF)
     return me.ru_utime + me.ru_stime
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # --------------------------------------------------------------------------- data

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -22,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,16 +35,6 @@ COMMANDS = [
     ("python -m trainer task=nope (no such task: exit 2)", ["-m", "trainer", "task=nope"]),
     ("python -m launch run train.step=3 (typo: exit 2)", ["-m", "launch", "run", "train.step=3"]),
 ]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def env() -> dict[str, str]:

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,16 +53,6 @@ STEPS = [
      "experiment_id(connect(sys.argv[1]), sys.argv[1], 'bench')"),
     ("+ a whole tracked run (trainer.tracking)", "import torch\n" + RUN),
 ]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def env() -> dict[str, str]:

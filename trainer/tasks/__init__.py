@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from trainer.errors import ConfigError
+
 TASK_MODULES = {
     "depth": "trainer.tasks.depth",
     "flow": "trainer.tasks.flow",
@@ -38,11 +40,9 @@ def TASK_CONFIGS() -> dict[str, type]:
 def build_task(run_cfg: Any):
     """Instantiate the task named by ``run_cfg.task.name``; its config validation errors are
     :class:`~trainer.errors.ConfigError`s (one line, exit 2), whoever builds it (the loop, the preflight)."""
-    from trainer.errors import ConfigError
-
     try:
         return _module(run_cfg.task.name).TASK(run_cfg.task, run_cfg)
+    except ConfigError:
+        raise
     except (ValueError, KeyError, TypeError) as e:
-        if isinstance(e, ConfigError):
-            raise
         raise ConfigError(f"task={run_cfg.task.get('name')}: {e}") from e
