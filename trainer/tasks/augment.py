@@ -10,6 +10,7 @@ All randomness comes from the ``torch.Generator`` the caller passes (exact resum
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -72,9 +73,12 @@ def jitter_images(images: Tensor, rows: Tensor) -> Tensor:
     if images.dim() != 4 or images.shape[1] != 3 or rows.shape != (images.shape[0], JITTER_ROW):
         raise ValueError(f"jitter_images: expected (N, 3, H, W) images and (N, {JITTER_ROW}) rows, "
                          f"got {tuple(images.shape)} and {tuple(rows.shape)}")
-    if images.device.type == "cpu" and images.shape[0] > 1:
-        return torch.cat([_jitter_stack(images[i:i + 1], rows[i:i + 1]) for i in range(images.shape[0])])
-    return _jitter_stack(images, rows)
+    if images.device.type != "cpu":
+        return _jitter_stack(images, rows)
+    out = _result_like(images)
+    for i in range(images.shape[0]):
+        _jitter_stack(images[i:i + 1], rows[i:i + 1], out[i:i + 1])
+    return out
 
 
 def _jitter_plan(rows: Tensor) -> list[tuple[int, list[float]]]:
@@ -92,16 +96,44 @@ def _jitter_plan(rows: Tensor) -> list[tuple[int, list[float]]]:
     return plan
 
 
-def _jitter_stack(images: Tensor, rows: Tensor) -> Tensor:
+def _result_like(images: Tensor) -> Tensor:
+    """The jitter's output for ``images``: the same dtype if integer, float32 if floating."""
+    return torch.empty(images.shape, dtype=images.dtype if not images.is_floating_point() else torch.float32,
+                       device=images.device)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(shape: tuple[int, ...], device: torch.device) -> list[Tensor]:
+    """Float32 work planes for one jitter of ``shape`` (N, 3, H, W): the image, then
+    :data:`_PLANES` planes (N, H, W). On the CPU they are kept per thread for the last shape and
+    reused: a fresh half-megabyte tensor costs the CPU ~10x the arithmetic done on it (page faults)."""
+    n, _, h, w = shape
+    if device.type != "cpu":
+        return [torch.empty(shape, device=device)] + [torch.empty(n, h, w, device=device) for _ in range(_PLANES)]
+    kept = getattr(_SCRATCH, "planes", None)
+    if kept is None or kept[0].shape != shape:
+        kept = _SCRATCH.planes = [torch.empty(shape)] + [torch.empty(n, h, w) for _ in range(_PLANES)]
+    return kept
+
+
+def _jitter_stack(images: Tensor, rows: Tensor, out: Tensor | None = None) -> Tensor:
+    """Jitter the stack ``images`` (N, 3, H, W) at once by ``rows`` into ``out`` (made if None)."""
+    out = _result_like(images) if out is None else out
     integer = not images.is_floating_point()
     bound = 255.0 if integer else 1.0
-    x = images.to(torch.float32, copy=True)
+    x, *planes = _scratch(tuple(images.shape), images.device)
+    x = x if integer else out  # a float result is jittered where it is returned
+    x.copy_(images)
     for op, factors in _jitter_plan(rows):
         # one image: a Python scalar (the CPU path); a stack: a factor per image
         f = factors[0] if len(factors) == 1 else \
             torch.tensor(factors, dtype=torch.float32, device=x.device).view(-1, 1, 1, 1)
-        x = _ADJUST[op](x, f, bound)
-    return x.add_(0.5).to(images.dtype) if integer else x  # rounded (values are >= 0)
+        _ADJUST[op](x, f, bound, planes)
+    if integer:
+        out.copy_(x.add_(0.5))  # rounded (values are >= 0)
+    return out
 
 
 def apply_jitter(image: Tensor, params: JitterParams) -> Tensor:
@@ -112,23 +144,28 @@ def apply_jitter(image: Tensor, params: JitterParams) -> Tensor:
     return jitter_images(flat, rows).reshape(image.shape)
 
 
-def _gray(x: Tensor) -> Tensor:
-    """ITU-R 601 luma (N, 1, H, W) of float RGB (N, 3, H, W): torchvision's grayscale weights."""
+#: work planes (N, H, W) an adjustment may overwrite (:func:`_scratch`)
+_PLANES = 6
+
+
+def _gray(x: Tensor, out: Tensor) -> Tensor:
+    """ITU-R 601 luma (N, 1, H, W) of float RGB (N, 3, H, W) into ``out`` (N, H, W): torchvision's
+    grayscale weights."""
     r, g, b = x.unbind(dim=-3)
-    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze_(-3)
+    return torch.mul(r, 0.2989, out=out).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3)
 
 
-def _brightness(x: Tensor, factor: Tensor | float, bound: float) -> Tensor:
+def _brightness(x: Tensor, factor: Tensor | float, bound: float, planes: list[Tensor]) -> Tensor:
     return x.mul_(factor).clamp_(0.0, bound)
 
 
-def _contrast(x: Tensor, factor: Tensor | float, bound: float) -> Tensor:
-    mean = _gray(x).mean(dim=(-3, -2, -1), keepdim=True)
+def _contrast(x: Tensor, factor: Tensor | float, bound: float, planes: list[Tensor]) -> Tensor:
+    mean = _gray(x, planes[0]).mean(dim=(-3, -2, -1), keepdim=True)
     return x.mul_(factor).add_(mean.mul_(1.0 - factor)).clamp_(0.0, bound)
 
 
-def _saturation(x: Tensor, factor: Tensor | float, bound: float) -> Tensor:
-    gray = _gray(x).mul_(1.0 - factor)
+def _saturation(x: Tensor, factor: Tensor | float, bound: float, planes: list[Tensor]) -> Tensor:
+    gray = _gray(x, planes[0]).mul_(1.0 - factor)
     return x.mul_(factor).add_(gray).clamp_(0.0, bound)
 
 
@@ -137,37 +174,46 @@ def _saturation(x: Tensor, factor: Tensor | float, bound: float) -> Tensor:
 _HSV_CHANNEL_OFFSETS = (5.0, 3.0, 1.0)
 
 
-def _is_max(channel: Tensor, high: Tensor) -> Tensor:
-    """1.0 where ``channel`` equals the per-pixel maximum ``high``, else 0.0 (sign arithmetic:
-    comparisons and ``where`` are ~20x slower than arithmetic on the CPU)."""
-    return torch.sign(channel - high).add_(1.0)
+def _is_max(channel: Tensor, high: Tensor, out: Tensor) -> Tensor:
+    """1.0 where ``channel`` equals the per-pixel maximum ``high``, else 0.0, into ``out`` (sign
+    arithmetic: comparisons and ``where`` are ~20x slower than arithmetic on the CPU)."""
+    return torch.sub(channel, high, out=out).sign_().add_(1.0)
 
 
-def _shift_hue(x: Tensor, hue: Tensor | float, bound: float) -> Tensor:
-    """Rotate the HSV hue of float RGB (N, 3, H, W) by ``hue`` (N, 1, 1, 1) turns; value and saturation
-    (max and max - min of the channels) are kept, as in torchvision's adjust_hue, from the closed forms
-    of rgb -> hsv -> rgb on single planes (no HSV stack, no gather). Rows with hue 0 are returned as is."""
+def _hue_sextant(x: Tensor, hue: Tensor | float, planes: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(value, chroma, hue in sextants + the shift) planes of float RGB (N, 3, H, W): hue is (g - b) / c
+    where r is the max, (b - r) / c + 2 where g is (and r is not), (r - g) / c + 4 elsewhere
+    (torchvision's tie order)."""
+    high, chroma, red, green, blue, num = planes
+    r, g, b = x.unbind(dim=-3)
+    torch.maximum(torch.maximum(r, g, out=high), b, out=high)
+    torch.sub(high, torch.minimum(torch.minimum(r, g, out=chroma), b, out=chroma), out=chroma)
+    _is_max(r, high, red)
+    _is_max(g, high, green).mul_(torch.neg(red, out=blue).add_(1.0))
+    blue.sub_(green)  # 1 - red - green
+    torch.sub(g, b, out=num).mul_(red)
+    num += torch.sub(b, r, out=red).add_(chroma, alpha=2.0).mul_(green)
+    num += torch.sub(r, g, out=red).add_(chroma, alpha=4.0).mul_(blue)
+    shift = hue.view(-1, 1, 1) * 6.0 if isinstance(hue, Tensor) else 6.0 * hue
+    return high, chroma, num.div_(torch.clamp_min(chroma, 1e-12, out=red)).add_(shift)
+
+
+def _shift_hue(x: Tensor, hue: Tensor | float, bound: float, planes: list[Tensor]) -> Tensor:
+    """Rotate the HSV hue of float RGB (N, 3, H, W) by ``hue`` (N, 1, 1, 1) turns, in place; value and
+    saturation (max and max - min of the channels) are kept, as in torchvision's adjust_hue, from the
+    closed forms of rgb -> hsv -> rgb on single planes (no HSV stack, no gather). Rows with hue 0 are
+    kept as they are."""
     del bound  # max and min are kept: the result stays in range
     mixed = isinstance(hue, Tensor) and bool((hue == 0).any())
     before = x.clone() if mixed else None
-    r, g, b = x.unbind(dim=-3)
-    high = torch.maximum(torch.maximum(r, g), b)
-    chroma = high - torch.minimum(torch.minimum(r, g), b)
-    # hue in sextants: (g - b) / c where r is the max, (b - r) / c + 2 where g is (and r is not),
-    # (r - g) / c + 4 elsewhere (torchvision's tie order)
-    red = _is_max(r, high)
-    green = _is_max(g, high).mul_(1.0 - red)
-    blue = 1.0 - red - green
-    num = (g - b).mul_(red)
-    num += (b - r).add_(chroma, alpha=2.0).mul_(green)
-    num += (r - g).add_(chroma, alpha=4.0).mul_(blue)
-    sextant = num.div_(chroma.clamp_min(1e-12)).add_(hue.view(-1, 1, 1) * 6.0 if isinstance(hue, Tensor) else 6.0 * hue)
-    for channel, offset in zip((r, g, b), _HSV_CHANNEL_OFFSETS):
-        k = sextant + offset
-        k -= torch.floor(k * (1.0 / 6.0)).mul_(6.0)  # k mod 6 (remainder is ~15x slower)
-        ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-        torch.sub(high, ramp.mul_(chroma), out=channel)
-    return x if before is None else torch.where(hue == 0, before, x)
+    high, chroma, sextant = _hue_sextant(x, hue, planes)
+    k, ramp = planes[2], planes[3]
+    for n, offset in enumerate(_HSV_CHANNEL_OFFSETS):
+        torch.add(sextant, offset, out=k)
+        k -= torch.mul(k, 1.0 / 6.0, out=ramp).floor_().mul_(6.0)  # k mod 6 (remainder is ~15x slower)
+        torch.minimum(k, torch.neg(k, out=ramp).add_(4.0), out=ramp).clamp_(0.0, 1.0)
+        torch.sub(high, ramp.mul_(chroma), out=x[:, n])
+    return x if before is None else x.copy_(torch.where(hue == 0, before, x))
 
 
 _ADJUST = (_brightness, _contrast, _saturation, _shift_hue)
