@@ -93,3 +93,27 @@ def test_jpeg_and_png_headers_checked_before_decoding():
         schema.decode_sample({"__key__": "k", "rgb.png": buf.getvalue()})
     with pytest.raises(schema.SchemaError, match="image format 'webp'"):
         schema.ImageEncoding("webp")
+
+
+def test_rgb_png_rows_use_the_up_filter_and_round_trip_exactly():
+    """RGB PNGs are written with the Up filter on every row (cheap to undo: ~2x faster decoding than
+    Pillow's mostly-Paeth rows) and read back bit-exact by libpng (torchvision.io) and by Pillow."""
+    import struct
+    import zlib
+
+    rng = np.random.default_rng(0)
+    for h, w in ((1, 1), (7, 5), (HW[0], HW[1])):
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        img[:, : w // 2] = img[:1, : w // 2]  # repeated rows: differences of 0 next to wrapping ones
+        data = schema.encode_rgb(img)
+        assert schema.png_header_hw(data) == (h, w) and data[24:26] == b"\x08\x02"
+        idat, i = b"", 8
+        while i < len(data):
+            size, kind = struct.unpack(">I4s", data[i:i + 8])
+            idat += data[i + 8:i + 8 + size] if kind == b"IDAT" else b""
+            assert struct.unpack(">I", data[i + 8 + size:i + 12 + size])[0] == zlib.crc32(data[i + 4:i + 8 + size])
+            i += 12 + size
+        rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + 3 * w)
+        assert (rows[:, 0] == 2).all()
+        assert np.array_equal(schema.decode_rgb(data, (h, w)).permute(1, 2, 0).numpy(), img)
+        assert np.array_equal(np.array(Image.open(io.BytesIO(data))), img)
