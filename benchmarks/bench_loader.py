@@ -10,7 +10,9 @@ CPU-second of this process. Converted once into ``--work`` with ``python -m data
 * ours: ``ShardStream`` + ``build_loader`` reading the depth pre-training keys (``--lanes`` lanes),
   decode only; with the depth task's ``train_transform`` (mono_stereo: flip + colour jitter of the
   networks' frames, ``jitter_on=loader``); and with ``jitter_on=step`` (the loader flips and draws, the
-  step jitters on its device: on a GPU nearly free; its CPU cost per batch is printed too);
+  step jitters on its device: on a GPU nearly free; its CPU cost per batch is printed too); and, on the
+  compact shards, with ``data.decode_on=device`` (the loader reads, header-checks and flips the geometry;
+  the step decodes the batch, nvjpeg on a GPU, and jitters it);
 * Monodepth2: ``monodepth2_reference.KittiRawJpegs`` (a port of its ``MonoDataset.__getitem__``:
   4 JPEGs at 1242x375 with PIL, flip, 4-scale LANCZOS chain, one ColorJitter draw on every scale and
   on the full-resolution frames, ``to_tensor``, K / inv_K per scale, stereo_T) in a DataLoader,
@@ -90,9 +92,9 @@ def depth_task(jitter_on: str) -> DepthTask:
 # --------------------------------------------------------------------------- the three loaders
 
 
-def ours(root: Path, transform, lanes: int, batch: int) -> float:
+def ours(root: Path, transform, lanes: int, batch: int, decode_on: str = "loader") -> float:
     """Samples per CPU-second of one epoch of our loader (0 workers)."""
-    loader = build_loader(ShardStream(StreamConfig(str(root), "train", keys=KEYS, lanes=lanes,
+    loader = build_loader(ShardStream(StreamConfig(str(root), "train", keys=KEYS, lanes=lanes, decode_on=decode_on,
                                                    transform=transform)), batch)
     n, c = 0, cpu_seconds()
     for b in loader:
@@ -100,10 +102,11 @@ def ours(root: Path, transform, lanes: int, batch: int) -> float:
     return n / max(cpu_seconds() - c, 1e-9)
 
 
-def step_jitter_ms(root: Path, lanes: int, batch: int, batches: int = 8) -> float:
-    """CPU ms per batch of ``DepthTask.augmented`` (the step-side jitter), over the first batches."""
+def step_jitter_ms(root: Path, lanes: int, batch: int, batches: int = 8, decode_on: str = "loader") -> float:
+    """CPU ms per batch of ``DepthTask.augmented`` (the step-side jitter; ``decode_on=device``: decode and
+    jitter), over the first batches."""
     task = depth_task("step")
-    loader = build_loader(ShardStream(StreamConfig(str(root), "train", keys=KEYS, lanes=lanes,
+    loader = build_loader(ShardStream(StreamConfig(str(root), "train", keys=KEYS, lanes=lanes, decode_on=decode_on,
                                                    transform=task.train_transform)), batch)
     got = []
     for b in loader:
@@ -200,6 +203,9 @@ def measurements(a, raw, lines, roots) -> dict[str, callable]:
         out[f"ours {tag}: decode"] = lambda r=root: ours(r, None, a.lanes, a.batch)
         out[f"ours {tag}: + flip, jitter in loader"] = lambda r=root: ours(r, loader_jitter, a.lanes, a.batch)
         out[f"ours {tag}: + flip, jitter in step"] = lambda r=root: ours(r, step_jitter, a.lanes, a.batch)
+        if layout == "compact":
+            out[f"ours {tag}: read, flip; decode, jitter on device"] = \
+                lambda r=root: ours(r, step_jitter, a.lanes, a.batch, "device")
         if layout == "plain":
             ext = "png" if fmt == "png" else "jpg"
             out[f"webdataset {tag}: decode"] = lambda r=root, e=ext: webdataset_rate(r, e, None, a.batch)
@@ -235,6 +241,8 @@ def main() -> None:
             print(json.dumps({"round": r, "what": name, "samples_per_cpu_s": round(rates[name][-1], 1),
                               "load_avg_1min": round(os.getloadavg()[0], 2)}), flush=True)
     jitter_ms = step_jitter_ms(roots[("compact", "png")][0], a.lanes, a.batch)
+    decode_ms = {fmt: step_jitter_ms(roots[("compact", fmt)][0], a.lanes, a.batch, decode_on="device") - jitter_ms
+                 for fmt in ("png", "jpeg")}
     md2 = max(rates["monodepth2 jpeg files: its __getitem__"])
     print(f"\n# {cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} (shared machine), "
           f"torch threads 1, batch {a.batch}, {len(lines)} mono+stereo samples at {a.height}x{a.width}")
@@ -247,6 +255,8 @@ def main() -> None:
         print(f"# decoding one {a.height}x{a.width} {fmt} frame: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
     print(f"# jitter in step on this CPU (1 thread): {jitter_ms:.1f} ms per batch of {a.batch} "
           f"({jitter_ms / a.batch:.2f} ms per sample); on a GPU it is a few kernels per batch")
+    print(f"# decode in step on this CPU (1 thread, data.decode_on=device): " + ", ".join(
+        f"{fmt} {ms:.1f} ms per batch" for fmt, ms in decode_ms.items()) + "; on a GPU JPEG is one nvjpeg call per key")
     if a.json:
         Path(a.json).write_text(json.dumps({"best_samples_per_cpu_s": {k: max(v) for k, v in rates.items()},
                                             "rounds": a.rounds, "load_avg_1min": os.getloadavg()[0]}, indent=1))

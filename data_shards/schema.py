@@ -359,29 +359,45 @@ def jpeg_header_hw(data: bytes) -> Optional[tuple[int, int]]:
     return None
 
 
+def check_rgb_header(data: bytes, expected_hw: Optional[tuple[int, int]] = None, jpeg: bool = False) -> tuple[int, int]:
+    """The (height, width) an ``rgb*.png`` (``jpeg``: ``rgb*.jpg``) member's header gives, checked
+    (:func:`check_image_hw`; a PNG must say 8-bit RGB) before any pixel is decoded."""
+    hw = jpeg_header_hw(data) if jpeg else png_header_hw(data)
+    if hw is None:
+        raise SchemaError("not a JPEG (no SOI marker or frame header)" if jpeg else "not a PNG (no signature or IHDR chunk)")
+    check_image_hw(hw, expected_hw, "JPEG header" if jpeg else "PNG header")
+    if not jpeg and (data[24] != 8 or data[25] != 2):
+        raise SchemaError(f"expected 8-bit RGB, the PNG header says bit depth {data[24]}, colour type {data[25]}")
+    return hw
+
+
 def decode_rgb(data: bytes, expected_hw: Optional[tuple[int, int]] = None, jpeg: bool = False) -> "torch.Tensor":
     """An ``rgb*.png`` (``jpeg``: ``rgb*.jpg``) member -> uint8 tensor (3, H, W), decoded by
-    torchvision.io (libpng / libjpeg-turbo) straight into the channels-first layout. The header's size
-    is checked first (:func:`check_image_hw`); a PNG must be 8-bit RGB (colour type 2) by its header."""
+    torchvision.io (libpng / libjpeg-turbo) straight into the channels-first layout, after
+    :func:`check_rgb_header`."""
     import torch  # not at module level: the CLI and the trainer's config checks import this module
     from torchvision.io import ImageReadMode, decode_jpeg, decode_png as tv_decode_png
 
+    check_rgb_header(data, expected_hw, jpeg)
     if jpeg:
-        hw = jpeg_header_hw(data)
-        if hw is None:
-            raise SchemaError("not a JPEG (no SOI marker or frame header)")
-        check_image_hw(hw, expected_hw, "JPEG header")
         return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    hw = png_header_hw(data)
-    if hw is None:
-        raise SchemaError("not a PNG (no signature or IHDR chunk)")
-    check_image_hw(hw, expected_hw)
-    if data[24] != 8 or data[25] != 2:
-        raise SchemaError(f"expected 8-bit RGB, the PNG header says bit depth {data[24]}, colour type {data[25]}")
     return tv_decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
 
 
-def decode_sample(raw: dict[str, Any], where: str = "", image_hw: Optional[tuple[int, int]] = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EncodedImage:
+    """An RGB member left encoded for the trainer to decode on its device (``decode_sample(...,
+    encoded_rgb=True)``, ``data.decode_on=device``): its bytes, header-checked as :func:`decode_rgb`
+    checks them, and whether the sample was mirrored since (the decoder flips it after decoding)."""
+
+    data: bytes
+    jpeg: bool
+    hw: tuple[int, int]
+    flipped: bool = False
+
+
+def decode_sample(raw: dict[str, Any], where: str = "", image_hw: Optional[tuple[int, int]] = None,
+                  encoded_rgb: bool = False) -> dict[str, Any]:
     """Raw tar members (bytes) -> tensors of the documented dtypes.
 
     ``where`` names the shard for error messages. Unknown keys are an error (never dropped
@@ -389,6 +405,7 @@ def decode_sample(raw: dict[str, Any], where: str = "", image_hw: Optional[tuple
     image's header before it is decoded. Returns ``__key__``, the schema keys without extension
     (``rgb``, ``depth``, ``seg``, ``flow``, ...), ``meta``, and from it ``K`` (float32 (3, 3)) and
     ``baseline`` (float32 scalar, metres) and ``label`` (int64 scalar) when the meta has them.
+    ``encoded_rgb``: the RGB members are only header-checked and returned as :class:`EncodedImage`.
     """
     import torch
 
@@ -398,7 +415,10 @@ def decode_sample(raw: dict[str, Any], where: str = "", image_hw: Optional[tuple
         if name.startswith("__"):
             continue
         try:
-            if name in RGB_KEYS:
+            if name in RGB_KEYS and encoded_rgb:
+                jpeg = name.endswith(".jpg")
+                out[name[:-4]] = EncodedImage(bytes(data), jpeg, check_rgb_header(data, image_hw, jpeg))
+            elif name in RGB_KEYS:
                 out[name[:-4]] = decode_rgb(data, image_hw, jpeg=name.endswith(".jpg"))
             elif name == "depth.png":
                 arr = decode_png(data, image_hw)

@@ -98,10 +98,13 @@ class SamplePipeline:
     """raw sample -> decoded sample, or a :class:`Corrupt` / :class:`Filtered` marker (module docstring)."""
 
     def __init__(self, exts: frozenset[str], on_corrupt: str, seed: int,
-                 transform: Optional[SampleFn], stages: Iterable[Stage], image_hw: Optional[tuple[int, int]] = None):
+                 transform: Optional[SampleFn], stages: Iterable[Stage], image_hw: Optional[tuple[int, int]] = None,
+                 encoded_rgb: bool = False):
         self.exts, self.on_corrupt, self.seed, self.transform = exts, on_corrupt, seed, transform
         self.image_hw = image_hw
         """The split's image size, checked in each image's header before decoding (None: its own size)."""
+        self.encoded_rgb = encoded_rgb
+        """RGB frames left encoded (header-checked) for the trainer's device to decode."""
         stages = tuple(stages)
         self.raw_stages = [s for s in stages if s.raw]
         self.stages = [s for s in stages if not s.raw]
@@ -120,7 +123,7 @@ class SamplePipeline:
                                  f"(the manifest says every sample has them)")
             check_members(raw)
             members = {k: v for k, v in raw.items() if k not in ("__url__", "__crc32__")}
-            sample = schema.decode_sample(members, where=url, image_hw=self.image_hw)
+            sample = schema.decode_sample(members, where=url, image_hw=self.image_hw, encoded_rgb=self.encoded_rgb)
         except (ShardError, schema.SchemaError) as e:
             if self.on_corrupt == "raise":
                 raise

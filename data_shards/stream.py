@@ -86,6 +86,10 @@ def resolve_keys(manifest: Manifest, keys: Sequence[str] | None, split: str, roo
     return frozenset(exts)
 
 
+#: where RGB frames may be decoded (:attr:`StreamConfig.decode_on`)
+DECODE_ON = ("loader", "device")
+
+
 @dataclass(frozen=True)
 class StreamConfig:
     """What a stream reads and how (validated on creation; one line per bad value)."""
@@ -117,8 +121,13 @@ class StreamConfig:
     """User per-sample stages after the transform (or before decoding: ``Stage(raw=True)``)."""
     open_handles: int = DEFAULT_OPEN_HANDLES
     """Open shard handles per consumer (least recently used closed first)."""
+    decode_on: str = "loader"
+    """Where RGB frames are decoded: loader | device (left encoded, :class:`~data_shards.schema.EncodedImage`,
+    for the trainer to decode as a batch on its device; the order and the state are the same)."""
 
     def __post_init__(self) -> None:
+        if self.decode_on not in DECODE_ON:
+            raise ValueError(f"decode_on={self.decode_on!r}: must be one of {', '.join(DECODE_ON)}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank={self.rank}, world_size={self.world_size}: need 0 <= rank < world_size")
         if self.tail not in TAILS:
@@ -185,7 +194,8 @@ class ShardStream(IterableDataset):
             raise ValueError(f"split {c.split!r} at {c.root}: {self.total} samples cannot give every one of "
                              f"{c.world_size} ranks a sample with tail={c.tail!r}; use tail='pad' or fewer ranks")
         self.pipeline = SamplePipeline(self.exts, c.on_corrupt, c.seed, c.transform, c.stages,
-                                       image_hw=schema.declared_image_hw(self.manifest.source))
+                                       image_hw=schema.declared_image_hw(self.manifest.source),
+                                       encoded_rgb=c.decode_on == "device")
         self.epoch = 0
         self.corrupt = CorruptLog()
         self.read_stats = ReadStats()

@@ -63,6 +63,9 @@ class DataConfig:
     pad (one more full step, filled with the epoch's first samples marked invalid)."""
     resampled: bool = setting(False, resumable=False)
     """Infinite resampled streaming instead of exactly-once epochs (for very large data)."""
+    decode_on: str = setting("loader", resumable=True)
+    """Where training RGB frames are decoded: loader | device (the loader only reads them; the step decodes
+    the batch on its device, JPEG with nvjpeg on a GPU; needs task.jitter_on=step, or auto on a GPU)."""
     on_corrupt: str = setting("raise", resumable=True)
     """Corrupt shard/sample: raise (naming shard and member) | skip (count and report)."""
     subset: int = setting(0, resumable=False)

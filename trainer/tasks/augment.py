@@ -10,12 +10,15 @@ All randomness comes from the ``torch.Generator`` the caller passes (exact resum
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 from torch import Tensor
+
+from data_shards.schema import EncodedImage
 
 #: sample keys holding images / maps with the spatial layout (..., H, W)
 SPATIAL_KEYS = ("rgb", "rgb_prev", "rgb_next", "rgb_right", "depth", "seg", "flow")
@@ -227,6 +230,9 @@ def jitter_frames(sample: dict[str, Any], keys: Iterable[str], params: JitterPar
     for key in keys:
         if key not in sample:
             raise KeyError(f"jitter_frames: sample {sample.get('__key__', '?')} has no key {key!r}")
+        if isinstance(sample[key], EncodedImage):
+            raise ValueError(f"jitter_frames: sample {sample.get('__key__', '?')}: {key!r} is still encoded "
+                             "(data.decode_on=device): jitter it in the step (task.jitter_on=step)")
     out = dict(sample)
     if keys:
         stack = torch.stack([sample[key] for key in keys])
@@ -251,7 +257,8 @@ def jitter_batch(batch: dict[str, Any], keys: Iterable[str], prefix: str = "aug_
 
 
 def hflip_sample(sample: dict[str, Any]) -> dict[str, Any]:
-    """Mirror a sample left-right: every spatial key (also ``aug_*`` copies), ``K``'s principal
+    """Mirror a sample left-right: every spatial key (also ``aug_*`` copies; a frame still encoded is
+    marked to be flipped once decoded), ``K``'s principal
     point (cx -> W - 1 - cx, pixel centres at integers), flow u -> -u, baseline -> -baseline.
     Returns a new dict; unknown non-spatial keys are copied as they are."""
     out = dict(sample)
@@ -261,6 +268,9 @@ def hflip_sample(sample: dict[str, Any]) -> dict[str, Any]:
         if base in SPATIAL_KEYS and isinstance(value, Tensor):
             out[key] = value.flip(-1)
             width = value.shape[-1]
+        elif isinstance(value, EncodedImage):  # flipped where it is decoded (trainer.tasks.device_decode)
+            out[key] = dataclasses.replace(value, flipped=not value.flipped)
+            width = value.hw[1]
     if "flow" in out:
         flow = out["flow"].clone()
         flow[0] = -flow[0]

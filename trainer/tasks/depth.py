@@ -35,6 +35,7 @@ from trainer.models.pretrained import check_input_norm, encoder_provenance, load
 from trainer.models.unet import pad_to_stride
 from trainer.models.pose import build_pose_net, predict_pose
 from trainer.tasks.base import Metric, Task
+from trainer.tasks.device_decode import decode_on_device
 from trainer.tasks.depth_config import DepthTaskConfig
 
 SUPERVISION_MODES = ("mono", "stereo", "mono_stereo", "supervised")
@@ -174,7 +175,9 @@ class DepthTask(Task):
 
     def augmented(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The batch with its ``aug_*`` frames: jittered here, on the batch's device, when the loader
-        sent ``jitter`` rows instead (on the CPU the values the loader would have made, bit for bit)."""
+        sent ``jitter`` rows instead (on the CPU the values the loader would have made, bit for bit); frames
+        the loader left encoded (``data.decode_on=device``) are decoded here first."""
+        batch = decode_on_device(batch)
         if "jitter" not in batch or "aug_rgb" in batch:
             return batch
         return jitter_batch(batch, self.net_keys)

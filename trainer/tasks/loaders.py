@@ -35,12 +35,16 @@ class RankPlace(Protocol):
 def shard_loader_factory(data: Any, task: SampleTask, place: RankPlace, *, batch_size: int,
                          seed: int) -> LoaderFactory:
     """Loaders over ``data_shards`` streams from the run's ``data`` settings: training in the seeded
-    global order with ``data.tail_policy``; evaluation in order with ``tail="pad"`` so every sample
-    counts exactly once."""
+    global order with ``data.tail_policy``, its frames decoded where ``data.decode_on`` says; evaluation
+    in order with ``tail="pad"`` so every sample counts exactly once, decoded in the loader."""
     from data_shards.loader import build_loader
     from data_shards.stream import ShardStream, StreamConfig
 
     d = data
+    decode_on = str(getattr(d, "decode_on", "loader"))
+    if decode_on == "device" and not getattr(task, "jitter_in_step", False):
+        raise ValueError("data.decode_on=device: the task must take still-encoded frames and augment them in "
+                         "the step (the depth task with task.jitter_on=step, or auto on a GPU)")
 
     def make(split: str, train: bool):
         if train:
@@ -52,7 +56,7 @@ def shard_loader_factory(data: Any, task: SampleTask, place: RankPlace, *, batch
             d.root, split, rank=place.rank, world_size=place.world_size, seed=int(seed), shuffle=train,
             lanes=int(d.lanes), tail=d.tail_policy if train else "pad", resampled=bool(d.resampled) and train,
             on_corrupt=d.on_corrupt, keys=task.stream_keys(train), subset=d.subset if train else 0,
-            subset_seed=d.subset_seed, transform=transform))
+            subset_seed=d.subset_seed, transform=transform, decode_on=decode_on if train else "loader"))
         return build_loader(stream, int(batch_size), num_workers=int(d.num_workers), drop_last=train)
 
     return make
