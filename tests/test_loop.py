@@ -279,7 +279,7 @@ def test_failure_propagates_and_leaves_injected_tracker_to_caller(tmp_path):
     cfg = tiny_cfg(str(tmp_path))
     tr = RecordingTracker()
     with pytest.raises(RuntimeError, match="boom"):
-        train(cfg, task=Broken(cfg.task, cfg), tracker=tr, loaders=tiny_loaders(cfg, 0, 1))
+        train(cfg, task=Broken(cfg.task, cfg.model), tracker=tr, loaders=tiny_loaders(cfg, 0, 1))
     assert tr.status is None  # an injected tracker belongs to the caller
 
 

@@ -204,7 +204,7 @@ def test_weights_are_exported_before_the_final_evaluation(eigen_shards, tmp_path
 
     cfg = _run_cfg(eigen_shards, tmp_path / "run")
     with pytest.raises(RuntimeError, match="evaluation broke"):
-        train(cfg, task=Broken(cfg.task, cfg))
+        train(cfg, task=Broken(cfg.task, cfg.model, seed=cfg.seed, parallel=cfg.parallel))
     state = torch.load(tmp_path / "run" / "weights.pt", weights_only=True)
     assert any(k.startswith("encoder.") for k in state) and not (tmp_path / "run" / "metrics.json").exists()
 
