@@ -140,8 +140,7 @@ class DepthTask(Task):
             parts.update(build_pose_net(self.model_cfg, self.cfg.pose_encoder, parts["encoder"].num_ch))
         model = nn.ModuleDict(parts)
         m = self.model_cfg
-        self.init_provenance = encoder_provenance(m.init == "imagenet", m.encoder, m.imagenet_weights,
-                                                  self.seed)
+        self.init_provenance = encoder_provenance(m.init == "imagenet", m.encoder, m.imagenet_weights, self.seed)
         if self.cfg.weights:
             source = f"task.weights={self.cfg.weights}"
             weights = read_init_weights(self.cfg.weights)

@@ -136,8 +136,7 @@ class SegmentationTask(Task):
         c = self.cfg
         if c.init in ("random", "imagenet"):
             m = self.model_cfg
-            self.init_provenance = encoder_provenance(c.init == "imagenet", m.encoder, m.imagenet_weights,
-                                                      self.seed)
+            self.init_provenance = encoder_provenance(c.init == "imagenet", m.encoder, m.imagenet_weights, self.seed)
             return
         weights = read_init_weights(c.weights)
         check_input_norm(weights, model["encoder"].norm, f"task.weights={c.weights}")
