@@ -48,7 +48,7 @@ def _loader(root: Path, task: DepthTask, decode_on: str):
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg"])
 def test_device_decode_gives_the_loaders_batch_order_and_state(splits, fmt):
-    task = DepthTask(DepthTaskConfig(supervision="mono_stereo", jitter_on="step"), SimpleNamespace(model=None))
+    task = DepthTask(DepthTaskConfig(supervision="mono_stereo", jitter_on="step"), None)
     here, there = _loader(splits[fmt], task, "loader"), _loader(splits[fmt], task, "device")
     flipped = 0
     for a, b in zip(here, there, strict=True):
@@ -81,7 +81,7 @@ def test_encoded_frames_need_the_jitter_in_the_step(splits):
         jitter_frames(sample, ["rgb"], sample_jitter(torch.Generator()))
     data = SimpleNamespace(root=str(splits["jpeg"]), decode_on="device", lanes=2, tail_policy="drop", resampled=False,
                            on_corrupt="raise", subset=0, subset_seed=0, num_workers=0)
-    loader_jitter = DepthTask(DepthTaskConfig(supervision="mono_stereo", jitter_on="loader"), SimpleNamespace(model=None))
+    loader_jitter = DepthTask(DepthTaskConfig(supervision="mono_stereo", jitter_on="loader"), None)
     with pytest.raises(ValueError, match="data.decode_on=device: the task must"):
         shard_loader_factory(data, loader_jitter, SimpleNamespace(rank=0, world_size=1), batch_size=2, seed=0)
     with pytest.raises(ValueError, match="decode_on='gpu'"):

@@ -54,7 +54,7 @@ def shard_loader_factory(data: DataConfig, task: SampleTask, place: RankPlace, *
     from data_shards.stream import ShardStream, StreamConfig
 
     d = data
-    decode_on = str(getattr(d, "decode_on", "loader"))
+    decode_on = str(d.decode_on)
     if decode_on == "device" and not getattr(task, "jitter_in_step", False):
         raise ValueError("data.decode_on=device: the task must take still-encoded frames and augment them in "
                          "the step (the depth task with task.jitter_on=step, or auto on a GPU)")
