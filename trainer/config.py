@@ -62,7 +62,7 @@ class DataConfig:
     pad (one more full step, filled with the epoch's first samples marked invalid)."""
     resampled: bool = setting(False, resumable=False)
     """Infinite resampled streaming instead of exactly-once epochs (for very large data)."""
-    decode_on: str = setting("loader", resumable=True)
+    decode_on: str = setting("loader", resumable=False)
     """Where training RGB frames are decoded: loader | device (the loader only reads them; the step decodes
     the batch on its device, JPEG with nvjpeg on a GPU; needs task.jitter_on=step, or auto on a GPU)."""
     on_corrupt: str = setting("raise", resumable=True)
