@@ -17,7 +17,8 @@ them). Printed per save: the stall (the slowest rank's: the save call, then each
 save's seconds and size, the step right before it (no save running), the mean step while it is written in
 the background and how many (``k``), and ``waited``: what the benchmark waited for a save not yet whole
 after ``--max-steps`` steps (a run trains on instead; not part of the stall: only a save due before the
-previous one is whole would wait for it).
+previous one is whole would wait for it). Then each async save's stall in parts (:func:`_parts_row`): the
+state dict, the staging copy, the checks, the save call's CPU seconds and the bytes each rank staged.
 
     python benchmarks/bench_ckpt_stall.py                                  # 96x320; single ddp fsdp; disk + 100 MB/s
     python benchmarks/bench_ckpt_stall.py --strategies single --rates 0 --dir /pvc/scratch
