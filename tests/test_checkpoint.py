@@ -171,11 +171,13 @@ def _dcp_buffers_are_rank0s(ckpt: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
     from trainer.checkpointing.safe_dcp import SafeFileSystemReader
+    from trainer.engine.core import quiet_single_process
 
     own = [torch.load(ckpt / f"rank_{r:05d}.pt", weights_only=True)["buffers"] for r in range(2)]
     assert any(not torch.equal(own[0][k], own[1][k]) for k in own[0])  # the ranks' statistics differ
     state = {"model": {k: torch.empty_like(v) for k, v in own[0].items()}}
-    dcp.load(state, storage_reader=SafeFileSystemReader(str(ckpt / "dcp")), no_dist=True)
+    with quiet_single_process():
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(ckpt / "dcp")), no_dist=True)
     for k, v in own[0].items():
         assert torch.equal(state["model"][k], v), k
 
