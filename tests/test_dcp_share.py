@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.engine.dcp_share import _leaves, own_share
+from trainer.engine.dcp_share import leaves, own_share
 
 
 def _state() -> dict:
@@ -18,15 +18,15 @@ def _state() -> dict:
 
 
 def _nbytes(tree: dict) -> int:
-    return sum(v.numel() * v.element_size() for _, v in _leaves(tree) if torch.is_tensor(v))
+    return sum(v.numel() * v.element_size() for _, v in leaves(tree) if torch.is_tensor(v))
 
 
 def test_shares_are_disjoint_whole_and_balanced():
     state, buffers = _state(), {("model", "bn.running_mean")}
-    whole = dict(_leaves(state))
+    whole = dict(leaves(state))
     for world in (2, 3):
         shares = [own_share(state, r, world, buffers) for r in range(world)]
-        got = [dict(_leaves(s)) for s in shares]
+        got = [dict(leaves(s)) for s in shares]
         assert sum(len(g) for g in got) == len(whole)  # disjoint ...
         merged = {p: v for g in got for p, v in g.items()}
         assert merged.keys() == whole.keys() and all(merged[p] is whole[p] for p in whole)  # ... and whole, uncopied

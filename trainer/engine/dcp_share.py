@@ -20,11 +20,11 @@ import torch
 Where = tuple[Any, ...]
 
 
-def _leaves(tree: Any, prefix: Where = ()) -> Iterator[tuple[Where, Any]]:
+def leaves(tree: Any, prefix: Where = ()) -> Iterator[tuple[Where, Any]]:
     """``(path, value)`` for every non-dict value under nested dicts (lists are values, as is an empty dict)."""
     if isinstance(tree, dict) and tree:
         for key, value in tree.items():
-            yield from _leaves(value, prefix + (key,))
+            yield from leaves(value, prefix + (key,))
     else:
         yield prefix, tree
 
@@ -52,23 +52,23 @@ def own_share(state: dict[str, Any], rank: int, world_size: int, rank0: set[Wher
     not a tensor is). The same nesting, holding the same objects (nothing is copied)."""
     if world_size == 1:
         return state
-    leaves = [(p, v) for p, v in _leaves(state) if p]
-    sizes = {p: v.numel() * v.element_size() for p, v in leaves if torch.is_tensor(v) and not _is_shard(v)}
-    pinned = rank0 | {p for p, v in leaves if not torch.is_tensor(v)}
+    entries = [(p, v) for p, v in leaves(state) if p]
+    sizes = {p: v.numel() * v.element_size() for p, v in entries if torch.is_tensor(v) and not _is_shard(v)}
+    pinned = rank0 | {p for p, v in entries if not torch.is_tensor(v)}
     owner = assign({**sizes, **{p: 0 for p in pinned if p not in sizes}}, world_size, pinned)
-    return _rebuild([(p, v) for p, v in leaves if _is_shard(v) or owner[p] == rank])
+    return _rebuild([(p, v) for p, v in entries if _is_shard(v) or owner[p] == rank])
 
 
 def local_bytes(state: dict[str, Any]) -> int:
     """Bytes of the tensors in ``state`` that this rank holds (a DTensor's local part)."""
-    tensors = (v.to_local() if _is_shard(v) else v for _, v in _leaves(state) if torch.is_tensor(v))
+    tensors = (v.to_local() if _is_shard(v) else v for _, v in leaves(state) if torch.is_tensor(v))
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _rebuild(leaves: list[tuple[Where, Any]]) -> dict[str, Any]:
+def _rebuild(entries: list[tuple[Where, Any]]) -> dict[str, Any]:
     """Nested dicts from ``(path, value)`` pairs."""
     tree: dict[str, Any] = {}
-    for path, value in leaves:
+    for path, value in entries:
         node = tree
         for key in path[:-1]:
             node = node.setdefault(key, {})
@@ -80,10 +80,10 @@ def unwrap_shards(state: dict[str, Any]) -> tuple[dict[str, Any], dict[Where, An
     """``state`` with each DTensor replaced by its local tensor (a plain copy of it is about twice as fast
     as a DTensor's, whose every op goes through DTensor's dispatch), and what :func:`rewrap_shards` needs
     to make DTensors of the copies again."""
-    specs = {p: v for p, v in _leaves(state) if _is_shard(v)}
+    specs = {p: v for p, v in leaves(state) if _is_shard(v)}
     if not specs:
         return state, {}
-    plain = [(p, v.to_local() if p in specs else v) for p, v in _leaves(state) if p]
+    plain = [(p, v.to_local() if p in specs else v) for p, v in leaves(state) if p]
     return _rebuild(plain), {p: (v.device_mesh, v.placements, v.shape, v.stride()) for p, v in specs.items()}
 
 
@@ -100,4 +100,4 @@ def rewrap_shards(plain: dict[str, Any], specs: dict[Where, Any]) -> dict[str, A
         mesh, placements, shape, stride = specs[path]
         return DTensor.from_local(value, mesh, placements, run_check=False, shape=shape, stride=stride)
 
-    return _rebuild([(p, wrap(p, v)) for p, v in _leaves(plain) if p])
+    return _rebuild([(p, wrap(p, v)) for p, v in leaves(plain) if p])
