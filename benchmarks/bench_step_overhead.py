@@ -3,9 +3,10 @@ everything else, at each frame size, and (``--pieces``) everything else piece by
 
 Set-up: the run ``python -m trainer`` composes for bench_vs_reference's setting (``task=depth``
 mono, ResNet-18 depth net and separate pose net, batch 8, Adam, constant lr, fp32, one process,
-the trainer's defaults otherwise: channels_last, fused Adam, compiled CPU loss), built with the
-trainer's own functions; each step is the loop's verbs (``trainer/loop.py`` ``_run``): next batch,
-to_device, forward, backward, log, optimizer step, log window.
+the trainer's defaults otherwise: channels_last, fused Adam, compiled CPU loss, freed memory kept by
+``trainer/allocator.py`` unless ``--default-malloc``), built with the trainer's own functions; each
+step is the loop's verbs (``trainer/loop.py`` ``_run``): next batch, to_device, forward, backward,
+log, optimizer step, log window.
 
 Data: ``--data fake`` (default): one random uint8 batch with the ``aug_*`` keys, no loader (data
 wait ~0). ``--data kitti``: bench_vs_reference's fake KITTI frames, converted at each size, read
