@@ -50,7 +50,6 @@ def _build(a: argparse.Namespace):
     """The engine with the depth model set up, and one training step on a fixed batch."""
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from types import SimpleNamespace
 
     import torch
 
@@ -63,7 +62,7 @@ def _build(a: argparse.Namespace):
     strategy, stage = STRATEGIES[a.worker]
     engine = Engine(ParallelConfig(strategy=strategy, zero_stage=stage), OptimConfig(lr=1e-4),
                     ScheduleConfig(name="constant"), 1000, micro_batch_size=1)
-    task = DepthTask(DepthTaskConfig(supervision="mono"), SimpleNamespace(model=ModelConfig(encoder="resnet18")))
+    task = DepthTask(DepthTaskConfig(supervision="mono"), ModelConfig(encoder="resnet18"))
     engine.setup(task.build_model(), task.parameter_groups)
     engine.train(True)
     batch = engine.to_device(fake_batch(1, a.height, a.width, seed=engine.rank))

@@ -32,13 +32,6 @@ from trainer.config import ModelConfig, OptimConfig, ParallelConfig, ScheduleCon
 from trainer.tasks.depth import DepthTask, DepthTaskConfig  # noqa: E402
 
 
-class Run:
-    """The slice of a RunConfig the depth task reads."""
-
-    def __init__(self, encoder: str) -> None:
-        self.model = ModelConfig(encoder=encoder)
-
-
 def fake_batch(batch: int, height: int, width: int, seed: int = 0) -> dict:
     """A collated batch with every key the depth task may read (random frames, KITTI-like K)."""
     g = torch.Generator().manual_seed(seed)
@@ -60,7 +53,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     pcfg = ParallelConfig(strategy=args.strategy, zero_stage=args.zero_stage)
     engine = Engine(pcfg, OptimConfig(lr=1e-4), ScheduleConfig(name="constant"), args.warmup + args.steps,
                     micro_batch_size=args.batch)
-    task = DepthTask(DepthTaskConfig(supervision=args.mode), Run(args.encoder))
+    task = DepthTask(DepthTaskConfig(supervision=args.mode), ModelConfig(encoder=args.encoder))
     engine.setup(task.build_model(), task.parameter_groups)
     engine.train(True)
     batch = engine.to_device(fake_batch(args.batch, args.height, args.width, seed=engine.rank))
@@ -126,7 +119,7 @@ def baselines(args: argparse.Namespace) -> None:
     from data_shards.loader import build_loader
     from data_shards.stream import ShardStream, StreamConfig
 
-    task = DepthTask(DepthTaskConfig(supervision="mono"), Run(args.encoder))
+    task = DepthTask(DepthTaskConfig(supervision="mono"), ModelConfig(encoder=args.encoder))
     torch.manual_seed(args.seed)
     model = task.build_model().eval()
     stream = ShardStream(StreamConfig(args.data, args.split, shuffle=False, tail="pad", keys=("rgb", "depth")))

@@ -36,7 +36,6 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -84,7 +83,7 @@ def prepare(work: Path, frames: int, hw: tuple[int, int], quality: int) -> tuple
 
 
 def depth_task(jitter_on: str) -> DepthTask:
-    return DepthTask(DepthTaskConfig(supervision="mono_stereo", jitter_on=jitter_on), SimpleNamespace(model=None))
+    return DepthTask(DepthTaskConfig(supervision="mono_stereo", jitter_on=jitter_on), None)
 
 
 # --------------------------------------------------------------------------- the three loaders

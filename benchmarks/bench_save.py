@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_depth import Run, fake_batch  # noqa: E402
+from bench_depth import fake_batch  # noqa: E402
 from trainer.checkpointing.checkpoint import Checkpointer  # noqa: E402
-from trainer.config import OptimConfig, ParallelConfig, ScheduleConfig  # noqa: E402
+from trainer.config import ModelConfig, OptimConfig, ParallelConfig, ScheduleConfig  # noqa: E402
 from trainer.engine import Engine  # noqa: E402
 from trainer.tasks.depth import DepthTask, DepthTaskConfig  # noqa: E402
 
@@ -63,7 +63,7 @@ def main() -> None:
     torch.manual_seed(0)
     engine = Engine(ParallelConfig(strategy="single"), OptimConfig(lr=1e-4), ScheduleConfig(name="constant"), 10,
                     micro_batch_size=1)
-    task = DepthTask(DepthTaskConfig(supervision="mono"), Run("resnet18"))
+    task = DepthTask(DepthTaskConfig(supervision="mono"), ModelConfig(encoder="resnet18"))
     engine.setup(task.build_model(), task.parameter_groups)
     engine.train(True)
     batch = engine.to_device(fake_batch(1, args.height, args.width))

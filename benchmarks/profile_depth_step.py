@@ -22,14 +22,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_depth import Run, fake_batch  # noqa: E402
+from benchmarks.bench_depth import fake_batch  # noqa: E402
+from trainer.config import ModelConfig  # noqa: E402
 from trainer.tasks.depth import DepthTask, DepthTaskConfig  # noqa: E402
 
 
 def build(args: argparse.Namespace):
     """(task, model, optimizer, batch) as the trainer would have them for one rank."""
     torch.manual_seed(0)
-    task = DepthTask(DepthTaskConfig(supervision=args.mode, pose_encoder=args.pose), Run(args.encoder))
+    task = DepthTask(DepthTaskConfig(supervision=args.mode, pose_encoder=args.pose), ModelConfig(encoder=args.encoder))
     model = task.build_model().train()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)

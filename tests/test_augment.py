@@ -1,7 +1,6 @@
 """Colour jitter: torchvision's formulas, seeded, the same values in the loader and in the step."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -70,7 +69,7 @@ def test_stacked_rows_match_one_image_at_a_time():
 
 
 def _depth_task(**kw) -> DepthTask:
-    return DepthTask(DepthTaskConfig(supervision="mono_stereo", **kw), SimpleNamespace(model=None))
+    return DepthTask(DepthTaskConfig(supervision="mono_stereo", **kw), None)
 
 
 def test_step_jitter_equals_loader_jitter_on_cpu():

@@ -2,7 +2,6 @@
 a training step that learns, and an export that initialises segmentation."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -41,8 +40,8 @@ def test_f1_and_ap_by_hand_and_summed_over_ranks():
 
 def test_training_learns_and_export_initialises_segmentation(tmp_path):
     torch.manual_seed(0)
-    run = SimpleNamespace(model=ModelConfig())
-    task = ClassificationTask(ClassificationConfig(num_classes=3, crop=[32, 32], scale_range=[0.8, 1.2]), run)
+    model_cfg = ModelConfig()
+    task = ClassificationTask(ClassificationConfig(num_classes=3, crop=[32, 32], scale_range=[0.8, 1.2]), model_cfg)
     model = task.build_model()
     g = torch.Generator().manual_seed(0)
     samples = []
@@ -70,7 +69,7 @@ def test_training_learns_and_export_initialises_segmentation(tmp_path):
     assert out["prob"].shape == (4, 3) and ((out["prob"] >= 0) & (out["prob"] <= 1)).all()
     torch.save(model.state_dict(), tmp_path / "weights.pt")
     seg = SegmentationTask(SegmentationConfig(num_classes=3, init="classification",
-                                              weights=str(tmp_path / "weights.pt")), run).build_model()
+                                              weights=str(tmp_path / "weights.pt")), model_cfg).build_model()
     assert torch.equal(seg["encoder"].layers["stem"][1].running_mean, model["encoder"].layers["stem"][1].running_mean)
 
 
@@ -79,8 +78,8 @@ def test_constant_targets_are_warned_about_once(caplog):
     once after LABEL_CHECK_BATCHES batches; varying targets are not."""
     from trainer.tasks import classification as cls
 
-    run = SimpleNamespace(model=ModelConfig(encoder="resnet18"))
-    task = ClassificationTask(ClassificationConfig(num_classes=3), run)
+    model_cfg = ModelConfig(encoder="resnet18")
+    task = ClassificationTask(ClassificationConfig(num_classes=3), model_cfg)
     model = task.build_model()
     rgb = torch.rand(2, 3, 32, 32)
     constant = {"rgb": rgb, "labels": torch.tensor([[1., 0., 1.], [1., 0., 1.]])}
@@ -91,7 +90,7 @@ def test_constant_targets_are_warned_about_once(caplog):
     assert len(warned) == 1 and "always present: 0, 2" in warned[0].getMessage()
 
     caplog.clear()
-    task = ClassificationTask(ClassificationConfig(num_classes=3), run)
+    task = ClassificationTask(ClassificationConfig(num_classes=3), model_cfg)
     varying = {"rgb": rgb, "labels": torch.tensor([[1., 0., 1.], [1., 1., 0.]])}
     with caplog.at_level("WARNING", logger="geoprime.classification"):
         for _ in range(cls.LABEL_CHECK_BATCHES):

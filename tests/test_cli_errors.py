@@ -91,10 +91,9 @@ def flow_weights(tmp_path_factory) -> Path:
     """A flow pre-training's export (encoder + flow_decoder), as `python -m trainer task=flow` writes it."""
     from trainer.config import ModelConfig
     from trainer.tasks.flow import FlowConfig, FlowTask
-    from types import SimpleNamespace
 
     path = tmp_path_factory.mktemp("flow") / "weights.pt"
-    torch.save(FlowTask(FlowConfig(), SimpleNamespace(model=ModelConfig())).build_model().state_dict(), path)
+    torch.save(FlowTask(FlowConfig(), ModelConfig()).build_model().state_dict(), path)
     return path
 
 

@@ -4,7 +4,6 @@ pose, the depths and every pixel coordinate stay fp32, so the loss is the fp32 l
 networks' rounding."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -58,7 +57,7 @@ def test_output_heads_are_fp32_under_autocast():
 
 def test_bf16_training_step_is_close_to_fp32_and_trains_every_parameter(batch):
     torch.manual_seed(0)
-    task = DepthTask(DepthTaskConfig(supervision="mono", scales=[0, 1, 2, 3]), SimpleNamespace(model=ModelConfig()))
+    task = DepthTask(DepthTaskConfig(supervision="mono", scales=[0, 1, 2, 3]), ModelConfig())
     model = task.build_model().train()
     loss32, logs32 = task.training_step(model, batch)
     with torch.autocast(**BF16):

@@ -8,7 +8,6 @@ export (KITTI: encoder + decoder; Cityscapes: encoder only, into the dilated Dee
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from trainer.config import ModelConfig, register_configs
 from trainer.models.depth import build_depth_net
 from trainer.models.pretrained import PretrainedMismatchError
+from trainer.tasks import build_task
 from trainer.tasks.segmentation import SegmentationConfig, SegmentationTask
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
@@ -41,7 +41,7 @@ def _depth_export(tmp_path: Path, encoder: str = "resnet18", seed: int = 0) -> t
 
 def _task(path, num_classes=5, **kw):
     cfg = SegmentationConfig(num_classes=num_classes, init="depth_full", weights=str(path), **kw)
-    return SegmentationTask(cfg, SimpleNamespace(model=ModelConfig()))
+    return SegmentationTask(cfg, ModelConfig())
 
 
 def test_encoder_and_decoder_tensors_are_loaded_bitwise(tmp_path):
@@ -116,7 +116,7 @@ def _compose(overrides):
 def test_kitti_reference_preset_loads_encoder_and_decoder(tmp_path):
     path, state = _depth_export(tmp_path)
     cfg = _compose(["+experiment=kitti_semantics_reference", "task.init=depth_full", f"task.weights={path}"])
-    model = SegmentationTask(cfg.task, cfg).build_model()
+    model = build_task(cfg).build_model()
     for part, prefix in (("encoder", "encoder."), ("decoder", "depth_decoder.")):
         got = model[part].state_dict()
         for k, v in got.items():
@@ -129,11 +129,11 @@ def test_kitti_reference_preset_loads_encoder_and_decoder(tmp_path):
 def test_cityscapes_reference_preset_loads_the_encoder_only(tmp_path):
     path, state = _depth_export(tmp_path, encoder="resnet50")
     cfg = _compose(["+experiment=cityscapes_reference", "task.init=depth", f"task.weights={path}"])
-    model = SegmentationTask(cfg.task, cfg).build_model()
+    model = build_task(cfg).build_model()
     got = model["encoder"].state_dict()
     assert len(got) == len([k for k in state if k.startswith("encoder.")])
     assert all(torch.equal(v, state[f"encoder.{k}"]) for k, v in got.items())
     assert model["encoder"].layers["layer4"][1].conv2.dilation == (2, 2)  # output stride 16
     with pytest.raises(ValueError, match="depth_full"):
         SegmentationTask(_compose(["+experiment=cityscapes_reference", "task.init=depth_full",
-                                   f"task.weights={path}"]).task, cfg)
+                                   f"task.weights={path}"]).task, cfg.model)

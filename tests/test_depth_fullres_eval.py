@@ -2,7 +2,6 @@
 padded, or resized as Monodepth2 does, and the disparity is upsampled to the ground truth."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,7 +25,7 @@ def one_thread():
 
 
 def _task(**kw) -> DepthTask:
-    return DepthTask(DepthTaskConfig(**kw), SimpleNamespace(model=ModelConfig()))
+    return DepthTask(DepthTaskConfig(**kw), ModelConfig())
 
 
 def _batch(hw=KITTI_HW, n=1):

@@ -3,7 +3,6 @@ a start at 10 m for the metric stereo modes, whose 0.54 m baseline makes Monodep
 0.2 m depth ask for disparities wider than the image (a flat loss: training collapsed)."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from omegaconf import OmegaConf
 from trainer.config import ModelConfig
 from trainer.tasks.depth import MODE_INIT_DEPTH, DepthTask, DepthTaskConfig, with_mode_defaults
 
-RUN = SimpleNamespace(model=ModelConfig())
+MODEL = ModelConfig()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -42,9 +41,9 @@ def stereo_batch():
 def test_defaults_follow_the_mode_and_explicit_values_win():
     assert MODE_INIT_DEPTH == {"mono": None, "supervised": None, "stereo": 10.0, "mono_stereo": 10.0}
     for mode, init in MODE_INIT_DEPTH.items():
-        cfg = DepthTask(DepthTaskConfig(supervision=mode), RUN).cfg
+        cfg = DepthTask(DepthTaskConfig(supervision=mode), MODEL).cfg
         assert (cfg.min_depth, cfg.init_depth) == (0.1, init)
-    cfg = DepthTask(DepthTaskConfig(supervision="stereo", min_depth=0.2, init_depth=5.0), RUN).cfg
+    cfg = DepthTask(DepthTaskConfig(supervision="stereo", min_depth=0.2, init_depth=5.0), MODEL).cfg
     assert (cfg.min_depth, cfg.init_depth) == (0.2, 5.0)
     # Hydra's DictConfig is resolved the same way, without touching the run's config
     node = OmegaConf.structured(DepthTaskConfig(supervision="mono_stereo"))
@@ -57,17 +56,17 @@ def test_defaults_follow_the_mode_and_explicit_values_win():
 @torch.no_grad()
 def test_untrained_stereo_net_predicts_about_ten_metres_and_mono_keeps_monodepth2(stereo_batch):
     torch.manual_seed(0)
-    stereo = DepthTask(DepthTaskConfig(supervision="stereo"), RUN)
+    stereo = DepthTask(DepthTaskConfig(supervision="stereo"), MODEL)
     depth = stereo.eval_step(stereo.build_model().eval(), stereo_batch)
     assert 7.0 < float(depth.median()) < 14.0
-    mono = DepthTask(DepthTaskConfig(supervision="mono"), RUN)
+    mono = DepthTask(DepthTaskConfig(supervision="mono"), MODEL)
     heads = mono.build_model()["depth_decoder"].heads
     assert all(float(h.bias.abs().max()) < 0.1 for h in heads.values())  # PyTorch's default init untouched
 
 
 def _initial_gradient(batch, **kw) -> float:
     torch.manual_seed(0)
-    task = DepthTask(DepthTaskConfig(supervision="stereo", **kw), RUN)
+    task = DepthTask(DepthTaskConfig(supervision="stereo", **kw), MODEL)
     model = task.build_model()
     loss, _ = task.training_step(model, batch)
     loss.backward()

@@ -3,7 +3,6 @@ augmentation keeps the loss inputs unaugmented and the geometry consistent, conf
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from omegaconf import OmegaConf
 from trainer.config import ModelConfig
 from trainer.tasks.depth import CONFIG, TASK, DepthTask, DepthTaskConfig
 
-RUN = SimpleNamespace(model=ModelConfig())
+MODEL = ModelConfig()
 H, W = 64, 64
 
 
@@ -47,7 +46,7 @@ def batch():
 
 
 def _task(**kw) -> DepthTask:
-    return DepthTask(DepthTaskConfig(**kw), RUN)
+    return DepthTask(DepthTaskConfig(**kw), MODEL)
 
 
 @pytest.mark.parametrize("mode,pose", [("mono", "separate"), ("mono", "shared"), ("stereo", "separate"),

@@ -3,7 +3,6 @@ world, the loss prefers the true flow, the siamese encoder is one shared module,
 from __future__ import annotations
 
 import itertools
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -80,7 +79,7 @@ def _reference_photometric(fixed, batch, size):
 
 
 def test_loss_prefers_true_flow_and_trains_the_shared_encoder(samples):
-    task = FlowTask(FlowConfig(scales=[0, 1, 2, 3]), SimpleNamespace(model=ModelConfig()))
+    task = FlowTask(FlowConfig(scales=[0, 1, 2, 3]), ModelConfig())
     model = task.build_model()
     s = samples[0]
     batch = {"rgb": _chw(s["rgb"]), "rgb_next": _chw(s["rgb_next"])}
@@ -108,7 +107,7 @@ def test_loss_prefers_true_flow_and_trains_the_shared_encoder(samples):
 def test_eval_returns_the_decoders_flow_in_pixels(samples):
     """The evaluated flow is the decoder's (padded-size fraction x padded size, cropped): with the
     ground truth as the decoder's output, EPE is 0 and zero flow's is the mean GT magnitude."""
-    task = FlowTask(FlowConfig(scales=[0]), SimpleNamespace(model=ModelConfig()))
+    task = FlowTask(FlowConfig(scales=[0]), ModelConfig())
     s = samples[0]
     gt = _chw(s["flow"])
     model = torch.nn.ModuleDict({"encoder": task.build_model()["encoder"], "flow_decoder": FixedFlow(gt[:, :2])})
@@ -123,7 +122,7 @@ def test_eval_returns_the_decoders_flow_in_pixels(samples):
 
 
 def test_train_transform_flips_frames_and_flow_together():
-    task = FlowTask(FlowConfig(flip_prob=1.0, jitter_prob=0.0), SimpleNamespace(model=ModelConfig()))
+    task = FlowTask(FlowConfig(flip_prob=1.0, jitter_prob=0.0), ModelConfig())
     s = {"__key__": "k", "rgb": torch.arange(12, dtype=torch.uint8).reshape(1, 2, 6).repeat(3, 1, 1),
          "rgb_next": torch.zeros(3, 2, 6, dtype=torch.uint8), "flow": torch.ones(3, 2, 6), "meta": {}}
     out = task.train_transform(s, torch.Generator().manual_seed(0))
@@ -132,11 +131,12 @@ def test_train_transform_flips_frames_and_flow_together():
 
 
 def test_flow_export_initialises_segmentation(tmp_path):
-    run = SimpleNamespace(model=ModelConfig())
-    flow_model = FlowTask(FlowConfig(), run).build_model()
+    model_cfg = ModelConfig()
+    flow_model = FlowTask(FlowConfig(), model_cfg).build_model()
     assert sorted(flow_model) == ["encoder", "flow_decoder"]
     torch.save(flow_model.state_dict(), tmp_path / "weights.pt")
-    seg = SegmentationTask(SegmentationConfig(init="flow", weights=str(tmp_path / "weights.pt")), run).build_model()
+    seg = SegmentationTask(SegmentationConfig(init="flow", weights=str(tmp_path / "weights.pt")),
+                           model_cfg).build_model()
     assert torch.equal(seg["encoder"].layers["layer4"][1].conv2.weight,
                        flow_model["encoder"].layers["layer4"][1].conv2.weight)
 

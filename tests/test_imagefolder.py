@@ -139,14 +139,13 @@ def test_topk_metric_by_hand_with_padding():
 
 
 def test_single_label_task_checks_and_augments():
-    from types import SimpleNamespace
 
     from trainer.config import ModelConfig
     from trainer.tasks.classification import ClassificationConfig, ClassificationTask
 
-    run = SimpleNamespace(model=ModelConfig())
+    model_cfg = ModelConfig()
     task = ClassificationTask(ClassificationConfig(target="single", num_classes=3, crop=[6, 6],
-                                                   scale_range=[0.8, 1.2]), run)
+                                                   scale_range=[0.8, 1.2]), model_cfg)
     assert task.required_keys == ("rgb",) and ClassificationTask.required_keys == ("rgb", "seg")
     sample = {"__key__": "k", "rgb": torch.randint(0, 255, (3, 8, 8), dtype=torch.uint8),
               "label": torch.tensor(2), "meta": {}}
@@ -156,7 +155,7 @@ def test_single_label_task_checks_and_augments():
     with pytest.raises(ValueError, match="label 7 outside 0..2"):
         task.eval_transform({**sample, "label": torch.tensor(7)})
     with pytest.raises(ValueError, match="task.target='multi'"):
-        ClassificationTask(ClassificationConfig(target="multi"), run)
+        ClassificationTask(ClassificationConfig(target="multi"), model_cfg)
 
 
 @pytest.mark.timeout(120)

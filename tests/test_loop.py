@@ -163,7 +163,7 @@ def worker(argv: list[str]) -> None:
 
     env = dist_env()
     cfg = tiny_cfg("unset", *argv)
-    train(cfg, task=TinyTask(cfg.task, cfg), tracker=Tracker("run-tiny"),
+    train(cfg, task=TinyTask(cfg.task, cfg.model), tracker=Tracker("run-tiny"),
           loaders=tiny_loaders(cfg, env.rank, env.world_size))
 
 
@@ -176,7 +176,7 @@ def _train_single(out_dir, *overrides, tracker=None):
     from trainer.loop import train
 
     cfg = tiny_cfg(str(out_dir), *overrides)
-    return train(cfg, task=TinyTask(cfg.task, cfg), tracker=tracker or RecordingTracker(),
+    return train(cfg, task=TinyTask(cfg.task, cfg.model), tracker=tracker or RecordingTracker(),
                  loaders=tiny_loaders(cfg, 0, 1))
 
 
@@ -279,7 +279,7 @@ def test_failure_propagates_and_leaves_injected_tracker_to_caller(tmp_path):
     cfg = tiny_cfg(str(tmp_path))
     tr = RecordingTracker()
     with pytest.raises(RuntimeError, match="boom"):
-        train(cfg, task=Broken(cfg.task, cfg), tracker=tr, loaders=tiny_loaders(cfg, 0, 1))
+        train(cfg, task=Broken(cfg.task, cfg.model), tracker=tr, loaders=tiny_loaders(cfg, 0, 1))
     assert tr.status is None  # an injected tracker belongs to the caller
 
 
@@ -293,7 +293,7 @@ def test_resumed_run_continues_the_same_tracking_run(tmp_path):
     for steps in (2, 4):
         cfg = tiny_cfg(str(tmp_path / "run"), f"train.steps={steps}", "tracking.enabled=true",
                        f"tracking.uri={uri}", "tracking.system_metrics_every=0")
-        train(cfg, task=TinyTask(cfg.task, cfg), loaders=tiny_loaders(cfg, 0, 1))
+        train(cfg, task=TinyTask(cfg.task, cfg.model), loaders=tiny_loaders(cfg, 0, 1))
         ids.append(json.loads((tmp_path / "run" / "metrics.json").read_text())["run_id"])
     state = torch.load(tmp_path / "run" / "checkpoints" / "step_00000004" / "train_state.pt", weights_only=True)
     assert ids[0] and ids[0] == ids[1] == state["progress"]["run_id"]
@@ -311,10 +311,10 @@ def test_resumed_run_logs_each_step_once(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = tiny_cfg(str(tmp_path / "run"), "train.steps=6", "train.ckpt_every=3", "train.keep_last=5", "train.log_every=1",
                    "tracking.enabled=true", f"tracking.uri={uri}", "tracking.system_metrics_every=0")
-    train(cfg, task=TinyTask(cfg.task, cfg), loaders=tiny_loaders(cfg, 0, 1))
+    train(cfg, task=TinyTask(cfg.task, cfg.model), loaders=tiny_loaders(cfg, 0, 1))
     ck = tmp_path / "run" / "checkpoints"
     shutil.rmtree(ck / "step_00000006")  # interrupted after logging step 6, before its checkpoint
-    train(cfg, task=TinyTask(cfg.task, cfg), loaders=tiny_loaders(cfg, 0, 1))
+    train(cfg, task=TinyTask(cfg.task, cfg.model), loaders=tiny_loaders(cfg, 0, 1))
     run_id = json.loads((tmp_path / "run" / "metrics.json").read_text())["run_id"]
     steps = [m.step for m in MlflowClient(uri).get_metric_history(run_id, "train/loss")]
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]

@@ -9,7 +9,6 @@ sizes of the same pattern for segmentation, every batch size giving the per-fram
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -98,7 +97,7 @@ def test_uniform_parts_group_by_size_in_order_of_first_appearance():
 
 
 def _depth_task(**kw):
-    return DepthTask(DepthTaskConfig(supervision="mono", eval_crop="garg", **kw), SimpleNamespace(model=ModelConfig()))
+    return DepthTask(DepthTaskConfig(supervision="mono", eval_crop="garg", **kw), ModelConfig())
 
 
 def test_depth_on_the_five_eigen_sizes_at_any_eval_batch_size():
@@ -125,7 +124,7 @@ def test_depth_on_the_five_eigen_sizes_at_any_eval_batch_size():
 
 
 def test_segmentation_on_mixed_sizes_at_any_eval_batch_size():
-    task = SegmentationTask(SegmentationConfig(num_classes=5), SimpleNamespace(model=ModelConfig()))
+    task = SegmentationTask(SegmentationConfig(num_classes=5), ModelConfig())
     torch.manual_seed(0)
     model = task.build_model()
     samples = _samples(frame_sizes(SMALL_SIZES))
@@ -205,7 +204,7 @@ def test_weights_are_exported_before_the_final_evaluation(eigen_shards, tmp_path
 
     cfg = _run_cfg(eigen_shards, tmp_path / "run")
     with pytest.raises(RuntimeError, match="evaluation broke"):
-        train(cfg, task=Broken(cfg.task, cfg))
+        train(cfg, task=Broken(cfg.task, cfg.model, seed=cfg.seed, parallel=cfg.parallel))
     state = torch.load(tmp_path / "run" / "weights.pt", weights_only=True)
     assert any(k.startswith("encoder.") for k in state) and not (tmp_path / "run" / "metrics.json").exists()
 

@@ -33,7 +33,7 @@ def _train(out, *overrides, tracker=None):
 
     # lr 0.1: the validation error falls, jumps, falls and then creeps up, so the best is not the last
     cfg = tiny_cfg(str(out), "train.eval_every=1", "train.select_metric=mse", "optim.lr=0.1", *overrides)
-    return train(cfg, task=TinyTask(cfg.task, cfg), tracker=tracker or TaggingTracker(),
+    return train(cfg, task=TinyTask(cfg.task, cfg.model), tracker=tracker or TaggingTracker(),
                  loaders=tiny_loaders(cfg, 0, 1))
 
 

@@ -11,7 +11,6 @@ every output must equal the port's: disparities at all four scales, the pose vec
 from __future__ import annotations
 
 from collections import OrderedDict
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from torch import nn
 from trainer.config import ModelConfig, RunConfig
 from trainer.models.pretrained import PretrainedMismatchError
 from trainer.preflight import PreflightError, check_files
+from trainer.tasks import build_task
 from trainer.tasks.depth import DepthTask, DepthTaskConfig
 from trainer.tasks.segmentation import SegmentationConfig, SegmentationTask
 
@@ -162,7 +162,7 @@ def test_the_files_have_monodepth2s_key_layout(release):
 @torch.no_grad()
 def test_depth_model_from_the_release_computes_what_monodepth2_computes(release):
     folder, nets = release
-    task = DepthTask(DepthTaskConfig(supervision="mono", weights=str(folder)), SimpleNamespace(model=_model_cfg()))
+    task = DepthTask(DepthTaskConfig(supervision="mono", weights=str(folder)), _model_cfg())
     model = task.build_model().eval()
     g = torch.Generator().manual_seed(0)
     frames = [torch.rand(2, 3, 64, 192, generator=g) for _ in range(2)]
@@ -182,7 +182,7 @@ def test_depth_model_from_the_release_computes_what_monodepth2_computes(release)
 def test_segmentation_depth_full_from_the_release(release):
     folder, nets = release
     task = SegmentationTask(SegmentationConfig(num_classes=5, init="depth_full", weights=str(folder)),
-                            SimpleNamespace(model=_model_cfg(), seed=0))
+                            _model_cfg())
     model = task.build_model().eval()
     x = torch.rand(1, 3, 64, 128)
     for a, b in zip(model["encoder"](x), nets["encoder"](x)):
@@ -208,7 +208,7 @@ def test_legacy_files_without_batch_counters_load(tmp_path, release):
     assert state["encoder.layers.stem.1.num_batches_tracked"] == 0 and len(info["filled"]) == 20
     assert "encoder.pth:encoder.fc.weight" in info["dropped"] and set(info["files"]) == {"encoder.pth", "depth.pth"}
     DepthTask(DepthTaskConfig(supervision="supervised", weights=str(tmp_path)),
-              SimpleNamespace(model=_model_cfg())).build_model()
+              _model_cfg()).build_model()
 
 
 def test_mismatches_are_named(tmp_path, release):
@@ -220,18 +220,18 @@ def test_mismatches_are_named(tmp_path, release):
     torch.save(dec, tmp_path / "depth.pth")
     with pytest.raises(PretrainedMismatchError, match=r"depth.pth: 1 key\(s\) that are not Monodepth2's depth "
                                                       r"decoder layout: decoder.14.conv.weight"):
-        DepthTask(DepthTaskConfig(weights=str(tmp_path)), SimpleNamespace(model=_model_cfg())).build_model()
+        DepthTask(DepthTaskConfig(weights=str(tmp_path)), _model_cfg()).build_model()
     with pytest.raises(PretrainedMismatchError, match="expect model.input_norm=monodepth2"):
-        DepthTask(DepthTaskConfig(weights=str(folder)), SimpleNamespace(model=ModelConfig())).build_model()
+        DepthTask(DepthTaskConfig(weights=str(folder)), ModelConfig()).build_model()
     # stereo mode builds no pose parts: the release's pose tensors are unexpected, named
     with pytest.raises(PretrainedMismatchError, match=r"unexpected in file \(128\): pose_encoder"):
         DepthTask(DepthTaskConfig(supervision="stereo", weights=str(folder)),
-                  SimpleNamespace(model=_model_cfg())).build_model()
+                  _model_cfg()).build_model()
     cfg = OmegaConf.structured(RunConfig(task=SegmentationConfig(init="depth_full", weights=str(folder))))
     with pytest.raises(PreflightError, match=r"is a Monodepth2 release: .* set model.input_norm=monodepth2"):
-        check_files(cfg)
+        check_files(cfg.model, cfg.task, str(cfg.train.resume))
     cfg.model.input_norm = "monodepth2"
-    check_files(cfg)
+    check_files(cfg.model, cfg.task, str(cfg.train.resume))
 
 
 def test_the_monodepth2_preset_is_its_published_recipe(tmp_path):
@@ -255,4 +255,4 @@ def test_the_monodepth2_preset_is_its_published_recipe(tmp_path):
     f = lr_multiplier(cfg.schedule, int(cfg.train.steps))
     assert cfg.train.steps == 20 * per_epoch
     assert f(15 * per_epoch - 1) == 1.0 and f(15 * per_epoch) == pytest.approx(0.1) and f(20 * per_epoch - 1) == pytest.approx(0.1)
-    DepthTask(cfg.task, cfg)  # validates
+    build_task(cfg)  # validates

@@ -101,13 +101,12 @@ def test_a_failed_compilation_warns_and_runs_eagerly_under_auto_and_raises_when_
 
 def test_depth_config_names_the_new_impls():
     from trainer.tasks.depth import DepthTask, DepthTaskConfig
-    from types import SimpleNamespace
     from trainer.config import ModelConfig
 
     for impl in ("handwritten", "compiled"):
-        DepthTask(DepthTaskConfig(photometric_impl=impl), SimpleNamespace(model=ModelConfig()))
+        DepthTask(DepthTaskConfig(photometric_impl=impl), ModelConfig())
     with pytest.raises(ValueError, match="task.photometric_impl='fast'.*auto, triton, reference, handwritten, compiled"):
-        DepthTask(DepthTaskConfig(photometric_impl="fast"), SimpleNamespace(model=ModelConfig()))
+        DepthTask(DepthTaskConfig(photometric_impl="fast"), ModelConfig())
 
 
 @pytest.mark.skipif(not compiled_cpu.available(), reason="no C++ compiler for inductor")

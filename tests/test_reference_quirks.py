@@ -22,6 +22,7 @@ from PIL import Image
 
 from trainer.config import RunConfig
 from trainer.distributed import seed_everything
+from trainer.tasks import build_task
 from trainer.tasks.segmentation import SegmentationConfig, SegmentationTask
 
 STEPS, LR, SEED = 3, 1e-3, 5
@@ -81,7 +82,7 @@ def _ours(tmp_path, name, **task_kw) -> dict[str, torch.Tensor]:
 
     cfg = _cfg(tmp_path / name, **task_kw)
     batches = _batches(STEPS)
-    train(cfg, task=SegmentationTask(cfg.task, cfg), loaders=lambda split, is_train: FixedLoader(batches))
+    train(cfg, task=build_task(cfg), loaders=lambda split, is_train: FixedLoader(batches))
     return torch.load(tmp_path / name / "weights.pt", weights_only=True)
 
 
@@ -90,7 +91,7 @@ def _reference(tmp_path, freeze: bool, normalize: bool, zero_grad: bool = False,
     net.train() or net.freeze_encoder() (encoder.eval()), images in [0, 1] (ImageNet-normalised for
     its ImageNet / MoCo rows), loss.backward(); optimizer.step() -- and no zero_grad."""
     cfg = _cfg(tmp_path / "ref", **task_kw)
-    task = SegmentationTask(cfg.task, cfg)
+    task = build_task(cfg)
     seed_everything(SEED)
     net = task.build_model()
     for p in net.parameters():
@@ -132,7 +133,7 @@ def test_the_kitti_loop_quirks_match_a_port_of_the_reference(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_frozen_protocol_without_the_quirk_keeps_the_encoder(tmp_path):
-    before = SegmentationTask(_cfg(tmp_path).task, _cfg(tmp_path))
+    before = build_task(_cfg(tmp_path))
     seed_everything(SEED)
     init = before.build_model().state_dict()
     ours = _ours(tmp_path, "frozen", protocol="frozen")
@@ -149,10 +150,10 @@ def test_quirks_are_off_by_default_and_checked():
     cfg = _cfg("unused")
     with pytest.raises(ValueError, match="quirk_frozen_trains_encoder reproduces --freezeencoder: needs "
                                          "task.protocol=frozen"):
-        SegmentationTask(SegmentationConfig(quirk_frozen_trains_encoder=True), cfg)
+        SegmentationTask(SegmentationConfig(quirk_frozen_trains_encoder=True), cfg.model, parallel=cfg.parallel)
     cfg.parallel.strategy = "fsdp"
     with pytest.raises(ValueError, match="quirk_no_zero_grad needs parallel.strategy single or ddp"):
-        SegmentationTask(SegmentationConfig(quirk_no_zero_grad=True), cfg)
+        SegmentationTask(SegmentationConfig(quirk_no_zero_grad=True), cfg.model, parallel=cfg.parallel)
 
 
 # ------------------------------------------------------------------------ bicubic label resizing
@@ -197,7 +198,7 @@ def test_the_carried_gradient_sum_is_checkpointed(tmp_path):
         cfg = _cfg(tmp_path / name, protocol="full", quirk_no_zero_grad=True)
         cfg.train.ckpt_every, cfg.train.keep_last = 1, 5
         batches = _batches(STEPS)
-        train(cfg, task=SegmentationTask(cfg.task, cfg), loaders=lambda split, is_train: FixedLoader(batches))
+        train(cfg, task=build_task(cfg), loaders=lambda split, is_train: FixedLoader(batches))
         return torch.load(tmp_path / name / "weights.pt", weights_only=True)
 
     ref = run("run")

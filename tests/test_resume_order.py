@@ -79,7 +79,7 @@ def worker(argv: list[str]) -> None:
         "task={name: keys}", "train.progress=false", "train.deterministic=true", "tracking.enabled=false",
         "train.log_every=1", f"seed={SEED}", "data.lanes=7", "train.keep_last=10", "train.export=false", *argv]))
     cfg.data.val_split = cfg.data.test_split = ""  # training only
-    train(cfg, task=KeyTask(cfg.task, cfg), tracker=Tracker("run-keys"))
+    train(cfg, task=KeyTask(cfg.task, cfg.model), tracker=Tracker("run-keys"))
 
 
 # ------------------------------------------------------------------ tests

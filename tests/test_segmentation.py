@@ -2,7 +2,6 @@
 frozen, consistent augmentation, DeepLab's dilated encoder, eval / export / overlays."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,8 +22,8 @@ from trainer.tasks.segmentation import INITS, PROTOCOLS, SegmentationConfig, Seg
 H, W = 32, 64
 
 
-def _run_cfg(**model):
-    return SimpleNamespace(model=ModelConfig(**model))
+def _model_cfg(**model):
+    return ModelConfig(**model)
 
 
 def _batch(seed=0, n=2, h=H, w=W, classes=4):
@@ -44,8 +43,8 @@ def exports(tmp_path_factory):
     d = tmp_path_factory.mktemp("exports")
     out = {}
     depth = torch.nn.ModuleDict(build_depth_net(ModelConfig()))
-    flow = FlowTask(FlowConfig(), _run_cfg()).build_model()
-    cls = ClassificationTask(ClassificationConfig(), _run_cfg()).build_model()
+    flow = FlowTask(FlowConfig(), _model_cfg()).build_model()
+    cls = ClassificationTask(ClassificationConfig(), _model_cfg()).build_model()
     for name, model in (("depth", depth), ("flow", flow), ("classification", cls)):
         with torch.no_grad():  # make the BN statistics non-default so loading them is checked
             for m in model.modules():
@@ -67,7 +66,7 @@ def _task(exports, init, protocol="full", **kw):
         kw.setdefault("drop_prefixes", ["depth_decoder."])
         kw.setdefault("keep_init_prefixes", ["decoder."])
     cfg = SegmentationConfig(num_classes=4, init=init, protocol=protocol, weights=path, **kw)
-    return SegmentationTask(cfg, _run_cfg(**model_kw))
+    return SegmentationTask(cfg, _model_cfg(**model_kw))
 
 
 def _train(task, model, steps=2):
@@ -154,16 +153,16 @@ def test_depth_full_loads_the_decoder_but_not_its_output_layer(exports):
 def test_wrong_pretraining_file_and_architecture_fail_clearly(exports, tmp_path):
     cfg = SegmentationConfig(num_classes=4, init="depth", weights=str(exports["flow"][0]))
     with pytest.raises(ValueError, match="no depth_decoder.* tensors"):
-        SegmentationTask(cfg, _run_cfg()).build_model()
+        SegmentationTask(cfg, _model_cfg()).build_model()
     cfg = SegmentationConfig(num_classes=4, init="depth", weights=str(exports["depth"][0]))
     with pytest.raises(PretrainedMismatchError, match="missing in file"):
-        SegmentationTask(cfg, _run_cfg(encoder="resnet50")).build_model()
+        SegmentationTask(cfg, _model_cfg(encoder="resnet50")).build_model()
     with pytest.raises(PretrainedMismatchError, match="unexpected in file"):  # nothing dropped
         _task(exports, "checkpoint", drop_prefixes=[]).build_model()
     with pytest.raises(ValueError, match="needs task.weights"):
-        SegmentationTask(SegmentationConfig(init="flow"), _run_cfg())
+        SegmentationTask(SegmentationConfig(init="flow"), _model_cfg())
     with pytest.raises(ValueError, match="model.init=imagenet conflicts"):
-        SegmentationTask(SegmentationConfig(init="random"), _run_cfg(init="imagenet"))
+        SegmentationTask(SegmentationConfig(init="random"), _model_cfg(init="imagenet"))
 
 
 def test_augmentation_is_consistent_and_seeded():
@@ -205,7 +204,7 @@ def test_dilated_encoder_matches_torchvision_output_stride_16():
 def test_deeplab_head_odd_size_export_and_overlays(tmp_path, exports):
     task = SegmentationTask(SegmentationConfig(num_classes=4, head="deeplabv3", output_stride=16,
                                                export_predictions=str(tmp_path / "pred"),
-                                               export_format="trainid"), _run_cfg())
+                                               export_format="trainid"), _model_cfg())
     model = task.build_model().eval()
     batch = _batch(3, h=50, w=70)
     batch["name"] = ["a_leftImg8bit", "b_leftImg8bit"]
@@ -224,7 +223,7 @@ def test_cityscapes_export_writes_label_ids_in_the_official_layout(tmp_path):
     from data_shards.sources.labels import TRAINID_TO_LABELID
 
     task = SegmentationTask(SegmentationConfig(num_classes=19, export_predictions=str(tmp_path),
-                                               export_size=[40, 80]), _run_cfg())
+                                               export_size=[40, 80]), _model_cfg())
     pred = torch.randint(0, 19, (1, 20, 40))
     batch = {"name": ["aachen_000000_000019_leftImg8bit"], "__key__": ["k"], "__valid__": torch.tensor([True])}
     (path,) = task.export_predictions(batch, pred, tmp_path)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from trainer.config import RunConfig
+from trainer.config import ModelConfig, RunConfig
 from trainer.tasks import TASK_CONFIGS
 
 
@@ -30,7 +30,7 @@ def _check_nshot(root):
     from data_shards.stream import ShardStream, StreamConfig
     from trainer.tasks.segmentation import SegmentationTask
 
-    task = SegmentationTask(TASK_CONFIGS()["segmentation"](), OmegaConf.structured(RunConfig(task={})))
+    task = SegmentationTask(TASK_CONFIGS()["segmentation"](), ModelConfig())
 
     def images(split, **kw):
         stream = ShardStream(StreamConfig(str(root), split, shuffle=False, keys=task.required_keys,

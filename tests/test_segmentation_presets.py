@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from trainer.config import register_configs
-from trainer.tasks.segmentation import SegmentationTask
+from trainer.tasks import build_task
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
@@ -24,7 +24,7 @@ def test_kitti_semantics_reference():
     assert (cfg.task.head, cfg.model.encoder, cfg.optim.name, cfg.optim.lr) == ("unet", "resnet18", "adam", 1e-5)
     assert (cfg.schedule.name, cfg.train.steps, cfg.train.batch_size) == ("cosine", 20000, 16)
     assert list(cfg.task.eval_subset) == [0, 1, 2, 8, 9, 10, 13, 18]
-    task = SegmentationTask(cfg.task, cfg)  # the DictConfig Hydra hands over: validated, as the dataclass
+    task = build_task(cfg)  # the DictConfig Hydra hands over: validated, as the dataclass
     assert task.cfg.eval_subset == [0, 1, 2, 8, 9, 10, 13, 18] and type(task.cfg.crop) is list
 
 
@@ -34,7 +34,7 @@ def test_cityscapes_reference():
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 0.01, 0.9, 1e-4)
     assert (cfg.schedule.name, cfg.schedule.poly_power, cfg.train.steps) == ("poly", 0.9, 50000)
     assert list(cfg.task.crop) == [512, 512]
-    assert SegmentationTask(cfg.task, cfg).cfg.scale_range == [1.0, 1.0]  # the reference crops, never rescales
+    assert build_task(cfg).cfg.scale_range == [1.0, 1.0]  # the reference crops, never rescales
 
 
 def test_task_configs_reject_unknown_fields():

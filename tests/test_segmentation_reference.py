@@ -16,6 +16,7 @@ from trainer.config import ModelConfig, register_configs
 from trainer.metrics.seg_reference import MetricSet, ReferencePerImageMetric
 from trainer.metrics.segmentation import SegmentationMetric
 from trainer.schedules import lr_multiplier
+from trainer.tasks import build_task
 from trainer.tasks.common import random_scale_crop_flip
 from trainer.tasks.segmentation import SegmentationConfig, SegmentationTask
 
@@ -93,7 +94,7 @@ def test_metric_set_sums_like_one_pass_and_task_reports_both():
     b.update({"seg": gt[2:]}, {"pred": pred[2:]})
     assert one.compute(one.state()) == pytest.approx(one.compute(a.state() + b.state()))
     task = SegmentationTask(SegmentationConfig(parity_classes=KITTI_7, eval_subset=KITTI_8),
-                            SimpleNamespace(model=ModelConfig()))
+                            ModelConfig())
     metric = task.new_metric()
     metric.update({"seg": gt}, {"pred": pred})
     result = metric.compute(metric.state())
@@ -101,7 +102,7 @@ def test_metric_set_sums_like_one_pass_and_task_reports_both():
 
 
 def _seg_task(**kw):
-    return SegmentationTask(SegmentationConfig(**kw), SimpleNamespace(model=ModelConfig()))
+    return SegmentationTask(SegmentationConfig(**kw), ModelConfig())
 
 
 def test_colour_jitter_changes_the_image_only_and_is_seeded():
@@ -155,7 +156,7 @@ def test_presets_carry_the_reference_settings():
     assert (c.optim.name, c.optim.lr, c.optim.momentum, c.optim.weight_decay) == ("sgd", 0.01, 0.9, 1e-4)
     assert (c.schedule.name, c.schedule.poly_power, c.schedule.min_lr_ratio, c.train.steps) == ("poly", 0.9, 1e-4, 50000)
     assert c.train.batch_size * 4 == 32  # per rank, on the reference's 4 GPUs
-    SegmentationTask(c.task, c)  # validates
+    build_task(c)  # validates
 
 
 class _RefASPP(torch.nn.Module):
@@ -207,7 +208,7 @@ def test_aspp_head_computes_the_reference_head():
 
 def test_encoder_bn_momentum_and_aspp_head_in_the_cityscapes_preset():
     c = _compose(["+experiment=cityscapes_reference", "model.encoder=resnet18"])
-    model = SegmentationTask(c.task, c).build_model()
+    model = build_task(c).build_model()
     assert {m.momentum for m in model["encoder"].modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.05}
     assert type(model["decoder"]).__name__ == "ReferenceASPPHead"
     assert {m.momentum for m in model["decoder"].modules() if isinstance(m, torch.nn.BatchNorm2d)} == {3e-4}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,8 +18,9 @@ from omegaconf import OmegaConf
 from trainer.config import ModelConfig, RunConfig
 from trainer.models.depth import disparities
 from trainer.preflight import PreflightError, preflight
+from trainer.tasks import build_task
 from trainer.tasks.depth import DepthTask, DepthTaskConfig
-from trainer.tasks.segmentation import SegmentationConfig, SegmentationTask
+from trainer.tasks.segmentation import SegmentationConfig
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -32,7 +32,7 @@ def one_thread():
 
 
 def _task(**kw) -> DepthTask:
-    return DepthTask(DepthTaskConfig(photometric_impl="handwritten", **kw), SimpleNamespace(model=ModelConfig()))
+    return DepthTask(DepthTaskConfig(photometric_impl="handwritten", **kw), ModelConfig())
 
 
 def _batch(h, w, n=2):
@@ -97,10 +97,10 @@ def test_preflight_names_the_smallest_size_depth_trains_on(tmp_path):
     cfg = _cfg(root, tmp_path / "run", DepthTaskConfig())
     with pytest.raises(PreflightError, match=r"data.train_split='train' .*: frames of 8x24 \(sample \S+\) are "
                                              r"below the smallest size task=depth trains on, 9x9 \(the edge"):
-        preflight(cfg, DepthTask(cfg.task, cfg))
+        preflight(cfg, build_task(cfg))
     # supervised depth has no smoothness term: it trains at any size
     cfg = _cfg(root, tmp_path / "run", DepthTaskConfig(supervision="supervised"))
-    preflight(cfg, DepthTask(cfg.task, cfg))
+    preflight(cfg, build_task(cfg))
 
 
 def test_preflight_refuses_a_training_split_of_mixed_sizes(tmp_path):
@@ -112,12 +112,12 @@ def test_preflight_refuses_a_training_split_of_mixed_sizes(tmp_path):
     cfg.data.val_split = ""
     with pytest.raises(PreflightError, match=r"frames of different sizes \(40x60 in sample \S+, 48x60 in sample "
                                              r"\S+\) cannot share a training batch: convert the split with --resize"):
-        preflight(cfg, DepthTask(cfg.task, cfg))
+        preflight(cfg, build_task(cfg))
     # a segmentation run cropping to a fixed size can train on them; mixed test sizes are fine
     write_frames(root, "test2", EIGEN_SIZES[:2], start=50)
     cfg = _cfg(root, tmp_path / "run", SegmentationConfig(num_classes=5, crop=[32, 48]))
     cfg.data.val_split, cfg.data.test_split = "", "test2"
-    preflight(cfg, SegmentationTask(cfg.task, cfg))
+    preflight(cfg, build_task(cfg))
 
 
 def test_preflight_refuses_labels_of_another_size_than_their_image(tmp_path):
@@ -132,4 +132,4 @@ def test_preflight_refuses_labels_of_another_size_than_their_image(tmp_path):
     cfg.data.val_split = ""
     with pytest.raises(PreflightError, match=r"data.test_split='test' .*: sample \S+ has rgb 40x60, seg 32x60: "
                                              r"task=segmentation needs them the same size"):
-        preflight(cfg, SegmentationTask(cfg.task, cfg))
+        preflight(cfg, build_task(cfg))

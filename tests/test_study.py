@@ -47,8 +47,7 @@ FAKE_TRAINER = textwrap.dedent('''
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from test_tracking_support import run_cfg
-    from trainer.tracking import create_tracker
+    from test_tracking_support import run_cfg, tracker_for
 
     vals = {{o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(sys.argv[1:])}}
     out = Path(vals["out_dir"])
@@ -61,7 +60,7 @@ FAKE_TRAINER = textwrap.dedent('''
     cfg = run_cfg(out, uri=vals["tracking.uri"], experiment=vals["tracking.experiment"], run_name=name,
                   parent_run_id=vals["tracking.parent_run_id"], tags=tags)
     cfg.task = {{"name": vals["task"]}}
-    tracker = create_tracker(cfg, is_logging_rank=True, run_id=None)
+    tracker = tracker_for(cfg, is_logging_rank=True, run_id=None)
     tracker.announce = False
     if os.environ.get("FAKE_FAIL") == job and not (out / "failed_once").exists():
         (out / "failed_once").touch()

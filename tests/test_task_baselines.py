@@ -90,7 +90,6 @@ def test_topk_baseline_is_the_most_frequent_classes():
 
 
 def test_classification_eval_crop_is_keyed_and_makes_targets_vary():
-    from types import SimpleNamespace
 
     from trainer.config import ModelConfig
     from trainer.tasks.classification import ClassificationConfig, ClassificationTask
@@ -98,10 +97,10 @@ def test_classification_eval_crop_is_keyed_and_makes_targets_vary():
     seg = torch.zeros(8, 8, dtype=torch.uint8)
     seg[:, 4:] = 1  # class 0 left, class 1 right: every full frame shows both
     sample = {"__key__": "a", "rgb": torch.arange(3 * 64, dtype=torch.uint8).reshape(3, 8, 8), "seg": seg}
-    full = ClassificationTask(ClassificationConfig(num_classes=2, crop=[4, 2]), SimpleNamespace(model=ModelConfig()))
+    full = ClassificationTask(ClassificationConfig(num_classes=2, crop=[4, 2]), ModelConfig())
     assert full.eval_transform(sample)["labels"].tolist() == [1.0, 1.0]
     task = ClassificationTask(ClassificationConfig(num_classes=2, crop=[4, 2], eval_crop=True),
-                              SimpleNamespace(model=ModelConfig()))
+                              ModelConfig())
     out = task.eval_transform(sample)
     assert out["rgb"].shape == (3, 4, 2) and torch.equal(out["rgb"], task.eval_transform(sample)["rgb"])
     labels = {tuple(task.eval_transform({**sample, "__key__": f"k{i}"})["labels"].tolist()) for i in range(20)}

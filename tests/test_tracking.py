@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_tracking_support import MlflowServer, free_port, run_cfg
+from test_tracking_support import MlflowServer, free_port, run_cfg, tracker_for
 from launch.runstore import TrackingStore
 from trainer import tracking as T
 from trainer.tracking import system
@@ -42,7 +42,7 @@ def test_default_uri_is_sqlite_beside_out_dir(tmp_path, monkeypatch):
 def test_sqlite_default_records_everything(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = run_cfg(tmp_path / "run", tags={"grid.seed": "3"}, parent_run_id=None)
-    tracker = T.create_tracker(cfg, is_logging_rank=True, run_id=None)
+    tracker = tracker_for(cfg, is_logging_rank=True, run_id=None)
     assert tracker.uri == T.default_uri(tmp_path / "run")
     tracker.log_config("model:\n  encoder: resnet18\ntrain:\n  steps: 7\n  betas: [0.9, 0.99]\n")
     tracker.log_params({"extra": 5})
@@ -71,11 +71,11 @@ def test_sqlite_default_records_everything(tmp_path, monkeypatch, capsys):
 def test_resumed_run_continues_same_run(tmp_path):
     uri = T.sqlite_uri_for(tmp_path / "mlflow")
     cfg = run_cfg(tmp_path / "run", uri=uri)
-    first = T.create_tracker(cfg, is_logging_rank=True, run_id=None)
+    first = tracker_for(cfg, is_logging_rank=True, run_id=None)
     first.log_params({"train.steps": 10})
     _log_steps(first, range(5))
     first.close("KILLED")
-    again = T.create_tracker(cfg, is_logging_rank=True, run_id=first.run_id)
+    again = tracker_for(cfg, is_logging_rank=True, run_id=first.run_id)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         again.log_params({"train.steps": 20, "new": 1})
@@ -93,7 +93,7 @@ def test_close_killed_ends_run_killed_once(tmp_path):
     """What a SIGTERM handler does: close(status="KILLED") ends the run KILLED; a later close (the loop's
     own) changes nothing; an unknown status is refused, by the do-nothing tracker too."""
     uri = T.sqlite_uri_for(tmp_path / "mlflow")
-    tracker = T.create_tracker(run_cfg(tmp_path / "run", uri=uri), is_logging_rank=True, run_id=None)
+    tracker = tracker_for(run_cfg(tmp_path / "run", uri=uri), is_logging_rank=True, run_id=None)
     _log_steps(tracker, range(3))
     tracker.close(status="KILLED")
     tracker.close("FINISHED")
@@ -106,12 +106,12 @@ def test_close_killed_ends_run_killed_once(tmp_path):
 def test_non_logging_rank_and_disabled_do_nothing(tmp_path):
     uri = T.sqlite_uri_for(tmp_path / "mlflow")
     cfg = run_cfg(tmp_path / "run", uri=uri)
-    quiet = T.create_tracker(cfg, is_logging_rank=False, run_id="abc")
+    quiet = tracker_for(cfg, is_logging_rank=False, run_id="abc")
     assert type(quiet) is T.Tracker and quiet.run_id == "abc"
     quiet.log_metrics({"x": 1.0}, 0)
     quiet.close()
     cfg.tracking.enabled = False
-    assert type(T.create_tracker(cfg, is_logging_rank=True, run_id=None)) is T.Tracker
+    assert type(tracker_for(cfg, is_logging_rank=True, run_id=None)) is T.Tracker
     assert not (tmp_path / "mlflow").exists()
 
 
@@ -119,7 +119,7 @@ def test_unreachable_at_start_spools_then_replays_by_command(tmp_path, capsys):
     dead = f"http://127.0.0.1:{free_port()}"
     cfg = run_cfg(tmp_path / "run", uri=dead, tags={"k": "v"}, close_retry_s=0.0)
     with pytest.warns(RuntimeWarning, match="unreachable"):
-        tracker = T.create_tracker(cfg, is_logging_rank=True, run_id=None)
+        tracker = tracker_for(cfg, is_logging_rank=True, run_id=None)
     assert tracker.run_id is None
     tracker.log_config("a: 1\n")
     _log_steps(tracker, range(6))
@@ -170,7 +170,7 @@ def test_real_server_down_and_back_loses_nothing(tmp_path):
     server = MlflowServer(tmp_path / "server").start()
     try:
         cfg = run_cfg(tmp_path / "run", uri=server.uri, experiment="srv")
-        tracker = T.create_tracker(cfg, is_logging_rank=True, run_id=None)
+        tracker = tracker_for(cfg, is_logging_rank=True, run_id=None)
         tracker.retry_interval = 0.0  # reconnect at the next call (the default waits 30 s)
         tracker.log_config("data:\n  name: synthetic\n")
         _log_steps(tracker, range(0, 5))
@@ -197,12 +197,11 @@ def test_real_server_down_and_back_loses_nothing(tmp_path):
 RANK_SCRIPT = textwrap.dedent("""
     import os, sys, torch.distributed as dist
     sys.path.insert(0, {repo!r} + "/tests")
-    from test_tracking_support import run_cfg
-    from trainer.tracking import create_tracker
+    from test_tracking_support import run_cfg, tracker_for
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     cfg = run_cfg({out!r}, uri={uri!r})
-    tracker = create_tracker(cfg, is_logging_rank=rank == 0, run_id=None)
+    tracker = tracker_for(cfg, is_logging_rank=rank == 0, run_id=None)
     box = [tracker.run_id]
     dist.broadcast_object_list(box, src=0)
     tracker.run_id = box[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dist_helpers import child_env, wait_for_text
-from test_tracking_support import MlflowServer, run_cfg
+from test_tracking_support import MlflowServer, run_cfg, tracker_for
 
 from launch.runstore import TrackingStore
 from launch.spools import replay_spools, spool_of
@@ -71,8 +71,8 @@ class _Job:
 def test_the_study_replays_its_jobs_spools(tmp_path, capsys):
     server = MlflowServer(tmp_path / "server")
     job = _Job(tmp_path / "ft-x")
-    tracker = T.create_tracker(run_cfg(job.out_dir, uri=server.uri, experiment="st", close_retry_s=0.0),
-                               is_logging_rank=True, run_id=None)
+    tracker = tracker_for(run_cfg(job.out_dir, uri=server.uri, experiment="st", close_retry_s=0.0),
+                          is_logging_rank=True, run_id=None)
     for step in range(5):
         tracker.log_metrics({"loss": 1.0 / (step + 1)}, step)
     tracker.close()  # the server never answered: everything is spooled

@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from trainer.config import RunConfig
+from trainer.tracking import create_tracker, default_run_name
 
 MLFLOW_BIN = str(Path(sys.executable).with_name("mlflow"))
 
@@ -87,3 +88,10 @@ def run_cfg(out_dir: Path, uri: str | None = None, **tracking):
     for key, value in tracking.items():
         cfg.tracking[key] = value
     return cfg
+
+
+def tracker_for(cfg, *, is_logging_rank: bool, run_id: str | None):
+    """``create_tracker`` with the slices of a whole run config, split as the training loop splits them."""
+    name = default_run_name(cfg.task.name, str(cfg.parallel.strategy), int(cfg.seed))
+    return create_tracker(cfg.tracking, str(cfg.out_dir), default_name=name, data=cfg.data,
+                          is_logging_rank=is_logging_rank, run_id=run_id)

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from data_shards.manifest import Manifest, ShardInfo, write_manifest
-from test_tracking_support import MlflowServer, run_cfg
+from test_tracking_support import MlflowServer, run_cfg, tracker_for
 from trainer import tracking as T
 from trainer.tracking.client import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, NOTE_TAG
 
@@ -35,7 +35,7 @@ def test_run_is_model_training_with_settings_params_and_dataset_inputs(tmp_path)
     uri = T.sqlite_uri_for(tmp_path / "mlflow")
     cfg = run_cfg(tmp_path / "run", uri=uri)
     cfg.data.root, cfg.data.test_split = str(data), "val"  # val twice: one input
-    tracker = T.create_tracker(cfg, is_logging_rank=True, run_id=None)
+    tracker = tracker_for(cfg, is_logging_rank=True, run_id=None)
     tracker.log_config(f"out_dir: {tmp_path / 'run'}\ntrain:\n  steps: 7\n  progress: false\n"
                        f"data:\n  root: {data}\n  name: synthetic\ntracking:\n  uri: {uri}\n  run_name: x\n")
     tracker.log_metrics({"test/iou/traffic sign": 0.5, "test/miou": 0.4}, step=1)

@@ -10,9 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Protocol
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 RESUMABLE = "resumable"
@@ -197,6 +196,14 @@ class TrackingConfig:
     (then sent at the next start in this out_dir, by ``launch study``, or by ``python -m trainer.tracking replay``)."""
 
 
+class TaskConfig(Protocol):
+    """What every task's own config (``trainer/tasks/<name>_config.py``, the ``task`` group) has: the
+    name that selects the task. The rest is the task's own (a component reads it with ``getattr``
+    where only some tasks have a field, e.g. ``weights``)."""
+
+    name: str
+
+
 @dataclass
 class RunConfig:
     task: Any = setting(MISSING, resumable=False)
@@ -215,7 +222,10 @@ class RunConfig:
 
 
 def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore (called by the entry points)."""
+    """Register the schemas with Hydra's ConfigStore (called by the entry points; the slices above are
+    imported without Hydra by the components that take them)."""
+    from hydra.core.config_store import ConfigStore
+
     from trainer.tasks import TASK_CONFIGS
 
     cs = ConfigStore.instance()

@@ -24,7 +24,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -38,29 +38,31 @@ from trainer.checkpointing.resume_check import check_resume_config
 from trainer.checkpointing.run_lock import OutDirLock
 from trainer.checkpointing.run_state import Progress, RankBuffers, RNGState
 from trainer.checkpointing.selection import BestCheckpoint
-from trainer.config import check_known_keys
+from trainer.config import RunConfig, TrainConfig, check_known_keys
 from trainer.distributed import dist_env, rank_seed, seed_everything, setup_logging, teardown_logging
 from trainer.engine import Engine
 from trainer.errors import ConfigError
 from trainer.evaluation import evaluate
 from trainer.preflight import RunPlan, preflight
 from trainer.tasks import build_task
-from trainer.tasks.loaders import LoaderFactory, shard_loader_factory
+from trainer.tasks.base import TrainTask
+from trainer.tasks.loaders import BatchLoader, LoaderFactory, shard_loader_factory
 from trainer.tracking.progress import Phase, StartupTimes, counted
+from trainer.tracking.tracker import RunTracker
 from trainer.tracking.train_log import TrainLog
 
 log = logging.getLogger("geoprime.loop")
 
 __all__ = ["train", "evaluate"]
 
-def _config_yaml(cfg: Any) -> str:
+def _config_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True) if isinstance(cfg, DictConfig) else str(cfg)
 
 
 class Batches:
     """Endless batches from a resumable loader, crossing epochs; times the wait for data."""
 
-    def __init__(self, loader: Any) -> None:
+    def __init__(self, loader: BatchLoader) -> None:
         self.loader = loader
         self._it: Optional[Iterator] = None
         self.wait_s = 0.0
@@ -97,19 +99,19 @@ def _maybe_kill(step: int, rank: int, ckpt: Checkpointer) -> None:
 class _Run:
     """What one training run is made of, built by :func:`train` and used by :func:`_run`."""
 
-    cfg: Any
+    cfg: RunConfig
     engine: Engine
-    task: Any
-    tracker: Any = None
+    task: TrainTask
+    tracker: Optional[RunTracker] = None
     make_loader: Optional[LoaderFactory] = None
-    train_loader: Any = None
+    train_loader: Optional[BatchLoader] = None
     plan: RunPlan = field(default_factory=lambda: RunPlan(None, None))
     ckpt: Optional[Checkpointer] = None
     progress: Optional[Progress] = None
     per_rank: dict[str, Any] = field(default_factory=dict)
     best: Optional[BestCheckpoint] = None
     """The best-on-validation model (``train.select_metric``), None when not selecting."""
-    test_loader: Any = None
+    test_loader: Optional[BatchLoader] = None
 
     def shared_state(self) -> dict[str, Any]:
         """The Stateful objects rank 0 saves in each checkpoint, by name."""
@@ -121,13 +123,14 @@ class _Run:
             self.best.prune()
 
 
-def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[LoaderFactory] = None,
-          engine: Optional[Engine] = None) -> dict[str, Any]:
+def train(cfg: RunConfig, *, task: Optional[TrainTask] = None, tracker: Optional[RunTracker] = None,
+          loaders: Optional[LoaderFactory] = None, engine: Optional[Engine] = None) -> dict[str, Any]:
     """Train as ``cfg`` (a resolved :class:`trainer.config.RunConfig`) says; returns the final metrics.
 
     Anything not given is built: ``task`` from ``cfg.task``, ``engine`` from the torchrun
     environment, ``tracker`` via ``trainer.tracking.create_tracker``, ``loaders`` over the
-    shards in ``cfg.data``. Things built here are closed here (the tracker with FAILED on error,
+    shards in ``cfg.data``. This is where the config tree is split: each component gets the slices
+    it reads. Things built here are closed here (the tracker with FAILED on error,
     KILLED on a signal).
     """
     out_dir = Path(cfg.out_dir)
@@ -179,7 +182,7 @@ def train(cfg: Any, *, task: Any = None, tracker: Any = None, loaders: Optional[
     return result
 
 
-def _start(run: _Run, loaders: Optional[LoaderFactory], tracker: Any, times: StartupTimes) -> None:
+def _start(run: _Run, loaders: Optional[LoaderFactory], tracker: Optional[RunTracker], times: StartupTimes) -> None:
     """Set-up, resume and tracking, each timed; the logging rank reports the run's fixed costs."""
     _set_up(run, loaders)
     times.mark("model, optimizer, loader")
@@ -226,7 +229,7 @@ def _set_up(run: _Run, loaders: Optional[LoaderFactory]) -> None:
     run.progress = Progress(run.train_loader, _config_yaml(cfg), int(cfg.train.batch_size), engine.world_size)
     run.per_rank = {"rng": RNGState(), "data": run.train_loader, "buffers": RankBuffers(engine), **task.stateful()}
     if getattr(cfg.train, "select_metric", None):
-        run.best = _best_checkpoint(cfg, run.plan)
+        run.best = _best_checkpoint(cfg.train, Path(cfg.out_dir), run.plan)
 
 
 def _resume(run: _Run) -> bool:
@@ -263,10 +266,12 @@ def _resume(run: _Run) -> bool:
     return True
 
 
-def _create_tracker(cfg: Any, engine: Engine, run_id: Optional[str]) -> Any:
-    from trainer.tracking import create_tracker
+def _create_tracker(cfg: RunConfig, engine: Engine, run_id: Optional[str]) -> RunTracker:
+    from trainer.tracking import create_tracker, default_run_name
 
-    return create_tracker(cfg, is_logging_rank=engine.is_logging_rank, run_id=run_id)
+    name = default_run_name(getattr(cfg.task, "name", None) or "run", str(cfg.parallel.strategy), int(cfg.seed))
+    return create_tracker(cfg.tracking, str(cfg.out_dir), default_name=name, data=cfg.data,
+                          is_logging_rank=engine.is_logging_rank, run_id=run_id)
 
 
 def _start_tracking(run: _Run, resumed: bool) -> None:
@@ -346,16 +351,16 @@ def _run(run: _Run, signals: StopSignals) -> dict[str, Any]:
     return _finish(run, train_log.latest, val_loader)
 
 
-def _eval_progress(engine: Engine, loader: Any, what: str, max_batches: int) -> Any:
+def _eval_progress(engine: Engine, loader: BatchLoader, what: str, max_batches: int) -> Iterable[dict[str, Any]]:
     """``loader``'s batches with progress lines on the logging rank (evaluation can take minutes)."""
     total = int(getattr(loader, "batches_per_epoch", 0) or 0)
     return counted(loader, what, total=min(total, max_batches) if max_batches else total,
                    enabled=engine.is_logging_rank)
 
 
-def _best_checkpoint(cfg: Any, plan: RunPlan) -> BestCheckpoint:
+def _best_checkpoint(tc: TrainConfig, out_dir: Path, plan: RunPlan) -> BestCheckpoint:
     """The selection state for ``train.select_metric``; it needs a validation split."""
-    metric = str(cfg.train.select_metric)
+    metric = str(tc.select_metric)
     if not plan.val_split:
         raise ConfigError(f"train.select_metric={metric!r} selects on validation, but this run has no "
                           f"validation split ({plan.skipped.get('val') or 'data.val_split is empty'})")
@@ -364,13 +369,12 @@ def _best_checkpoint(cfg: Any, plan: RunPlan) -> BestCheckpoint:
                     "checkpoint's test metrics (test_best/*) are optimistic; the final model's are not",
                     metric, plan.val_split)
     try:
-        return BestCheckpoint(metric, str(getattr(cfg.train, "select_mode", "auto")),
-                              Path(cfg.out_dir) / "best")
+        return BestCheckpoint(metric, str(getattr(tc, "select_mode", "auto")), out_dir / "best")
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
 
-def _test_loader(run: _Run) -> Any:
+def _test_loader(run: _Run) -> BatchLoader:
     run.test_loader = run.test_loader or run.make_loader(run.plan.test_split, False)
     return run.test_loader
 
@@ -393,7 +397,7 @@ def _select(run: _Run, step: int, val: dict[str, float], final: bool = False) ->
         run.tracker.log_metrics({"best/step": float(step), f"best/val_{best.metric}": float(best.value)}, step=step)
 
 
-def _finish(run: _Run, train_logs: dict[str, float], val_loader: Any) -> dict[str, Any]:
+def _finish(run: _Run, train_logs: dict[str, float], val_loader: Optional[BatchLoader]) -> dict[str, Any]:
     """Export, final val / test evaluation (selection included), ``metrics.json``; checkpoints
     dropped if asked. The weights are written first: an evaluation failure never loses them."""
     cfg, engine, task, tracker, tc = run.cfg, run.engine, run.task, run.tracker, run.cfg.train

@@ -18,8 +18,10 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
+from trainer.config import (DataConfig, ModelConfig, OptimConfig, ParallelConfig, RunConfig, ScheduleConfig,
+                            TaskConfig)
 from trainer.errors import ConfigError
 
 log = logging.getLogger("geoprime.preflight")
@@ -27,6 +29,29 @@ log = logging.getLogger("geoprime.preflight")
 
 class PreflightError(ConfigError):
     """Something the run needs is missing or wrong; the message names it."""
+
+
+class PreflightTask(Protocol):
+    """What the checks read of a task (a :class:`trainer.tasks.base.Task`): the keys its streams read,
+    the frames it trains on, its model and parameter groups (built on the meta device) and its
+    transforms (the loader check). Torch objects are ``Any`` here: this module imports no torch until
+    a check runs (``check_job`` answers a config typo first)."""
+
+    same_size_keys: tuple[str, ...]
+    min_train_side: int
+    min_side_reason: str
+
+    def stream_keys(self, train: bool) -> tuple[str, ...]: ...
+
+    def train_frame_size(self) -> Optional[tuple[int, ...]]: ...
+
+    def build_model(self) -> Any: ...
+
+    def parameter_groups(self, model: Any) -> list[dict[str, Any]]: ...
+
+    def train_transform(self, sample: dict[str, Any], generator: Any) -> dict[str, Any]: ...
+
+    def eval_transform(self, sample: dict[str, Any]) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -59,9 +84,9 @@ def check_out_dir(out_dir: str) -> None:
         raise PreflightError(f"out_dir={out_dir!r} is not writable ({e.strerror or e})") from None
 
 
-def check_files(cfg: Any) -> None:
-    """Initialisation and resume files named by the config exist (read later, after set-up)."""
-    model = cfg.model
+def check_files(model: ModelConfig, task: TaskConfig, resume: str) -> None:
+    """Initialisation and resume files named by the config exist (read later, after set-up): the
+    encoder's, the task's ``weights`` where its config has them, ``train.resume``'s."""
     if str(model.init) == "imagenet":
         from trainer.models.encoders import imagenet_weights_file
 
@@ -69,15 +94,15 @@ def check_files(cfg: Any) -> None:
         if not weights.is_file():
             raise PreflightError(f"model.init=imagenet: no weights file at {weights} (no download at run time: "
                                  "place the torchvision file there or pass model.imagenet_weights=<file>)")
-    task_weights = getattr(cfg.task, "weights", None)
+    task_weights = getattr(task, "weights", None)
     if task_weights:
-        check_init_weights(str(task_weights), cfg)
-    resume = str(cfg.train.resume)
+        check_init_weights(str(task_weights), model, getattr(task, "init", None))
+    resume = str(resume)
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise PreflightError(f"train.resume={resume!r}: no such checkpoint folder")
 
 
-def check_init_weights(path: str, cfg: Any) -> None:
+def check_init_weights(path: str, model: ModelConfig, init: Optional[str]) -> None:
     """``task.weights`` is a file or a Monodepth2 release folder, and a release meets the encoder
     input normalisation its weights expect (``model.input_norm=monodepth2``)."""
     from trainer.models import monodepth2
@@ -85,8 +110,8 @@ def check_init_weights(path: str, cfg: Any) -> None:
 
     if not is_weights_source(path):
         raise PreflightError(f"task.weights={path!r}: no such file, nor a Monodepth2 weights folder "
-                             f"(encoder.pth + depth.pth) (task.init={cfg.task.get('init')})")
-    norm = str(getattr(cfg.model, "input_norm", "imagenet"))
+                             f"(encoder.pth + depth.pth) (task.init={init})")
+    norm = str(getattr(model, "input_norm", "imagenet"))
     release = monodepth2.is_release(path) or (Path(path).name == "encoder.pth" and monodepth2.is_release(Path(path).parent))
     if release and norm != monodepth2.NORM:
         raise PreflightError(f"task.weights={path!r} is a Monodepth2 release: its encoders normalise inputs as "
@@ -125,11 +150,12 @@ def _split_error(role: str, split: str, root: str, missing: list[str], manifest:
                           f"in every sample (the manifest's keys: {sorted(manifest.keys)})")
 
 
-def check_train_split(cfg: Any, task: Any, world_size: Optional[int] = None) -> None:
+def check_train_split(data: DataConfig, task: PreflightTask, batch_size: int,
+                      world_size: Optional[int] = None) -> None:
     """The training split has the task's keys and at least one full step for every rank."""
     from data_shards.deal import epoch_steps
 
-    d = cfg.data
+    d = data
     manifest = _manifest(str(d.root), str(d.train_split), "train")
     missing = _missing_keys(manifest, task.stream_keys(True), str(d.train_split), str(d.root))
     if missing:
@@ -137,7 +163,7 @@ def check_train_split(cfg: Any, task: Any, world_size: Optional[int] = None) -> 
     total = min(int(d.subset), manifest.num_samples) if int(d.subset) else manifest.num_samples
     if total == 0:
         raise PreflightError(f"data.train_split={d.train_split!r} ({d.root}): the split is empty")
-    world, batch = _world_size(world_size), int(cfg.train.batch_size)
+    world, batch = _world_size(world_size), int(batch_size)
     if int(d.lanes) < 1:
         raise PreflightError(f"data.lanes={d.lanes}: must be >= 1 (runs interleaved per epoch; default 960)")
     try:
@@ -151,10 +177,10 @@ def check_train_split(cfg: Any, task: Any, world_size: Optional[int] = None) -> 
             f"(data.tail_policy=pad pads one)")
 
 
-def check_eval_split(cfg: Any, task: Any, role: str) -> tuple[Optional[str], Optional[str]]:
+def check_eval_split(data: DataConfig, task: PreflightTask, role: str) -> tuple[Optional[str], Optional[str]]:
     """(split to evaluate or None, reason it is skipped or None) for ``data.<role>_split``."""
-    d = cfg.data
-    split = d.get(f"{role}_split")
+    d = data
+    split = getattr(d, f"{role}_split", None)
     if not split:
         return None, None
     manifest = _manifest(str(d.root), str(split), role)
@@ -172,19 +198,21 @@ def check_eval_split(cfg: Any, task: Any, role: str) -> tuple[Optional[str], Opt
     return None, reason
 
 
-def check_engine(cfg: Any, world_size: Optional[int] = None) -> None:
+def check_engine(parallel: ParallelConfig, optim: OptimConfig, batch_size: int,
+                 world_size: Optional[int] = None) -> None:
     """The engine runs these settings with ``world_size`` ranks (see ``check_settings``)."""
     from trainer.distributed import DistEnv, dist_env
     from trainer.engine.facade import check_settings
 
     env = dist_env() if world_size is None else DistEnv(world_size=_world_size(world_size))
     try:
-        check_settings(cfg.parallel, cfg.optim, int(cfg.train.batch_size), env)
+        check_settings(parallel, optim, int(batch_size), env)
     except ValueError as e:
         raise PreflightError(str(e)) from None
 
 
-def check_model(cfg: Any, task: Any) -> None:
+def check_model(task: PreflightTask, optim: OptimConfig, schedule: ScheduleConfig, *, steps: int,
+                task_name: str) -> None:
     """The task's whole model, initialised from its files (read and matched key by key), its
     optimizer and lr schedule, built on the meta device (shapes only: no memory, no arithmetic)."""
     import warnings
@@ -207,20 +235,21 @@ def check_model(cfg: Any, task: Any) -> None:
             warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
             model = task.build_model()
     except mistakes as e:
-        raise named(f"task={cfg.task.name}", e) from None
-    o = cfg.optim
+        raise named(f"task={task_name}", e) from None
+    o = optim
     try:
         optimizer = build_optimizer(task.parameter_groups(model), o)
     except mistakes as e:
         where = f"optim (name={o.name}, lr={o.lr}, betas={list(o.betas)}, weight_decay={o.weight_decay})"
         raise named(where, e) from None
     try:
-        build_scheduler(optimizer, cfg.schedule, int(cfg.train.steps))
+        build_scheduler(optimizer, schedule, int(steps))
     except mistakes as e:
         raise named("schedule", e) from None
 
 
-def check_loader(cfg: Any, task: Any, world_size: Optional[int] = None) -> None:
+def check_loader(data: DataConfig, task: PreflightTask, *, batch_size: int, seed: int,
+                 world_size: Optional[int] = None) -> None:
     """The training loader can be built with the data settings (tail policy, corrupt-sample policy,
     subset, workers) for rank 0 of ``world_size``; builds it without reading a sample."""
     from types import SimpleNamespace
@@ -229,13 +258,12 @@ def check_loader(cfg: Any, task: Any, world_size: Optional[int] = None) -> None:
 
     place = SimpleNamespace(rank=0, world_size=_world_size(world_size))
     try:
-        shard_loader_factory(cfg.data, task, place, batch_size=int(cfg.train.batch_size), seed=int(cfg.seed))(
-            str(cfg.data.train_split), True)
+        shard_loader_factory(data, task, place, batch_size=int(batch_size), seed=int(seed))(str(data.train_split), True)
     except (ValueError, KeyError) as e:
-        raise PreflightError(f"data ({cfg.data.root}, split {cfg.data.train_split!r}): {e}") from None
+        raise PreflightError(f"data ({data.root}, split {data.train_split!r}): {e}") from None
 
 
-def check_job(overrides: list[str], world_size: int) -> Any:
+def check_job(overrides: list[str], world_size: int) -> RunConfig:
     """What a job would fail on before step 1, checked once before torchrun starts it: the config
     (unknown keys, options), the whole job (:func:`preflight`) and whether its ``out_dir`` is in use.
     Returns the config; raises :class:`~trainer.errors.ConfigError` naming the problem."""
@@ -286,10 +314,10 @@ def _hw(size: tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]}"
 
 
-def check_train_frames(cfg: Any, task: Any) -> None:
+def check_train_frames(data: DataConfig, task: PreflightTask, task_name: str) -> None:
     """The training split's probed frames share one size (a batch stacks them; unless the task crops
     to a fixed size) and are not smaller than the task can train on (``task.min_train_side``)."""
-    d = cfg.data
+    d = data
     where = f"data.train_split={d.train_split!r} ({d.root})"
     seen: dict[tuple[int, int], str] = {}
     for key, sizes in probe_sizes(str(d.root), str(d.train_split), task.stream_keys(True),
@@ -300,54 +328,55 @@ def check_train_frames(cfg: Any, task: Any) -> None:
     need = int(task.min_train_side)
     if smallest is not None and min(smallest) < need:
         raise PreflightError(f"{where}: frames of {_hw(smallest)} (sample {seen[smallest]}) are below the smallest "
-                             f"size task={cfg.task.name} trains on, {need}x{need} ({task.min_side_reason})")
+                             f"size task={task_name} trains on, {need}x{need} ({task.min_side_reason})")
     if len(seen) > 1 and task.train_frame_size() is None:
         (a, ka), (b, kb) = list(seen.items())[:2]
         raise PreflightError(f"{where}: frames of different sizes ({_hw(a)} in sample {ka}, {_hw(b)} in sample {kb}) "
                              "cannot share a training batch: convert the split with --resize H W (or set a crop)")
 
 
-def check_eval_frames(cfg: Any, task: Any, role: str, split: str) -> None:
+def check_eval_frames(data: DataConfig, task: PreflightTask, role: str, split: str, task_name: str) -> None:
     """In the probed samples of an evaluation split, the keys the task compares pixel by pixel
     (``task.same_size_keys``, e.g. rgb and seg) have one size; other sizes may vary (evaluation
     cuts mixed-size batches into same-size parts)."""
     same = tuple(task.same_size_keys)
     if len(same) < 2:
         return
-    for key, sizes in probe_sizes(str(cfg.data.root), split, task.stream_keys(False),
-                                  on_corrupt=str(cfg.data.on_corrupt)):
+    for key, sizes in probe_sizes(str(data.root), split, task.stream_keys(False), on_corrupt=str(data.on_corrupt)):
         got = {k: sizes[k] for k in same if k in sizes}
         if len(set(got.values())) > 1:
-            raise PreflightError(f"data.{role}_split={split!r} ({cfg.data.root}): sample {key} has "
-                                 f"{', '.join(f'{k} {_hw(v)}' for k, v in got.items())}: task={cfg.task.name} "
+            raise PreflightError(f"data.{role}_split={split!r} ({data.root}): sample {key} has "
+                                 f"{', '.join(f'{k} {_hw(v)}' for k, v in got.items())}: task={task_name} "
                                  "needs them the same size")
 
 
-def check_frame_sizes(cfg: Any, task: Any, plan: RunPlan) -> None:
+def check_frame_sizes(data: DataConfig, task: PreflightTask, plan: RunPlan, task_name: str) -> None:
     """Frame sizes of every split the run reads, from a few probed samples each (see above)."""
-    check_train_frames(cfg, task)
+    check_train_frames(data, task, task_name)
     for role in ("val", "test"):
         split = getattr(plan, f"{role}_split")
         if split:
-            check_eval_frames(cfg, task, role, split)
+            check_eval_frames(data, task, role, split, task_name)
 
 
-def preflight(cfg: Any, task: Any, world_size: Optional[int] = None) -> RunPlan:
+def preflight(cfg: RunConfig, task: PreflightTask, world_size: Optional[int] = None) -> RunPlan:
     """Run every check (see the module docstring) for ``world_size`` ranks (default: $WORLD_SIZE);
-    returns the evaluation plan."""
+    returns the evaluation plan. The one function here that reads the whole run config: each check
+    gets the slices it reads."""
+    batch_size, task_name = int(cfg.train.batch_size), str(cfg.task.name)
     check_out_dir(str(cfg.out_dir))
-    check_files(cfg)
-    check_engine(cfg, world_size)
-    check_model(cfg, task)
-    check_train_split(cfg, task, world_size)
-    check_loader(cfg, task, world_size)
+    check_files(cfg.model, cfg.task, str(cfg.train.resume))
+    check_engine(cfg.parallel, cfg.optim, batch_size, world_size)
+    check_model(task, cfg.optim, cfg.schedule, steps=int(cfg.train.steps), task_name=task_name)
+    check_train_split(cfg.data, task, batch_size, world_size)
+    check_loader(cfg.data, task, batch_size=batch_size, seed=int(cfg.seed), world_size=world_size)
     plan = RunPlan(None, None)
     for role in ("val", "test"):
-        split, reason = check_eval_split(cfg, task, role)
+        split, reason = check_eval_split(cfg.data, task, role)
         setattr(plan, f"{role}_split", split)
         if reason:
             plan.skipped[role] = reason
             if _is_logging_rank():
                 log.warning("%s", reason)
-    check_frame_sizes(cfg, task, plan)
+    check_frame_sizes(cfg.data, task, plan, task_name)
     return plan

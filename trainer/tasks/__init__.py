@@ -6,8 +6,8 @@ entry points register and check configs without importing torch (:func:`TASK_CON
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
+from trainer.config import RunConfig
 from trainer.errors import ConfigError
 
 TASK_MODULES = {
@@ -37,11 +37,13 @@ def TASK_CONFIGS() -> dict[str, type]:
     return {name: getattr(importlib.import_module(mod), cls) for name, (mod, cls) in CONFIG_CLASSES.items()}
 
 
-def build_task(run_cfg: Any):
-    """Instantiate the task named by ``run_cfg.task.name``; its config validation errors are
-    :class:`~trainer.errors.ConfigError`s (one line, exit 2), whoever builds it (the loop, the preflight)."""
+def build_task(run_cfg: RunConfig):
+    """Instantiate the task named by ``run_cfg.task.name`` with the slices of the run config it reads;
+    its config validation errors are :class:`~trainer.errors.ConfigError`s (one line, exit 2), whoever
+    builds it (the loop, the preflight)."""
     try:
-        return _module(run_cfg.task.name).TASK(run_cfg.task, run_cfg)
+        return _module(run_cfg.task.name).TASK(run_cfg.task, run_cfg.model, seed=int(run_cfg.seed),
+                                               parallel=run_cfg.parallel)
     except ConfigError:
         raise
     except (ValueError, KeyError, TypeError) as e:

@@ -3,25 +3,54 @@
 A task owns model construction, per-sample transforms, the loss and the metrics. It
 knows nothing of DDP / FSDP / DeepSpeed: the engine wraps whatever ``build_model``
 returns, and the loop calls only the methods below. ``Metric`` (what :meth:`Task.new_metric`
-returns) lives in :mod:`trainer.metrics.base` and is re-exported here.
+returns) lives in :mod:`trainer.metrics.base` and is re-exported here. :class:`TrainTask` is the
+seam as the loop types it (any object with these methods will do, e.g. a test's stand-in).
 """
 from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Protocol
 
 import torch
 from torch import nn
 
+from trainer.config import ModelConfig, ParallelConfig, TaskConfig
 from trainer.metrics.base import Metric  # noqa: F401 - re-exported: the task contract names it
+from trainer.tasks.loaders import SampleTask
+
+
+class TrainTask(SampleTask, Protocol):
+    """What the loop and the evaluation call on a task: :class:`Task` below, or a stand-in."""
+
+    def build_model(self) -> nn.ModuleDict: ...
+
+    def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]: ...
+
+    def on_train_mode(self, model: nn.Module) -> None: ...
+
+    def training_step(self, model: nn.Module,
+                      batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def before_optimizer_step(self, model: nn.Module) -> None: ...
+
+    def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> Any: ...
+
+    def new_metric(self) -> Metric: ...
+
+    def visualize(self, model: nn.Module, batch: dict[str, Any], outputs: Any, out_dir: Path) -> list[Path]: ...
+
+    def stateful(self) -> dict[str, Any]: ...
+
+    def provenance(self) -> dict[str, str]: ...
 
 
 class Task(abc.ABC):
     """A training objective: model + transforms + loss + metrics.
 
-    ``cfg`` is the task's own config dataclass (see each task module), ``run_cfg`` the whole
-    resolved run config (for model / data settings).
+    ``cfg`` is the task's own config dataclass (see each task module); of the rest of the run config a
+    task reads only ``model`` (the encoder), ``seed`` (named in the weights' provenance) and
+    ``parallel`` (a task refusing a strategy; None: a single process, fp32).
     """
 
     #: sample keys (schema names without extension, e.g. "rgb", "rgb_prev", "depth", "seg")
@@ -37,7 +66,7 @@ class Task(abc.ABC):
     min_train_side: int = 1
     min_side_reason: str = ""
 
-    def train_frame_size(self) -> Any:
+    def train_frame_size(self) -> Optional[tuple[int, ...]]:
         """(height, width) every training sample has after ``train_transform`` whatever its frame
         size (a fixed crop), or None when the frames keep their size (then they must share one)."""
         crop = getattr(self.cfg, "crop", None)
@@ -47,9 +76,12 @@ class Task(abc.ABC):
         """The sample keys a training (``train``) or evaluation stream must read."""
         return self.required_keys if train or not self.eval_keys else self.eval_keys
 
-    def __init__(self, cfg: Any, run_cfg: Any) -> None:
+    def __init__(self, cfg: TaskConfig, model: ModelConfig, *, seed: int = 0,
+                 parallel: Optional[ParallelConfig] = None) -> None:
         self.cfg = cfg
-        self.run_cfg = run_cfg
+        self.model_cfg = model
+        self.seed = int(seed)
+        self.parallel = parallel
 
     @abc.abstractmethod
     def build_model(self) -> nn.ModuleDict:

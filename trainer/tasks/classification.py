@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import zlib
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from data_shards.schema import CITYSCAPES_CLASSES, IGNORE_INDEX
+from trainer.config import ModelConfig, ParallelConfig
 from trainer.models.classifier import PooledLinear
 from trainer.metrics.classification import TopKAccuracy
 from trainer.models.encoders import build_encoder
@@ -116,8 +117,9 @@ class ClassificationTask(Task):
 
     required_keys = ("rgb", "seg")
 
-    def __init__(self, cfg: ClassificationConfig, run_cfg: Any) -> None:
-        super().__init__(as_dataclass(cfg, ClassificationConfig), run_cfg)
+    def __init__(self, cfg: ClassificationConfig, model: ModelConfig, *, seed: int = 0,
+                 parallel: Optional[ParallelConfig] = None) -> None:
+        super().__init__(as_dataclass(cfg, ClassificationConfig), model, seed=seed, parallel=parallel)
         cfg = self.cfg
         if cfg.target not in ("multilabel", "single"):
             raise ValueError(f"task.target={cfg.target!r}: expected 'multilabel' or 'single'")
@@ -137,7 +139,7 @@ class ClassificationTask(Task):
         self._label_batches = 0
 
     def build_model(self) -> nn.ModuleDict:
-        encoder = build_encoder(self.run_cfg.model)
+        encoder = build_encoder(self.model_cfg)
         return nn.ModuleDict({"encoder": encoder,
                               "classifier": PooledLinear(encoder.num_ch[-1], self.cfg.num_classes)})
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
 
+from trainer.config import ModelConfig, ParallelConfig
 from trainer.tasks.augment import hflip_sample, jitter_batch, jitter_frames, jitter_row, sample_jitter
 from trainer.geometry import stereo_pose, warp_scales
 from trainer.losses.depth_supervised import masked_l1, scale_invariant_log, valid_depth_mask
@@ -87,9 +88,10 @@ class DepthTask(Task):
     """Depth pre-training; the model is an ``nn.ModuleDict`` with ``encoder`` and
     ``depth_decoder`` (+ ``pose_encoder`` / ``pose_decoder`` when a pose is predicted)."""
 
-    def __init__(self, cfg: DepthTaskConfig, run_cfg: Any) -> None:
+    def __init__(self, cfg: DepthTaskConfig, model: ModelConfig, *, seed: int = 0,
+                 parallel: Optional[ParallelConfig] = None) -> None:
         cfg = with_mode_defaults(cfg)  # also checks task.supervision
-        super().__init__(cfg, run_cfg)
+        super().__init__(cfg, model, seed=seed, parallel=parallel)
         if cfg.pose_encoder not in ("separate", "shared"):
             raise ValueError(f"task.pose_encoder={cfg.pose_encoder!r}: expected separate or shared")
         if cfg.supervised_loss not in ("l1", "silog"):
@@ -132,14 +134,13 @@ class DepthTask(Task):
 
     # ----------------------------------------------------------------- model
     def build_model(self) -> nn.ModuleDict:
-        parts = build_depth_net(self.run_cfg.model, tuple(self.cfg.scales), self.cfg.init_depth,
+        parts = build_depth_net(self.model_cfg, tuple(self.cfg.scales), self.cfg.init_depth,
                                 self.cfg.min_depth, self.cfg.max_depth)
         if self.uses_pose:
-            parts.update(build_pose_net(self.run_cfg.model, self.cfg.pose_encoder, parts["encoder"].num_ch))
+            parts.update(build_pose_net(self.model_cfg, self.cfg.pose_encoder, parts["encoder"].num_ch))
         model = nn.ModuleDict(parts)
-        m = self.run_cfg.model
-        self.init_provenance = encoder_provenance(m.init == "imagenet", m.encoder, m.imagenet_weights,
-                                                  int(getattr(self.run_cfg, "seed", 0)))
+        m = self.model_cfg
+        self.init_provenance = encoder_provenance(m.init == "imagenet", m.encoder, m.imagenet_weights, self.seed)
         if self.cfg.weights:
             source = f"task.weights={self.cfg.weights}"
             weights = read_init_weights(self.cfg.weights)

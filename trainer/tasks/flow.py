@@ -11,13 +11,14 @@ training; end-point error against ground truth is the evaluation metric where it
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.config import ModelConfig, ParallelConfig
 from trainer.tasks.augment import hflip_sample, jitter_frames, sample_jitter
 from trainer.geometry import bilinear_warp, in_bounds, pad_image
 from trainer.kernels.dispatch import IMPLS, PAD, multiscale_reprojection_loss
@@ -46,8 +47,9 @@ class FlowTask(Task):
 
     required_keys = FRAME_KEYS
 
-    def __init__(self, cfg: FlowConfig, run_cfg: Any) -> None:
-        super().__init__(as_dataclass(cfg, FlowConfig), run_cfg)
+    def __init__(self, cfg: FlowConfig, model: ModelConfig, *, seed: int = 0,
+                 parallel: Optional[ParallelConfig] = None) -> None:
+        super().__init__(as_dataclass(cfg, FlowConfig), model, seed=seed, parallel=parallel)
         cfg = self.cfg
         if not cfg.scales or any(s not in range(4) for s in cfg.scales):
             raise ValueError(f"task.scales={list(cfg.scales)}: need a non-empty subset of 0..3")
@@ -60,7 +62,7 @@ class FlowTask(Task):
         self.eval_keys = FRAME_KEYS + (("flow",) if cfg.gt_flow else ())
 
     def build_model(self) -> nn.ModuleDict:
-        encoder = build_encoder(self.run_cfg.model)
+        encoder = build_encoder(self.model_cfg)
         return nn.ModuleDict({"encoder": encoder, "flow_decoder": FlowDecoder(encoder.num_ch, self.cfg.scales, self.cfg.coordinates)})
 
     def train_transform(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:

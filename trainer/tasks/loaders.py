@@ -5,20 +5,33 @@ the meta device before the process group starts).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
-#: ``make_loader(split, train) -> loader`` with ``__iter__``, ``batches_per_epoch``, ``epoch``,
-#: ``state_dict()`` / ``load_state_dict()`` (a ``data_shards.loader.ResumableLoader``: its state is the
-#: same on every rank and loads under another world size, see ``trainer.checkpointing.run_state.Progress.reposition``).
-LoaderFactory = Callable[[str, bool], Any]
+from trainer.config import DataConfig
+
+
+class BatchLoader(Protocol):
+    """A split's batches, resumable (a ``data_shards.loader.ResumableLoader``: its state is the same on
+    every rank and loads under another world size, see ``trainer.checkpointing.run_state.Progress.reposition``).
+    Where it has ``batches_per_epoch``, the loop shows progress against it."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+#: ``make_loader(split, train) -> loader`` (training: seeded order, full batches; evaluation: in order, padded)
+LoaderFactory = Callable[[str, bool], BatchLoader]
 
 
 class SampleTask(Protocol):
     """What the loaders need of a task: the keys it reads and its per-sample transforms."""
 
-    def stream_keys(self, train: bool) -> Any: ...
+    def stream_keys(self, train: bool) -> tuple[str, ...]: ...
 
     def train_transform(self, sample: dict, generator: torch.Generator) -> dict: ...
 
@@ -32,7 +45,7 @@ class RankPlace(Protocol):
     world_size: int
 
 
-def shard_loader_factory(data: Any, task: SampleTask, place: RankPlace, *, batch_size: int,
+def shard_loader_factory(data: DataConfig, task: SampleTask, place: RankPlace, *, batch_size: int,
                          seed: int) -> LoaderFactory:
     """Loaders over ``data_shards`` streams from the run's ``data`` settings: training in the seeded
     global order with ``data.tail_policy``; evaluation in order with ``tail="pad"`` so every sample
@@ -42,7 +55,7 @@ def shard_loader_factory(data: Any, task: SampleTask, place: RankPlace, *, batch
 
     d = data
 
-    def make(split: str, train: bool):
+    def make(split: str, train: bool) -> BatchLoader:
         if train:
             transform = task.train_transform
         else:

@@ -7,10 +7,12 @@ into the optimisation: the KITTI loop that never zeroes its gradients.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
+
+from trainer.config import ParallelConfig
 
 
 class GradientCarry:
@@ -25,9 +27,9 @@ class GradientCarry:
         self.sums: dict[str, torch.Tensor] = {}
 
     @staticmethod
-    def check_supported(run_cfg: Any) -> None:
-        """Plain gradients only: FSDP shards them, DeepSpeed owns them, fp16 scales them."""
-        parallel = getattr(run_cfg, "parallel", None)
+    def check_supported(parallel: Optional[ParallelConfig]) -> None:
+        """Plain gradients only: FSDP shards them, DeepSpeed owns them, fp16 scales them (None: a
+        single process, fp32)."""
         strategy = str(getattr(parallel, "strategy", "single"))
         precision = str(getattr(parallel, "precision", "fp32"))
         if strategy not in ("single", "ddp") or precision == "fp16":

@@ -19,6 +19,7 @@ from torch import nn
 
 from data_shards.atomic import atomic_write
 from data_shards.schema import CITYSCAPES_CLASSES, IGNORE_INDEX
+from trainer.config import ModelConfig, ParallelConfig
 from trainer.tasks.augment import apply_jitter, sample_jitter
 from trainer.metrics.seg_reference import MetricSet, ReferencePerImageMetric
 from trainer.metrics.segmentation import SegmentationMetric
@@ -61,8 +62,9 @@ class SegmentationTask(Task):
     required_keys = ("rgb", "seg")
     same_size_keys = ("rgb", "seg")
 
-    def __init__(self, cfg: SegmentationConfig, run_cfg: Any) -> None:
-        super().__init__(as_dataclass(cfg, SegmentationConfig), run_cfg)
+    def __init__(self, cfg: SegmentationConfig, model: ModelConfig, *, seed: int = 0,
+                 parallel: Optional[ParallelConfig] = None) -> None:
+        super().__init__(as_dataclass(cfg, SegmentationConfig), model, seed=seed, parallel=parallel)
         self._validate()
         self.frozen = cfg.protocol in ("frozen", "linear") and not cfg.quirk_frozen_trains_encoder
         self.carry = GradientCarry() if cfg.quirk_no_zero_grad else None
@@ -88,7 +90,7 @@ class SegmentationTask(Task):
                              "and protocol full or frozen")
         if c.head == "unet" and c.output_stride != 32:
             raise ValueError("task.head=unet uses the whole pyramid: task.output_stride must be 32")
-        model_init = getattr(getattr(self.run_cfg, "model", None), "init", "random")
+        model_init = getattr(self.model_cfg, "init", "random")
         if model_init != "random" and c.init != model_init:
             raise ValueError(f"model.init={model_init} conflicts with task.init={c.init}: "
                              f"segmentation initialises from task.init (set task.init={model_init})")
@@ -110,11 +112,11 @@ class SegmentationTask(Task):
         if c.quirk_frozen_trains_encoder and c.protocol != "frozen":
             raise ValueError("task.quirk_frozen_trains_encoder reproduces --freezeencoder: needs task.protocol=frozen")
         if c.quirk_no_zero_grad:
-            GradientCarry.check_supported(self.run_cfg)
+            GradientCarry.check_supported(self.parallel)
 
     # ---- model -------------------------------------------------------------------------------
     def build_model(self) -> nn.ModuleDict:
-        c, m = self.cfg, self.run_cfg.model
+        c, m = self.cfg, self.model_cfg
         encoder = ResNetEncoder(m.encoder, "imagenet" if c.init == "imagenet" else "random",
                                 m.imagenet_weights, norm=getattr(m, "input_norm", "imagenet"))
         if c.output_stride != 32:
@@ -133,9 +135,8 @@ class SegmentationTask(Task):
     def _initialise(self, model: nn.ModuleDict) -> None:
         c = self.cfg
         if c.init in ("random", "imagenet"):
-            m = self.run_cfg.model
-            self.init_provenance = encoder_provenance(c.init == "imagenet", m.encoder, m.imagenet_weights,
-                                                      int(getattr(self.run_cfg, "seed", 0)))
+            m = self.model_cfg
+            self.init_provenance = encoder_provenance(c.init == "imagenet", m.encoder, m.imagenet_weights, self.seed)
             return
         weights = read_init_weights(c.weights)
         check_input_norm(weights, model["encoder"].norm, f"task.weights={c.weights}")

@@ -5,7 +5,8 @@ The only package in geoprime that imports ``mlflow``; one module a job:
 - :mod:`~trainer.tracking.client`: where runs go (URIs), a fast-failing MLflow client, and
   :func:`~trainer.tracking.client.apply`, which sends one tracking record (batched).
 - :mod:`~trainer.tracking.params`: config trees as MLflow params.
-- :mod:`~trainer.tracking.tracker`: :func:`create_tracker` and the :class:`Tracker` the loop uses.
+- :mod:`~trainer.tracking.tracker`: :func:`create_tracker` (from the ``tracking`` config slice) and the
+  :class:`Tracker` the loop uses (typed by the :class:`RunTracker` Protocol).
 - :mod:`~trainer.tracking.spool`: the append-only offline spool.
 - :mod:`~trainer.tracking.replay`: spool replay and its CLI
   ``python -m trainer.tracking replay <spool> [--uri URI]``.
@@ -29,8 +30,9 @@ from trainer.tracking.params import flatten
 from trainer.tracking.replay import main, replay_spool
 from trainer.tracking.spool import Spool, SpoolError
 from trainer.tracking.system import node_metrics, sample_system_metrics
-from trainer.tracking.tracker import MlflowTracker, Tracker, create_tracker
+from trainer.tracking.tracker import MlflowTracker, RunTracker, Tracker, create_tracker, default_run_name
 
-__all__ = ["MlflowTracker", "Spool", "SpoolError", "Tracker", "create_tracker", "default_uri", "flatten",
+__all__ = ["MlflowTracker", "RunTracker", "Spool", "SpoolError", "Tracker", "create_tracker", "default_run_name",
+           "default_uri", "flatten",
            "git_commit", "main", "node_metrics", "replay_spool", "resolve_uri", "sample_system_metrics", "sqlite_path",
            "sqlite_uri_for", "ui_command"]

@@ -18,8 +18,10 @@ import time
 import uuid
 import warnings
 from pathlib import Path
+from typing import Optional, Protocol
 
 from data_shards.atomic import atomic_write_text
+from trainer.config import DataConfig, TrackingConfig
 from trainer.tracking.client import (RUN_COLOR_TAG, RUN_STATUSES, apply, connect, create_run, git_commit,
                                      is_transient, now_ms, resolve_uri, run_color, ui_command)
 from trainer.tracking.datasets import manifest_inputs
@@ -52,6 +54,25 @@ def current_user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
+
+
+class RunTracker(Protocol):
+    """What the training loop calls on a tracker: :class:`Tracker` below, or a stand-in. It also calls
+    ``last_step()`` where a tracker has it (a resumed run then skips logging steps already logged)."""
+
+    run_id: Optional[str]
+
+    def log_params(self, flat: dict) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_artifact(self, path, artifact_path: Optional[str] = None) -> None: ...
+
+    def log_config(self, yaml_text: str) -> None: ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def close(self, status: str = "FINISHED") -> None: ...
 
 
 class Tracker:
@@ -304,27 +325,31 @@ class MlflowTracker(Tracker):
             pause = min(2 * pause, 10.0)
 
 
-def create_tracker(cfg, *, is_logging_rank: bool, run_id: str | None) -> Tracker:
+def default_run_name(task: str, strategy: str, seed: int) -> str:
+    """The run's name when ``tracking.run_name`` gives none: ``depth-ddp-seed0``."""
+    return f"{task}-{strategy}-seed{seed}"
+
+
+def create_tracker(tracking: TrackingConfig, out_dir: str, *, default_name: str, data: Optional[DataConfig] = None,
+                   is_logging_rank: bool, run_id: Optional[str]) -> Tracker:
     """The tracker for this process: MLflow on the logging rank, a do-nothing tracker elsewhere.
 
-    ``cfg`` is the whole run config (``cfg.tracking`` a TrackingConfig); ``run_id`` continues an
-    existing run (resume, or a run id broadcast by rank 0). A new run gets the shard manifests of
-    ``cfg.data`` as dataset inputs.
+    ``tracking`` says where and how; ``out_dir`` is the run folder (the default store beside it, the
+    offline spool in it); ``default_name`` names the run unless ``tracking.run_name`` does; ``run_id``
+    continues an existing run (resume, or a run id broadcast by rank 0). A new run gets the shard
+    manifests of ``data`` as dataset inputs.
     """
-    tcfg = cfg.tracking
+    tcfg = tracking
     if not is_logging_rank or not tcfg.enabled:
         return Tracker(run_id)
-    uri = resolve_uri(tcfg.uri, cfg.out_dir)
-    task_name = getattr(cfg.task, "name", None) or "run"
-    run_name = tcfg.run_name or f"{task_name}-{cfg.parallel.strategy}-seed{cfg.seed}"
+    uri = resolve_uri(tcfg.uri, out_dir)
     tags = dict(tcfg.tags or {})
     color = getattr(tcfg, "color", None)
     if color:
         tags[RUN_COLOR_TAG] = run_color(color)
-    tracker = MlflowTracker(uri, tcfg.experiment, run_id=run_id, run_name=run_name,
-                            parent_run_id=tcfg.parent_run_id, tags=tags,
-                            spool_dir=Path(cfg.out_dir) / "tracking",
+    tracker = MlflowTracker(uri, tcfg.experiment, run_id=run_id, run_name=tcfg.run_name or default_name,
+                            parent_run_id=tcfg.parent_run_id, tags=tags, spool_dir=Path(out_dir) / "tracking",
                             close_retry_s=float(getattr(tcfg, "close_retry_s", CLOSE_RETRY_S)))
-    if run_id is None and getattr(cfg, "data", None) is not None:
-        tracker.log_inputs(manifest_inputs(cfg.data))
+    if run_id is None and data is not None:
+        tracker.log_inputs(manifest_inputs(data))
     return tracker

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from trainer.tracking.tracker import RunTracker
+
 log = logging.getLogger("geoprime.loop")
 
 
@@ -37,7 +39,7 @@ class TrainLog:
     calls :meth:`flush` at the same steps). A resumed run re-does the steps after its checkpoint:
     steps up to ``logged_until`` (what the tracking run already holds) are not sent again."""
 
-    def __init__(self, engine: Any, tracker: Any, *, total: int, log_every: int, samples_per_step: int,
+    def __init__(self, engine: Any, tracker: RunTracker, *, total: int, log_every: int, samples_per_step: int,
                  sys_every_s: float, logged_until: int = 0) -> None:
         self.engine, self.tracker, self.total = engine, tracker, int(total)
         self.log_every, self.samples_per_step = max(1, int(log_every)), int(samples_per_step)
