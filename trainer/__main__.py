@@ -97,8 +97,8 @@ def _print_config(cfg, flags: list[str]) -> int:
 
 def run(cfg) -> dict:
     """Train the run described by the composed config; returns the final metrics."""
-    from trainer.loop import train
     from trainer.allocator import keep_freed_memory
+    from trainer.loop import train
     from trainer.threads import configure_threads
 
     configure_threads(int(cfg.data.num_workers))  # no oversubscription with loader workers / ranks
