@@ -17,7 +17,8 @@ them). Printed per save: the stall (the slowest rank's: the save call, then each
 save's seconds and size, the step right before it (no save running), the mean step while it is written in
 the background and how many (``k``), and ``waited``: what the benchmark waited for a save not yet whole
 after ``--max-steps`` steps (a run trains on instead; not part of the stall: only a save due before the
-previous one is whole would wait for it).
+previous one is whole would wait for it). Then each async save's stall in parts (:func:`_parts_row`): the
+state dict, the staging copy, the checks, the save call's CPU seconds and the bytes each rank staged.
 
     python benchmarks/bench_ckpt_stall.py                                  # 96x320; single ddp fsdp; disk + 100 MB/s
     python benchmarks/bench_ckpt_stall.py --strategies single --rates 0 --dir /pvc/scratch
@@ -82,15 +83,16 @@ def _build(a: argparse.Namespace):
 
 def _one_save(ck, step, n: int, background: bool, max_steps: int) -> dict:
     """Save ``n``; in the background mode train on until the save is whole. Returns what the loop paid."""
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     ck.save(n, {"progress": _Counter()}, {"rng": _Counter()}, background=background)
-    stall = time.perf_counter() - t
+    call, cpu = time.perf_counter() - t, time.process_time() - cpu
+    checks = 0.0
     during: list[float] = []
     while ck.in_flight and len(during) < max_steps:
         during.append(step())
         t = time.perf_counter()
         ck.poll()  # collective: the loop's per-step check
-        stall += time.perf_counter() - t
+        checks += time.perf_counter() - t
     waited = 0.0
     if ck.in_flight:  # not whole after max_steps: the next save would wait for it
         t = time.perf_counter()
@@ -98,7 +100,8 @@ def _one_save(ck, step, n: int, background: bool, max_steps: int) -> dict:
         waited = time.perf_counter() - t
     # stall: what the loop paid (the save call, then each step's check); waited: the bench stopped
     # stepping after max_steps (a run trains on; only a save due before this one is whole would wait)
-    return {**ck.last_save, "stall_s": stall, "waited_s": waited, "steps_during": during}
+    return {**ck.last_save, "stall_s": call + checks, "call_s": call, "call_cpu_s": cpu, "checks_s": checks,
+            "waited_s": waited, "steps_during": during}
 
 
 def worker(a: argparse.Namespace) -> None:
@@ -125,7 +128,8 @@ def worker(a: argparse.Namespace) -> None:
     ranks = engine.all_gather_object(records)
     if engine.is_logging_rank:
         for i, rec in enumerate(records):
-            rec["stall_s"] = max(r[i]["stall_s"] for r in ranks)  # the loop goes at the slowest rank's pace
+            slowest = max((r[i] for r in ranks), key=lambda x: x["stall_s"])  # the loop goes at its pace
+            rec.update({k: v for k, v in slowest.items() if k.startswith(("stall", "stage", "call", "check"))})
             during = rec.pop("steps_during")
             rec["steps_during"], rec["during_s"] = len(during), sum(during) / len(during) if during else float("nan")
             print("RESULT " + json.dumps({"strategy": a.worker, "world": engine.world_size,
@@ -146,6 +150,25 @@ def _table_row(r: dict) -> str:
     waited = f"{r['waited_s']:.1f}" if r["mode"] == "async" else "-"
     return (f"{r['strategy']:<7}{r['world']:>3}  {storage:<9}{r['mode']:<6}{r['save']:>3}{r['stall_s']:>9.3f}"
             f"{r['total_s']:>8.2f}{r['bytes'] / 2**20:>8.0f}{r['step_s']:>8.2f}{during:>8}{during_n(r):>4}{waited:>8}")
+
+
+#: the parts of an async save's stall (the slowest rank's), in the order the loop pays them
+PARTS_HEADER = (f"{'strat':<7}{'n':>3}  {'storage':<9}{'#':>3}{'stall s':>9}{'check':>7}{'state':>7}{'copy':>7}"
+                f"{'other':>7}{'polls':>7}{'cpu s':>7}{'staged MiB':>11}")
+
+
+def _parts_row(r: dict) -> str:
+    """check: the free-space check and its broadcast (+ waiting for a save in flight); state: the state dict and
+    this rank's share of it; copy: the staging copy; other: the small per-rank / rank-0 state, the background
+    group; polls: the per-step all-reduces until the save is whole; cpu: the save call's CPU seconds (what a rank
+    with a core of its own would wait); staged: the bytes this rank copied. Planning, writing and sealing run on
+    the thread: none of them is in the stall."""
+    storage = "disk" if not r["rate"] else f"{r['rate']:g} MB/s"
+    check, state, copy = r["wait_s"] + r["check_s"], r.get("stage_state_s", 0.0), r.get("stage_copy_s", 0.0)
+    other = r["call_s"] - check - state - copy
+    return (f"{r['strategy']:<7}{r['world']:>3}  {storage:<9}{r['save']:>3}{r['stall_s']:>9.3f}{check:>7.3f}"
+            f"{state:>7.3f}{copy:>7.3f}{other:>7.3f}{r['checks_s']:>7.3f}{r['call_cpu_s']:>7.3f}"
+            f"{r.get('stage_bytes', float('nan')) / 2**20:>11.0f}")
 
 
 def during_n(r: dict) -> str:
@@ -208,6 +231,10 @@ def main() -> int:
     finally:
         if not a.dir:
             shutil.rmtree(root, ignore_errors=True)
+    print(f"\n# the async stall in parts (seconds; see _parts_row)\n{PARTS_HEADER}")
+    for r in every:
+        if r["mode"] == "async":
+            print(_parts_row(r))
     if a.json:
         Path(a.json).write_text(json.dumps(every, indent=1))
     return 0

@@ -3,9 +3,10 @@ everything else, at each frame size, and (``--pieces``) everything else piece by
 
 Set-up: the run ``python -m trainer`` composes for bench_vs_reference's setting (``task=depth``
 mono, ResNet-18 depth net and separate pose net, batch 8, Adam, constant lr, fp32, one process,
-the trainer's defaults otherwise: channels_last, fused Adam, compiled CPU loss), built with the
-trainer's own functions; each step is the loop's verbs (``trainer/loop.py`` ``_run``): next batch,
-to_device, forward, backward, log, optimizer step, log window.
+the trainer's defaults otherwise: channels_last, fused Adam, compiled CPU loss, freed memory kept by
+``trainer/allocator.py`` unless ``--default-malloc``), built with the trainer's own functions; each
+step is the loop's verbs (``trainer/loop.py`` ``_run``): next batch, to_device, forward, backward,
+log, optimizer step, log window.
 
 Data: ``--data fake`` (default): one random uint8 batch with the ``aug_*`` keys, no loader (data
 wait ~0). ``--data kitti``: bench_vs_reference's fake KITTI frames, converted at each size, read
@@ -289,7 +290,7 @@ def run_size(args: argparse.Namespace, height: int, width: int) -> dict:
     result = {"hw": [height, width], "batch": args.batch, "threads": torch.get_num_threads(), "data": args.data,
               "workers": args.workers if args.data == "kitti" else 0, "steps": args.steps,
               "wall_s": summarize(timed, "wall"), "cpu_s": summarize(timed, "cpu"),
-              "load_avg_1min": round(os.getloadavg()[0], 2)}
+              "malloc": "default" if args.default_malloc else "kept", "load_avg_1min": round(os.getloadavg()[0], 2)}
     if args.pieces:
         from torch.profiler import ProfilerActivity, profile
 
@@ -335,10 +336,15 @@ def main() -> None:
     p.add_argument("--pieces", action="store_true", help="one more step under torch.profiler, per piece")
     p.add_argument("--ops", type=int, default=0, help="with --pieces: also the N costliest ops outside the networks")
     p.add_argument("--ours", nargs="*", default=[], help="extra Hydra overrides, e.g. task.photometric_impl=handwritten")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc settings as they are (the trainer keeps freed memory: trainer/allocator.py)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    from trainer.allocator import keep_freed_memory
     from trainer.threads import configure_threads
 
+    if not args.default_malloc:
+        keep_freed_memory()  # as python -m trainer does
     if args.threads:
         torch.set_num_threads(args.threads)
     else:

@@ -161,6 +161,25 @@ def test_exact_resume_with_batchnorm(tmp_path, strategy, kill_rank, kill):
     extra = ["parallel.zero_stage=2"] if strategy == "deepspeed" else []
     _resume_matches_uninterrupted(tmp_path, f"parallel.strategy={strategy}", "task.bn=true", *extra,
                                   kill_rank=kill_rank, kill=kill)
+    if strategy != "deepspeed":
+        _dcp_buffers_are_rank0s(tmp_path / "run" / "checkpoints" / "step_00000007")
+
+
+def _dcp_buffers_are_rank0s(ckpt: Path) -> None:
+    """The BatchNorm statistics in a DCP checkpoint are rank 0's (as in ``weights.pt``), not a mix of the
+    ranks' (each rank stages only its share of the replicated state: trainer/engine/dcp_share.py)."""
+    import torch.distributed.checkpoint as dcp
+
+    from trainer.checkpointing.safe_dcp import SafeFileSystemReader
+    from trainer.engine.core import quiet_single_process
+
+    own = [torch.load(ckpt / f"rank_{r:05d}.pt", weights_only=True)["buffers"] for r in range(2)]
+    assert any(not torch.equal(own[0][k], own[1][k]) for k in own[0])  # the ranks' statistics differ
+    state = {"model": {k: torch.empty_like(v) for k, v in own[0].items()}}
+    with quiet_single_process():
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(ckpt / "dcp")), no_dist=True)
+    for k, v in own[0].items():
+        assert torch.equal(state["model"][k], v), k
 
 
 def _resume_on_world_size(tmp_path: Path, before: int, after: int, *args: str) -> str:

@@ -95,6 +95,7 @@ def staged_round_trip(eng: Engine, directory: Path, data: torch.Tensor, world: i
     import threading
 
     write = eng.stage_state(directory)
+    staged_bytes = eng.all_gather_object(eng.stage_times.get("bytes"))  # what each rank copied
     staged_only = not any(p.suffix in (".pt", ".distcp") for p in directory.rglob("*"))
     train_steps(eng, data, range(STEPS, STEPS + 1), world)  # changes weights and Adam moments in place
     after = eng.full_state_dict()
@@ -107,7 +108,8 @@ def staged_round_trip(eng: Engine, directory: Path, data: torch.Tensor, world: i
     eng.load_state(directory)
     loaded = eng.full_state_dict()
     train_steps(eng, data, range(STEPS, STEPS + 1), world)  # the same step again, from the loaded moments
-    return {"staged_only": staged_only, "after": after, "loaded": loaded, "again": eng.full_state_dict()}
+    return {"staged_only": staged_only, "staged_bytes": staged_bytes, "after": after, "loaded": loaded,
+            "again": eng.full_state_dict()}
 
 
 # ------------------------------------------------------------------ worker (under torchrun)
@@ -129,6 +131,7 @@ def worker_agree(out: Path, names: list[str]) -> None:
             exported = torch.load(out / f"{name}.pt", weights_only=True)
             torch.save(rt["after"], out / f"{name}_step4.pt")
             json.dump({"norms": norms, "lr": eng.lr, "staged_only": rt["staged_only"],
+                       "staged_bytes": rt["staged_bytes"],
                        "reload_equal": all(torch.equal(rt["loaded"][k], v) for k, v in exported.items()),
                        "again_equal": all(torch.equal(rt["again"][k], v) for k, v in rt["after"].items())},
                       open(out / f"{name}.json", "w"))
@@ -278,6 +281,11 @@ def test_strategies_agree_with_single_process_and_reshard(tmp_path):
         assert res["staged_only"], f"{name}: staging wrote a state file"
         # the snapshot: what was written after a step is the state staged before it (issue 31.3)
         assert res["reload_equal"] and res["again_equal"], f"{name}: state round trip is not exact"
+        if name in ("ddp", "fsdp"):  # each rank copies only what it writes: together the state once
+            params = [v.numel() * v.element_size() for v in w_ref.values()]
+            whole = 3 * sum(params) + 4 * len(params)  # weights, Adam's two moments, its step counts
+            assert sum(res["staged_bytes"]) == whole, (name, res["staged_bytes"], whole)
+            assert max(res["staged_bytes"]) <= whole / 2 + max(params), (name, res["staged_bytes"])
 
     # FSDP2 resharding: the 2-rank DCP checkpoint (after STEPS steps) loads into a 1-rank FSDP2
     # run, and its next step on the same global batch matches the reference's step 4

@@ -97,10 +97,12 @@ def _print_config(cfg, flags: list[str]) -> int:
 
 def run(cfg) -> dict:
     """Train the run described by the composed config; returns the final metrics."""
+    from trainer.allocator import keep_freed_memory
     from trainer.loop import train
     from trainer.threads import configure_threads
 
     configure_threads(int(cfg.data.num_workers))  # no oversubscription with loader workers / ranks
+    keep_freed_memory()  # no page faults on each step's buffers (trainer/allocator.py)
     return train(cfg)
 
 

@@ -171,7 +171,8 @@ class Checkpointer:
         self.keep_last = int(keep_last)
         self.last_save: dict[str, float] = {}
         """Seconds per phase of the last save (write, seal, commit, prune, total; for a background
-        save also stage, and stall: how long the caller was held) and its bytes."""
+        save also stage, its parts as ``stage_<part>`` from the engine, and stall: how long the caller
+        was held) and its bytes."""
         self._in_flight: Optional[_Background] = None
 
     @property
@@ -202,6 +203,7 @@ class Checkpointer:
             return job.final
         job.group, job.writes = self.engine.background_group(), self._writes(job, shared, per_rank, staged=True)
         job.times.update(stage_s=time.perf_counter() - t_stage, stall_s=time.perf_counter() - t0)
+        job.times.update({f"stage_{k}": v for k, v in getattr(self.engine, "stage_times", {}).items()})
         self._in_flight = _Background(lambda: self._complete(job), f"checkpoint {job.final.name}")
         if self.engine.is_logging_rank:
             log.info("checkpoint %s staged in %.2f s (the loop was held %.2f s): writing it in the background",

@@ -258,6 +258,9 @@ class Backend:
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
         self.scaler: Optional[torch.amp.GradScaler] = None
+        self.stage_times: dict[str, float] = {}
+        """The last :meth:`stage`'s parts, what the training thread waited for (``*_s``: seconds; ``bytes``:
+        what this rank copied), by the backend's names."""
 
     @staticmethod
     def check(pcfg: Any, env: DistEnv) -> None:

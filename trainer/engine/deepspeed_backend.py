@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Optional
@@ -179,6 +180,7 @@ class DeepSpeedBackend(Backend):
         :class:`_StagingEngine`, which keeps a CPU copy of each file's state dict instead of writing it;
         the function returned writes those copies. (DeepSpeed's asynchronous engines need its NVMe
         async-I/O op or an external package; its engine attribute is the hook it offers.)"""
+        t0 = time.perf_counter()
         if self._stager is None:
             self._stager = cpu_stager()
         real = self.ds.checkpoint_engine
@@ -188,6 +190,7 @@ class DeepSpeedBackend(Backend):
             self.ds.save_checkpoint(str(directory), tag=DS_TAG, client_state={}, save_latest=False)
         finally:
             self.ds.checkpoint_engine = real
+        self.stage_times = {"copy_s": time.perf_counter() - t0}  # DeepSpeed's clones and the stager's copies
         return staging.write
 
     def load(self, directory: Path, saved_world_size: Optional[int]) -> None:

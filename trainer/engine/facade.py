@@ -201,6 +201,11 @@ class Engine:
         thread while training goes on: its collectives use :meth:`background_group`. Collective."""
         return self._backend.stage(Path(directory))
 
+    @property
+    def stage_times(self) -> dict[str, float]:
+        """The last :meth:`stage_state`'s parts: seconds (``state_s``, ``copy_s``...) and ``bytes`` this rank copied."""
+        return dict(self._backend.stage_times)
+
     def background_group(self) -> ProcessGroup:
         """Collectives for a background thread (the asynchronous checkpoint): a second group over the
         same ranks, made on first use (collective)."""

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from trainer.distributed import DistEnv
 from trainer.checkpointing import slow_storage
+from trainer.engine.dcp_share import local_bytes, own_share, rewrap_shards, unwrap_shards
 from trainer.engine.core import (PRECISIONS, Backend, GroupsFn, ProcessGroup, TaskModule, cpu_stager,
                                  quiet_single_process, silence_single_process_warning)
 from trainer.optim import build_optimizer
@@ -161,20 +162,29 @@ class NativeBackend(Backend):
     def stage(self, directory: Path) -> Callable[[], None]:
         """:meth:`save`'s state copied now into CPU memory by DCP's stager (buffers reused from one
         checkpoint to the next); the function returned writes the copy with DCP on the background group."""
+        t0 = time.perf_counter()
         if self._stager is None:
             self._stager = cpu_stager()
             if not self.s.group.active:
                 silence_single_process_warning()
-        staged, extra = self._stager.stage(self._state()), copy.deepcopy(self._extra())
+        state, shards = unwrap_shards(self._state())
+        t1 = time.perf_counter()
+        staged, extra = self._stager.stage(state), copy.deepcopy(self._extra())
+        t2 = time.perf_counter()
         group = self.s.group.background()
-        return lambda: self._write(staged, extra, directory, group)
+        self.stage_times = {"state_s": t1 - t0, "copy_s": t2 - t1, "group_s": time.perf_counter() - t2,
+                            "bytes": float(local_bytes(state))}
+        return lambda: self._write(rewrap_shards(staged, shards), extra, directory, group)
 
     def _state(self) -> dict[str, Any]:
+        """This rank's share of the model and optimizer state (:mod:`trainer.engine.dcp_share`): what it
+        writes, so what it stages; rank 0's module buffers, without a collective."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         msd, osd = get_state_dict(self.model, self.optimizer)
-        self._rank0_buffers_into(msd)
-        return {"model": msd, "optim": osd}
+        buffers = {("model", name) for name, _ in self.root.named_buffers()}
+        world = self.s.env.world_size if self.s.group.active else 1
+        return own_share({"model": msd, "optim": osd}, self.s.env.rank, world, buffers)
 
     def _extra(self) -> Optional[dict[str, Any]]:
         """Scheduler and scaler state, on rank 0 (None elsewhere)."""
@@ -190,21 +200,6 @@ class NativeBackend(Backend):
         dcp.save(state, storage_writer=slow_storage.dcp_writer(directory / DCP_DIR), process_group=group.handle)
         if extra is not None:
             slow_storage.torch_save(extra, directory / ENGINE_STATE_FILE)
-
-    def _rank0_buffers_into(self, msd: dict[str, Any]) -> None:
-        """Put rank 0's copy of every plain buffer into ``msd``. Buffers such as BatchNorm running
-        statistics are per rank (each sees its own batches) but look replicated to DCP, which
-        saves one copy picked from any rank: without this, a checkpoint mixes ranks' statistics
-        while ``weights.pt`` is rank 0's. (Each rank's own copy goes into its rank file:
-        :meth:`Engine.rank_buffers`.)"""
-        if not self.s.group.active or self.s.env.world_size == 1:
-            return
-        for name, _ in self.root.named_buffers():
-            value = msd.get(name)
-            if isinstance(value, torch.Tensor) and type(value) is torch.Tensor:  # not a DTensor shard
-                value = value.detach().clone()
-                dist.broadcast(value, src=0)
-                msd[name] = value
 
     def load(self, directory: Path, saved_world_size: Optional[int]) -> None:
         """DCP reshards to this world size by itself, so ``saved_world_size`` is not needed. The

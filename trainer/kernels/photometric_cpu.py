@@ -148,9 +148,10 @@ NOBODY = -1
 backward's index is int32: 16 lanes like its fp32 vectors (uint8 loads of 16 lanes were 10x slower)."""
 
 
-EAGER = SimpleNamespace(min_error=min_error, error_coefficients=error_coefficients, error_adjoint=error_adjoint)
-"""The per-chunk functions :class:`MinReprojection` runs (``trainer.kernels.compiled_cpu``
-compiles the same three)."""
+EAGER = SimpleNamespace(target_stats=target_stats, min_error=min_error, error_coefficients=error_coefficients,
+                        error_adjoint=error_adjoint)
+"""The target's statistics and the per-chunk functions :class:`MinReprojection` runs
+(``trainer.kernels.compiled_cpu`` compiles the same four)."""
 
 
 def _chunks(b: int, step: int) -> list[slice]:
@@ -251,7 +252,7 @@ def multiscale_min_reprojection(target: Tensor, warped: Sequence[Tensor], identi
     fns = fns or EAGER
     chunk = chunk or (CHUNK if target.device.type == "cpu" else target.shape[0])  # a GPU likes big launches
     yp = pad_image(target, PAD).unsqueeze(2)
-    mu_y, sig_y = target_stats(yp)
+    mu_y, sig_y = fns.target_stats(yp)
     first = _identity_min(yp, mu_y, sig_y, identity, float(ssim_weight), chunk, fns)
     best, index = MinReprojection.apply(yp, mu_y, sig_y, first, len(identity), float(ssim_weight), chunk, fns,
                                         *warped)
