@@ -24,6 +24,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+EAGER_LOSS = "task.photometric_impl=handwritten"
+"""For whole-run tests about processes, signals, disks and tracking: the eager photometric loss, which
+skips inductor's compile of the CPU loss (~3 s per process from a warm cache, ~20 s cold). The compiled
+loss, the default, is tested by test_photometric_compiled.py and test_depth_resume.py's real runs."""
+
+
 def child_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     """Environment for child processes: CPU only, one thread per rank, repo on the path."""
     env = dict(os.environ)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_helpers import build_synthetic, child_env, survivors
+from dist_helpers import EAGER_LOSS, build_synthetic, child_env, survivors
 
 REPO = Path(__file__).resolve().parents[1]
 BOMB_HW = (13000, 13000)
@@ -98,7 +98,7 @@ def test_training_refuses_the_bomb_before_decoding_it(bombed, tmp_path):
     """The start-up check meets the bomb among its probed samples: one line naming shard and member, exit 2,
     nothing left running. Under data.on_corrupt=skip the same run skips both bombs and trains."""
     root, _, rgb = bombed
-    common = ["task=depth", f"data.root={root}", "tracking=none", "train.progress=false", "train.batch_size=2",
+    common = ["task=depth", EAGER_LOSS, f"data.root={root}", "tracking=none", "train.progress=false", "train.batch_size=2",
               "train.steps=4", "data.num_workers=1"]
     out = tmp_path / "run"
     res = subprocess.run([sys.executable, "-m", "trainer", *common, f"out_dir={out}"],

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_helpers import child_env, survivors, wait_for_text
+from dist_helpers import EAGER_LOSS, child_env, survivors, wait_for_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def test_a_full_disk_is_named_keeps_the_last_checkpoint_and_resumes_once_freed(s
     from trainer.checkpointing.checkpoint import find_latest_whole
 
     out, fake = tmp_path / "run", tmp_path / "free_bytes"
-    args = [sys.executable, "-c", SMALL_DISK_TRAINER, "task=depth", f"data.root={small_synthetic}", f"out_dir={out}",
+    args = [sys.executable, "-c", SMALL_DISK_TRAINER, "task=depth", EAGER_LOSS, f"data.root={small_synthetic}", f"out_dir={out}",
             "tracking=none", "train.batch_size=1", "train.log_every=1", "train.progress=false", "train.ckpt_every=2",
             "data.num_workers=1"]
     env = child_env({"FAKE_FREE_FILE": str(fake)})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_helpers import child_env, processes_naming, signal_and_wait, survivors, wait_for_text
+from dist_helpers import EAGER_LOSS, child_env, processes_naming, signal_and_wait, survivors, wait_for_text
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -25,7 +25,7 @@ def shards(small_synthetic) -> Path:
 
 
 def _args(shards: Path, out: Path, *extra: str) -> list[str]:
-    return ["task=depth", f"data.root={shards}", f"out_dir={out}", "train.batch_size=1", "train.log_every=1",
+    return ["task=depth", EAGER_LOSS, f"data.root={shards}", f"out_dir={out}", "train.batch_size=1", "train.log_every=1",
             "train.progress=false", f"tracking.uri=sqlite:///{out / 'mlflow.db'}", "tracking.system_metrics_every=0",
             *extra]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_helpers import build_synthetic, child_env, processes_naming, signal_and_wait, survivors
+from dist_helpers import EAGER_LOSS, build_synthetic, child_env, processes_naming, signal_and_wait, survivors
 from fixtures_real import KITTI_DATE, write_kitti_raw
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,8 +77,8 @@ def trainer(out: Path, *overrides: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("layout,workers", [("synthetic", 1), ("kitti", 2)])
 def test_a_loader_error_ends_the_run_and_its_workers(layout, workers, synthetic_corrupt, kitti_corrupt, tmp_path):
     out = tmp_path / "run"
-    data = (["task=depth", f"data.root={synthetic_corrupt}"] if layout == "synthetic" else
-            ["data=kitti", "task=depth", f"data.root={kitti_corrupt}", "data.test_split=val"])
+    data = (["task=depth", EAGER_LOSS, f"data.root={synthetic_corrupt}"] if layout == "synthetic" else
+            ["data=kitti", "task=depth", EAGER_LOSS, f"data.root={kitti_corrupt}", "data.test_split=val"])
     res = trainer(out, *data, "train.steps=20", f"data.num_workers={workers}")  # default on_corrupt=raise
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
     log = (out / "logs" / "rank0.log").read_text()
@@ -89,10 +89,10 @@ def test_a_loader_error_ends_the_run_and_its_workers(layout, workers, synthetic_
 
 @pytest.mark.timeout(300)
 def test_success_and_config_error_end_with_workers_on(synthetic, tmp_path):
-    done = trainer(tmp_path / "ok", "task=depth", f"data.root={synthetic}", "train.steps=3", "data.num_workers=2")
+    done = trainer(tmp_path / "ok", "task=depth", EAGER_LOSS, f"data.root={synthetic}", "train.steps=3", "data.num_workers=2")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert not survivors(str(tmp_path / "ok"))
-    typo = trainer(tmp_path / "typo", "task=depth", f"data.root={synthetic}", "data.num_workers=2", "+train.stepz=5")
+    typo = trainer(tmp_path / "typo", "task=depth", EAGER_LOSS, f"data.root={synthetic}", "data.num_workers=2", "+train.stepz=5")
     assert typo.returncode == 2 and "unknown key train.stepz" in typo.stderr, typo.stderr[-2000:]
     assert not survivors(str(tmp_path / "typo"))
 
@@ -101,7 +101,7 @@ def test_success_and_config_error_end_with_workers_on(synthetic, tmp_path):
 def test_kill_9_of_a_rank_takes_its_workers_at_once(synthetic, tmp_path):
     """A worker asked the kernel for SIGKILL when its rank dies (no 5 s watchdog poll, no orphan)."""
     out = tmp_path / "kill"
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", f"out_dir={out}", "tracking=none", "task=depth",
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", f"out_dir={out}", "tracking=none", "task=depth", EAGER_LOSS,
                              f"data.root={synthetic}", "train.progress=false", "train.batch_size=2", "train.log_every=1",
                              "train.steps=500", "data.num_workers=2"],
                             env=child_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -129,7 +129,7 @@ def test_a_failed_rank_under_launch_run_fails_the_job(synthetic_corrupt, tmp_pat
 
     out = tmp_path / "ddp"
     res = subprocess.run([sys.executable, "-m", "launch", "run", "--gpus-per-node", "2", "--max-restarts", "1",
-                          "task=depth", "parallel=ddp", f"data.root={synthetic_corrupt}", f"out_dir={out}",
+                          "task=depth", EAGER_LOSS, "parallel=ddp", f"data.root={synthetic_corrupt}", f"out_dir={out}",
                           "tracking=none", "train.progress=false", "train.batch_size=1", "train.steps=20",
                           "data.num_workers=1"], env=child_env(), cwd=REPO, capture_output=True, text=True,
                          timeout=RUN_TIMEOUT * 2)
@@ -154,7 +154,7 @@ def test_a_corrupt_sample_met_by_preflight_is_one_line(tmp_path):
     for m in rgbs:
         data[m.offset_data + m.size // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    res = trainer(tmp_path / "raise", "task=depth", f"data.root={root}", "train.steps=1")
+    res = trainer(tmp_path / "raise", "task=depth", EAGER_LOSS, f"data.root={root}", "train.steps=1")
     err = res.stderr.strip()
     assert res.returncode == 2 and len(err.splitlines()) == 1, res.stdout[-2000:] + res.stderr[-3000:]
     assert "checksum mismatch" in err and shard.name in err and "data.on_corrupt=skip" in err, err

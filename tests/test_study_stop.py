@@ -30,7 +30,7 @@ study:
   common: [data.root={shards}, train.batch_size=1, train.log_every=1, train.progress=false, data.num_workers=1,
            tracking.system_metrics_every=0]
   pretrainings:
-    depth: {{task: depth, init: depth, overrides: [train.steps=40, "data.test_split=''"]}}
+    depth: {{task: depth, init: depth, overrides: [train.steps=40, task.photometric_impl=handwritten, "data.test_split=''"]}}
     random: {{init: random}}
   finetune: [train.steps=2, "data.val_split=''"]
   protocols: {{frozen: [task.protocol=frozen]}}

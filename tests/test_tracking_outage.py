@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_helpers import child_env, wait_for_text
+from dist_helpers import EAGER_LOSS, child_env, wait_for_text
 from test_tracking_support import MlflowServer, run_cfg, tracker_for
 
 from launch.runstore import TrackingStore
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow]
 
 
 def _trainer(shards: Path, out: Path, uri: str, steps: int) -> list[str]:
-    return [sys.executable, "-m", "trainer", "task=depth", f"data.root={shards}", f"out_dir={out}",
+    return [sys.executable, "-m", "trainer", "task=depth", EAGER_LOSS, f"data.root={shards}", f"out_dir={out}",
             "train.batch_size=1", "train.log_every=1", "train.progress=false", f"train.steps={steps}",
             "data.num_workers=1", f"tracking.uri={uri}", "tracking.experiment=outage",
             "tracking.system_metrics_every=0", "tracking.close_retry_s=2"]

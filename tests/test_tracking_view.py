@@ -83,7 +83,7 @@ study:
            train.batch_size=1, train.log_every=1, train.eval_every=0, train.ckpt_every=0,
            train.keep_checkpoints=false, train.eval_max_batches=1, tracking.system_metrics_every=0.001]
   pretrainings:
-    depth: {{task: depth, init: depth, overrides: [task.supervision=mono, train.steps=1]}}
+    depth: {{task: depth, init: depth, overrides: [task.supervision=mono, train.steps=1, task.photometric_impl=handwritten]}}
     random: {{init: random}}
   finetune: [train.steps=1, "data.val_split=''"]
   protocols: {{full: [task.protocol=full]}}
