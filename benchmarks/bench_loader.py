@@ -73,7 +73,8 @@ def prepare(work: Path, frames: int, hw: tuple[int, int], quality: int) -> tuple
     roots = {}
     for layout in ("compact", "plain"):
         for fmt in ("png", "jpeg"):
-            out = work / (f"{layout}_{fmt}_{hw[0]}x{hw[1]}" + (f"_q{quality}" if fmt == "jpeg" else ""))
+            # PNG folders name their rows' filter: shards of the older writer (Pillow's filters) are not reused
+            out = work / (f"{layout}_{fmt}_{hw[0]}x{hw[1]}" + (f"_q{quality}" if fmt == "jpeg" else "_uprows"))
             if not (out / "train" / "manifest.json").exists():
                 subprocess.run([sys.executable, "-m", "data_shards", "build", "kitti", "--root", str(raw), "--out",
                                 str(out), "--split", f"train={split}", "--resize", str(hw[0]), str(hw[1]), "--layout",
