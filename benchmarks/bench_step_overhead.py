@@ -16,7 +16,10 @@ Timing, without a profiler: forward hooks on the model's parts time the networks
 gradient hooks on their outputs mark where the backward reaches the networks (autograd runs the
 nodes created last first, and every non-network node was created after the networks it
 depends on). networks = time inside the parts, forward and backward; everything else = step -
-networks. Wall and process-CPU seconds, medians over ``--steps`` steps after ``--warmup``.
+networks. Wall and process-CPU seconds after ``--warmup`` steps, over ``--steps`` steps in windows of
+``--log-every`` (default: the trainer's ``train.log_every``, 10): each window's mean step (one log step
+in every window: its grad norm and log flush are paid once per window, as in a run), the median over
+windows. ``--log-every 1`` is the old setting (every step a log step: the grad norm's pass every step).
 
 ``--pieces``: one more step under torch.profiler; each op's time goes to the innermost
 ``record_function`` label around it (``depth/...`` in trainer/tasks/depth.py, ``net/<part>``
@@ -46,6 +49,8 @@ from torch.profiler import record_function
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from trainer.config import TrainConfig  # noqa: E402  (dataclasses only: no Hydra, no torch import)
+
 NETWORK_PREFIX = "net/"
 """Label prefix of the networks' forward (the model's parts), set by :class:`NetworkClock`."""
 
@@ -54,7 +59,7 @@ def overrides(args: argparse.Namespace, height: int, width: int, shards: Path | 
     """bench_vs_reference's ``python -m trainer`` overrides (see its ``run_ours``) at ``height x width``."""
     return ["task=depth", "task.supervision=mono", "data=kitti", f"data.root={shards or '/nonexistent'}",
             f"data.num_workers={args.workers}", "model=resnet18", f"train.batch_size={args.batch}",
-            "train.log_every=1", "tracking=none", "optim.name=adam", "optim.lr=1e-4", "schedule.name=constant",
+            f"train.log_every={args.log_every}", "tracking=none", "optim.name=adam", "optim.lr=1e-4", "schedule.name=constant",
             *args.ours]
 
 
@@ -192,7 +197,7 @@ def step(engine, task, batches, train_log, clock: NetworkClock, number: int) -> 
     with ph("log"):
         train_log.add(loss, terms, engine.grad_accum)
     with ph("optimizer"):
-        norm = engine.step()
+        norm = engine.step(want_norm=train_log.logs_at(number))
     with ph("log"):
         train_log.end_step(norm)
         train_log.maybe_flush(number, batches.loader if hasattr(batches, "loader") else batches,
@@ -203,8 +208,9 @@ def step(engine, task, batches, train_log, clock: NetworkClock, number: int) -> 
 PHASES = ("data", "to_device", "forward", "backward", "optimizer", "log")
 
 
-def summarize(steps: list[Phases], clock_name: str) -> dict[str, float]:
-    """Medians of the phases, the networks' part and everything else, for ``wall`` or ``cpu``."""
+def summarize(steps: list[Phases], clock_name: str, window: int = 1) -> dict[str, float]:
+    """The phases, the networks' part and everything else, for ``wall`` or ``cpu``: each ``window``
+    of consecutive steps averaged (a window holds one log step), the median over windows."""
     rows = []
     for ph in steps:
         t = getattr(ph, clock_name)
@@ -214,6 +220,8 @@ def summarize(steps: list[Phases], clock_name: str) -> dict[str, float]:
                      "forward_else": t["forward"] - t["forward_networks"],
                      "backward_else": t["backward"] - t["backward_networks"],
                      **{p: t[p] for p in ("data", "to_device", "optimizer", "log")}})
+    rows = [{k: statistics.fmean(r[k] for r in rows[i:i + window]) for k in rows[0]}
+            for i in range(0, len(rows) - window + 1, window)]
     out = {k: round(statistics.median(r[k] for r in rows), 4) for k in rows[0]}
     out["ratio"] = round(statistics.median(r["else"] / r["networks"] for r in rows), 4)
     return out
@@ -289,7 +297,8 @@ def run_size(args: argparse.Namespace, height: int, width: int) -> dict:
             timed.append(ph)
     result = {"hw": [height, width], "batch": args.batch, "threads": torch.get_num_threads(), "data": args.data,
               "workers": args.workers if args.data == "kitti" else 0, "steps": args.steps,
-              "wall_s": summarize(timed, "wall"), "cpu_s": summarize(timed, "cpu"),
+              "log_every": args.log_every, "wall_s": summarize(timed, "wall", args.log_every),
+              "cpu_s": summarize(timed, "cpu", args.log_every),
               "malloc": "default" if args.default_malloc else "kept", "load_avg_1min": round(os.getloadavg()[0], 2)}
     if args.pieces:
         from torch.profiler import ProfilerActivity, profile
@@ -308,7 +317,7 @@ def run_size(args: argparse.Namespace, height: int, width: int) -> dict:
 def print_table(r: dict) -> None:
     w, c = r["wall_s"], r["cpu_s"]
     print(f"\n{r['hw'][0]}x{r['hw'][1]}, batch {r['batch']}, {r['threads']} threads, data {r['data']}, "
-          f"load {r['load_avg_1min']}:   wall s    cpu s")
+          f"log every {r['log_every']} steps, load {r['load_avg_1min']}:   wall s    cpu s")
     for key in ("networks", "else", "forward_else", "backward_else", "optimizer", "data", "to_device", "log", "step"):
         print(f"  {key:28s} {w[key]:8.3f} {c[key]:8.3f}")
     print(f"  {'everything else / networks':28s} {w['ratio']:8.1%} {c['ratio']:8.1%}")
@@ -325,7 +334,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="96x320,192x640", help="comma-separated HxW")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per size")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per size (rounded up to whole --log-every windows)")
+    p.add_argument("--log-every", type=int, default=TrainConfig.log_every,
+                   help="train.log_every: the grad norm and the log flush run once per window (default: the trainer's)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     p.add_argument("--threads", type=int, default=0,
                    help="intra-op threads (0: the trainer's default for --workers, trainer/threads.py)")
@@ -340,6 +351,8 @@ def main() -> None:
                    help="leave glibc's malloc settings as they are (the trainer keeps freed memory: trainer/allocator.py)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    args.log_every = max(1, args.log_every)
+    args.steps = -(-max(1, args.steps) // args.log_every) * args.log_every
     from trainer.allocator import keep_freed_memory
     from trainer.threads import configure_threads
 

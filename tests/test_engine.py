@@ -217,6 +217,25 @@ def test_single_accumulation_equals_big_batch():
     assert norms == pytest.approx(n_ref, rel=1e-5)
 
 
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_step_without_the_norm_makes_the_same_update(clip):
+    """``step(want_norm=False)`` (the loop's off-log steps) returns None and skips the norm's pass unless
+    clipping needs it: the weights after a few steps are bit-equal to ``want_norm=True``'s."""
+    states, norms = {}, {}
+    for want in (True, False):
+        eng = Engine(pcfg(), ocfg(accum=1, clip=clip), scfg(), 10, micro_batch_size=MICRO * ACCUM)
+        eng.setup(tiny_model())
+        data, out = global_batches(1), []
+        for s in range(STEPS):
+            with eng.accumulate(0):
+                eng.backward(eng.forward(loss_fn, data[s]))
+            out.append(eng.step(want_norm=want))
+        states[want], norms[want] = eng.full_state_dict(), out
+    assert norms[False] == [None] * STEPS and all(n > 0 for n in norms[True])
+    for k in states[True]:
+        torch.testing.assert_close(states[False][k], states[True][k], rtol=0, atol=0)
+
+
 def test_channels_last_matches_default_layout():
     """channels_last changes the memory layout only: same weights after a few steps."""
     got = {}

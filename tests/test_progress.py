@@ -89,3 +89,21 @@ def test_run_logs_startup_costs_first_step_and_evaluation_progress(tmp_path):
     assert "start-up: preflight " in text and ", process group " in text and ", tracking " in text
     assert "step 1, the first of this process: " in text and "waiting for data " in text
     assert "final validation: 7 batches in " in text and "test evaluation: 7 batches in " in text
+
+
+def test_window_logs_its_log_steps_grad_norm_and_asks_for_it_only_there():
+    """The engine computes the grad norm only where :meth:`TrainLog.logs_at` says the window is logged
+    (every ``log_every`` steps and the last); the window logs that step's norm, not a mean."""
+    engine = SimpleNamespace(all_reduce_sum=lambda v: v, world_size=1, is_logging_rank=True, lr=1e-4,
+                             env=SimpleNamespace(is_local_leader=True, node_rank=0))
+    tracker = RecordingTracker()
+    log = TrainLog(engine, tracker, total=7, log_every=3, samples_per_step=2, sys_every_s=0.0)
+    loader = SimpleNamespace(epoch=0, corrupt_count=0)
+    assert [s for s in range(1, 8) if log.logs_at(s)] == [3, 6, 7]
+    for step in range(1, 8):
+        log.add(torch.tensor(float(step)), {}, 1)
+        log.end_step(10.0 * step if log.logs_at(step) else None)
+        log.maybe_flush(step, loader, 0.0)
+    assert [s for s, _ in tracker.metrics] == [3, 6, 7]
+    assert [m["train/grad_norm"] for _, m in tracker.metrics] == [30.0, 60.0, 70.0]
+    assert [m["train/loss"] for _, m in tracker.metrics] == [2.0, 5.0, 7.0]  # the loss stays the window's mean

@@ -328,7 +328,7 @@ def _run(run: _Run, signals: StopSignals) -> dict[str, Any]:
                     engine.backward(loss)
                 train_log.add(loss, terms, engine.grad_accum)
             task.before_optimizer_step(engine.parts)
-            train_log.end_step(engine.step())
+            train_log.end_step(engine.step(want_norm=train_log.logs_at(step + 1)))
         step += 1
         if bar is None:
             train_log.restart_clock()

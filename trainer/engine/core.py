@@ -279,7 +279,8 @@ class Backend:
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         raise NotImplementedError
 
-    def step(self) -> float:
+    def step(self, want_norm: bool = True) -> float | None:
+        """Optimizer step; the pre-clip global grad norm when ``want_norm`` (else None)."""
         raise NotImplementedError
 
     def save(self, directory: Path) -> None:

@@ -166,8 +166,10 @@ class DeepSpeedBackend(Backend):
         if not last:
             self.ds.step()  # only advances DeepSpeed's micro-step counter off the boundary
 
-    def step(self) -> float:
+    def step(self, want_norm: bool = True) -> float | None:
         self.ds.step()
+        if not want_norm:
+            return None
         norm = self.ds.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 

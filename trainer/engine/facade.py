@@ -162,9 +162,11 @@ class Engine:
         """Backward of one micro-batch's mean loss (averaged over ``grad_accum`` micro-batches)."""
         self._backend.backward(loss, self._micro_last)
 
-    def step(self) -> float:
-        """Clip, optimizer step, scheduler step, zero grads; returns the pre-clip global grad norm."""
-        return self._backend.step()
+    def step(self, want_norm: bool = True) -> float | None:
+        """Clip, optimizer step, scheduler step, zero grads; returns the pre-clip global grad norm, or
+        None when ``want_norm`` is False (the loop asks on log steps only: the norm is a pass over every
+        gradient and, on a GPU, a host sync). Collective under FSDP: every rank passes the same value."""
+        return self._backend.step(want_norm)
 
     @property
     def lr(self) -> float:

@@ -132,18 +132,20 @@ class NativeBackend(Backend):
         else:
             loss.backward()
 
-    def step(self) -> float:
+    def step(self, want_norm: bool = True) -> float | None:
         assert self.optimizer is not None and self.scheduler is not None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        # the norm is logged every step; the grads are only rescaled when clipping is on (clip_grad_norm_
-        # with max_norm=inf would multiply every gradient by 1.0: a pass over all of them for nothing)
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-        if params and self.s.ocfg.clip_grad_norm:
-            torch.nn.utils.clip_grads_with_norm_(params, float(self.s.ocfg.clip_grad_norm), norm)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
+        # the norm is a pass over every gradient (memory-bound: ~11 ms for 27 M parameters on one CPU core)
+        # and float() a host sync on a GPU: computed only when clipping needs it or the caller logs it
+        norm = None
+        if params and (want_norm or self.s.ocfg.clip_grad_norm):
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            if self.s.ocfg.clip_grad_norm:
+                torch.nn.utils.clip_grads_with_norm_(params, float(self.s.ocfg.clip_grad_norm), norm)
+            if hasattr(norm, "full_tensor"):
+                norm = norm.full_tensor()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -151,7 +153,9 @@ class NativeBackend(Backend):
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        if not want_norm:
+            return None
+        return float(norm) if norm is not None else 0.0
 
     # ------------------------------------------------------------------ state
     def save(self, directory: Path) -> None:

@@ -1,5 +1,6 @@
-"""The training log window: loss terms and grad norms averaged over steps and ranks, throughput,
-data wait, corrupt-sample count, each node's system metrics; each step sent to the tracker once."""
+"""The training log window: loss terms averaged over steps and ranks, the log step's grad norm,
+throughput, data wait, corrupt-sample count, each node's system metrics; each step sent to the tracker
+once."""
 from __future__ import annotations
 
 import logging
@@ -52,6 +53,7 @@ class TrainLog:
         self.sums: dict[str, Any] = {}
         self.steps, self.start, self.wait_start = 0, time.perf_counter(), wait_s
         self.timed_steps = 0  # steps since ``start`` (the rate's; see restart_clock)
+        self.grad_norm: float | None = None  # the window's last computed gradient norm
 
     def restart_clock(self) -> None:
         """Time the window's rate from now: the first step's one-off costs (data start-up,
@@ -63,10 +65,18 @@ class TrainLog:
         for k, v in {"loss": loss, **terms}.items():
             self.sums[k] = self.sums.get(k, 0.0) + torch.as_tensor(v).detach().float() / grad_accum
 
-    def end_step(self, grad_norm: Any) -> None:
+    def logs_at(self, step: int) -> bool:
+        """Whether the window is logged after ``step`` (1-based): every ``log_every`` steps and the last."""
+        return step % self.log_every == 0 or step == self.total
+
+    def end_step(self, grad_norm: float | None) -> None:
+        """One optimizer step done; ``grad_norm``: its gradient norm, where computed (the engine computes
+        it on log steps only, :meth:`logs_at`: the window logs its last step's norm, as Hugging Face's
+        Trainer and torchtitan do, not a mean over the window)."""
         self.steps += 1
         self.timed_steps += 1
-        self.sums["grad_norm"] = self.sums.get("grad_norm", 0.0) + grad_norm
+        if grad_norm is not None:
+            self.grad_norm = float(grad_norm)
 
     def send(self, metrics: dict[str, float], step: int) -> None:
         """To the tracker, unless the run already logged this step before it was resumed."""
@@ -75,7 +85,7 @@ class TrainLog:
 
     def maybe_flush(self, step: int, loader: Any, wait_s: float) -> None:
         """Every ``log_every`` steps and at the last one: average over the window and the ranks."""
-        if step % self.log_every and step != self.total:
+        if not self.logs_at(step):
             return
         engine, keys, now = self.engine, sorted(self.sums), time.perf_counter()
         due_sys = engine.is_logging_rank and self.sys_every_s > 0 and now - self.last_sys >= self.sys_every_s
@@ -84,6 +94,8 @@ class TrainLog:
                            dtype=torch.float64)
         vec = engine.all_reduce_sum(vec)
         logs = {f"train/{k}": float(vec[i]) / engine.world_size for i, k in enumerate(keys)}
+        if self.grad_norm is not None:  # global: the same on every rank
+            logs["train/grad_norm"] = self.grad_norm
         # samples skipped as corrupt (data.on_corrupt=skip), all ranks, since this process started
         logs["train/corrupt_skipped"] = float(vec[-2])
         timed = self.timed_steps or self.steps  # a window of only the first step: its own time
