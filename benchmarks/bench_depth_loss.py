@@ -64,14 +64,14 @@ def multi_warp_reference(d: dict) -> torch.Tensor:
                         for s in range(d["depth"].shape[1])]).mean()
 
 
-def multi_warp_cpu(d: dict, impl: str) -> torch.Tensor:
+def multi_warp_cpu(d: dict, impl: str, chunk: int = 0) -> torch.Tensor:
     fns = None
     if impl == "compiled":
         from trainer.kernels.compiled_cpu import chunk_functions
 
         fns = chunk_functions(True)
     warped = _multi_warp(d, cpu_loss.PAD, depth_functions(impl, d["target"]).grid)
-    return cpu_loss.multiscale_min_reprojection(d["target"], warped, d["sources"], fns=fns)[0].mean()
+    return cpu_loss.multiscale_min_reprojection(d["target"], warped, d["sources"], fns=fns, chunk=chunk)[0].mean()
 
 
 def cpu_seconds(fn, d: dict, iters: int) -> float:
@@ -99,7 +99,7 @@ def main() -> None:
     cases = [("per_scale_reference", per_scale_reference), ("multi_warp_reference", multi_warp_reference)]
     for chunk in (int(c) for c in args.chunks.split(",")):
         cases.append((f"multi_warp_cpu_{args.impl}_chunk{chunk}",
-                      lambda d, c=chunk: (setattr(cpu_loss, "CHUNK", c), multi_warp_cpu(d, args.impl))[1]))
+                      lambda d, c=chunk: multi_warp_cpu(d, args.impl, c)))
     for name, fn in cases:
         print(json.dumps({"case": name, "cpu_s": round(cpu_seconds(fn, d, args.iters), 3), "threads": args.threads,
                           "batch": args.batch, "hw": [args.height, args.width]}), flush=True)

@@ -16,6 +16,12 @@ from trainer.losses.photometric import min_reprojection
 B, S, H, W = 3, 2, 10, 14  # B odd: the last 2-image chunk holds one image (a second compiled shape)
 
 
+@pytest.fixture(autouse=True)
+def _two_image_chunks(monkeypatch):
+    """Chunks of 2 images at H x W (the CPU path sizes its chunks by pixels)."""
+    monkeypatch.setattr("trainer.kernels.photometric_cpu.CHUNK_PIXELS", 2 * H * W)
+
+
 def _inputs(seed: int = 0):
     """Target, identity sources and the warps (B, C, S, H, W) as leaves that require grad."""
     g = torch.Generator().manual_seed(seed)
@@ -159,3 +165,10 @@ def test_compiled_smoothness_matches_eager_values_and_gradients():
     for got, ref in zip(*reversed(results)):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-8)
         assert ref.abs().sum() > 0
+
+
+def test_cpu_chunks_are_sized_by_pixels():
+    """Powers of two within CHUNK_PIXELS, at least one image (the fixture: 2 images at H x W)."""
+    from trainer.kernels.photometric_cpu import cpu_chunk
+
+    assert cpu_chunk(H, W) == 2 and cpu_chunk(H, W // 2) == 4 and cpu_chunk(4 * H, W) == 1

@@ -182,3 +182,23 @@ def test_warp_scales_from_disparity_equals_warp_of_disp_to_depth():
     g = _rand(*out.shape, seed=45)
     torch.testing.assert_close(torch.autograd.grad((out * g).sum(), a)[0], torch.autograd.grad((ref * g).sum(), b)[0],
                                rtol=1e-10, atol=1e-12)
+
+
+def test_warp_scales_of_depths_padded_once_for_two_sources():
+    """``depths_padded``: depths padded once and shared by two sources' warps give each warp exactly, and
+    the one fold of the summed gradients equals the two separate pads' gradients summed."""
+    B, H, W = 2, 10, 16
+    K, T, img, depths = (t.double() for t in _camera(B, H, W, seed=46))
+    T2, img2 = T.flip(0), img.flip(0)
+    a, b = depths.clone().requires_grad_(True), depths.clone().requires_grad_(True)
+    padded = pad_image(a, PAD)
+    shared = [warp_scales(i, padded, t, K, pad=PAD, depths_padded=True) for i, t in ((img, T), (img2, T2))]
+    separate = [warp_scales(i, b, t, K, pad=PAD) for i, t in ((img, T), (img2, T2))]
+    for x, y in zip(shared, separate):
+        assert torch.equal(x, y)
+    g = [_rand(*x.shape, seed=47 + k) for k, x in enumerate(shared)]
+    ga = torch.autograd.grad(sum((x * gi).sum() for x, gi in zip(shared, g)), a)[0]
+    gb = torch.autograd.grad(sum((x * gi).sum() for x, gi in zip(separate, g)), b)[0]
+    torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="must share B, H, W"):
+        warp_scales(img, depths, T, K, pad=PAD, depths_padded=True)  # unpadded depths: 2 PAD too small

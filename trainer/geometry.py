@@ -170,7 +170,8 @@ def warp_frame(src_image: Tensor, depth_t: Tensor, T_src_from_t: Tensor, K: Tens
 
 def _padded(x: Tensor, pad: int) -> Tensor:
     lead, (h, w) = x.shape[:-2], x.shape[-2:]
-    out = F.pad(x.reshape(-1, 1, h, w), (1, 1, 1, 1), mode="reflect")
+    out = x if x.dim() == 4 else x.reshape(-1, 1, h, w)  # 4-D as it is: a strided view is not copied first
+    out = F.pad(out, (1, 1, 1, 1), mode="reflect")
     if pad > 1:
         out = F.pad(out, (pad - 1,) * 4, mode="replicate")
     return out.reshape(*lead, h + 2 * pad, w + 2 * pad)
@@ -255,12 +256,12 @@ def sampling_grid_backward(g: Tensor, depths: Tensor, Ap: Tensor, c: Tensor, hei
     gx = g[..., 0] * (2.0 / max(width - 1, 1)) / z
     gy = g[..., 1] * (2.0 / max(height - 1, 1)) / z
     gz = -(gx * x + gy * y) / z * (z_raw >= eps)  # the clamp passes the gradient at the bound, as torch
-    grad_cam = torch.stack([gx, gy, gz], dim=1)  # (B, 3, S, H', W')
     grad_depths = gx * Ap[:, 0:1] + gy * Ap[:, 1:2] + gz * Ap[:, 2:3]
-    grad_cam_d = (grad_cam * depths.unsqueeze(1)).sum(2)
+    grad_cam_d = torch.stack([(gx * depths).sum(1), (gy * depths).sum(1), (gz * depths).sum(1)], dim=1)
+    grad_cam = torch.stack([gx.sum(1), gy.sum(1), gz.sum(1)], dim=1)  # summed over the scales: (B, 3, H', W')
     if disp_range is not None:  # d depth / d disparity = -(max_disp - min_disp) * depth^2
         grad_depths = grad_depths * (-(disp_range[1] - disp_range[0]) * depths * depths)
-    return grad_depths, grad_cam_d, grad_cam.sum(2)
+    return grad_depths, grad_cam_d, grad_cam
 
 
 GRID_EAGER = SimpleNamespace(forward=sampling_grid, backward=sampling_grid_backward)
@@ -290,7 +291,7 @@ class SamplingGrid(torch.autograd.Function):
 @full_precision
 def warp_scales(src_image: Tensor, depths: Tensor, T_src_from_t: Tensor, K: Tensor, pad: int = 0,
                 padding: str = "border", grid_fns: SimpleNamespace | None = None,
-                disp_range: tuple[float, float] | None = None) -> Tensor:
+                disp_range: tuple[float, float] | None = None, depths_padded: bool = False) -> Tensor:
     """Warp ``src_image`` (B, C, H, W) into the target view once per depth map in ``depths``
     (B, S, H, W), e.g. every decoder scale upsampled: (B, C, S, H + 2 pad, W + 2 pad). With
     ``disp_range`` = (1 / max_depth, 1 / min_depth), ``depths`` holds the network's [0, 1]
@@ -301,8 +302,12 @@ def warp_scales(src_image: Tensor, depths: Tensor, T_src_from_t: Tensor, K: Tens
     :func:`pad_image` pads, sampled directly (a padded pixel samples where the pixel it copies does,
     so the values are the padded warp's exactly, and its gradient reaches that pixel's depth).
     ``grid_fns``: :data:`GRID_EAGER` (default) or compiled copies. One ``grid_sample`` for all
-    scales: the scales are stacked along the output's height, the source is never copied."""
+    scales: the scales are stacked along the output's height, the source is never copied.
+    ``depths_padded``: ``depths`` is already ``pad_image(depths, pad)`` (B, S, H + 2 pad, W + 2 pad),
+    e.g. padded once for all source frames of a target (one pad; one fold of their summed gradients)."""
     b, s, h, w = depths.shape
+    if depths_padded:
+        h, w = h - 2 * pad, w - 2 * pad
     if src_image.dim() != 4 or src_image.shape[0] != b or src_image.shape[-2:] != (h, w):
         raise ValueError(f"warp_scales: source {tuple(src_image.shape)} and depths {tuple(depths.shape)} "
                          "must share B, H, W")
@@ -314,7 +319,8 @@ def warp_scales(src_image: Tensor, depths: Tensor, T_src_from_t: Tensor, K: Tens
     pixels = torch.stack([u.repeat(hp), v.repeat_interleave(wp), torch.ones_like(u).repeat(hp)])  # (3, H' W')
     Ap = (Kf @ T[:, :3, :3] @ torch.linalg.inv(Kf) @ pixels).reshape(b, 3, hp, wp)
     c = (Kf @ T[:, :3, 3:4])[..., 0]
-    grid = SamplingGrid.apply(pad_image(depths, pad), Ap, c, h, w, disp_range, grid_fns or GRID_EAGER)
+    padded = depths if depths_padded else pad_image(depths, pad)
+    grid = SamplingGrid.apply(padded, Ap, c, h, w, disp_range, grid_fns or GRID_EAGER)
     out = F.grid_sample(src_image, grid.reshape(b, s * hp, wp, 2).to(src_image.dtype), mode="bilinear",
                         padding_mode=padding, align_corners=True)
     return out.reshape(b, src_image.shape[1], s, hp, wp)

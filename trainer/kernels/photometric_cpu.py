@@ -15,7 +15,8 @@ with ties to the lowest index), computed the way a CPU likes it:
 * the errors of all candidates and their per-pixel minimum come out of one pass per scale
   (:func:`min_error`); the identity candidates' minimum is computed once for every scale;
 * :class:`MinReprojection` saves only its inputs and the argmin; its backward recomputes
-  the window statistics and writes the gradient out: d loss / d (window mean, E[x^2], E[xy]) of
+  the window statistics of each pixel's winner only (each window load picks the winner's value)
+  and writes the gradient out: d loss / d (window mean, E[x^2], E[xy]) of
   each pixel's winner, once per pixel, on the reflection-padded domain grown by two more pixels,
   where the upstream gradient is zero (:func:`error_coefficients`); per candidate, the 3x3 window
   sums (box3's adjoint) of those of the pixels it won, plus its L1 term, give its gradient on the
@@ -60,17 +61,21 @@ def target_stats(yp: Tensor) -> tuple[Tensor, Tensor]:
     return mu, box3(yp * yp) - mu * mu
 
 
-def _ssim_terms(xp: Tensor, yp: Tensor, mu_y: Tensor, sig_y: Tensor) -> tuple[Tensor, ...]:
-    """Window statistics of a padded candidate ``xp`` against the target and the SSIM numerator /
-    denominator factors: (mu_x, n1, n2, d1, d2), on ``xp``'s domain less one pixel per side."""
-    mu_x = box3(xp)
-    sig_x = box3(xp * xp) - mu_x * mu_x
-    sig_xy = box3(xp * yp) - mu_x * mu_y
+def _window_stats(xp: Tensor, yp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A padded candidate's window mean, E[x^2] and E[xy] against the target, on its domain less one
+    pixel per side."""
+    return box3(xp), box3(xp * xp), box3(xp * yp)
+
+
+def _ssim_factors(mu_x: Tensor, exx: Tensor, exy: Tensor, mu_y: Tensor, sig_y: Tensor) -> tuple[Tensor, ...]:
+    """SSIM's numerator / denominator factors (n1, n2, d1, d2) from a candidate's window statistics."""
+    sig_x = exx - mu_x * mu_x
+    sig_xy = exy - mu_x * mu_y
     n1 = 2 * mu_x * mu_y + SSIM_C1
     n2 = 2 * sig_xy + SSIM_C2
     d1 = mu_x * mu_x + mu_y * mu_y + SSIM_C1
     d2 = sig_x + sig_y + SSIM_C2
-    return mu_x, n1, n2, d1, d2
+    return n1, n2, d1, d2
 
 
 def _error(xp: Tensor, yp: Tensor, mu_y: Tensor, sig_y: Tensor, w: float) -> Tensor:
@@ -78,7 +83,7 @@ def _error(xp: Tensor, yp: Tensor, mu_y: Tensor, sig_y: Tensor, w: float) -> Ten
     l1 = (crop(xp) - crop(yp)).abs().mean(1, keepdim=True)
     if w == 0:
         return l1
-    _, n1, n2, d1, d2 = _ssim_terms(xp, yp, mu_y, sig_y)
+    n1, n2, d1, d2 = _ssim_factors(*_window_stats(xp, yp), mu_y, sig_y)
     ssim = torch.clamp((1 - (n1 * n2) / (d1 * d2)) / 2, 0, 1).mean(1, keepdim=True)
     return w * ssim + (1 - w) * l1
 
@@ -101,6 +106,24 @@ def min_error(yp: Tensor, mu_y: Tensor, sig_y: Tensor, best: Tensor | None, inde
     return best, index
 
 
+def _winner_window_stats(index: Tensor, yp: Tensor, offset: int, xps: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """Window mean, E[x^2] and E[xy] at each pixel of the candidate that won it (``index``; candidate
+    ``offset`` where none of ``xps`` did), on ``index``'s domain: each of the 9 window loads picks the
+    winner's value first, so one window sum per statistic instead of one per candidate (3.3 ms of
+    14.6 at 96x320, docs/depth.md)."""
+    hd, wd = index.shape[-2:]
+    sx = sxx = sxy = None
+    for di in range(3):
+        for dj in range(3):
+            sl = (..., slice(di, di + hd), slice(dj, dj + wd))
+            x = xps[0][sl]
+            for n in range(1, len(xps)):
+                x = torch.where(index == offset + n, xps[n][sl], x)
+            xy = x * yp[sl]
+            sx, sxx, sxy = (x, x * x, xy) if sx is None else (sx + x, sxx + x * x, sxy + xy)
+    return sx * (1.0 / 9.0), sxx * (1.0 / 9.0), sxy * (1.0 / 9.0)
+
+
 def error_coefficients(g: Tensor, index: Tensor, yp: Tensor, mu_y: Tensor, sig_y: Tensor, offset: int,
                        w: float, *xps: Tensor) -> Tensor:
     """Where one of the candidates ``xps`` won (``index`` in ``offset`` .. ``offset + N - 1``), the
@@ -108,11 +131,8 @@ def error_coefficients(g: Tensor, index: Tensor, yp: Tensor, mu_y: Tensor, sig_y
     (3, ..., H+4, W+4). ``index`` (int32) is padded by 2 with :data:`NOBODY` and ``g`` is a scalar or
     zero-padded by 2 (the domain every term lives on here), so the two outer pixels of each side
     come out zero; the other inputs as :func:`min_error`."""
-    terms = None
-    for n, xp in enumerate(xps):  # the winner's window statistics at each pixel
-        t = _ssim_terms(xp, yp, mu_y, sig_y)
-        terms = t if terms is None else tuple(torch.where(index == offset + n, a, b) for a, b in zip(t, terms))
-    mu_x, n1, n2, d1, d2 = terms
+    mu_x, exx, exy = _winner_window_stats(index, yp, offset, xps)
+    n1, n2, d1, d2 = _ssim_factors(mu_x, exx, exy, mu_y, sig_y)
     c = xps[0].shape[1]
     gn = torch.where((index >= offset) & (index < offset + len(xps)), g, 0.0)
     d = d1 * d2
@@ -213,8 +233,18 @@ class MinReprojection(torch.autograd.Function):
         return (None,) * 8 + tuple(grads)
 
 
-CHUNK = 2
-"""Images per chunk in :class:`MinReprojection` (docs/depth.md, "Speed against Monodepth2")."""
+CHUNK_PIXELS = 1 << 17
+"""Pixels per chunk of :class:`MinReprojection` on the CPU at most: a chunk's intermediates stay in a
+core's L2 cache (forward + backward, 8 images, 4 scales, one thread: 96x320 chunks of 2 / 4 / 8 images
+80 / 77 / 79 ms, 192x640 chunks of 1 / 2 / 4 images 289 / 318 / 359 ms; docs/depth.md)."""
+
+
+def cpu_chunk(height: int, width: int) -> int:
+    """Images per chunk on the CPU: the largest power of two within :data:`CHUNK_PIXELS`, at least one."""
+    chunk = 1
+    while 2 * chunk * height * width <= CHUNK_PIXELS:
+        chunk *= 2
+    return chunk
 
 
 def _identity_min(yp: Tensor, mu_y: Tensor, sig_y: Tensor, identity: Sequence[Tensor], w: float, chunk: int,
@@ -250,7 +280,8 @@ def multiscale_min_reprojection(target: Tensor, warped: Sequence[Tensor], identi
     if target.requires_grad or any(i.requires_grad for i in identity):
         return _autograd_per_scale(target, warped, identity, ssim_weight)
     fns = fns or EAGER
-    chunk = chunk or (CHUNK if target.device.type == "cpu" else target.shape[0])  # a GPU likes big launches
+    if not chunk:  # a GPU likes big launches
+        chunk = cpu_chunk(*target.shape[-2:]) if target.device.type == "cpu" else target.shape[0]
     yp = pad_image(target, PAD).unsqueeze(2)
     mu_y, sig_y = fns.target_stats(yp)
     first = _identity_min(yp, mu_y, sig_y, identity, float(ssim_weight), chunk, fns)

@@ -50,16 +50,19 @@ def build_pose_net(model_cfg, layout: str, num_ch_enc: Sequence[int]) -> dict[st
 
 
 def predict_pose(model: nn.ModuleDict, first: Tensor, second: Tensor, invert: bool,
-                 first_deepest: Tensor | None = None, second_deepest: Tensor | None = None) -> Tensor:
+                 first_deepest: Tensor | None = None, second_deepest: Tensor | None = None,
+                 pair: Tensor | None = None) -> Tensor:
     """(B, 4, 4) transform from the frame pair in temporal order (first, second).
 
     Separate layout: the pose encoder sees ``cat(first, second)``; shared layout: pass the depth
     encoder's deepest features of both frames. Following Monodepth2, the pair is always fed
     in temporal order and ``invert`` is set when the source is the earlier frame, so that the
-    result maps target-camera points into the source camera.
+    result maps target-camera points into the source camera. ``pair``: ``cat([first, second], 1)``
+    where the caller already has it (e.g. a view of one tensor holding both frames).
     """
     if "pose_encoder" in model:
-        axisangle, translation = model["pose_decoder"]([model["pose_encoder"](torch.cat([first, second], 1))[-1]])
+        pair = torch.cat([first, second], 1) if pair is None else pair
+        axisangle, translation = model["pose_decoder"]([model["pose_encoder"](pair)[-1]])
     else:
         if first_deepest is None or second_deepest is None:
             raise ValueError("predict_pose: shared layout needs the depth encoder's deepest features")

@@ -27,7 +27,7 @@ from torch.profiler import record_function
 
 from trainer.config import ModelConfig, ParallelConfig
 from trainer.tasks.augment import hflip_sample, jitter_batch, jitter_frames, jitter_row, sample_jitter
-from trainer.geometry import stereo_pose, warp_scales
+from trainer.geometry import pad_image, stereo_pose, warp_scales
 from trainer.losses.depth_supervised import masked_l1, scale_invariant_log, valid_depth_mask
 from trainer.kernels.dispatch import IMPLS, PAD, depth_functions, multiscale_reprojection_loss
 from trainer.metrics.depth import DepthMetric
@@ -60,6 +60,25 @@ JITTER_ON = ("auto", "loader", "step")
 def _float(images: Tensor) -> Tensor:
     """uint8 (B, 3, H, W) -> float in [0, 1]; float input is returned as is."""
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+
+
+TEMPORAL = ("rgb_prev", "rgb", "rgb_next")
+"""The pose network's frames in temporal order: its pairs (t-1, t) and (t, t+1) overlap."""
+
+
+def _float_frames(frames: dict[str, Tensor]) -> dict[str, Tensor]:
+    """:func:`_float` of each frame; the :data:`TEMPORAL` triplet, where all there with one shape and
+    dtype, converted in one pass into one (B, 9, H, W) tensor whose channel views they are, with the
+    pose pairs as views too (``pair_prev``, ``pair_next``: what ``cat`` of the two frames would copy)."""
+    triplet = [frames.get(k) for k in TEMPORAL]
+    if any(t is None for t in triplet) or len({(t.shape, t.dtype) for t in triplet}) > 1 or triplet[0].dim() != 4:
+        return {k: _float(v) for k, v in frames.items()}
+    c = triplet[0].shape[1]
+    stacked = _float(torch.cat(triplet, dim=1))
+    out = {k: _float(v) for k, v in frames.items() if k not in TEMPORAL}
+    out.update({k: stacked[:, i * c:(i + 1) * c] for i, k in enumerate(TEMPORAL)})
+    out["pair_prev"], out["pair_next"] = stacked[:, :2 * c], stacked[:, c:]
+    return out
 
 
 #: mode -> init_depth used where the config leaves it None (None = Monodepth2's init). Its
@@ -186,11 +205,16 @@ class DepthTask(Task):
     # ------------------------------------------------------------------ loss
     def _frames(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """(network inputs, loss frames): each frame as float in [0, 1], converted once; a frame
-        without colour jitter is the same tensor in both."""
+        without colour jitter is the same tensor in both; ``pair_prev`` / ``pair_next``: the pose
+        network's inputs as views (:func:`_float_frames`)."""
         with record_function("depth/inputs"):
-            loss_frames = {k: _float(batch[k]) for k in self.frame_keys}
-            net = {k: loss_frames[k] if batch.get("aug_" + k, batch[k]) is batch[k] else _float(batch["aug_" + k])
-                   for k in self.frame_keys}
+            loss_frames = _float_frames({k: batch[k] for k in self.frame_keys})
+            jittered = {k: batch["aug_" + k] for k in self.frame_keys
+                        if batch.get("aug_" + k, batch[k]) is not batch[k]}
+            if not jittered:
+                return loss_frames, loss_frames  # no jitter drawn: the same tensors
+            net = {k: v for k, v in loss_frames.items() if not k.startswith("pair_")}
+            net.update(_float_frames(jittered))
         return net, loss_frames
 
     def _source_poses(self, model: nn.ModuleDict, batch: dict[str, Any], net: dict[str, Tensor],
@@ -202,10 +226,11 @@ class DepthTask(Task):
             for key, invert in (("rgb_prev", True), ("rgb_next", False)):
                 deep_s = model["encoder"](pad_to_stride(net[key]))[-1] if shared else None
                 deep_t = feats_t[-1] if shared else None
+                pair = net.get("pair_prev" if invert else "pair_next")  # a view: no cat of the two frames
                 if invert:  # temporal order (prev, t); inverted so it maps t -> prev
-                    T = predict_pose(model, net[key], net["rgb"], True, deep_s, deep_t)
+                    T = predict_pose(model, net[key], net["rgb"], True, deep_s, deep_t, pair=pair)
                 else:
-                    T = predict_pose(model, net["rgb"], net[key], False, deep_t, deep_s)
+                    T = predict_pose(model, net["rgb"], net[key], False, deep_t, deep_s, pair=pair)
                 sources.append((frames[key], T))
         if self.mode in ("stereo", "mono_stereo"):
             sources.append((frames["rgb_right"], stereo_pose(batch["baseline"].float())))
@@ -226,13 +251,14 @@ class DepthTask(Task):
             disp = self._full_size_disps(disps, target.shape[-2:])
         with record_function("depth/warp"):
             K, disp_range = batch["K"].float(), (1.0 / cfg.max_depth, 1.0 / cfg.min_depth)
-            warped = [warp_scales(img, disp, T, K, pad=PAD, grid_fns=fns.grid, disp_range=disp_range)
-                      for img, T in sources]
+            disp = pad_image(disp, PAD)  # once for every source: one fold of their summed gradients
+            warped = [warp_scales(img, disp, T, K, pad=PAD, grid_fns=fns.grid, disp_range=disp_range,
+                                  depths_padded=True) for img, T in sources]
         with record_function("depth/photometric"):
             identity = [img for img, _ in sources] if cfg.automask else None
             reproj_terms, argmin = multiscale_reprojection_loss(target, warped, identity, cfg.ssim_weight,
                                                                 cfg.photometric_impl)
-            masked = (argmin >= len(identity or ())).float().mean()
+            masked = torch.count_nonzero(argmin >= len(identity or ())) / argmin.numel()
             reproj = reproj_terms.mean()
         with record_function("depth/smoothness"):
             smooth = reproj.new_zeros(())
