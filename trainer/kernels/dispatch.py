@@ -204,7 +204,7 @@ def fused_reprojection_loss(target: Tensor, warped: Sequence[Tensor],
 
     Inputs of different float dtypes are promoted to a common one first. Returns the scalar loss
     in float32 (float64 for float64 inputs), and with ``return_argmin``
-    also the argmin (B, 1, H, W) int64 over [identity..., warped...] (``argmin >= len(identity)``
+    also the argmin (B, 1, H, W) over [identity..., warped...] (int32 on the CPU paths, int64 otherwise; ``argmin >= len(identity)``
     is Monodepth2's auto-mask).
     """
     identity = list(identity) if identity is not None else []
@@ -240,7 +240,8 @@ def multiscale_reprojection_loss(target: Tensor, warped: Sequence[Tensor], ident
     at every scale padded by P = :data:`PAD` (``trainer.geometry.warp_scales(..., pad=PAD)``; the
     layout of ``trainer.kernels.photometric_cpu``);
     ``identity``: the unwarped sources (B, C, H, W) or None. Returns (per-scale mean of the
-    per-pixel minimum (S,), argmin (S, B, 1, H, W) int64 over [identity..., warped...]). Which
+    per-pixel minimum (S,), argmin (S, B, 1, H, W) over [identity..., warped...]: int32 on the CPU paths,
+    int64 otherwise). Which
     code runs:
 
     * ``triton`` (or ``auto`` on CUDA with Triton): the fused kernels, one call per scale (on the

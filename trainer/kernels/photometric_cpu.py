@@ -93,12 +93,12 @@ def min_error(yp: Tensor, mu_y: Tensor, sig_y: Tensor, best: Tensor | None, inde
     """Per-pixel minimum of the errors of the candidates ``xps`` (numbered ``offset``,
     ``offset + 1``, ...; :data:`PAD`-padded like the target ``yp``, whose statistics ``mu_y``,
     ``sig_y`` come from :func:`target_stats`), continuing from (``best``, ``index``) of earlier
-    candidates (None: none). Strict ``<``: ties keep the lowest index. Returns (best, index int64)."""
+    candidates (None: none). Strict ``<``: ties keep the lowest index. Returns (best, index int32)."""
     yp, mu_y, sig_y = crop(yp, PAD - 1), crop(mu_y, PAD - 1), crop(sig_y, PAD - 1)
     for n, xp in enumerate(xps):
         err = _error(crop(xp, PAD - 1), yp, mu_y, sig_y, w)
         if best is None:
-            best, index = err, torch.full_like(err, offset + n, dtype=torch.int64)
+            best, index = err, torch.full_like(err, offset + n, dtype=torch.int32)
             continue
         better = err < best
         best = torch.where(better, err, best)
@@ -165,7 +165,8 @@ def error_adjoint(grads: tuple[Tensor, ...], coefficients: Tensor, g: Tensor, in
 
 NOBODY = -1
 """The index value of "no candidate" on the two pixels the backward adds around the image. The
-backward's index is int32: 16 lanes like its fp32 vectors (uint8 loads of 16 lanes were 10x slower)."""
+index is int32 (the forward writes it so): 16 lanes like the fp32 vectors (uint8 loads of 16 lanes were
+10x slower), half the bytes of int64."""
 
 
 EAGER = SimpleNamespace(target_stats=target_stats, min_error=min_error, error_coefficients=error_coefficients,
@@ -189,7 +190,7 @@ def _zero_filler(t: Tensor) -> Tensor:
 
 
 class MinReprojection(torch.autograd.Function):
-    """Per-pixel minimum (best (B, 1, S, H, W), index int64) of the photometric errors of
+    """Per-pixel minimum (best (B, 1, S, H, W), index int32) of the photometric errors of
     candidates ``xps`` (B, C, S, H+6, W+6) against the target ``yp`` (B, C, 1, H+6, W+6), both
     ``pad_image(x, PAD)``-padded, continuing from ``first`` = (best, index) of ``offset`` earlier
     candidates (or None). Gradient to ``xps`` only (zero on the filler). One call of the ``fns``
@@ -202,7 +203,7 @@ class MinReprojection(torch.autograd.Function):
         ctx.meta = (offset, float(w), int(chunk), fns)
         b, _, s, hp, wp = xps[0].shape
         best = yp.new_empty(b, 1, s, hp - 2 * PAD, wp - 2 * PAD)
-        index = torch.empty(best.shape, dtype=torch.int64, device=best.device)
+        index = torch.empty(best.shape, dtype=torch.int32, device=best.device)
         for i in _chunks(b, int(chunk)):
             prev = (first[0][i], first[1][i]) if first is not None else (None, None)
             for j in range(s):
@@ -218,7 +219,7 @@ class MinReprojection(torch.autograd.Function):
     def backward(ctx, g: Tensor, _g_index):
         offset, w, chunk, fns = ctx.meta
         yp, mu_y, sig_y, index, *xps = ctx.saved_tensors
-        index = F.pad(index.to(torch.int32), (PAD - 1,) * 4, value=NOBODY)  # the coefficients' domain
+        index = F.pad(index, (PAD - 1,) * 4, value=NOBODY)  # the coefficients' domain
         uniform = all(st == 0 for st in g.stride())  # the gradient of a mean: one value
         g = g.reshape(-1)[0] if uniform else F.pad(g, (PAD - 1,) * 4)
         grads = [_zero_filler(torch.empty_like(x)) for x in xps]
@@ -273,7 +274,7 @@ def multiscale_min_reprojection(target: Tensor, warped: Sequence[Tensor], identi
     warps at every scale in the ``trainer.geometry.pad_image(x, PAD)`` layout, (B, C, S, H+6, W+6);
     ``identity``: the unwarped sources (B, C, H, W), the same at every scale, so their errors are computed once.
 
-    Returns (loss per scale (S,), argmin (S, B, 1, H, W) int64 over [identity..., warped...]),
+    Returns (loss per scale (S,), argmin (S, B, 1, H, W) int32 over [identity..., warped...]),
     equal to :func:`trainer.losses.photometric.min_reprojection` at each scale up to float rounding
     (a different summation order of the window means). ``fns``: see :class:`MinReprojection`."""
     identity = list(identity)
