@@ -106,6 +106,15 @@ def min_error(yp: Tensor, mu_y: Tensor, sig_y: Tensor, best: Tensor | None, inde
     return best, index
 
 
+def min_error_into(out: tuple[Tensor, Tensor], yp: Tensor, mu_y: Tensor, sig_y: Tensor, best: Tensor | None,
+                   index: Tensor | None, offset: int, w: float, *xps: Tensor) -> None:
+    """:func:`min_error` written into ``out`` = (best, index) views of the whole batch's tensors:
+    compiled, the kernel stores straight into them (no chunk result copied afterwards)."""
+    b, i = min_error(yp, mu_y, sig_y, best, index, offset, w, *xps)
+    out[0].copy_(b)
+    out[1].copy_(i)
+
+
 def _winner_window_stats(index: Tensor, yp: Tensor, offset: int, xps: Sequence[Tensor]) -> tuple[Tensor, ...]:
     """Window mean, E[x^2] and E[xy] at each pixel of the candidate that won it (``index``; candidate
     ``offset`` where none of ``xps`` did), on ``index``'s domain: each of the 9 window loads picks the
@@ -169,7 +178,8 @@ index is int32 (the forward writes it so): 16 lanes like the fp32 vectors (uint8
 10x slower), half the bytes of int64."""
 
 
-EAGER = SimpleNamespace(target_stats=target_stats, min_error=min_error, error_coefficients=error_coefficients,
+EAGER = SimpleNamespace(target_stats=target_stats, min_error=min_error, min_error_into=min_error_into,
+                        error_coefficients=error_coefficients,
                         error_adjoint=error_adjoint)
 """The target's statistics and the per-chunk functions :class:`MinReprojection` runs
 (``trainer.kernels.compiled_cpu`` compiles the same four)."""
@@ -208,8 +218,8 @@ class MinReprojection(torch.autograd.Function):
             prev = (first[0][i], first[1][i]) if first is not None else (None, None)
             for j in range(s):
                 sl = (i, slice(None), slice(j, j + 1))
-                best[sl], index[sl] = fns.min_error(yp[i], mu_y[i], sig_y[i], *prev, offset, float(w),
-                                                    *(x[sl] for x in xps))
+                fns.min_error_into((best[sl], index[sl]), yp[i], mu_y[i], sig_y[i], *prev, offset, float(w),
+                                   *(x[sl] for x in xps))
         ctx.save_for_backward(yp, mu_y, sig_y, index, *xps)
         ctx.mark_non_differentiable(index)
         return best, index
