@@ -204,8 +204,8 @@ def fused_reprojection_loss(target: Tensor, warped: Sequence[Tensor],
 
     Inputs of different float dtypes are promoted to a common one first. Returns the scalar loss
     in float32 (float64 for float64 inputs), and with ``return_argmin``
-    also the argmin (B, 1, H, W) over [identity..., warped...] (int32 on the CPU paths, int64 otherwise; ``argmin >= len(identity)``
-    is Monodepth2's auto-mask).
+    also the argmin (B, 1, H, W) over [identity..., warped...] (int32 on the CPU paths, int64
+    otherwise; ``argmin >= len(identity)`` is Monodepth2's auto-mask).
     """
     identity = list(identity) if identity is not None else []
     warped = list(warped)

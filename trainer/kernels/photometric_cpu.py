@@ -182,7 +182,7 @@ EAGER = SimpleNamespace(target_stats=target_stats, min_error=min_error, min_erro
                         error_coefficients=error_coefficients,
                         error_adjoint=error_adjoint)
 """The target's statistics and the per-chunk functions :class:`MinReprojection` runs
-(``trainer.kernels.compiled_cpu`` compiles the same four)."""
+(``trainer.kernels.compiled_cpu`` compiles the same ones)."""
 
 
 def _chunks(b: int, step: int) -> list[slice]:
