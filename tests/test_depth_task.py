@@ -196,3 +196,21 @@ def test_yaml_matches_the_schema():
     assert set(values) == set(schema.keys())
     merged = OmegaConf.to_object(OmegaConf.merge(schema, values))
     assert merged == DepthTaskConfig() and TASK is DepthTask
+
+
+def test_frames_converted_in_one_stack_and_the_pose_pairs_are_its_views():
+    """The temporal triplet converted in one pass: each frame equals its own conversion bit for bit, and
+    the pose pairs are views equal to ``cat`` of their two frames (no copy); other frames convert alone."""
+    from trainer.tasks.depth import _float, _float_frames
+
+    g = torch.Generator().manual_seed(0)
+    frames = {k: torch.randint(0, 256, (2, 3, 6, 10), dtype=torch.uint8, generator=g)
+              for k in ("rgb_prev", "rgb", "rgb_next", "rgb_right")}
+    out = _float_frames(frames)
+    for k, v in frames.items():
+        assert torch.equal(out[k], _float(v))
+    assert torch.equal(out["pair_prev"], torch.cat([out["rgb_prev"], out["rgb"]], 1))
+    assert torch.equal(out["pair_next"], torch.cat([out["rgb"], out["rgb_next"]], 1))
+    assert out["pair_prev"].data_ptr() == out["rgb_prev"].data_ptr()  # a view of the one stack
+    assert out["pair_next"].data_ptr() == out["rgb"].data_ptr()
+    assert "pair_prev" not in _float_frames({"rgb": frames["rgb"], "rgb_right": frames["rgb_right"]})
