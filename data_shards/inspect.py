@@ -105,6 +105,9 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     """Things worth knowing that are not problems (e.g. a manifest without member checksums)."""
+    png_rows_checked: bool = False
+    adaptive_png_rows: str = ""
+    """The first sample whose RGB PNG rows are not all Up-filtered (older writer), if any."""
 
     @property
     def ok(self) -> bool:
@@ -138,6 +141,11 @@ def verify_split(path: str, on_shard: Optional[Callable[[Manifest, VerifyReport]
     if m.shards and not any(s.crc32 for s in m.shards):
         rep.notes.append("the manifest has no member checksums (built before they existed): "
                          "rebuild the shards so that readers can detect corrupt members")
+    if rep.adaptive_png_rows:
+        rep.notes.append(f"{rep.adaptive_png_rows}: RGB PNGs with Pillow's adaptive row filters (written before "
+                         "the Up-filter writer of 2026-12): the same pixels, ~2x slower to decode than the PNGs "
+                         "`data_shards build` writes now; delete the split's folder and build it again for a "
+                         "faster loader (docs/data.md)")
     extra = _unlisted_shards(root, split, m)
     rep.problems += [f"{p}: shard not listed in the manifest (left over from another build?)" for p in extra]
     return rep
@@ -183,6 +191,10 @@ def _verify_sample(url: str, raw: dict, crc32: dict | None, m: Manifest, rep: Ve
         schema.decode_sample({k: v for k, v in raw.items() if k != "__url__"}, where=url,
                              image_hw=schema.declared_image_hw(m.source))
         rep.samples += 1
+        if not rep.png_rows_checked and "rgb.png" in raw:  # one sample tells the writer
+            rep.png_rows_checked = True
+            if schema.rgb_png_row_filters(raw["rgb.png"]) - {2}:
+                rep.adaptive_png_rows = f"{url}: sample {raw['__key__']}"
     except (schema.SchemaError, ShardError) as e:
         rep.problems.append(str(e))
 

@@ -134,3 +134,35 @@ def test_real_source_help_says_what_to_download_and_the_layout(source, files, ca
     for f in files:
         assert f in out, f
     assert "no labels are written" not in out  # NYU's build stops without the mapping (unless --no-labels)
+
+
+def test_verify_notes_rgb_pngs_of_the_older_writer(built, tmp_path, monkeypatch, capsys):
+    """Shards whose RGB PNGs carry Pillow's adaptive row filters (the writer before the Up-filtered one)
+    verify clean but with a note naming the shard and how to get the faster PNGs; today's build has none."""
+    import io
+
+    import numpy as np
+
+    from data_shards import schema
+
+    def pillow_png(img: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+        return buf.getvalue()
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (16, 40, 3), dtype=np.uint8)
+    assert schema.rgb_png_row_filters(schema.encode_rgb(img)) == {2}
+    assert schema.rgb_png_row_filters(pillow_png(img)) - {2}
+    assert schema.rgb_png_row_filters(b"not a png") == set()
+    capsys.readouterr()
+    assert main(["verify", os.path.join(built, "train")]) == 0
+    assert "adaptive row filters" not in capsys.readouterr().out
+    monkeypatch.setattr(schema, "_rgb_png_bytes", pillow_png)
+    old = str(tmp_path / "old")
+    assert main(["build", "synthetic", "--out", old] + TINY) == 0
+    capsys.readouterr()
+    assert main(["verify", os.path.join(old, "train")]) == 0
+    out = capsys.readouterr()
+    note = out.out + out.err
+    assert "adaptive row filters" in note and "train-000000.tar: sample" in note and "build it again" in note
