@@ -62,12 +62,13 @@ def test_pad_image_layout_and_its_fast_backward():
         assert pad_image(_rand(1, 1, h, w), 3).shape == (1, 1, h + 6, w + 6)
 
 
-@pytest.mark.parametrize("n_id,ssim_weight", [(2, 0.85), (0, 0.85), (1, 0.0), (2, 1.0)])
-def test_multiscale_matches_reference_per_scale(n_id, ssim_weight):
+@pytest.mark.parametrize("n_id,ssim_weight,n_warp", [(2, 0.85, 2), (0, 0.85, 2), (1, 0.0, 2), (2, 1.0, 2),
+                                                     (1, 0.85, 1), (3, 0.85, 3)])  # stereo, mono + stereo
+def test_multiscale_matches_reference_per_scale(n_id, ssim_weight, n_warp):
     B, S, H, W = 2, 3, 7, 11
     target = _rand(B, 3, H, W, seed=5)
     identity = [_rand(B, 3, H, W, seed=6 + i) for i in range(n_id)]
-    warped = _warps(B, S, H, W, seed=10)
+    warped = _warps(B, S, H, W, seed=10, n=n_warp)
     losses, argmin = multiscale_min_reprojection(target, [pad_image(w, PAD) for w in warped], identity,
                                                  ssim_weight)
     ref_losses, ref_argmin = _reference(target, warped, identity or None, ssim_weight)
