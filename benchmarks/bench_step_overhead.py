@@ -27,6 +27,7 @@ and ``loop/...`` here), a backward op to the label of the forward op that made i
 node (sequence numbers). The profiler's own overhead inflates small ops: read it for shares.
 
     .venv/bin/python benchmarks/bench_step_overhead.py                        # 96x320 and 192x640
+    .venv/bin/python benchmarks/bench_step_overhead.py --threads 1 --steps 20 --log-every 1  # every step logged
     .venv/bin/python benchmarks/bench_step_overhead.py --sizes 96x320 --threads 1 --pieces
     .venv/bin/python benchmarks/bench_step_overhead.py --data kitti --workers 2
 """
