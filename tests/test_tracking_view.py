@@ -166,3 +166,43 @@ def _check_view(client, data: Path) -> None:
         arts = [a.path for a in client.list_artifacts(runs[name].info.run_id, "qualitative")]
         assert arts and all(a.startswith(prefix) for a in arts), arts
         assert all(w >= 800 and h >= 600 for w, h in _png_size(client, runs[name].info.run_id, "qualitative"))
+
+
+def test_a_dataset_inserted_by_a_concurrent_run_is_linked_on_retry(tmp_path):
+    """Two jobs of a study logging the same dataset at once: MLflow looks the dataset up, then inserts it,
+    and the slower insert fails on the unique key (a demo's first depth job died of it). The insert is
+    tried again, finds the other run's dataset and links it; any other error is raised at once."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from trainer.tracking.client import apply
+
+    client = MlflowClient(T.sqlite_uri_for(tmp_path / "mlflow"))
+    exp = client.create_experiment("race")
+    first, second = (client.create_run(exp).info.run_id for _ in range(2))
+    record = {"op": "inputs", "datasets": [{"name": "synthetic/train", "digest": "cea5f95836710ee3",
+                                            "source_type": "local", "source": '{"uri": "file:///x/manifest.json"}',
+                                            "context": "training"}]}
+    apply(client, record, first)  # the run that won the race
+
+    class LostTheRace:
+        def __init__(self, error: str) -> None:
+            self.calls, self.error = 0, error
+
+        def log_inputs(self, run_id, datasets):
+            self.calls += 1
+            if self.calls == 1:  # what MLflow's sqlite store raises for the loser
+                raise MlflowException(self.error)
+            client.log_inputs(run_id, datasets=datasets)
+
+    loser = LostTheRace("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                        "datasets.name, datasets.digest")
+    apply(loser, record, second)
+    assert loser.calls == 2
+    for run_id in (first, second):
+        (d,) = client.get_run(run_id).inputs.dataset_inputs
+        assert (d.dataset.name, d.dataset.digest) == ("synthetic/train", "cea5f95836710ee3")
+    other = LostTheRace("(sqlite3.OperationalError) no such table: datasets")
+    with pytest.raises(MlflowException, match="no such table"):
+        apply(other, record, second)
+    assert other.calls == 1

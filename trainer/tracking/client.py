@@ -199,7 +199,7 @@ def apply(client, record: dict, run_id: str) -> None:
         for chunk in _chunks(tags, MAX_PARAMS_PER_BATCH):
             client.log_batch(run_id, tags=chunk, synchronous=True)
     elif op == "inputs":
-        client.log_inputs(run_id, datasets=[_dataset_input(d) for d in record["datasets"]])
+        log_inputs(client, run_id, [_dataset_input(d) for d in record["datasets"]])
     elif op == "artifact":
         path = Path(record["path"])
         if not path.exists():
@@ -216,6 +216,33 @@ def apply(client, record: dict, run_id: str) -> None:
             client.set_terminated(run_id, status=status, end_time=int(record["t"]))
     else:
         raise SpoolError(f"unknown tracking record op {op!r}")
+
+
+INPUTS_TRIES = 5
+"""Tries of :func:`log_inputs` when a concurrent run inserted the same dataset first."""
+
+
+def _is_dataset_race(e: Exception) -> bool:
+    """MLflow's store looks a dataset up and inserts it when missing, without serialising the two: two runs
+    of one experiment logging the same dataset at once (a study's parallel jobs) make the second insert
+    fail on the datasets table's unique key (sqlite, PostgreSQL and MySQL wordings)."""
+    msg = str(e)
+    return "datasets" in msg and any(w in msg.lower() for w in ("unique constraint", "duplicate key",
+                                                                "duplicate entry"))
+
+
+def log_inputs(client, run_id: str, datasets: list) -> None:
+    """``client.log_inputs``, tried again when another run inserted the same dataset between MLflow's
+    lookup and its insert: the failed transaction was rolled back, and the retry finds the dataset and
+    only links it to this run (a study's first two jobs used to fail on this at start-up)."""
+    for attempt in range(INPUTS_TRIES):
+        try:
+            client.log_inputs(run_id, datasets=datasets)
+            return
+        except Exception as e:  # noqa: BLE001 -- MLflow wraps the database's error in its own
+            if attempt == INPUTS_TRIES - 1 or not _is_dataset_race(e):
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def _dataset_input(d: dict):
