@@ -105,7 +105,6 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     """Things worth knowing that are not problems (e.g. a manifest without member checksums)."""
-    png_rows_checked: bool = False
     adaptive_png_rows: str = ""
     """The first sample whose RGB PNG rows are not all Up-filtered (older writer), if any."""
 
@@ -191,10 +190,8 @@ def _verify_sample(url: str, raw: dict, crc32: dict | None, m: Manifest, rep: Ve
         schema.decode_sample({k: v for k, v in raw.items() if k != "__url__"}, where=url,
                              image_hw=schema.declared_image_hw(m.source))
         rep.samples += 1
-        if not rep.png_rows_checked and "rgb.png" in raw:  # one sample tells the writer
-            rep.png_rows_checked = True
-            if schema.rgb_png_row_filters(raw["rgb.png"]) - {2}:
-                rep.adaptive_png_rows = f"{url}: sample {raw['__key__']}"
+        if rep.samples == 1 and "rgb.png" in raw and schema.rgb_png_row_filters(raw["rgb.png"]) - {2}:
+            rep.adaptive_png_rows = f"{url}: sample {raw['__key__']}"  # the first sample tells the writer
     except (schema.SchemaError, ShardError) as e:
         rep.problems.append(str(e))
 
